@@ -1,0 +1,45 @@
+/*
+ * provider/pydtrace.d: the contract between pydtrace-rs and every consumer.
+ *
+ * Provider `python`, with CPython's probe names and argument layout
+ * (CPython's Include/pydtrace.d), so that bpftrace and DTrace scripts,
+ * bcc's tools and CPython's documentation examples work unchanged.
+ * Changing anything here is a breaking change.
+ *
+ * The parser that reads this file (the dtrace-parser crate) takes only
+ * unnamed `char *` and `[u]int{8,16,32,64,ptr}_t` arguments, so CPython's
+ * C types are written in those: `int` as int32_t, `long` as int64_t and
+ * `void *` as uintptr_t. The argument names stand in comments.
+ *
+ * A `char *` argument points to a NUL-terminated UTF-8 string that stays
+ * valid at least until the probe has returned; names that are not valid
+ * UTF-8 (lone surrogates) are passed with the offending characters
+ * replaced by U+FFFD.
+ */
+
+provider python {
+	/* (filename, funcname, lineno): a Python frame starts or resumes. */
+	probe function__entry(char *, char *, int32_t);
+	/* (filename, funcname, lineno): a Python frame returns, yields or unwinds. */
+	probe function__return(char *, char *, int32_t);
+	/* (filename, funcname, lineno): a new line starts executing. */
+	probe line(char *, char *, int32_t);
+	/* (generation): a garbage collection starts. */
+	probe gc__start(int32_t);
+	/* (collected): a garbage collection ends; collected plus uncollectable. */
+	probe gc__done(int64_t);
+	/* (classname, filename): instantiation of a Python class starts. */
+	probe instance__new__start(char *, char *);
+	/* (classname, filename): instantiation of a Python class ends. */
+	probe instance__new__done(char *, char *);
+	/* (classname, filename): deallocation of an instance starts. */
+	probe instance__delete__start(char *, char *);
+	/* (classname, filename): deallocation of an instance ends. */
+	probe instance__delete__done(char *, char *);
+	/* (modulename): the import system starts to find and load a module. */
+	probe import__find__load__start(char *);
+	/* (modulename, found): finding and loading ended; found is 1 or 0. */
+	probe import__find__load__done(char *, int32_t);
+	/* (event, args): an audit event; args is the address of its tuple. */
+	probe audit(char *, uintptr_t);
+};

@@ -1,0 +1,110 @@
+"""DTrace/USDT probes for CPython 3.12+: provider ``python``, as CPython declares it.
+
+Importing this module arms the probes: bpftrace, perf, SystemTap or DTrace can
+then trace Python function entry and return, lines and garbage collections of
+this interpreter through the probes of the shared object :func:`library_path`
+names. While no consumer is attached nothing is hooked into the interpreter;
+when one attaches, just the events its probes need are switched on, within
+about 20 ms, and switched off again when it leaves.
+
+With ``PYDTRACE=1`` in the environment every interpreter of the environment
+arms the probes at start-up, without code changes; ``PYDTRACE=0`` keeps them
+disarmed even where this module is imported.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+__all__ = [
+    "available",
+    "enabled_probes",
+    "wait_for_consumer",
+    "probe_names",
+    "library_path",
+    "unavailable_reason",
+]
+
+try:
+    from dtrace import _native
+except ImportError as _error:  # a sub-interpreter (PyO3 refuses them), or a broken install
+    _native = None
+    unavailable_reason: str | None = f"the native module cannot be loaded here: {_error}"
+else:
+    unavailable_reason = None if _native.backend_available() else "this platform has no USDT/DTrace probe mechanism"
+
+#: True when probes can work in this interpreter: the native module loaded and
+#: the platform has a probe mechanism (Linux SDT, or DTrace on macOS and
+#: illumos). It stays True under ``PYDTRACE=0``, which only keeps the probes
+#: disarmed.
+available: bool = unavailable_reason is None
+
+__version__: str = _native.__version__ if _native is not None else "0"
+
+
+def probe_names() -> tuple[str, ...]:
+    """All probes of provider ``python``, as DTrace spells them, in the provider file's order."""
+    return tuple(_native.PROBE_NAMES) if _native is not None else ()
+
+
+def library_path() -> str | None:
+    """The path of the shared object that carries the probes (what bpftrace's ``usdt:PATH:...`` names)."""
+    return _native.__file__ if _native is not None else None
+
+
+def enabled_probes() -> frozenset[str]:
+    """The probes a consumer enables now and that are live (hooked into the interpreter).
+
+    Names are spelt as DTrace spells them (``"function-entry"``, ``"gc-start"``).
+    Empty while no consumer is attached, when the probes are disarmed
+    (``PYDTRACE=0``) or when ``available`` is False.
+    """
+    return _native.enabled_probes() if _native is not None else frozenset()
+
+
+def wait_for_consumer(*names: str, timeout: float | None = None) -> bool:
+    """Block until a consumer has enabled the named probes and they are live.
+
+    With no names, waits until any probe is live. Returns True once they
+    are, False when ``timeout`` seconds pass first, and False at once when the
+    probes are not armed (``PYDTRACE=0``, or ``available`` is False). Names
+    may be spelt ``"gc-start"`` or ``"gc__start"``; an unknown name raises
+    ValueError. The GIL is released while waiting, and Ctrl-C interrupts it.
+
+    Use it, together with the tracer's own start-up line (bpftrace's
+    ``BEGIN``), to start a workload only when every event will be seen.
+    """
+    if _native is None:
+        return False
+    return _native.wait_for_consumer(list(names), timeout)
+
+
+def _arm_from_environment() -> None:
+    """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
+    if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
+        return
+    import atexit
+    import warnings
+
+    # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
+    # without a consumer, to measure the shim's own cost.
+    forced = [name for name in _os.environ.get("PYDTRACE_FORCE", "").replace(" ", "").split(",") if name]
+    try:
+        _native.arm(forced)
+    except ValueError as error:
+        warnings.warn(f"pydtrace: PYDTRACE_FORCE ignored: {error}", RuntimeWarning, stacklevel=3)
+        _native.arm([])
+    except RuntimeError as error:
+        warnings.warn(f"pydtrace: probes not armed: {error}", RuntimeWarning, stacklevel=3)
+        return
+    # The watcher thread must be gone while the process forks (3.12+ warns
+    # about forking with threads), and gone before the interpreter finalizes.
+    _os.register_at_fork(
+        before=_native.before_fork,
+        after_in_parent=_native.after_fork,
+        after_in_child=_native.after_fork,
+    )
+    atexit.register(_native.at_exit)
+
+
+_arm_from_environment()

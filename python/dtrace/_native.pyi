@@ -1,0 +1,51 @@
+"""The native part of :mod:`dtrace`: probe definitions, the enablement watcher and the callbacks.
+
+Use the :mod:`dtrace` package; this module is its implementation and may change.
+"""
+
+__version__: str
+#: The provider's name, ``"python"``.
+PROVIDER: str
+#: All probes, as DTrace spells them (``"function-entry"``), in the provider file's order.
+PROBE_NAMES: list[str]
+#: The probes this build can hook into the interpreter.
+ARMABLE_PROBES: frozenset[str]
+#: Seconds between two reads of the probes' semaphores by the watcher thread.
+POLL_INTERVAL: float
+
+def backend_available() -> bool:
+    """Whether this build has a probe mechanism (Linux SDT notes, or DTrace)."""
+
+def enabled_probes() -> frozenset[str]:
+    """The probes a consumer enables and that are hooked in now."""
+
+def consumer_probes() -> frozenset[str]:
+    """The probes a consumer enables now (their semaphores are raised), hooked in yet or not."""
+
+def wait_for_consumer(names: list[str], timeout: float | None = None) -> bool:
+    """Block until the named probes (any, if ``names`` is empty) are live.
+
+    False when ``timeout`` seconds pass first or the probes are not armed;
+    ValueError for an unknown name or a negative timeout.
+    """
+
+def arm(force: list[str] = ...) -> None:
+    """Start the watcher thread; ``force`` names probes to arm without a consumer (benchmarks only)."""
+
+def disarm() -> None:
+    """Stop the watcher thread and switch every hook off."""
+
+def is_armed() -> bool:
+    """Whether the watcher thread runs in this process."""
+
+def monitoring_tool_id() -> int | None:
+    """The ``sys.monitoring`` tool id the probes hold, if they have claimed one."""
+
+def before_fork() -> None:
+    """``os.register_at_fork(before=...)``: stop and join the watcher thread."""
+
+def after_fork() -> None:
+    """``os.register_at_fork(after_in_parent=..., after_in_child=...)``: start it again."""
+
+def at_exit() -> None:
+    """``atexit``: stop the watcher thread for good before the interpreter finalizes."""

@@ -1,0 +1,289 @@
+//! Switches on exactly the interpreter hooks that the enabled probes need,
+//! and off again when nobody wants them.
+//!
+//! | probes                          | hook                                           |
+//! |---------------------------------|------------------------------------------------|
+//! | function-entry                  | sys.monitoring PY_START, PY_RESUME, PY_THROW   |
+//! | function-return                 | sys.monitoring PY_RETURN, PY_YIELD, PY_UNWIND  |
+//! | line                            | sys.monitoring LINE                            |
+//! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
+//!
+//! Before the first consumer: no tool id, no event, no callback of ours.
+//! Once a code probe was wanted the tool id stays claimed (with no events
+//! set while idle) so that a later attach does not race other tools for it.
+//!
+//! Arming runs with the GIL held (from the watcher thread, or from the API),
+//! and publishes what is live in [`live`] for lock-free readers.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyString};
+
+use crate::callbacks::{self, Hook};
+use crate::error::Error;
+use crate::probes::{self, ProbeSet, PROBE_DTRACE_NAMES};
+
+/// The name our `sys.monitoring` tool id goes by.
+const TOOL_NAME: &str = "pydtrace";
+/// The tool ids we may take, in order of preference. 0 to 2 belong to
+/// debuggers, coverage and profilers (cProfile takes 2) and 5 to optimizers.
+const TOOL_IDS: [u8; 2] = [4, 3];
+
+/// Probes that `sys.monitoring` serves.
+const CODE_PROBES: ProbeSet = ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN, probes::LINE]);
+/// Probes that the `gc.callbacks` entry serves.
+const GC_PROBES: ProbeSet = ProbeSet::of(&[probes::GC_START, probes::GC_DONE]);
+/// Probes this build can arm.
+pub const ARMABLE: ProbeSet = CODE_PROBES.union(GC_PROBES);
+
+/// The probes that are live now: wanted by a consumer and hooked in.
+static LIVE: AtomicU32 = AtomicU32::new(0);
+/// Probes switched off after an internal error, until the module is re-armed.
+static FAILED: AtomicU32 = AtomicU32::new(0);
+/// Probes whose internal error has been reported (once each).
+static WARNED: AtomicU32 = AtomicU32::new(0);
+
+/// The probes that are live now.
+pub fn live() -> ProbeSet {
+    ProbeSet::from_bits(LIVE.load(Ordering::Acquire))
+}
+
+/// The `sys.monitoring` tool id the probes hold, if they claimed one.
+pub fn tool_id() -> Option<u8> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner()).monitoring.as_ref().map(|m| m.tool)
+}
+
+/// The `sys.monitoring` callables, made once.
+struct MonitoringCallbacks {
+    start: Py<PyAny>,
+    resume: Py<PyAny>,
+    leave: Py<PyAny>,
+    line: Py<PyAny>,
+}
+
+/// Our tool id and the event numbers of this interpreter.
+struct Monitoring {
+    tool: u8,
+    events: EventBits,
+}
+
+/// `sys.monitoring.events` values that the code probes use.
+#[derive(Clone, Copy)]
+struct EventBits {
+    py_start: u32,
+    py_resume: u32,
+    py_throw: u32,
+    py_return: u32,
+    py_yield: u32,
+    py_unwind: u32,
+    line: u32,
+}
+
+impl EventBits {
+    fn read(events: &Bound<'_, PyAny>) -> PyResult<EventBits> {
+        let get = |name: &str| events.getattr(name)?.extract::<u32>();
+        Ok(EventBits {
+            py_start: get("PY_START")?,
+            py_resume: get("PY_RESUME")?,
+            py_throw: get("PY_THROW")?,
+            py_return: get("PY_RETURN")?,
+            py_yield: get("PY_YIELD")?,
+            py_unwind: get("PY_UNWIND")?,
+            line: get("LINE")?,
+        })
+    }
+
+    /// The events that serve `probes`.
+    fn for_probes(&self, probes: ProbeSet) -> u32 {
+        let mut events = 0;
+        if probes.contains(probes::FUNCTION_ENTRY) {
+            events |= self.py_start | self.py_resume | self.py_throw;
+        }
+        if probes.contains(probes::FUNCTION_RETURN) {
+            events |= self.py_return | self.py_yield | self.py_unwind;
+        }
+        if probes.contains(probes::LINE) {
+            events |= self.line;
+        }
+        events
+    }
+}
+
+/// Everything arming has switched on.
+struct State {
+    monitoring: Option<Monitoring>,
+    callbacks: Option<MonitoringCallbacks>,
+    /// Our `sys.monitoring` events now, and the code probes they serve.
+    code_events: u32,
+    code_live: ProbeSet,
+    gc_callback: Option<Py<PyAny>>,
+    /// The gc probes served while our callback is in `gc.callbacks`.
+    gc_live: ProbeSet,
+    warned_no_tool: bool,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    monitoring: None,
+    callbacks: None,
+    code_events: 0,
+    code_live: ProbeSet::EMPTY,
+    gc_callback: None,
+    gc_live: ProbeSet::EMPTY,
+    warned_no_tool: false,
+});
+
+/// A new callable for `hook`.
+fn callable(py: Python<'_>, hook: Hook) -> PyResult<Py<PyAny>> {
+    // SAFETY: GIL held; a null result comes with a Python error set.
+    unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(hook)).map(Bound::unbind) }
+}
+
+impl State {
+    /// Claims a tool id and registers the callbacks, once.
+    fn monitoring(&mut self, py: Python<'_>) -> Result<&Monitoring, Error> {
+        if self.monitoring.is_none() {
+            let monitoring = py.import("sys")?.getattr("monitoring")?;
+            let tool = claim_tool_id(&monitoring)?;
+            let events = EventBits::read(&monitoring.getattr("events")?)?;
+            let callbacks = match self.callbacks.take() {
+                Some(callbacks) => callbacks,
+                None => MonitoringCallbacks {
+                    start: callable(py, Hook::Start)?,
+                    resume: callable(py, Hook::Resume)?,
+                    leave: callable(py, Hook::Leave)?,
+                    line: callable(py, Hook::Line)?,
+                },
+            };
+            let register = monitoring.getattr("register_callback")?;
+            for (event, callback) in [
+                (events.py_start, &callbacks.start),
+                (events.py_resume, &callbacks.resume),
+                (events.py_throw, &callbacks.resume),
+                (events.py_return, &callbacks.leave),
+                (events.py_yield, &callbacks.leave),
+                (events.py_unwind, &callbacks.leave),
+                (events.line, &callbacks.line),
+            ] {
+                register.call1((tool, event, callback))?;
+            }
+            self.callbacks = Some(callbacks);
+            self.monitoring = Some(Monitoring { tool, events });
+        }
+        Ok(self.monitoring.as_ref().expect("set above"))
+    }
+
+    /// Sets our `sys.monitoring` events to those that serve the code probes
+    /// of `wanted`. Without a free tool id the code probes stay off (with
+    /// one warning).
+    fn set_code_events(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
+        let wanted = wanted.intersection(CODE_PROBES);
+        if wanted == self.code_live {
+            return Ok(());
+        }
+        let (tool, events) = match self.monitoring(py) {
+            Ok(m) => (m.tool, m.events.for_probes(wanted)),
+            Err(Error::NoFreeToolId) => {
+                if !self.warned_no_tool {
+                    self.warned_no_tool = true;
+                    warn(py, &Error::NoFreeToolId.to_string());
+                }
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        if events != self.code_events {
+            py.import("sys")?.getattr("monitoring")?.call_method1("set_events", (tool, events))?;
+            self.code_events = events;
+        }
+        self.code_live = wanted;
+        Ok(())
+    }
+
+    /// Puts our callback into `gc.callbacks` while any gc probe is wanted,
+    /// and takes it out when none is.
+    fn set_gc_callback(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
+        let on = !wanted.is_empty();
+        if on != !self.gc_live.is_empty() {
+            let callbacks = py.import("gc")?.getattr("callbacks")?.cast_into::<PyList>().map_err(PyErr::from)?;
+            if self.gc_callback.is_none() {
+                self.gc_callback = Some(callable(py, Hook::Gc)?);
+            }
+            let ours = self.gc_callback.as_ref().expect("set above").bind(py);
+            // Found by identity: comparing with == could run other callbacks' __eq__.
+            let position = callbacks.iter().position(|item| item.is(ours));
+            match (on, position) {
+                (true, None) => callbacks.append(ours)?,
+                (false, Some(index)) => callbacks.del_item(index)?,
+                _ => {}
+            }
+        }
+        self.gc_live = wanted;
+        Ok(())
+    }
+}
+
+/// Takes the first free tool id of [`TOOL_IDS`] (or the one already ours).
+fn claim_tool_id(monitoring: &Bound<'_, PyAny>) -> Result<u8, Error> {
+    for id in TOOL_IDS {
+        let holder = monitoring.call_method1("get_tool", (id,))?;
+        if holder.is_none() {
+            monitoring.call_method1("use_tool_id", (id, TOOL_NAME))?;
+            return Ok(id);
+        }
+        if holder.cast::<PyString>().is_ok_and(|name| name.to_str().is_ok_and(|n| n == TOOL_NAME)) {
+            return Ok(id);
+        }
+    }
+    Err(Error::NoFreeToolId)
+}
+
+/// Hooks in exactly the probes of `wanted` that this build can arm (and that
+/// have not failed), unhooks the rest, and publishes what is live.
+pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
+    let wanted = wanted
+        .intersection(ARMABLE)
+        .difference(ProbeSet::from_bits(FAILED.load(Ordering::Relaxed)));
+    let mut state = STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = state.set_code_events(py, wanted).and_then(|()| {
+        let gc = wanted.intersection(GC_PROBES);
+        state.set_gc_callback(py, gc)
+    });
+    // Publish what is hooked in, also when a step failed part-way.
+    let live = state.code_live.union(state.gc_live);
+    LIVE.store(live.bits(), Ordering::Release);
+    result.map(|()| live)
+}
+
+/// Unhooks everything and clears the failed probes, so that a later
+/// [`apply`] starts afresh.
+pub fn reset(py: Python<'_>) -> Result<(), Error> {
+    FAILED.store(0, Ordering::Relaxed);
+    WARNED.store(0, Ordering::Relaxed);
+    apply(py, ProbeSet::EMPTY).map(|_| ())
+}
+
+/// Switches probe `probe` off after an internal error and warns once. Called
+/// from callbacks, with the GIL held; never leaves a Python error set.
+pub fn report_internal_error(probe: usize, what: &str) {
+    let bit = 1 << probe;
+    FAILED.fetch_or(bit, Ordering::Relaxed);
+    crate::watcher::kick();
+    if WARNED.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+        // SAFETY: callbacks run with the GIL held.
+        let py = unsafe { Python::assume_attached() };
+        warn(py, &format!("probe {} switched off: {what}", PROBE_DTRACE_NAMES[probe]));
+    }
+}
+
+/// Issues a RuntimeWarning; if warnings are errors, prints it instead, so
+/// that nothing raises into the traced program.
+fn warn(py: Python<'_>, message: &str) {
+    let message = format!("pydtrace: {message}");
+    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+    let Ok(c_message) = std::ffi::CString::new(message.clone()) else { return };
+    if PyErr::warn(py, &category, &c_message, 1).is_err() {
+        eprintln!("{message}");
+    }
+}

@@ -1,0 +1,190 @@
+//! The native callbacks that `sys.monitoring` and `gc.callbacks` call.
+//!
+//! They are plain `METH_FASTCALL` C functions, not PyO3 functions: the
+//! interpreter calls them through vectorcall with the arguments in an
+//! array, and each one does no more than look up the code object's cached
+//! names, read an offset or line, and fire its probe. Nothing here
+//! allocates per event, takes a lock, or can raise into the traced program:
+//! every callback returns `None`, and a failure to work out a probe's
+//! arguments is reported once through `arming::report_internal_error`,
+//! which switches that probe off.
+
+use std::os::raw::c_char;
+use std::ptr::addr_of_mut;
+
+use pyo3::ffi;
+
+use crate::arming;
+use crate::names::{self, CodeNames};
+use crate::probes::{self, fire};
+
+type FastCallArgs = *mut *mut ffi::PyObject;
+
+/// `None`, the one result every callback gives.
+unsafe fn none() -> *mut ffi::PyObject {
+    ffi::Py_NewRef(ffi::Py_None())
+}
+
+/// Argument `i`, or null where the interpreter passed fewer.
+unsafe fn arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> *mut ffi::PyObject {
+    if ffi::PyVectorcall_NARGS(nargs as usize) > i {
+        *args.offset(i)
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
+/// The names of the code object in argument 0; on failure the probe is
+/// reported and `None` returned.
+unsafe fn code_names<'a>(args: FastCallArgs, nargs: ffi::Py_ssize_t, probe: usize) -> Option<(*mut ffi::PyObject, &'a CodeNames)> {
+    let code = arg(args, nargs, 0);
+    if code.is_null() {
+        arming::report_internal_error(probe, "the interpreter passed no code object");
+        return None;
+    }
+    match names::of_code(code) {
+        Some(names) => Some((code, names)),
+        None => {
+            arming::report_internal_error(probe, "cannot read the code object's names");
+            None
+        }
+    }
+}
+
+/// Argument `i` as a C integer (an instruction offset or a line number).
+unsafe fn int_arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> ffi::Py_ssize_t {
+    let obj = arg(args, nargs, i);
+    if obj.is_null() {
+        return -1;
+    }
+    let value = ffi::PyLong_AsSsize_t(obj);
+    if value == -1 && !ffi::PyErr_Occurred().is_null() {
+        ffi::PyErr_Clear();
+    }
+    value
+}
+
+/// PY_START(code, offset): a fresh call; its entry line is `co_firstlineno`.
+unsafe extern "C" fn on_start(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+        fire::function_entry(names.filename(), names.qualname(), names.first_line());
+    }
+    none()
+}
+
+/// PY_RESUME(code, offset) and PY_THROW(code, offset, exc): a generator or
+/// coroutine resumes; its entry line is the line it resumes at.
+unsafe extern "C" fn on_resume(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+        let line = names.line_at(code, int_arg(args, nargs, 1));
+        fire::function_entry(names.filename(), names.qualname(), line);
+    }
+    none()
+}
+
+/// PY_RETURN, PY_YIELD and PY_UNWIND(code, offset, value): the frame leaves,
+/// at the line of the instruction that returned, yielded or raised.
+unsafe extern "C" fn on_leave(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
+        let line = names.line_at(code, int_arg(args, nargs, 1));
+        fire::function_return(names.filename(), names.qualname(), line);
+    }
+    none()
+}
+
+/// LINE(code, line_number): a new line starts.
+unsafe extern "C" fn on_line(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    if let Some((_, names)) = code_names(args, nargs, probes::LINE) {
+        fire::line(names.filename(), names.qualname(), int_arg(args, nargs, 1) as i32);
+    }
+    none()
+}
+
+/// A `gc.callbacks` entry: (phase, info), phase "start" or "stop".
+unsafe extern "C" fn on_gc(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    let phase = arg(args, nargs, 0);
+    let info = arg(args, nargs, 1);
+    if phase.is_null() || info.is_null() || ffi::PyUnicode_Check(phase) == 0 || ffi::PyDict_Check(info) == 0 {
+        arming::report_internal_error(probes::GC_START, "gc.callbacks passed unexpected arguments");
+        return none();
+    }
+    if ffi::PyUnicode_CompareWithASCIIString(phase, c"start".as_ptr()) == 0 {
+        fire::gc_start(dict_int(info, c"generation".as_ptr()) as i32);
+    } else {
+        // CPython's gc__done passes collected plus uncollectable.
+        let collected = dict_int(info, c"collected".as_ptr()) + dict_int(info, c"uncollectable".as_ptr());
+        fire::gc_done(collected);
+    }
+    none()
+}
+
+/// The integer `info[key]`, 0 where it is missing or not an integer.
+unsafe fn dict_int(info: *mut ffi::PyObject, key: *const c_char) -> i64 {
+    let value = ffi::PyDict_GetItemString(info, key); // borrowed; never raises
+    if value.is_null() {
+        return 0;
+    }
+    let n = ffi::PyLong_AsLongLong(value);
+    if n == -1 && !ffi::PyErr_Occurred().is_null() {
+        ffi::PyErr_Clear();
+        return 0;
+    }
+    n
+}
+
+/// A native callback, as the interpreter sees it.
+pub struct Callback {
+    def: ffi::PyMethodDef,
+}
+
+impl Callback {
+    const fn new(name: &'static std::ffi::CStr, meth: ffi::PyCFunctionFast) -> Callback {
+        Callback {
+            def: ffi::PyMethodDef {
+                ml_name: name.as_ptr(),
+                ml_meth: ffi::PyMethodDefPointer { PyCFunctionFast: meth },
+                ml_flags: ffi::METH_FASTCALL,
+                ml_doc: std::ptr::null(),
+            },
+        }
+    }
+}
+
+// The interpreter keeps a pointer to each definition for the lifetime of
+// the function objects made from it, so they are statics.
+static mut ON_START: Callback = Callback::new(c"pydtrace_py_start", on_start);
+static mut ON_RESUME: Callback = Callback::new(c"pydtrace_py_resume", on_resume);
+static mut ON_LEAVE: Callback = Callback::new(c"pydtrace_py_leave", on_leave);
+static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
+static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
+
+/// Which callback serves a `sys.monitoring` event or `gc.callbacks`.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// PY_START.
+    Start,
+    /// PY_RESUME and PY_THROW.
+    Resume,
+    /// PY_RETURN, PY_YIELD and PY_UNWIND.
+    Leave,
+    /// LINE.
+    Line,
+    /// gc.callbacks.
+    Gc,
+}
+
+/// A new Python callable (a builtin function) for `hook`; null with a
+/// Python error set on failure.
+///
+/// # Safety
+/// GIL held.
+pub unsafe fn new_callable(hook: Hook) -> *mut ffi::PyObject {
+    let def = match hook {
+        Hook::Start => addr_of_mut!(ON_START.def),
+        Hook::Resume => addr_of_mut!(ON_RESUME.def),
+        Hook::Leave => addr_of_mut!(ON_LEAVE.def),
+        Hook::Line => addr_of_mut!(ON_LINE.def),
+        Hook::Gc => addr_of_mut!(ON_GC.def),
+    };
+    ffi::PyCFunction_NewEx(def, std::ptr::null_mut(), std::ptr::null_mut())
+}

@@ -1,0 +1,157 @@
+//! `dtrace._native`: USDT probes of provider `python` for CPython 3.12+.
+//!
+//! The probes are declared in `provider/pydtrace.d` and compiled in by
+//! `build.rs` (`probes`). A watcher thread (`watcher`) notices which probes
+//! a consumer enables (`enablement`) and has `arming` switch on just the
+//! `sys.monitoring` events and `gc.callbacks` entry those probes need; the
+//! native callbacks (`callbacks`) fire the probes with the names cached per
+//! code object (`names`). While no consumer is attached, nothing of this
+//! runs but a thread that reads twelve counters every 20 ms.
+//!
+//! This module is the thin PyO3 layer over that; the public API is the
+//! Python package `dtrace`, which documents it.
+
+mod arming;
+mod callbacks;
+mod enablement;
+mod error;
+mod names;
+mod probes;
+mod watcher;
+
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyFrozenSet;
+
+use crate::probes::{ProbeSet, PROBE_DTRACE_NAMES};
+
+/// How often `wait_for_consumer` looks at the live probes.
+const WAIT_POLL: Duration = Duration::from_millis(5);
+
+fn frozenset<'py>(py: Python<'py>, set: ProbeSet) -> PyResult<Bound<'py, PyFrozenSet>> {
+    PyFrozenSet::new(py, set.dtrace_names())
+}
+
+/// `timeout` as a duration; `None` waits forever.
+fn timeout_duration(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_nan() || t < 0.0 => {
+            Err(PyValueError::new_err(format!("timeout must be a non-negative number of seconds or None, not {t}")))
+        }
+        Some(t) => Ok(Duration::try_from_secs_f64(t).ok()),
+    }
+}
+
+#[pymodule(gil_used = true)]
+mod _native {
+    use super::*;
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        names::init()?;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("PROVIDER", probes::PROVIDER)?;
+        m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
+        m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
+        m.add("POLL_INTERVAL", watcher::POLL_INTERVAL.as_secs_f64())?;
+        Ok(())
+    }
+
+    /// Whether this build has a probe mechanism (Linux SDT, or DTrace).
+    #[pyfunction]
+    fn backend_available() -> bool {
+        probes::BACKEND_AVAILABLE
+    }
+
+    /// The probes that a consumer enables and that are hooked in now.
+    #[pyfunction]
+    fn enabled_probes(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
+        frozenset(py, arming::live())
+    }
+
+    /// The probes that a consumer enables now, hooked in or not.
+    #[pyfunction]
+    fn consumer_probes(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
+        frozenset(py, enablement::consumer_enabled())
+    }
+
+    /// Blocks until the named probes (any probe, if `names` is empty) are
+    /// live; False when `timeout` seconds pass first or the probes are not
+    /// armed. Raises ValueError for an unknown name.
+    #[pyfunction]
+    #[pyo3(signature = (names, timeout=None))]
+    fn wait_for_consumer(py: Python<'_>, names: Vec<String>, timeout: Option<f64>) -> PyResult<bool> {
+        let wanted = ProbeSet::from_names(&names)?;
+        let deadline = timeout_duration(timeout)?.map(|t| Instant::now() + t);
+        loop {
+            let live = arming::live();
+            let satisfied = if wanted.is_empty() { !live.is_empty() } else { live.is_superset(wanted) };
+            if satisfied {
+                return Ok(true);
+            }
+            if !watcher::is_running() {
+                return Ok(false);
+            }
+            let now = Instant::now();
+            let nap = match deadline {
+                Some(deadline) if now >= deadline => return Ok(false),
+                Some(deadline) => WAIT_POLL.min(deadline - now),
+                None => WAIT_POLL,
+            };
+            py.detach(|| std::thread::sleep(nap));
+            py.check_signals()?;
+        }
+    }
+
+    /// Starts watching for consumers; `force` names probes to arm without
+    /// one (for measuring the shim's own cost).
+    #[pyfunction]
+    #[pyo3(signature = (force=Vec::new()))]
+    fn arm(force: Vec<String>) -> PyResult<()> {
+        let forced = ProbeSet::from_names(&force)?;
+        if probes::BACKEND_AVAILABLE {
+            watcher::start(forced)?;
+        }
+        Ok(())
+    }
+
+    /// Stops watching and switches every hook off.
+    #[pyfunction]
+    fn disarm(py: Python<'_>) -> PyResult<()> {
+        watcher::stop(py);
+        arming::reset(py).map_err(PyErr::from)
+    }
+
+    /// Whether the watcher runs, i.e. the probes are armed.
+    #[pyfunction]
+    fn is_armed() -> bool {
+        watcher::is_running()
+    }
+
+    /// The `sys.monitoring` tool id the probes hold, if any.
+    #[pyfunction]
+    fn monitoring_tool_id() -> Option<u8> {
+        arming::tool_id()
+    }
+
+    /// `os.register_at_fork(before=...)`.
+    #[pyfunction]
+    fn before_fork(py: Python<'_>) {
+        watcher::before_fork(py);
+    }
+
+    /// `os.register_at_fork(after_in_parent=..., after_in_child=...)`.
+    #[pyfunction]
+    fn after_fork() -> PyResult<()> {
+        watcher::after_fork().map_err(PyErr::from)
+    }
+
+    /// `atexit`: stops the watcher for good before finalization.
+    #[pyfunction]
+    fn at_exit(py: Python<'_>) {
+        watcher::at_exit(py);
+    }
+}

@@ -1,0 +1,266 @@
+//! The per-code-object cache of what the code probes pass.
+//!
+//! A probe passes `co_filename` and `co_qualname` as NUL-terminated UTF-8
+//! and a line number. Working those out is done once per code object, on
+//! the first event that needs it, and kept in the code object's "extra"
+//! slot (PEP 523's `PyUnstable_Code_SetExtra`). That ties the cache to the
+//! code object's lifetime: it is freed when the code object is, so the cache
+//! keeps nothing alive and cannot grow beyond the live code objects.
+//!
+//! The strings are borrowed where they can be: CPython keeps a UTF-8 copy
+//! inside every `str` once asked for it (for ASCII text it is the text
+//! itself), and the code object owns its name strings, so a pointer to that
+//! copy stays valid as long as the cache entry does. Only names that have
+//! no UTF-8 form (lone surrogates) get an owned, lossy copy.
+//!
+//! Offsets are mapped to lines through a table built from `co_lines()` on
+//! the first return or resume event of a code object: a binary search per
+//! event instead of a walk over the location table.
+
+use std::cell::OnceCell;
+use std::ffi::{c_void, CString};
+use std::os::raw::c_char;
+use std::ptr;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use pyo3::ffi;
+
+/// Index of our slot in every code object's extra array; -1 until requested.
+static EXTRA_INDEX: AtomicIsize = AtomicIsize::new(-1);
+
+/// Asks the interpreter for a code-extra slot. Called once, with the GIL,
+/// when the module is initialised.
+pub fn init() -> Result<(), crate::error::Error> {
+    if EXTRA_INDEX.load(Ordering::Relaxed) >= 0 {
+        return Ok(());
+    }
+    // SAFETY: called with the GIL held; `free_code_names` matches `freefunc`.
+    let index = unsafe { ffi::PyUnstable_Eval_RequestCodeExtraIndex(free_code_names) };
+    if index < 0 {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "the interpreter has no free code-extra slot for the probes' name cache",
+        )
+        .into());
+    }
+    EXTRA_INDEX.store(index, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A NUL-terminated UTF-8 string as a probe passes it.
+enum ProbeString {
+    /// The UTF-8 buffer CPython keeps inside a `str` that the code object owns.
+    Borrowed(*const c_char),
+    /// A lossy copy, for text that has no UTF-8 form.
+    Owned(CString),
+}
+
+impl ProbeString {
+    /// The string of `text` (a `str`): borrowed when it encodes as UTF-8,
+    /// otherwise a copy with every lone surrogate replaced by U+FFFD. The C
+    /// string ends at the first NUL character, if the text has one.
+    ///
+    /// # Safety
+    /// GIL held; `text` must be a live object owned by the code object.
+    unsafe fn from_str_object(text: *mut ffi::PyObject) -> ProbeString {
+        if ffi::PyUnicode_Check(text) != 0 {
+            let utf8 = ffi::PyUnicode_AsUTF8AndSize(text, ptr::null_mut());
+            if !utf8.is_null() {
+                return ProbeString::Borrowed(utf8);
+            }
+            ffi::PyErr_Clear();
+            if let Some(lossy) = lossy_utf8(text) {
+                return ProbeString::Owned(lossy);
+            }
+        }
+        ProbeString::Owned(CString::from(c"<unknown>"))
+    }
+
+    fn as_ptr(&self) -> *const c_char {
+        match self {
+            ProbeString::Borrowed(p) => *p,
+            ProbeString::Owned(s) => s.as_ptr(),
+        }
+    }
+}
+
+/// `text` as UTF-8 with lone surrogates replaced by U+FFFD, cut at the first
+/// NUL; `None` (with no Python error set) if the interpreter cannot say.
+///
+/// # Safety
+/// GIL held; `text` must be a `str`.
+unsafe fn lossy_utf8(text: *mut ffi::PyObject) -> Option<CString> {
+    let len = ffi::PyUnicode_GetLength(text);
+    let ucs4 = ffi::PyUnicode_AsUCS4Copy(text);
+    if len < 0 || ucs4.is_null() {
+        ffi::PyErr_Clear();
+        return None;
+    }
+    let code_points = std::slice::from_raw_parts(ucs4, len as usize);
+    let lossy: String = code_points
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER))
+        .collect();
+    ffi::PyMem_Free(ucs4.cast());
+    CString::new(lossy).ok()
+}
+
+/// Offset-to-line map of one code object: the start offsets of its line
+/// ranges (ascending) and the line of each, 0 where the range has no line.
+struct LineTable {
+    starts: Vec<u32>,
+    lines: Vec<i32>,
+}
+
+impl LineTable {
+    /// Builds the table from `code.co_lines()`; `None` if that fails.
+    ///
+    /// # Safety
+    /// GIL held; `code` must be a live code object.
+    unsafe fn build(code: *mut ffi::PyObject) -> Option<LineTable> {
+        let iter = ffi::PyObject_CallMethod(code, c"co_lines".as_ptr(), ptr::null());
+        if iter.is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        let mut table = LineTable { starts: Vec::new(), lines: Vec::new() };
+        loop {
+            let item = ffi::PyIter_Next(iter);
+            if item.is_null() {
+                break; // exhausted, or failed with an error set (checked below)
+            }
+            // Each item is (start, end, line), line None where there is none.
+            if ffi::PyTuple_Check(item) != 0 && ffi::PyTuple_Size(item) == 3 {
+                let start = ffi::PyLong_AsLong(ffi::PyTuple_GetItem(item, 0));
+                let line_obj = ffi::PyTuple_GetItem(item, 2);
+                let line = if line_obj == ffi::Py_None() { 0 } else { ffi::PyLong_AsLong(line_obj) };
+                if start >= 0 && table.lines.last() != Some(&(line as i32)) {
+                    table.starts.push(start as u32);
+                    table.lines.push(line as i32);
+                }
+            }
+            ffi::Py_DECREF(item);
+        }
+        ffi::Py_DECREF(iter);
+        if !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        Some(table)
+    }
+
+    /// The line of the instruction at byte `offset`, 0 where it has none.
+    fn line_at(&self, offset: u32) -> i32 {
+        match self.starts.partition_point(|&start| start <= offset) {
+            0 => 0,
+            i => self.lines[i - 1],
+        }
+    }
+}
+
+/// What the code probes pass for one code object.
+pub struct CodeNames {
+    filename: ProbeString,
+    qualname: ProbeString,
+    first_line: i32,
+    /// Built on the first event that needs an offset's line.
+    lines: OnceCell<Option<LineTable>>,
+}
+
+impl CodeNames {
+    /// `co_filename`, NUL-terminated UTF-8.
+    pub fn filename(&self) -> *const c_char {
+        self.filename.as_ptr()
+    }
+
+    /// `co_qualname`, NUL-terminated UTF-8.
+    pub fn qualname(&self) -> *const c_char {
+        self.qualname.as_ptr()
+    }
+
+    /// `co_firstlineno`: the `def` line (the decorator's, for a decorated function).
+    pub fn first_line(&self) -> i32 {
+        self.first_line
+    }
+
+    /// The line of the instruction at byte `offset` of `code`, or
+    /// `co_firstlineno` where the code object maps it to no line.
+    ///
+    /// # Safety
+    /// GIL held; `code` must be the live code object these names belong to.
+    pub unsafe fn line_at(&self, code: *mut ffi::PyObject, offset: ffi::Py_ssize_t) -> i32 {
+        let table = self.lines.get_or_init(|| LineTable::build(code));
+        match table {
+            Some(table) if offset >= 0 => match table.line_at(offset as u32) {
+                0 => self.first_line,
+                line => line,
+            },
+            _ => self.first_line,
+        }
+    }
+
+    /// # Safety
+    /// GIL held; `code` must be a live code object.
+    unsafe fn build(code: *mut ffi::PyObject) -> Option<CodeNames> {
+        let filename = ffi::PyObject_GetAttrString(code, c"co_filename".as_ptr());
+        let qualname = ffi::PyObject_GetAttrString(code, c"co_qualname".as_ptr());
+        let first_line = ffi::PyObject_GetAttrString(code, c"co_firstlineno".as_ptr());
+        let names = if filename.is_null() || qualname.is_null() || first_line.is_null() {
+            None
+        } else {
+            // The attributes are the code object's own (immutable) fields, so
+            // the borrowed UTF-8 buffers live as long as the code object.
+            Some(CodeNames {
+                filename: ProbeString::from_str_object(filename),
+                qualname: ProbeString::from_str_object(qualname),
+                first_line: ffi::PyLong_AsLong(first_line) as i32,
+                lines: OnceCell::new(),
+            })
+        };
+        for obj in [filename, qualname, first_line] {
+            if !obj.is_null() {
+                ffi::Py_DECREF(obj);
+            }
+        }
+        if !ffi::PyErr_Occurred().is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        names
+    }
+}
+
+/// The cached names of `code`, computed on first use; `None` if `code` is not
+/// a code object or its names cannot be had (no Python error is left set).
+///
+/// # Safety
+/// GIL held; `code` must be a live object. The reference is valid while
+/// `code` is alive.
+pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
+    let index = EXTRA_INDEX.load(Ordering::Relaxed);
+    if index < 0 || ffi::PyCode_Check(code) == 0 {
+        return None;
+    }
+    let mut extra: *mut c_void = ptr::null_mut();
+    if ffi::PyUnstable_Code_GetExtra(code, index, &mut extra) != 0 {
+        ffi::PyErr_Clear();
+        return None;
+    }
+    if !extra.is_null() {
+        return Some(&*(extra as *const CodeNames));
+    }
+    let names = Box::into_raw(Box::new(CodeNames::build(code)?));
+    if ffi::PyUnstable_Code_SetExtra(code, index, names.cast()) != 0 {
+        ffi::PyErr_Clear();
+        drop(Box::from_raw(names));
+        return None;
+    }
+    Some(&*names)
+}
+
+/// Frees a cache entry when its code object is freed.
+unsafe extern "C" fn free_code_names(extra: *mut c_void) {
+    if !extra.is_null() {
+        drop(Box::from_raw(extra as *mut CodeNames));
+    }
+}

@@ -1,0 +1,127 @@
+//! The probes of provider `python`, generated from `provider/pydtrace.d`.
+//!
+//! Everything above this module sees one interface whatever the platform:
+//! the probe table (`PROBE_NAMES`, one index constant per probe), a
+//! [`ProbeSet`] of probe indices, and `fire::<probe>(args)` functions that
+//! cost a `nop` while no consumer is attached. The emission backend behind
+//! `fire` is chosen by target: SystemTap SDT notes on Linux, the usdt crate
+//! on macOS and illumos (DECISIONS.md, 1), none elsewhere.
+
+include!(concat!(env!("OUT_DIR"), "/provider.rs"));
+
+#[cfg(target_os = "linux")]
+pub mod stapsdt;
+#[cfg(target_os = "linux")]
+pub use stapsdt::fire;
+
+#[cfg(any(target_os = "macos", target_os = "illumos"))]
+pub mod usdt_backend;
+#[cfg(any(target_os = "macos", target_os = "illumos"))]
+pub use usdt_backend::fire;
+
+#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos")))]
+pub mod no_backend;
+#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos")))]
+pub use no_backend::fire;
+
+/// Whether this build has a probe mechanism at all.
+pub const BACKEND_AVAILABLE: bool = cfg!(any(target_os = "linux", target_os = "macos", target_os = "illumos"));
+
+/// A set of probes, by their index in the provider file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeSet(u32);
+
+const _: () = assert!(PROBE_COUNT <= 32, "ProbeSet holds at most 32 probes");
+
+impl ProbeSet {
+    /// No probe.
+    pub const EMPTY: ProbeSet = ProbeSet(0);
+    /// Every probe of the provider.
+    pub const ALL: ProbeSet = ProbeSet(((1u64 << PROBE_COUNT) - 1) as u32);
+
+    /// The set holding the given probe indices.
+    pub const fn of(indices: &[usize]) -> ProbeSet {
+        let mut bits = 0;
+        let mut i = 0;
+        while i < indices.len() {
+            bits |= 1 << indices[i];
+            i += 1;
+        }
+        ProbeSet(bits)
+    }
+
+    /// The set with these bits (bit `i` for probe index `i`).
+    pub const fn from_bits(bits: u32) -> ProbeSet {
+        ProbeSet(bits & ProbeSet::ALL.0)
+    }
+
+    /// The set's bits (bit `i` for probe index `i`).
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// The set with `index` added.
+    pub const fn with(self, index: usize) -> ProbeSet {
+        ProbeSet(self.0 | (1 << index))
+    }
+
+    /// Whether the set holds probe `index`.
+    pub const fn contains(self, index: usize) -> bool {
+        self.0 & (1 << index) != 0
+    }
+
+    /// Whether the two sets share a probe.
+    #[allow(dead_code)]
+    pub const fn intersects(self, other: ProbeSet) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether the set holds every probe of `other`.
+    pub const fn is_superset(self, other: ProbeSet) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether the set is empty.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The probes of both sets.
+    pub const fn union(self, other: ProbeSet) -> ProbeSet {
+        ProbeSet(self.0 | other.0)
+    }
+
+    /// The probes in both sets.
+    pub const fn intersection(self, other: ProbeSet) -> ProbeSet {
+        ProbeSet(self.0 & other.0)
+    }
+
+    /// The probes of `self` that are not in `other`.
+    pub const fn difference(self, other: ProbeSet) -> ProbeSet {
+        ProbeSet(self.0 & !other.0)
+    }
+
+    /// The probe indices in the set, in file order.
+    pub fn indices(self) -> impl Iterator<Item = usize> {
+        (0..PROBE_COUNT).filter(move |&i| self.contains(i))
+    }
+
+    /// The names of the probes in the set, as DTrace spells them (`function-entry`).
+    pub fn dtrace_names(self) -> impl Iterator<Item = &'static str> {
+        self.indices().map(|i| PROBE_DTRACE_NAMES[i])
+    }
+
+    /// The set named by `names`, each spelt as DTrace (`gc-start`) or as the
+    /// provider file (`gc__start`) spells it.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<ProbeSet, crate::error::Error> {
+        names.iter().try_fold(ProbeSet::EMPTY, |set, name| {
+            let name = name.as_ref();
+            PROBE_DTRACE_NAMES
+                .iter()
+                .zip(PROBE_NAMES.iter())
+                .position(|(dtrace, file)| *dtrace == name || *file == name)
+                .map(|index| set.with(index))
+                .ok_or_else(|| crate::error::Error::UnknownProbe(name.to_owned()))
+        })
+    }
+}

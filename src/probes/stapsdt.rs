@@ -1,0 +1,52 @@
+//! SystemTap SDT probes, the Linux backend.
+//!
+//! Each probe is a `nop` in its own `#[inline(never)]` function (generated
+//! by `build.rs`), described by a note in `.note.stapsdt`: the `nop`'s
+//! address, the address of `_.stapsdt.base` (which lets tools correct for
+//! a prelinked object), the probe's semaphore, the provider and probe names
+//! and the argument registers. A consumer such as `bpftrace -p PID` turns
+//! the `nop` into a breakpoint and raises the semaphore; the enablement
+//! watcher polls the semaphores to learn which probes someone wants.
+//!
+//! The semaphores are the `u16` counters the SDT convention prescribes,
+//! kept in one array in the `.probes` section so that every one is two-byte
+//! aligned (the kernel's reference-counter update requires it) and so that
+//! the watcher reads them all in one pass.
+
+use std::sync::atomic::AtomicU16;
+
+use super::PROBE_COUNT;
+
+/// One SDT semaphore per probe, in provider-file order. The kernel adds one
+/// for every consumer attached to the probe and takes it back on detach.
+#[link_section = ".probes"]
+pub static SEMAPHORES: [AtomicU16; PROBE_COUNT] = [const { AtomicU16::new(0) }; PROBE_COUNT];
+
+// The base every note refers to. "R" (SHF_GNU_RETAIN) keeps the linker's
+// section garbage collection from dropping it: only the non-allocated notes
+// refer to it, and a note pointing at nothing would carry base 0.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat",
+    ".weak _.stapsdt.base",
+    ".hidden _.stapsdt.base",
+    "_.stapsdt.base: .space 1",
+    ".size _.stapsdt.base, 1",
+    ".popsection",
+    options(att_syntax)
+);
+#[cfg(not(target_arch = "x86_64"))]
+core::arch::global_asm!(
+    ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat",
+    ".weak _.stapsdt.base",
+    ".hidden _.stapsdt.base",
+    "_.stapsdt.base: .space 1",
+    ".size _.stapsdt.base, 1",
+    ".popsection",
+);
+
+/// The probe-firing functions, one per probe, named after the probe with
+/// `__` written `_` (`fire::function_entry`).
+pub mod fire {
+    include!(concat!(env!("OUT_DIR"), "/stapsdt_probes.rs"));
+}

@@ -1,0 +1,167 @@
+"""function-entry, function-return and line under a real bpftrace: exact counts and arguments."""
+
+from __future__ import annotations
+
+from tracing import trace
+
+ENTRY_RETURN = """
+usdt:{lib}:python:function__entry /str(arg0) == "%(file)s"/ {
+    @entry[str(arg1), arg2] = count();
+    @depth[tid] = @depth[tid] + 1;
+}
+usdt:{lib}:python:function__return /str(arg0) == "%(file)s"/ {
+    @ret[str(arg1), arg2] = count();
+    @depth[tid] = @depth[tid] - 1;
+}
+"""
+
+# bpftrace's JSON joins a map's keys with commas: "name,line".
+def key(name: str, line: int) -> str:
+    return f"{name},{line}"
+
+
+def program(template: str, workload_dir) -> str:
+    return template % {"file": str(workload_dir / "workload.py")}
+
+
+def test_recursion_gives_exact_entries_and_returns(workload_dir):
+    body = """
+        def countdown(n):  # def-line
+            if n == 0:
+                return 0  # base-return
+            return countdown(n - 1)  # recursive-return
+
+        class Walker:
+            def step(self, k):  # method-def
+                return k + 1  # method-return
+
+        def run(result):
+            for _ in range(50):
+                countdown(19)
+            walker = Walker()
+            for k in range(7):
+                walker.step(k)
+    """
+    run = trace(body, program(ENTRY_RETURN, workload_dir), ["function-entry", "function-return"], workload_dir)
+    w = run.workload
+    # 50 calls of countdown(19) recurse 20 deep: 1000 entries and returns.
+    assert run.count("entry", key("countdown", w.line_of("# def-line"))) == 1000
+    assert run.count("ret", key("countdown", w.line_of("# base-return"))) == 50
+    assert run.count("ret", key("countdown", w.line_of("# recursive-return"))) == 950
+    # co_qualname: a method shows as Class.method.
+    assert run.count("entry", key("Walker.step", w.line_of("# method-def"))) == 7
+    assert run.count("ret", key("Walker.step", w.line_of("# method-return"))) == 7
+    # run() itself: one entry (its def line), one return.
+    assert run.count("entry", key("run", w.line_of("def run("))) == 1
+    # Entries and returns balance per thread (run's return is counted too).
+    assert all(depth == 0 for depth in run.maps["@depth"].values()), run.maps["@depth"]
+    assert sorted(w.live) == ["function-entry", "function-return"]
+
+
+def test_generators_coroutines_and_exceptions_balance(workload_dir):
+    body = """
+        import asyncio
+
+        def numbers(n):
+            for i in range(n):
+                yield i  # yield-line
+
+        def failing():
+            raise ValueError("no")  # raise-line
+
+        def catcher():
+            try:
+                failing()
+            except ValueError:
+                return 1
+
+        def thrown_into():
+            try:
+                yield 1
+            except KeyError:
+                yield 2  # handled-throw
+
+        async def leaf(i):
+            await asyncio.sleep(0)
+            return i
+
+        async def main():
+            return sum([await leaf(i) for i in range(5)])
+
+        async def agen():
+            for i in range(3):
+                yield i
+
+        async def consume():
+            return [i async for i in agen()]
+
+        def run(result):
+            result["sum"] = sum(numbers(10))
+            for _ in range(4):
+                catcher()
+            g = thrown_into()
+            next(g)
+            g.throw(KeyError)
+            g.close()
+            result["main"] = asyncio.run(main())
+            result["agen"] = asyncio.run(consume())
+    """
+    run = trace(body, program(ENTRY_RETURN, workload_dir), ["function-entry", "function-return"], workload_dir)
+    w = run.workload
+    # numbers(10): one start, 10 resumes (entries); 10 yields and one return.
+    numbers_entries = sum(v for k, v in run.maps["@entry"].items() if k.startswith("numbers,"))
+    numbers_returns = sum(v for k, v in run.maps["@ret"].items() if k.startswith("numbers,"))
+    assert numbers_entries == numbers_returns == 11
+    assert run.count("ret", key("numbers", w.line_of("# yield-line"))) == 10
+    # A resume enters at the line it resumes at: the yield.
+    assert run.count("entry", key("numbers", w.line_of("# yield-line"))) == 10
+    # An exception unwinds failing() at the raise line.
+    assert run.count("ret", key("failing", w.line_of("# raise-line"))) == 4
+    # A throw into a generator enters it (PY_THROW) at the suspended yield.
+    assert run.count("ret", key("thrown_into", w.line_of("# handled-throw"))) == 1
+    for name in ("leaf", "main", "agen", "consume"):
+        entries = sum(v for k, v in run.maps["@entry"].items() if k.startswith(name + ","))
+        returns = sum(v for k, v in run.maps["@ret"].items() if k.startswith(name + ","))
+        assert entries == returns > 0, name
+    assert all(depth == 0 for depth in run.maps["@depth"].values()), run.maps["@depth"]
+    assert run.result == {"sum": 45, "main": 10, "agen": [0, 1, 2]}
+
+
+def test_line_probe_sees_each_line_of_a_loop(workload_dir):
+    body = """
+        def loop(n):
+            total = 0  # line-a
+            for i in range(n):  # line-b
+                total += i  # line-c
+            return total  # line-d
+
+        def run(result):
+            result["total"] = loop(25)
+    """
+    lines = """
+    usdt:{lib}:python:line /str(arg0) == "%(file)s" && str(arg1) == "loop"/ { @line[arg2] = count(); }
+    """
+    run = trace(body, program(lines, workload_dir), ["line"], workload_dir)
+    w = run.workload
+    got = {int(k): v for k, v in run.maps["@line"].items()}
+    assert got == {
+        w.line_of("# line-a"): 1,
+        # The for line runs once per iteration and once more to end the loop.
+        w.line_of("# line-b"): 26,
+        w.line_of("# line-c"): 25,
+        w.line_of("# line-d"): 1,
+    }
+    assert w.live == ["line"]
+
+
+def test_probes_are_off_again_after_detach(workload_dir):
+    body = """
+        def run(result):
+            pass
+    """
+    run = trace(body, program(ENTRY_RETURN, workload_dir), ["function-entry", "function-return"], workload_dir)
+    idle = run.workload.idle
+    assert idle["enabled"] == []
+    assert idle["events"] == [0] * 6
+    assert "pydtrace_gc" not in idle["gc_callbacks"]
+    assert idle["tool"] in (3, 4)

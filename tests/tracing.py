@@ -1,0 +1,310 @@
+"""Start a workload, attach a real bpftrace to it, and handshake on both sides.
+
+The one fixture module for tests that need a tracer. A test writes a
+workload module (a ``run(result)`` function), and a bpftrace program; then:
+
+1. :class:`Workload` starts the module under this interpreter. The driver
+   imports ``dtrace`` (arming the probes), reports its PID and probe object,
+   and waits.
+2. :class:`Bpftrace` attaches with ``-p PID`` and waits for the program's
+   ``BEGIN`` line, printed only once every probe of the program is attached.
+3. The workload is told to go; it waits in ``dtrace.wait_for_consumer`` until
+   the probes are live, runs ``run(result)`` and reports ``result``.
+4. The tracer is stopped (SIGINT; bpftrace prints its maps), and the
+   workload is told so; it waits until the probes are idle again and reports
+   what is still hooked into the interpreter.
+
+No step waits on a sleep: each waits for the other side's line, with a
+timeout that only bounds a failure.
+
+Tests that need bpftrace and root skip where either is missing, and fail
+instead under ``PYDTRACE_REQUIRE_TRACER=1`` (set in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: Seconds any one handshake step may take before the test fails.
+STEP_TIMEOUT = 60.0
+
+REQUIRE_TRACER = os.environ.get("PYDTRACE_REQUIRE_TRACER") == "1"
+
+
+def tracer_missing_reason() -> str | None:
+    """Why bpftrace cannot attach here, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return "the bpftrace tests run on Linux"
+    if shutil.which("bpftrace") is None:
+        return "bpftrace is not installed (Debian: apt-get install bpftrace)"
+    if os.geteuid() != 0:
+        return "attaching bpftrace needs root: run the tests with sudo"
+    return None
+
+
+def require_tracer() -> None:
+    """Skip the calling test where bpftrace cannot attach; fail under PYDTRACE_REQUIRE_TRACER=1."""
+    reason = tracer_missing_reason()
+    if reason is None:
+        return
+    if REQUIRE_TRACER:
+        pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
+    pytest.skip(reason)
+
+
+class _Lines:
+    """The lines of a pipe, read by a thread, taken with a timeout."""
+
+    def __init__(self, stream, name: str) -> None:
+        self.name = name
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def next(self, timeout: float = STEP_TIMEOUT) -> str | None:
+        """The next line; None at end of stream. Raises TimeoutError."""
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no line from {self.name} within {timeout} s; so far: {self.seen[-20:]}") from None
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def rest(self, timeout: float = STEP_TIMEOUT) -> list[str]:
+        """Every remaining line, up to end of stream."""
+        lines = []
+        while (line := self.next(timeout)) is not None:
+            lines.append(line)
+        return lines
+
+
+DRIVER = '''\
+import json, os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+def send(tag, data):
+    print(tag, json.dumps(data), flush=True)
+
+import dtrace
+send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
+import workload
+if sys.stdin.readline().strip() != "go":
+    sys.exit(2)
+if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
+    send("ERROR", {"live": sorted(dtrace.enabled_probes()), "consumer": sorted(dtrace._native.consumer_probes())})
+    sys.exit(3)
+send("LIVE", sorted(dtrace.enabled_probes()))
+result = {}
+workload.run(result)
+send("RESULT", result)
+if sys.stdin.readline().strip() != "detached":
+    sys.exit(2)
+deadline = time.monotonic() + TIMEOUT
+while dtrace.enabled_probes() and time.monotonic() < deadline:
+    time.sleep(0.005)
+import gc
+tool = dtrace._native.monitoring_tool_id()
+send("IDLE", {
+    "enabled": sorted(dtrace.enabled_probes()),
+    "events": [sys.monitoring.get_events(i) for i in range(6)],
+    "tool": tool,
+    "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
+})
+'''
+
+
+@dataclass
+class Workload:
+    """A Python process running ``body`` (a module with ``run(result)``) once a consumer is live."""
+
+    body: str
+    probes: list[str]
+    directory: Path
+    env: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+    pid: int = 0
+    library: str = ""
+    live: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    idle: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        """The workload module's file: its code objects' ``co_filename``."""
+        return self.directory / "workload.py"
+
+    def line_of(self, marker: str) -> int:
+        """The line number of the (one) body line that contains ``marker``."""
+        lines = [n for n, text in enumerate(self.path.read_text().splitlines(), 1) if marker in text]
+        assert len(lines) == 1, f"{marker!r} is on lines {lines}"
+        return lines[0]
+
+    def start(self) -> None:
+        self.path.write_text(textwrap.dedent(self.body))
+        driver = self.directory / "driver.py"
+        driver.write_text(f"PROBES = {self.probes!r}\nTIMEOUT = {STEP_TIMEOUT!r}\n" + DRIVER)
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **self.env}
+        self.process = subprocess.Popen(
+            [self.python, str(driver)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.stdout = _Lines(self.process.stdout, "the workload")
+        self.stderr = _Lines(self.process.stderr, "the workload's stderr")
+        loaded = self._expect("LOADED")
+        self.pid, self.library = loaded["pid"], loaded["library"]
+        assert loaded["armed"], "importing dtrace did not arm the probes"
+
+    def _expect(self, tag: str) -> Any:
+        line = self.stdout.next()
+        if line is None or not line.startswith(tag + " "):
+            self.process.kill()
+            raise AssertionError(
+                f"expected {tag} from the workload, got {line!r}; stderr: {self.stderr.rest(5)}"
+            )
+        return json.loads(line[len(tag) + 1 :])
+
+    def _say(self, word: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(word + "\n")
+        self.process.stdin.flush()
+
+    def go(self) -> None:
+        """Let the workload run once its probes are live; returns when they are."""
+        self._say("go")
+        self.live = self._expect("LIVE")
+
+    def wait_result(self) -> dict[str, Any]:
+        self.result = self._expect("RESULT")
+        return self.result
+
+    def finish(self) -> int:
+        """After the tracer detached: the workload checks it is idle, and exits."""
+        self._say("detached")
+        self.idle = self._expect("IDLE")
+        self.process.stdin.close()
+        code = self.process.wait(STEP_TIMEOUT)
+        self.stderr_text = "\n".join(self.stderr.rest())
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class Bpftrace:
+    """A ``bpftrace -p PID`` consumer running ``program``; ``{lib}`` in it names the probe object."""
+
+    program: str
+    pid: int
+    library: str
+    env: dict[str, str] = field(default_factory=dict)
+    maps: dict[str, Any] = field(default_factory=dict)
+    printed: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Attach; returns once the program's BEGIN ran, i.e. every probe is attached."""
+        program = 'BEGIN { printf("READY\\n"); }\n' + self.program.replace("{lib}", self.library)
+        self.process = subprocess.Popen(
+            ["bpftrace", "-f", "json", "-p", str(self.pid), "-e", program],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Strings as long as bpftrace reads them (paths of test files exceed the default 64).
+            env={**os.environ, "BPFTRACE_STRLEN": "200", **self.env},
+        )
+        self.stdout = _Lines(self.process.stdout, "bpftrace")
+        self.stderr = _Lines(self.process.stderr, "bpftrace's stderr")
+        while True:
+            line = self.stdout.next()
+            if line is None:
+                raise AssertionError(f"bpftrace ended before BEGIN: {self.stderr.rest(5)}")
+            event = json.loads(line)
+            if event.get("type") == "printf" and event.get("data") == "READY\n":
+                return
+
+    def stop(self) -> dict[str, Any]:
+        """Detach (SIGINT) and return the maps bpftrace printed, by name."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        for line in self.stdout.rest():
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if event.get("type") in ("map", "hist", "stats"):
+                self.maps.update(event["data"])
+            elif event.get("type") == "printf":
+                self.printed.append(event["data"])
+        self.process.wait(STEP_TIMEOUT)
+        return self.maps
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@dataclass
+class TraceRun:
+    """What one traced run saw, from both sides."""
+
+    workload: Workload
+    tracer: Bpftrace
+
+    @property
+    def maps(self) -> dict[str, Any]:
+        return self.tracer.maps
+
+    @property
+    def result(self) -> dict[str, Any]:
+        return self.workload.result
+
+    def count(self, name: str, key: str | None = None) -> int:
+        """The value of map ``@name`` (or of its entry ``key``), 0 where absent."""
+        value = self.maps.get("@" + name, 0 if key is None else {})
+        return value if key is None else value.get(key, 0)
+
+
+def trace(body: str, program: str, probes: list[str], directory: Path, env: dict[str, str] | None = None,
+          tracer_env: dict[str, str] | None = None) -> TraceRun:
+    """Run ``body`` under ``program``, with the full two-sided handshake, and detach."""
+    require_tracer()
+    workload = Workload(body, probes, directory, env=env or {})
+    workload.start()
+    tracer = Bpftrace(program, workload.pid, workload.library, env=tracer_env or {})
+    try:
+        tracer.start()
+        workload.go()
+        workload.wait_result()
+        tracer.stop()
+        code = workload.finish()
+        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
+    finally:
+        tracer.kill()
+        workload.kill()
+    return TraceRun(workload, tracer)
