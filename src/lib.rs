@@ -131,6 +131,12 @@ mod _native {
         watcher::is_running()
     }
 
+    /// (times the watcher read the semaphores, times it took the GIL).
+    #[pyfunction]
+    fn watcher_stats() -> (u64, u64) {
+        watcher::stats()
+    }
+
     /// The `sys.monitoring` tool id the probes hold, if any.
     #[pyfunction]
     fn monitoring_tool_id() -> Option<u8> {

@@ -16,7 +16,7 @@
 //!   hook stops and joins the thread before finalization begins, and it is
 //!   never started again.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -36,6 +36,15 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 static FORCED: AtomicU32 = AtomicU32::new(0);
 /// Set when the enabled set must be applied again although it did not change.
 static KICK: AtomicBool = AtomicBool::new(false);
+/// How often the watcher has taken the GIL, for the tests' idle guard.
+static GIL_TAKEN: AtomicU64 = AtomicU64::new(0);
+/// How often the watcher has read the semaphores.
+static POLLS: AtomicU64 = AtomicU64::new(0);
+
+/// (times the watcher read the semaphores, times it took the GIL) in this process.
+pub fn stats() -> (u64, u64) {
+    (POLLS.load(Ordering::Relaxed), GIL_TAKEN.load(Ordering::Relaxed))
+}
 
 /// How the thread is told to stop.
 struct Control {
@@ -150,10 +159,12 @@ pub fn at_exit(py: Python<'_>) {
 fn watch(control: &Control) {
     let mut applied: Option<ProbeSet> = None;
     loop {
+        POLLS.fetch_add(1, Ordering::Relaxed);
         let wanted = enablement::consumer_enabled().union(forced());
         let kicked = KICK.swap(false, Ordering::AcqRel);
         if applied != Some(wanted) || kicked {
             let attached = Python::try_attach(|py| {
+                GIL_TAKEN.fetch_add(1, Ordering::Relaxed);
                 if let Err(err) = arming::apply(py, wanted) {
                     PyErr::from(err).write_unraisable(py, None);
                 }

@@ -105,6 +105,48 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork,
     )
     atexit.register(_native.at_exit)
+    if _os.environ.get(_STARTUP_VARIABLE):
+        _wait_for_tool()
+
+
+#: Set by ``python -m dtrace TOOL -c COMMAND`` for the command it starts: the
+#: file descriptors of a pipe to the tool and a pipe from it, ``"WFD,RFD"``.
+_STARTUP_VARIABLE = "PYDTRACE_STARTUP"
+#: Seconds the started command waits for the tool's probes to be live before it runs untraced.
+_STARTUP_TIMEOUT = 30.0
+
+
+def _wait_for_tool() -> None:
+    """The first interpreter of a command started by a dtrace tool reports to the tool and
+    waits until the tool's consumer is attached (its ``BEGIN`` ran) and the probes it asked
+    for are live, so that the command is traced from its first line (DECISIONS.md, 9).
+
+    The variable is removed first, so the command's own children do not wait. Protocol:
+    this process writes ``"PID LIBRARY\\n"``; the tool answers ``"go NAME,NAME\\n"`` once
+    its tracer is attached (or closes the pipe to give up); then this process waits for
+    those probes to be live.
+    """
+    import sys
+
+    setting = _os.environ.pop(_STARTUP_VARIABLE, "")
+    try:
+        to_tool, from_tool = (int(fd) for fd in setting.split(","))
+    except ValueError:
+        print(f"pydtrace: ignoring malformed {_STARTUP_VARIABLE}={setting!r}", file=sys.stderr)
+        return
+    try:
+        with open(to_tool, "w", closefd=True) as out:
+            out.write(f"{_os.getpid()} {library_path()}\n")
+        with open(from_tool, "r", closefd=True) as answer:
+            words = answer.readline().split()
+    except OSError as error:
+        print(f"pydtrace: cannot talk to the tool that started this process: {error}", file=sys.stderr)
+        return
+    if words[:1] != ["go"]:
+        return  # the tool gave up: run untraced
+    probes = [name for name in (words[1] if len(words) > 1 else "").split(",") if name]
+    if not wait_for_consumer(*probes, timeout=_STARTUP_TIMEOUT):
+        print(f"pydtrace: the tool's probes were not live within {_STARTUP_TIMEOUT:g} s; running on", file=sys.stderr)
 
 
 _arm_from_environment()

@@ -38,6 +38,9 @@ def disarm() -> None:
 def is_armed() -> bool:
     """Whether the watcher thread runs in this process."""
 
+def watcher_stats() -> tuple[int, int]:
+    """(times the watcher thread read the semaphores, times it took the GIL) in this process."""
+
 def monitoring_tool_id() -> int | None:
     """The ``sys.monitoring`` tool id the probes hold, if they have claimed one."""
 
