@@ -100,6 +100,12 @@ unsafe extern "C" fn on_line(_: *mut ffi::PyObject, args: FastCallArgs, nargs: f
     none()
 }
 
+/// Does nothing: the floor a native `sys.monitoring` callback cannot go
+/// below, for benchmarks to compare the probe callbacks with.
+unsafe extern "C" fn noop(_: *mut ffi::PyObject, _: FastCallArgs, _: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    none()
+}
+
 /// A `gc.callbacks` entry: (phase, info), phase "start" or "stop".
 unsafe extern "C" fn on_gc(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
     let phase = arg(args, nargs, 0);
@@ -157,6 +163,7 @@ static mut ON_RESUME: Callback = Callback::new(c"pydtrace_py_resume", on_resume)
 static mut ON_LEAVE: Callback = Callback::new(c"pydtrace_py_leave", on_leave);
 static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
+static mut NOOP: Callback = Callback::new(c"pydtrace_noop", noop);
 
 /// Which callback serves a `sys.monitoring` event or `gc.callbacks`.
 #[derive(Clone, Copy, Debug)]
@@ -171,6 +178,8 @@ pub enum Hook {
     Line,
     /// gc.callbacks.
     Gc,
+    /// Nothing: a benchmark's reference callback.
+    Noop,
 }
 
 /// A new Python callable (a builtin function) for `hook`; null with a
@@ -185,6 +194,7 @@ pub unsafe fn new_callable(hook: Hook) -> *mut ffi::PyObject {
         Hook::Leave => addr_of_mut!(ON_LEAVE.def),
         Hook::Line => addr_of_mut!(ON_LINE.def),
         Hook::Gc => addr_of_mut!(ON_GC.def),
+        Hook::Noop => addr_of_mut!(NOOP.def),
     };
     ffi::PyCFunction_NewEx(def, std::ptr::null_mut(), std::ptr::null_mut())
 }

@@ -131,6 +131,14 @@ mod _native {
         watcher::is_running()
     }
 
+    /// A native callback with the probes' calling convention that does
+    /// nothing: the dispatch floor benchmarks compare the probes with.
+    #[pyfunction]
+    fn noop_callback(py: Python<'_>) -> PyResult<Py<PyAny>> {
+        // SAFETY: GIL held; a null result comes with a Python error set.
+        unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(callbacks::Hook::Noop)).map(Bound::unbind) }
+    }
+
     /// (times the watcher read the semaphores, times it took the GIL).
     #[pyfunction]
     fn watcher_stats() -> (u64, u64) {

@@ -38,6 +38,10 @@ def disarm() -> None:
 def is_armed() -> bool:
     """Whether the watcher thread runs in this process."""
 
+def noop_callback() -> object:
+    """A new native callable with the probe callbacks' calling convention that does nothing:
+    the dispatch floor that benchmarks compare the probes with."""
+
 def watcher_stats() -> tuple[int, int]:
     """(times the watcher thread read the semaphores, times it took the GIL) in this process."""
 
