@@ -157,12 +157,14 @@ pub fn at_exit(py: Python<'_>) {
 
 /// The thread's loop.
 fn watch(control: &Control) {
-    let mut applied: Option<ProbeSet> = None;
+    // What is hooked in already: nothing on a fresh start, the parent's hooks
+    // in a forked child. Applying only on a difference keeps the GIL untouched.
+    let mut applied = arming::live();
     loop {
         POLLS.fetch_add(1, Ordering::Relaxed);
         let wanted = enablement::consumer_enabled().union(forced());
         let kicked = KICK.swap(false, Ordering::AcqRel);
-        if applied != Some(wanted) || kicked {
+        if applied != wanted || kicked {
             let attached = Python::try_attach(|py| {
                 GIL_TAKEN.fetch_add(1, Ordering::Relaxed);
                 if let Err(err) = arming::apply(py, wanted) {
@@ -173,7 +175,7 @@ fn watch(control: &Control) {
                 return; // the interpreter is going away
             }
             // Also after a failure: retried when the enabled set changes again.
-            applied = Some(wanted);
+            applied = wanted;
         }
         let stop = control.stop.lock().unwrap_or_else(|p| p.into_inner());
         if *stop {

@@ -165,3 +165,40 @@ def test_probes_are_off_again_after_detach(workload_dir):
     assert idle["events"] == [0] * 6
     assert "pydtrace_gc" not in idle["gc_callbacks"]
     assert idle["tool"] in (3, 4)
+
+
+def test_odd_names_are_passed_whole_or_lossily_never_crash(workload_dir):
+    body = """
+        def run(result):
+            ns = {}
+            exec(compile("def f():\\n    return 1\\n", "odd\\udcff-file.py", "exec"), ns)
+            for _ in range(3):
+                ns["f"]()
+            long_name = "g" * 50000
+            exec(compile(f"def {long_name}():\\n    return 2\\n", "<long>", "exec"), ns)
+            for _ in range(2):
+                ns[long_name]()
+            exec(compile("def caf\\u00e9():\\n    return 3\\n", "na\\u00efve.py", "exec"), ns)
+            ns["caf\\u00e9"]()
+            f = ns["f"]
+            f.__code__ = f.__code__.replace(co_qualname="bad\\ud800name", co_filename="<nul\\x00cut>")
+            f()
+            exec("def h(): return 4\\nh()", ns)
+    """
+    program = """
+    usdt:{lib}:python:function__entry { @entry[str(arg0), str(arg1)] = count(); }
+    usdt:{lib}:python:function__return { @ret[str(arg0), str(arg1)] = count(); }
+    """
+    # Two strings as a map key must fit the BPF stack: 100 bytes each.
+    run = trace(body, program, ["function-entry", "function-return"], workload_dir,
+                tracer_env={"BPFTRACE_STRLEN": "100"})
+    entries = run.maps["@entry"]
+    returns = run.maps["@ret"]
+    replacement = "\ufffd"
+    assert entries[f"odd{replacement}-file.py,f"] == returns[f"odd{replacement}-file.py,f"] == 3
+    # bpftrace reads at most BPFTRACE_STRLEN bytes: the 50000-character name arrives cut.
+    long_keys = [k for k in entries if k.startswith("<long>,g")]
+    assert len(long_keys) == 1 and entries[long_keys[0]] == 2
+    assert entries["na\u00efve.py,caf\u00e9"] == 1
+    assert entries[f"<nul,bad{replacement}name"] == 1
+    assert entries["<string>,h"] == 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -216,6 +217,29 @@ class Workload:
             self.process.wait()
 
 
+_SIGN_EXTENDED_BYTE = re.compile(r"\\uffffff([0-9a-f]{2})")
+
+
+def _bytes_to_text(value: Any) -> Any:
+    """Strings of a decoded bpftrace JSON event back to text (see :func:`parse_json_line`)."""
+    if isinstance(value, str):
+        return value.encode("latin-1").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_bytes_to_text(k): _bytes_to_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bytes_to_text(v) for v in value]
+    return value
+
+
+def parse_json_line(line: str) -> Any:
+    """One line of ``bpftrace -f json`` output.
+
+    bpftrace 0.17 escapes each byte >= 0x80 of a string as ``\\uffffffXX`` (a sign-extended
+    char); those bytes are put back and the strings decoded as UTF-8.
+    """
+    return _bytes_to_text(json.loads(_SIGN_EXTENDED_BYTE.sub(r"\\u00\1", line)))
+
+
 @dataclass
 class Bpftrace:
     """A ``bpftrace -p PID`` consumer running ``program``; ``{lib}`` in it names the probe object."""
@@ -235,6 +259,7 @@ class Bpftrace:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            errors="backslashreplace",  # bpftrace prints the bytes it read, valid UTF-8 or not
             # Strings as long as bpftrace reads them (paths of test files exceed the default 64).
             env={**os.environ, "BPFTRACE_STRLEN": "200", **self.env},
         )
@@ -244,7 +269,7 @@ class Bpftrace:
             line = self.stdout.next()
             if line is None:
                 raise AssertionError(f"bpftrace ended before BEGIN: {self.stderr.rest(5)}")
-            event = json.loads(line)
+            event = parse_json_line(line)
             if event.get("type") == "printf" and event.get("data") == "READY\n":
                 return
 
@@ -255,7 +280,7 @@ class Bpftrace:
         for line in self.stdout.rest():
             if not line.strip():
                 continue
-            event = json.loads(line)
+            event = parse_json_line(line)
             if event.get("type") in ("map", "hist", "stats"):
                 self.maps.update(event["data"])
             elif event.get("type") == "printf":
