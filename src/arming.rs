@@ -7,6 +7,11 @@
 //! | function-return                 | sys.monitoring PY_RETURN, PY_YIELD, PY_UNWIND  |
 //! | line                            | sys.monitoring LINE                            |
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
+//! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
+//! | audit                           | a C audit hook, added once (it cannot be removed) |
+//!
+//! Where the interpreter was built `--with-dtrace` and fires a probe itself,
+//! that probe is left to the interpreter (DECISIONS.md, 6).
 //!
 //! Before the first consumer: no tool id, no event, no callback of ours.
 //! Once a code probe was wanted the tool id stays claimed (with no events
@@ -16,7 +21,7 @@
 //! and publishes what is live in [`live`] for lock-free readers.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
@@ -35,8 +40,37 @@ const TOOL_IDS: [u8; 2] = [4, 3];
 const CODE_PROBES: ProbeSet = ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN, probes::LINE]);
 /// Probes that the `gc.callbacks` entry serves.
 const GC_PROBES: ProbeSet = ProbeSet::of(&[probes::GC_START, probes::GC_DONE]);
+/// Probes that the `_find_and_load` wrapper serves.
+const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[probes::IMPORT_FIND_LOAD_START, probes::IMPORT_FIND_LOAD_DONE]);
+/// The probe the audit hook serves.
+const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
 /// Probes this build can arm.
-pub const ARMABLE: ProbeSet = CODE_PROBES.union(GC_PROBES);
+pub const ARMABLE: ProbeSet = CODE_PROBES.union(GC_PROBES).union(IMPORT_PROBES).union(AUDIT_PROBES);
+
+/// The probes a `--with-dtrace` interpreter fires itself, once known.
+static INTERPRETER_PROBES: OnceLock<ProbeSet> = OnceLock::new();
+
+/// The probes this interpreter fires itself: gc, import and audit where it
+/// was built `--with-dtrace`, and function entry and return too from 3.15.
+/// Asked of `sysconfig` on first use (at the first arming, not at import).
+pub fn interpreter_probes(py: Python<'_>) -> ProbeSet {
+    *INTERPRETER_PROBES.get_or_init(|| {
+        let with_dtrace = py
+            .import("sysconfig")
+            .and_then(|sysconfig| sysconfig.call_method1("get_config_var", ("WITH_DTRACE",)))
+            .and_then(|value| value.is_truthy())
+            .unwrap_or(false);
+        if !with_dtrace {
+            return ProbeSet::EMPTY;
+        }
+        let own = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PROBES);
+        if py.version_info() >= (3, 15) {
+            own.union(ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN]))
+        } else {
+            own
+        }
+    })
+}
 
 /// The probes that are live now: wanted by a consumer and hooked in.
 static LIVE: AtomicU32 = AtomicU32::new(0);
@@ -121,6 +155,12 @@ struct State {
     gc_callback: Option<Py<PyAny>>,
     /// The gc probes served while our callback is in `gc.callbacks`.
     gc_live: ProbeSet,
+    /// Our `_find_and_load` wrapper while it is installed, and the import probes it serves.
+    import_wrapper: Option<Py<PyAny>>,
+    import_live: ProbeSet,
+    /// Whether adding the audit hook was tried (it is tried once), and the audit probe served.
+    audit_hook_tried: bool,
+    audit_live: ProbeSet,
     warned_no_tool: bool,
 }
 
@@ -131,13 +171,32 @@ static STATE: Mutex<State> = Mutex::new(State {
     code_live: ProbeSet::EMPTY,
     gc_callback: None,
     gc_live: ProbeSet::EMPTY,
+    import_wrapper: None,
+    import_live: ProbeSet::EMPTY,
+    audit_hook_tried: false,
+    audit_live: ProbeSet::EMPTY,
     warned_no_tool: false,
 });
 
 /// A new callable for `hook`.
 fn callable(py: Python<'_>, hook: Hook) -> PyResult<Py<PyAny>> {
-    // SAFETY: GIL held; a null result comes with a Python error set.
-    unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(hook)).map(Bound::unbind) }
+    bound_callable(py, hook, None)
+}
+
+/// A new callable for `hook`, bound to the object it stands in for.
+fn bound_callable(py: Python<'_>, hook: Hook, target: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+    let target = target.map_or(std::ptr::null_mut(), Bound::as_ptr);
+    // SAFETY: GIL held; `target` is null or alive; a null result comes with a Python error set.
+    unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(hook, target)).map(Bound::unbind) }
+}
+
+extern "C" {
+    // Not in pyo3-ffi: the C-level audit hook API of PEP 578.
+    fn PySys_AddAuditHook(
+        hook: unsafe extern "C" fn(*const std::os::raw::c_char, *mut pyo3::ffi::PyObject, *mut std::ffi::c_void) -> std::os::raw::c_int,
+        user_data: *mut std::ffi::c_void,
+    ) -> std::os::raw::c_int;
+    fn PySys_Audit(event: *const std::os::raw::c_char, format: *const std::os::raw::c_char, ...) -> std::os::raw::c_int;
 }
 
 impl State {
@@ -222,6 +281,54 @@ impl State {
         self.gc_live = wanted;
         Ok(())
     }
+
+    /// Wraps `importlib._bootstrap._find_and_load` while an import probe is
+    /// wanted, and puts the original back when none is. If someone wrapped
+    /// it again meanwhile, ours stays inside theirs (its probes fire into
+    /// nothing) rather than breaking their wrapper.
+    fn set_import_hook(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
+        let on = !wanted.is_empty();
+        if on != self.import_wrapper.is_some() {
+            // The interpreter's import statement looks the function up on this module each time.
+            let bootstrap = py.import("_frozen_importlib")?;
+            let current = bootstrap.getattr("_find_and_load")?;
+            if on {
+                let wrapper = bound_callable(py, Hook::FindAndLoad, Some(&current))?;
+                bootstrap.setattr("_find_and_load", &wrapper)?;
+                self.import_wrapper = Some(wrapper);
+            } else if let Some(wrapper) = self.import_wrapper.take() {
+                if current.is(wrapper.bind(py)) {
+                    bootstrap.setattr("_find_and_load", wrapper.bind(py).getattr("__self__")?)?;
+                }
+            }
+        }
+        self.import_live = if self.import_wrapper.is_some() { wanted } else { ProbeSet::EMPTY };
+        Ok(())
+    }
+
+    /// Adds the audit hook the first time the audit probe is wanted, and
+    /// switches its firing on and off. The hook is proven added by an audit
+    /// event of our own: a hook that vetoes `sys.addaudithook` with a
+    /// RuntimeError makes CPython drop ours silently.
+    fn set_audit_hook(&mut self, py: Python<'_>, wanted: ProbeSet) {
+        if !wanted.is_empty() && !self.audit_hook_tried {
+            self.audit_hook_tried = true;
+            // SAFETY: GIL held; the hook is a static function that never fails.
+            unsafe {
+                if PySys_AddAuditHook(callbacks::on_audit, std::ptr::null_mut()) != 0
+                    || PySys_Audit(callbacks::AUDIT_SELF_CHECK.as_ptr(), std::ptr::null()) != 0
+                {
+                    pyo3::ffi::PyErr_Clear();
+                }
+            }
+            if !callbacks::AUDIT_HOOK_SEEN.load(Ordering::Relaxed) {
+                warn(py, "the audit probe stays off: another audit hook refused the addition of ours");
+            }
+        }
+        let on = !wanted.is_empty() && callbacks::AUDIT_HOOK_SEEN.load(Ordering::Relaxed);
+        callbacks::AUDIT_ON.store(on, Ordering::Relaxed);
+        self.audit_live = if on { wanted } else { ProbeSet::EMPTY };
+    }
 }
 
 /// Takes the first free tool id of [`TOOL_IDS`] (or the one already ours).
@@ -242,16 +349,20 @@ fn claim_tool_id(monitoring: &Bound<'_, PyAny>) -> Result<u8, Error> {
 /// Hooks in exactly the probes of `wanted` that this build can arm (and that
 /// have not failed), unhooks the rest, and publishes what is live.
 pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
-    let wanted = wanted
+    let mut wanted = wanted
         .intersection(ARMABLE)
         .difference(ProbeSet::from_bits(FAILED.load(Ordering::Relaxed)));
+    if !wanted.is_empty() {
+        wanted = wanted.difference(interpreter_probes(py));
+    }
     let mut state = STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let result = state.set_code_events(py, wanted).and_then(|()| {
-        let gc = wanted.intersection(GC_PROBES);
-        state.set_gc_callback(py, gc)
-    });
+    let result = state
+        .set_code_events(py, wanted)
+        .and_then(|()| state.set_gc_callback(py, wanted.intersection(GC_PROBES)))
+        .and_then(|()| state.set_import_hook(py, wanted.intersection(IMPORT_PROBES)))
+        .map(|()| state.set_audit_hook(py, wanted.intersection(AUDIT_PROBES)));
     // Publish what is hooked in, also when a step failed part-way.
-    let live = state.code_live.union(state.gc_live);
+    let live = state.code_live.union(state.gc_live).union(state.import_live).union(state.audit_live);
     LIVE.store(live.bits(), Ordering::Release);
     result.map(|()| live)
 }

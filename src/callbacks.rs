@@ -11,6 +11,7 @@
 
 use std::os::raw::c_char;
 use std::ptr::addr_of_mut;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::ffi;
 
@@ -138,6 +139,61 @@ unsafe fn dict_int(info: *mut ffi::PyObject, key: *const c_char) -> i64 {
     n
 }
 
+/// Stands in for `importlib._bootstrap._find_and_load(name, import_)`, which
+/// the interpreter's import statement calls (by attribute lookup, every
+/// time) for a module that is not in `sys.modules`: the place where CPython
+/// fires its own import probes. `self` is the original function.
+unsafe extern "C" fn on_find_and_load(
+    original: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargsf: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    let name = arg(args.cast_mut(), nargsf, 0);
+    if name.is_null() || ffi::PyUnicode_Check(name) == 0 || is_loaded(name) {
+        // importlib.import_module() also comes here for loaded modules: no find, no load.
+        return ffi::PyObject_Vectorcall(original, args, nargsf as usize, kwnames);
+    }
+    let name_utf8 = names::ProbeString::from_str_object(name);
+    fire::import_find_load_start(name_utf8.as_ptr());
+    let module = ffi::PyObject_Vectorcall(original, args, nargsf as usize, kwnames);
+    fire::import_find_load_done(name_utf8.as_ptr(), i32::from(!module.is_null()));
+    module
+}
+
+/// Whether `sys.modules[name]` is a module (not missing, not None).
+unsafe fn is_loaded(name: *mut ffi::PyObject) -> bool {
+    let modules = ffi::PyImport_GetModuleDict(); // borrowed
+    if modules.is_null() || ffi::PyDict_Check(modules) == 0 {
+        return false;
+    }
+    let module = ffi::PyDict_GetItemWithError(modules, name); // borrowed
+    if module.is_null() {
+        ffi::PyErr_Clear();
+        return false;
+    }
+    module != ffi::Py_None()
+}
+
+/// Whether the audit hook fires the `audit` probe; the hook itself cannot
+/// be removed once added, so while the probe is off it only reads this.
+pub static AUDIT_ON: AtomicBool = AtomicBool::new(false);
+/// Set by the hook when it sees [`AUDIT_SELF_CHECK`], proving it was added.
+pub static AUDIT_HOOK_SEEN: AtomicBool = AtomicBool::new(false);
+/// The audit event arming raises once, right after adding the hook.
+pub const AUDIT_SELF_CHECK: &std::ffi::CStr = c"pydtrace.audit_hook_added";
+
+/// The C-level audit hook (`PySys_AddAuditHook`): fires `audit(event, args)`
+/// with the address of the event's argument tuple, as CPython does.
+pub unsafe extern "C" fn on_audit(event: *const c_char, args: *mut ffi::PyObject, _: *mut std::ffi::c_void) -> std::os::raw::c_int {
+    if AUDIT_ON.load(Ordering::Relaxed) {
+        fire::audit(event, args as usize);
+    } else if !AUDIT_HOOK_SEEN.load(Ordering::Relaxed) && std::ffi::CStr::from_ptr(event) == AUDIT_SELF_CHECK {
+        AUDIT_HOOK_SEEN.store(true, Ordering::Relaxed);
+    }
+    0
+}
+
 /// A native callback, as the interpreter sees it.
 pub struct Callback {
     def: ffi::PyMethodDef,
@@ -154,6 +210,17 @@ impl Callback {
             },
         }
     }
+
+    const fn with_keywords(name: &'static std::ffi::CStr, meth: ffi::PyCFunctionFastWithKeywords) -> Callback {
+        Callback {
+            def: ffi::PyMethodDef {
+                ml_name: name.as_ptr(),
+                ml_meth: ffi::PyMethodDefPointer { PyCFunctionFastWithKeywords: meth },
+                ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+                ml_doc: std::ptr::null(),
+            },
+        }
+    }
 }
 
 // The interpreter keeps a pointer to each definition for the lifetime of
@@ -164,6 +231,7 @@ static mut ON_LEAVE: Callback = Callback::new(c"pydtrace_py_leave", on_leave);
 static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
 static mut NOOP: Callback = Callback::new(c"pydtrace_noop", noop);
+static mut FIND_AND_LOAD: Callback = Callback::with_keywords(c"_find_and_load", on_find_and_load);
 
 /// Which callback serves a `sys.monitoring` event or `gc.callbacks`.
 #[derive(Clone, Copy, Debug)]
@@ -180,14 +248,17 @@ pub enum Hook {
     Gc,
     /// Nothing: a benchmark's reference callback.
     Noop,
+    /// `importlib._bootstrap._find_and_load`, around the original.
+    FindAndLoad,
 }
 
-/// A new Python callable (a builtin function) for `hook`; null with a
-/// Python error set on failure.
+/// A new Python callable (a builtin function) for `hook`, bound to `target`
+/// (the function it stands in for, or null); null with a Python error set
+/// on failure.
 ///
 /// # Safety
-/// GIL held.
-pub unsafe fn new_callable(hook: Hook) -> *mut ffi::PyObject {
+/// GIL held; `target` null or a live object.
+pub unsafe fn new_callable(hook: Hook, target: *mut ffi::PyObject) -> *mut ffi::PyObject {
     let def = match hook {
         Hook::Start => addr_of_mut!(ON_START.def),
         Hook::Resume => addr_of_mut!(ON_RESUME.def),
@@ -195,6 +266,7 @@ pub unsafe fn new_callable(hook: Hook) -> *mut ffi::PyObject {
         Hook::Line => addr_of_mut!(ON_LINE.def),
         Hook::Gc => addr_of_mut!(ON_GC.def),
         Hook::Noop => addr_of_mut!(NOOP.def),
+        Hook::FindAndLoad => addr_of_mut!(FIND_AND_LOAD.def),
     };
-    ffi::PyCFunction_NewEx(def, std::ptr::null_mut(), std::ptr::null_mut())
+    ffi::PyCFunction_NewEx(def, target, std::ptr::null_mut())
 }

@@ -72,6 +72,13 @@ mod _native {
         frozenset(py, arming::live())
     }
 
+    /// The probes the interpreter fires itself (built `--with-dtrace`), which
+    /// this module leaves to it.
+    #[pyfunction]
+    fn interpreter_probes(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
+        frozenset(py, arming::interpreter_probes(py))
+    }
+
     /// The probes that a consumer enables now, hooked in or not.
     #[pyfunction]
     fn consumer_probes(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
@@ -136,7 +143,7 @@ mod _native {
     #[pyfunction]
     fn noop_callback(py: Python<'_>) -> PyResult<Py<PyAny>> {
         // SAFETY: GIL held; a null result comes with a Python error set.
-        unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(callbacks::Hook::Noop)).map(Bound::unbind) }
+        unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(callbacks::Hook::Noop, std::ptr::null_mut())).map(Bound::unbind) }
     }
 
     /// (times the watcher read the semaphores, times it took the GIL).

@@ -47,7 +47,7 @@ pub fn init() -> Result<(), crate::error::Error> {
 }
 
 /// A NUL-terminated UTF-8 string as a probe passes it.
-enum ProbeString {
+pub enum ProbeString {
     /// The UTF-8 buffer CPython keeps inside a `str` that the code object owns.
     Borrowed(*const c_char),
     /// A lossy copy, for text that has no UTF-8 form.
@@ -60,8 +60,8 @@ impl ProbeString {
     /// string ends at the first NUL character, if the text has one.
     ///
     /// # Safety
-    /// GIL held; `text` must be a live object owned by the code object.
-    unsafe fn from_str_object(text: *mut ffi::PyObject) -> ProbeString {
+    /// GIL held; `text` must be a live object that outlives the result.
+    pub unsafe fn from_str_object(text: *mut ffi::PyObject) -> ProbeString {
         if ffi::PyUnicode_Check(text) != 0 {
             let utf8 = ffi::PyUnicode_AsUTF8AndSize(text, ptr::null_mut());
             if !utf8.is_null() {
@@ -75,7 +75,8 @@ impl ProbeString {
         ProbeString::Owned(CString::from(c"<unknown>"))
     }
 
-    fn as_ptr(&self) -> *const c_char {
+    /// The string, valid while `self` (and the `str` it may borrow from) lives.
+    pub fn as_ptr(&self) -> *const c_char {
         match self {
             ProbeString::Borrowed(p) => *p,
             ProbeString::Owned(s) => s.as_ptr(),

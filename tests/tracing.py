@@ -130,6 +130,7 @@ send("IDLE", {
     "events": [sys.monitoring.get_events(i) for i in range(6)],
     "tool": tool,
     "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
+    "find_and_load": type(sys.modules["_frozen_importlib"]._find_and_load).__name__,
 })
 '''
 

@@ -19,6 +19,10 @@ def backend_available() -> bool:
 def enabled_probes() -> frozenset[str]:
     """The probes a consumer enables and that are hooked in now."""
 
+def interpreter_probes() -> frozenset[str]:
+    """The probes this interpreter fires itself (built ``--with-dtrace``: gc, import and audit, and
+    function entry and return from 3.15), which this module leaves to it."""
+
 def consumer_probes() -> frozenset[str]:
     """The probes a consumer enables now (their semaphores are raised), hooked in yet or not."""
 
