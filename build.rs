@@ -27,6 +27,7 @@ const PROVIDER_NAME: &str = "python";
 fn main() {
     println!("cargo:rerun-if-changed={PROVIDER_FILE}");
     println!("cargo:rerun-if-changed=build.rs");
+    pyo3_build_config::use_pyo3_cfgs();
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let file = File::from_file(Path::new(PROVIDER_FILE))

@@ -6,6 +6,8 @@
 //! | function-entry                  | sys.monitoring PY_START, PY_RESUME, PY_THROW   |
 //! | function-return                 | sys.monitoring PY_RETURN, PY_YIELD, PY_UNWIND  |
 //! | line                            | sys.monitoring LINE                            |
+//! | instance-new-start, -done       | sys.monitoring CALL, C_RETURN, C_RAISE         |
+//! | instance-delete-start, -done    | our dealloc in every Python class (`instances`) |
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
 //! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
@@ -28,6 +30,7 @@ use pyo3::types::{PyList, PyString};
 
 use crate::callbacks::{self, Hook};
 use crate::error::Error;
+use crate::instances;
 use crate::probes::{self, ProbeSet, PROBE_DTRACE_NAMES};
 
 /// The name our `sys.monitoring` tool id goes by.
@@ -37,7 +40,15 @@ const TOOL_NAME: &str = "pydtrace";
 const TOOL_IDS: [u8; 2] = [4, 3];
 
 /// Probes that `sys.monitoring` serves.
-const CODE_PROBES: ProbeSet = ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN, probes::LINE]);
+const CODE_PROBES: ProbeSet = ProbeSet::of(&[
+    probes::FUNCTION_ENTRY,
+    probes::FUNCTION_RETURN,
+    probes::LINE,
+    probes::INSTANCE_NEW_START,
+    probes::INSTANCE_NEW_DONE,
+]);
+/// Probes that the class deallocation hook serves.
+const DELETE_PROBES: ProbeSet = ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
 /// Probes that the `gc.callbacks` entry serves.
 const GC_PROBES: ProbeSet = ProbeSet::of(&[probes::GC_START, probes::GC_DONE]);
 /// Probes that the `_find_and_load` wrapper serves.
@@ -45,7 +56,11 @@ const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[probes::IMPORT_FIND_LOAD_START, p
 /// The probe the audit hook serves.
 const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
 /// Probes this build can arm.
-pub const ARMABLE: ProbeSet = CODE_PROBES.union(GC_PROBES).union(IMPORT_PROBES).union(AUDIT_PROBES);
+pub const ARMABLE: ProbeSet = CODE_PROBES
+    .union(GC_PROBES)
+    .union(IMPORT_PROBES)
+    .union(AUDIT_PROBES)
+    .union(if instances::DELETE_SUPPORTED { DELETE_PROBES } else { ProbeSet::EMPTY });
 
 /// The probes a `--with-dtrace` interpreter fires itself, once known.
 static INTERPRETER_PROBES: OnceLock<ProbeSet> = OnceLock::new();
@@ -95,6 +110,8 @@ struct MonitoringCallbacks {
     resume: Py<PyAny>,
     leave: Py<PyAny>,
     line: Py<PyAny>,
+    call: Py<PyAny>,
+    call_end: Py<PyAny>,
 }
 
 /// Our tool id and the event numbers of this interpreter.
@@ -113,6 +130,9 @@ struct EventBits {
     py_yield: u32,
     py_unwind: u32,
     line: u32,
+    call: u32,
+    c_return: u32,
+    c_raise: u32,
 }
 
 impl EventBits {
@@ -126,6 +146,9 @@ impl EventBits {
             py_yield: get("PY_YIELD")?,
             py_unwind: get("PY_UNWIND")?,
             line: get("LINE")?,
+            call: get("CALL")?,
+            c_return: get("C_RETURN")?,
+            c_raise: get("C_RAISE")?,
         })
     }
 
@@ -140,6 +163,9 @@ impl EventBits {
         }
         if probes.contains(probes::LINE) {
             events |= self.line;
+        }
+        if probes.contains(probes::INSTANCE_NEW_START) || probes.contains(probes::INSTANCE_NEW_DONE) {
+            events |= self.call | self.c_return | self.c_raise;
         }
         events
     }
@@ -158,6 +184,8 @@ struct State {
     /// Our `_find_and_load` wrapper while it is installed, and the import probes it serves.
     import_wrapper: Option<Py<PyAny>>,
     import_live: ProbeSet,
+    /// The delete probes served while every Python class has our dealloc.
+    delete_live: ProbeSet,
     /// Whether adding the audit hook was tried (it is tried once), and the audit probe served.
     audit_hook_tried: bool,
     audit_live: ProbeSet,
@@ -173,6 +201,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     gc_live: ProbeSet::EMPTY,
     import_wrapper: None,
     import_live: ProbeSet::EMPTY,
+    delete_live: ProbeSet::EMPTY,
     audit_hook_tried: false,
     audit_live: ProbeSet::EMPTY,
     warned_no_tool: false,
@@ -213,6 +242,8 @@ impl State {
                     resume: callable(py, Hook::Resume)?,
                     leave: callable(py, Hook::Leave)?,
                     line: callable(py, Hook::Line)?,
+                    call: callable(py, Hook::Call)?,
+                    call_end: callable(py, Hook::CallEnd)?,
                 },
             };
             let register = monitoring.getattr("register_callback")?;
@@ -224,6 +255,9 @@ impl State {
                 (events.py_yield, &callbacks.leave),
                 (events.py_unwind, &callbacks.leave),
                 (events.line, &callbacks.line),
+                (events.call, &callbacks.call),
+                (events.c_return, &callbacks.call_end),
+                (events.c_raise, &callbacks.call_end),
             ] {
                 register.call1((tool, event, callback))?;
             }
@@ -306,6 +340,14 @@ impl State {
         Ok(())
     }
 
+    /// Puts our dealloc into every Python class while a delete probe is
+    /// wanted, and CPython's back when none is.
+    fn set_delete_hooks(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
+        instances::set_delete_hooks(py, !wanted.is_empty())?;
+        self.delete_live = wanted;
+        Ok(())
+    }
+
     /// Adds the audit hook the first time the audit probe is wanted, and
     /// switches its firing on and off. The hook is proven added by an audit
     /// event of our own: a hook that vetoes `sys.addaudithook` with a
@@ -360,9 +402,15 @@ pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
         .set_code_events(py, wanted)
         .and_then(|()| state.set_gc_callback(py, wanted.intersection(GC_PROBES)))
         .and_then(|()| state.set_import_hook(py, wanted.intersection(IMPORT_PROBES)))
+        .and_then(|()| state.set_delete_hooks(py, wanted.intersection(DELETE_PROBES)))
         .map(|()| state.set_audit_hook(py, wanted.intersection(AUDIT_PROBES)));
     // Publish what is hooked in, also when a step failed part-way.
-    let live = state.code_live.union(state.gc_live).union(state.import_live).union(state.audit_live);
+    let live = state
+        .code_live
+        .union(state.gc_live)
+        .union(state.import_live)
+        .union(state.delete_live)
+        .union(state.audit_live);
     LIVE.store(live.bits(), Ordering::Release);
     result.map(|()| live)
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pyo3::ffi;
 
 use crate::arming;
+use crate::instances;
 use crate::names::{self, CodeNames};
 use crate::probes::{self, fire};
 
@@ -97,6 +98,24 @@ unsafe extern "C" fn on_leave(_: *mut ffi::PyObject, args: FastCallArgs, nargs: 
 unsafe extern "C" fn on_line(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
     if let Some((_, names)) = code_names(args, nargs, probes::LINE) {
         fire::line(names.filename(), names.qualname(), int_arg(args, nargs, 1) as i32);
+    }
+    none()
+}
+
+/// CALL(code, offset, callable, arg0): Python code calls something; for a
+/// Python class, instance-new-start.
+unsafe extern "C" fn on_call(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
+        instances::new_start(class);
+    }
+    none()
+}
+
+/// C_RETURN and C_RAISE(code, offset, callable, arg0): that call returned or
+/// raised, after `__init__`; for a Python class, instance-new-done.
+unsafe extern "C" fn on_call_end(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+    if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
+        instances::new_done(class);
     }
     none()
 }
@@ -230,6 +249,8 @@ static mut ON_RESUME: Callback = Callback::new(c"pydtrace_py_resume", on_resume)
 static mut ON_LEAVE: Callback = Callback::new(c"pydtrace_py_leave", on_leave);
 static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
+static mut ON_CALL: Callback = Callback::new(c"pydtrace_call", on_call);
+static mut ON_CALL_END: Callback = Callback::new(c"pydtrace_call_end", on_call_end);
 static mut NOOP: Callback = Callback::new(c"pydtrace_noop", noop);
 static mut FIND_AND_LOAD: Callback = Callback::with_keywords(c"_find_and_load", on_find_and_load);
 
@@ -244,6 +265,10 @@ pub enum Hook {
     Leave,
     /// LINE.
     Line,
+    /// CALL.
+    Call,
+    /// C_RETURN and C_RAISE.
+    CallEnd,
     /// gc.callbacks.
     Gc,
     /// Nothing: a benchmark's reference callback.
@@ -264,6 +289,8 @@ pub unsafe fn new_callable(hook: Hook, target: *mut ffi::PyObject) -> *mut ffi::
         Hook::Resume => addr_of_mut!(ON_RESUME.def),
         Hook::Leave => addr_of_mut!(ON_LEAVE.def),
         Hook::Line => addr_of_mut!(ON_LINE.def),
+        Hook::Call => addr_of_mut!(ON_CALL.def),
+        Hook::CallEnd => addr_of_mut!(ON_CALL_END.def),
         Hook::Gc => addr_of_mut!(ON_GC.def),
         Hook::Noop => addr_of_mut!(NOOP.def),
         Hook::FindAndLoad => addr_of_mut!(FIND_AND_LOAD.def),

@@ -15,6 +15,7 @@ mod arming;
 mod callbacks;
 mod enablement;
 mod error;
+mod instances;
 mod names;
 mod probes;
 mod watcher;
@@ -52,6 +53,7 @@ mod _native {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         names::init()?;
+        instances::init(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("PROVIDER", probes::PROVIDER)?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
@@ -150,6 +152,12 @@ mod _native {
     #[pyfunction]
     fn watcher_stats() -> (u64, u64) {
         watcher::stats()
+    }
+
+    /// How many classes carry the instance-delete hook now.
+    #[pyfunction]
+    fn hooked_classes(py: Python<'_>) -> PyResult<usize> {
+        instances::patched_count(py)
     }
 
     /// The `sys.monitoring` tool id the probes hold, if any.

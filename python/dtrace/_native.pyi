@@ -49,6 +49,9 @@ def noop_callback() -> object:
 def watcher_stats() -> tuple[int, int]:
     """(times the watcher thread read the semaphores, times it took the GIL) in this process."""
 
+def hooked_classes() -> int:
+    """How many classes carry the instance-delete hook now (0 while no delete probe is live)."""
+
 def monitoring_tool_id() -> int | None:
     """The ``sys.monitoring`` tool id the probes hold, if they have claimed one."""
 

@@ -1,0 +1,515 @@
+//! The instance probes: creation and destruction of instances of Python
+//! classes (heap types made by a `class` statement or by `type()`).
+//!
+//! **Creation** is seen through `sys.monitoring`'s CALL, C_RETURN and
+//! C_RAISE events (armed by `arming` while an instance-new probe is
+//! wanted): when Python code calls a Python class, CALL fires before
+//! `__new__` and C_RETURN or C_RAISE after `__init__` returned or raised.
+//! Instantiations made by C code (`map(Cls, xs)`, `copy`, `pickle`,
+//! `functools.partial`) have no CALL instruction and fire nothing, as the
+//! reference allows. The cost: while these probes are enabled, every call
+//! made by Python code passes through one more native callback.
+//!
+//! **Destruction** needs a hook in deallocation, and the only one per
+//! object is the type's `tp_dealloc` slot. Every Python class has
+//! CPython's `subtype_dealloc` there, which walks the class's bases
+//! comparing their `tp_dealloc` with itself; a wrapper that called it would
+//! stop that walk at the wrapped class. So while a delete probe is enabled,
+//! the slot of each Python class holds [`dealloc`], which does what
+//! `subtype_dealloc` does (3.12 and 3.13, from public and exported
+//! functions) with the probes around the deallocation proper:
+//! finalizers (`__del__`) and weak reference callbacks run first, outside
+//! the pair, and a resurrected object fires nothing; then start, the
+//! clearing of slots and `__dict__` (where a cascade of nested deletions
+//! happens), the base type's dealloc, and done. Classes created while the
+//! probes are armed are patched by a hook on `type.__init__`. Detaching
+//! puts `subtype_dealloc` back into every class.
+//!
+//! Classes with a legacy `tp_del` (none made by Python code) are left alone.
+//! On versions after 3.13 the delete probes stay off until this module has
+//! been checked against that version's `subtype_dealloc`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::names::ProbeString;
+use crate::probes::fire;
+
+/// Whether this interpreter version's deallocation is one [`dealloc`] reproduces.
+pub const DELETE_SUPPORTED: bool = cfg!(not(Py_3_14));
+
+/// CPython's `subtype_dealloc`, read from a class made at initialisation.
+static SUBTYPE_DEALLOC: AtomicUsize = AtomicUsize::new(0);
+/// CPython's `type_init` (`type.__init__`'s slot), read at initialisation.
+static TYPE_INIT: AtomicUsize = AtomicUsize::new(0);
+/// Whether classes are being patched (a delete probe is armed).
+static DELETE_ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Reads the two CPython functions this module needs to recognise. Called
+/// once with the GIL held, at module initialisation.
+pub fn init(py: Python<'_>) -> PyResult<()> {
+    let probe_class = py.get_type::<pyo3::types::PyType>().call1(("_pydtrace_probe_class", (), pyo3::types::PyDict::new(py)))?;
+    // SAFETY: GIL held; both are live type objects.
+    unsafe {
+        let tp = probe_class.as_ptr() as *mut ffi::PyTypeObject;
+        SUBTYPE_DEALLOC.store((*tp).tp_dealloc.map_or(0, |f| f as usize), Ordering::Relaxed);
+        TYPE_INIT.store(ffi::PyType_Type.tp_init.map_or(0, |f| f as usize), Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn subtype_dealloc() -> Option<ffi::destructor> {
+    let address = SUBTYPE_DEALLOC.load(Ordering::Relaxed);
+    // SAFETY: the address was read from a tp_dealloc slot.
+    (address != 0).then(|| unsafe { std::mem::transmute::<usize, ffi::destructor>(address) })
+}
+
+fn type_init() -> Option<ffi::initproc> {
+    let address = TYPE_INIT.load(Ordering::Relaxed);
+    // SAFETY: the address was read from PyType_Type's tp_init slot.
+    (address != 0).then(|| unsafe { std::mem::transmute::<usize, ffi::initproc>(address) })
+}
+
+unsafe fn flags(tp: *mut ffi::PyTypeObject) -> std::os::raw::c_ulong {
+    ffi::PyType_GetFlags(tp)
+}
+
+/// Whether `tp` is a class made by Python code: a heap type whose
+/// deallocation is CPython's `subtype_dealloc` (or ours, while patched).
+///
+/// # Safety
+/// GIL held; `tp` a live type.
+pub unsafe fn is_python_class(tp: *mut ffi::PyTypeObject) -> bool {
+    if flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE == 0 {
+        return false;
+    }
+    let current = (*tp).tp_dealloc.map(|f| f as usize);
+    current == Some(dealloc as ffi::destructor as usize) || current == subtype_dealloc().map(|f| f as usize)
+}
+
+/// Whether deallocation of `tp` passes through [`dealloc`] or `subtype_dealloc`.
+unsafe fn walks_like_subtype(tp: *mut ffi::PyTypeObject) -> bool {
+    let current = (*tp).tp_dealloc.map(|f| f as usize);
+    current == Some(dealloc as ffi::destructor as usize) || (current.is_some() && current == subtype_dealloc().map(|f| f as usize))
+}
+
+// ---------------------------------------------------------------------------
+// Names: (classname, filename) of a class.
+
+/// The file of each class, by type address, with the type's version tag
+/// when it was worked out: a new class at a reused address, or a class
+/// that was modified, has another tag and misses.
+static FILENAMES: Mutex<Option<HashMap<usize, (u32, CString)>>> = Mutex::new(None);
+/// Classes whose file is cached at most; the cache starts over beyond.
+const FILENAME_CACHE_LIMIT: usize = 4096;
+
+/// `__qualname__` and defining file of a class, as the instance probes pass them.
+pub struct ClassNames {
+    qualname: *mut ffi::PyObject,
+    qualname_utf8: ProbeString,
+    filename: CString,
+}
+
+impl ClassNames {
+    /// The names of `tp`. Leaves the error state as it found it: this runs
+    /// inside deallocation, possibly while an exception propagates.
+    ///
+    /// # Safety
+    /// GIL held; `tp` a live Python class.
+    pub unsafe fn of(tp: *mut ffi::PyTypeObject) -> ClassNames {
+        let saved = ffi::PyErr_GetRaisedException();
+        let qualname = ffi::PyType_GetQualName(tp);
+        let qualname_utf8 = if qualname.is_null() {
+            ProbeString::Owned(CString::from(c"<unknown>"))
+        } else {
+            ProbeString::from_str_object(qualname)
+        };
+        let filename = cached_filename(tp);
+        ffi::PyErr_Clear();
+        ffi::PyErr_SetRaisedException(saved);
+        ClassNames { qualname, qualname_utf8, filename }
+    }
+
+    pub fn qualname(&self) -> *const c_char {
+        self.qualname_utf8.as_ptr()
+    }
+
+    pub fn filename(&self) -> *const c_char {
+        self.filename.as_ptr()
+    }
+}
+
+impl Drop for ClassNames {
+    fn drop(&mut self) {
+        if !self.qualname.is_null() {
+            // SAFETY: the GIL is held wherever ClassNames live (probe callbacks, dealloc).
+            unsafe { ffi::Py_DECREF(self.qualname) };
+        }
+    }
+}
+
+/// The file that defines `tp`, from the cache or worked out.
+unsafe fn cached_filename(tp: *mut ffi::PyTypeObject) -> CString {
+    extern "C" {
+        // Not in pyo3-ffi: PyUnstable_Type_AssignVersionTag, 3.12+.
+        fn PyUnstable_Type_AssignVersionTag(tp: *mut ffi::PyTypeObject) -> c_int;
+    }
+    let mut version = (*tp).tp_version_tag;
+    if version == 0 && PyUnstable_Type_AssignVersionTag(tp) != 0 {
+        version = (*tp).tp_version_tag;
+    }
+    let key = tp as usize;
+    // Never contended (the GIL is held); a re-entered call just does not cache.
+    let Ok(mut cache) = FILENAMES.try_lock() else { return class_filename(tp) };
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if version != 0 {
+        if let Some((tag, name)) = cache.get(&key) {
+            if *tag == version {
+                return name.clone();
+            }
+        }
+    }
+    let name = class_filename(tp);
+    if version != 0 {
+        if cache.len() >= FILENAME_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, (version, name.clone()));
+    }
+    name
+}
+
+/// `sys.modules[cls.__module__].__file__`, else the file of a function the
+/// class body defined, else `<unknown>`. Dictionary reads only: no Python
+/// code runs.
+unsafe fn class_filename(tp: *mut ffi::PyTypeObject) -> CString {
+    let as_cstring = |text: *mut ffi::PyObject| -> Option<CString> {
+        if text.is_null() || ffi::PyUnicode_Check(text) == 0 {
+            return None;
+        }
+        let utf8 = ProbeString::from_str_object(text);
+        Some(std::ffi::CStr::from_ptr(utf8.as_ptr()).to_owned())
+    };
+    let dict = (*tp).tp_dict;
+    if dict.is_null() {
+        return CString::from(c"<unknown>");
+    }
+    let module_name = ffi::PyDict_GetItemString(dict, c"__module__".as_ptr());
+    if !module_name.is_null() {
+        let module = ffi::PyDict_GetItem(ffi::PyImport_GetModuleDict(), module_name);
+        if !module.is_null() && ffi::PyModule_Check(module) != 0 {
+            let file = ffi::PyDict_GetItemString(ffi::PyModule_GetDict(module), c"__file__".as_ptr());
+            if let Some(name) = as_cstring(file) {
+                return name;
+            }
+        }
+    }
+    let (mut position, mut key, mut value) = (0, ptr::null_mut(), ptr::null_mut());
+    while ffi::PyDict_Next(dict, &mut position, &mut key, &mut value) != 0 {
+        if ffi::PyFunction_Check(value) != 0 {
+            let code = ffi::PyFunction_GetCode(value);
+            if !code.is_null() {
+                let file = ffi::PyObject_GetAttrString(code, c"co_filename".as_ptr());
+                let name = as_cstring(file);
+                if !file.is_null() {
+                    ffi::Py_DECREF(file);
+                }
+                if let Some(name) = name {
+                    return name;
+                }
+            }
+        }
+    }
+    CString::from(c"<unknown>")
+}
+
+// ---------------------------------------------------------------------------
+// Creation: CALL and C_RETURN / C_RAISE.
+
+/// A CALL event's callable, if it is a Python class.
+///
+/// # Safety
+/// GIL held; `callable` null or alive.
+pub unsafe fn called_class(callable: *mut ffi::PyObject) -> Option<*mut ffi::PyTypeObject> {
+    if callable.is_null() || ffi::PyType_Check(callable) == 0 {
+        return None;
+    }
+    let tp = callable as *mut ffi::PyTypeObject;
+    is_python_class(tp).then_some(tp)
+}
+
+/// CALL of a Python class from Python code: instance-new-start.
+///
+/// # Safety
+/// GIL held; `tp` a live Python class.
+pub unsafe fn new_start(tp: *mut ffi::PyTypeObject) {
+    if DELETE_ARMED.load(Ordering::Relaxed) {
+        patch_class(tp); // a class that slipped past the type.__init__ hook
+    }
+    let names = ClassNames::of(tp);
+    fire::instance_new_start(names.qualname(), names.filename());
+}
+
+/// C_RETURN or C_RAISE of that call: instance-new-done.
+///
+/// # Safety
+/// GIL held; `tp` a live Python class.
+pub unsafe fn new_done(tp: *mut ffi::PyTypeObject) {
+    let names = ClassNames::of(tp);
+    fire::instance_new_done(names.qualname(), names.filename());
+}
+
+// ---------------------------------------------------------------------------
+// Destruction: the dealloc that stands in for subtype_dealloc.
+
+/// Nesting of [`dealloc`] frames on this thread, and the objects whose
+/// deallocation was put off because the nesting got deep (CPython's
+/// "trashcan", which `subtype_dealloc` uses and a different `tp_dealloc`
+/// does not get): they are deallocated when the outermost frame ends, so
+/// that tearing down a long chain of objects cannot overflow the C stack.
+const DEALLOC_NESTING_LIMIT: u32 = 50;
+thread_local! {
+    static NESTING: Cell<u32> = const { Cell::new(0) };
+    static DEFERRED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The nearest base of `tp` whose deallocation is not a subtype's.
+unsafe fn real_base(tp: *mut ffi::PyTypeObject) -> *mut ffi::PyTypeObject {
+    let mut base = tp;
+    while walks_like_subtype(base) {
+        base = (*base).tp_base;
+    }
+    base
+}
+
+/// Clears the `__slots__` of `tp` (not of its bases) in `obj`.
+unsafe fn clear_slots(tp: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
+    let count = ffi::Py_SIZE(tp as *mut ffi::PyObject);
+    let members = (*tp).tp_members;
+    if count <= 0 || members.is_null() {
+        return;
+    }
+    for member in std::slice::from_raw_parts(members, count as usize) {
+        if member.type_code == ffi::Py_T_OBJECT_EX && member.flags & ffi::Py_READONLY == 0 {
+            let slot = (obj as *mut u8).offset(member.offset) as *mut *mut ffi::PyObject;
+            let value = *slot;
+            if !value.is_null() {
+                *slot = ptr::null_mut();
+                ffi::Py_DECREF(value);
+            }
+        }
+    }
+}
+
+/// Clears weak references to `obj` without calling their callbacks (those
+/// made by a finalizer after the callbacks ran).
+unsafe fn clear_weakrefs_without_callbacks(tp: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
+    extern "C" {
+        fn _PyWeakref_ClearRef(weakref: *mut ffi::PyObject);
+    }
+    let list = (obj as *mut u8).offset((*tp).tp_weaklistoffset) as *mut *mut ffi::PyObject;
+    while !(*list).is_null() {
+        _PyWeakref_ClearRef(*list); // unlinks it: *list moves on
+    }
+}
+
+/// Drops `obj`'s instance `__dict__`, managed (inline values or dict) or at
+/// a dict offset the base does not own.
+unsafe fn clear_dict(tp: *mut ffi::PyTypeObject, base: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
+    extern "C" {
+        #[cfg(not(Py_3_13))]
+        fn _PyObject_ClearManagedDict(obj: *mut ffi::PyObject);
+        #[cfg(Py_3_13)]
+        fn PyObject_ClearManagedDict(obj: *mut ffi::PyObject);
+        fn _PyObject_GetDictPtr(obj: *mut ffi::PyObject) -> *mut *mut ffi::PyObject;
+    }
+    if flags(tp) & ffi::Py_TPFLAGS_MANAGED_DICT != 0 {
+        #[cfg(not(Py_3_13))]
+        _PyObject_ClearManagedDict(obj);
+        #[cfg(Py_3_13)]
+        PyObject_ClearManagedDict(obj);
+    } else if (*tp).tp_dictoffset != 0 && (*base).tp_dictoffset == 0 {
+        let dict_slot = _PyObject_GetDictPtr(obj);
+        if !dict_slot.is_null() && !(*dict_slot).is_null() {
+            let dict = *dict_slot;
+            *dict_slot = ptr::null_mut();
+            ffi::Py_DECREF(dict);
+        }
+    }
+}
+
+/// The `tp_dealloc` of every Python class while a delete probe is armed:
+/// CPython's `subtype_dealloc`, with instance-delete-start and -done around
+/// the deallocation proper.
+unsafe extern "C" fn dealloc(obj: *mut ffi::PyObject) {
+    let tp = ffi::Py_TYPE(obj);
+    let is_gc = ffi::PyType_IS_GC(tp) != 0;
+    if is_gc {
+        ffi::PyObject_GC_UnTrack(obj.cast());
+    }
+    if NESTING.get() >= DEALLOC_NESTING_LIMIT {
+        DEFERRED.with_borrow_mut(|deferred| deferred.push(obj as usize));
+        return;
+    }
+    NESTING.set(NESTING.get() + 1);
+    deallocate(obj, tp, is_gc);
+    NESTING.set(NESTING.get() - 1);
+    if NESTING.get() == 0 {
+        while let Some(next) = DEFERRED.with_borrow_mut(Vec::pop) {
+            let next = next as *mut ffi::PyObject;
+            match (*ffi::Py_TYPE(next)).tp_dealloc {
+                Some(type_dealloc) => type_dealloc(next),
+                None => dealloc(next),
+            }
+        }
+    }
+}
+
+/// The body of [`dealloc`], following `subtype_dealloc` step by step.
+unsafe fn deallocate(obj: *mut ffi::PyObject, tp: *mut ffi::PyTypeObject, is_gc: bool) {
+    let base = real_base(tp);
+    let has_finalizer = (*tp).tp_finalize.is_some() || (*tp).tp_del.is_some();
+    // Finalizer (__del__) first, outside the pair; a resurrected object fires nothing.
+    if let Some(_finalize) = (*tp).tp_finalize {
+        if is_gc {
+            ffi::PyObject_GC_Track(obj.cast());
+        }
+        if ffi::PyObject_CallFinalizerFromDealloc(obj) < 0 {
+            return;
+        }
+        if is_gc {
+            ffi::PyObject_GC_UnTrack(obj.cast());
+        }
+    }
+    let weakrefs_here = (*tp).tp_weaklistoffset != 0 && (*base).tp_weaklistoffset == 0;
+    if is_gc && weakrefs_here {
+        ffi::PyObject_ClearWeakRefs(obj);
+    }
+    let names = ClassNames::of(tp);
+    fire::instance_delete_start(names.qualname(), names.filename());
+    if is_gc {
+        if has_finalizer && weakrefs_here {
+            clear_weakrefs_without_callbacks(tp, obj);
+        }
+        let mut class = tp;
+        while walks_like_subtype(class) {
+            clear_slots(class, obj);
+            class = (*class).tp_base;
+        }
+        clear_dict(tp, base, obj);
+        if ffi::PyType_IS_GC(base) != 0 {
+            ffi::PyObject_GC_Track(obj.cast());
+        }
+    }
+    // The type may go with the object: decide before, decref after.
+    let tp = ffi::Py_TYPE(obj);
+    let type_needs_decref = flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE != 0 && flags(base) & ffi::Py_TPFLAGS_HEAPTYPE == 0;
+    if let Some(base_dealloc) = (*base).tp_dealloc {
+        base_dealloc(obj);
+    }
+    fire::instance_delete_done(names.qualname(), names.filename());
+    drop(names);
+    if type_needs_decref {
+        ffi::Py_DECREF(tp.cast());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Patching classes.
+
+/// Puts [`dealloc`] into `tp` if it is a Python class that deallocates
+/// through `subtype_dealloc` and has no legacy `tp_del`.
+unsafe fn patch_class(tp: *mut ffi::PyTypeObject) {
+    let subtype = subtype_dealloc().map(|f| f as usize);
+    if flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE != 0
+        && subtype.is_some()
+        && (*tp).tp_dealloc.map(|f| f as usize) == subtype
+        && (*tp).tp_del.is_none()
+    {
+        (*tp).tp_dealloc = Some(dealloc);
+    }
+}
+
+/// Puts `subtype_dealloc` back into `tp` if it has ours.
+unsafe fn unpatch_class(tp: *mut ffi::PyTypeObject) {
+    if (*tp).tp_dealloc.map(|f| f as usize) == Some(dealloc as ffi::destructor as usize) {
+        (*tp).tp_dealloc = subtype_dealloc();
+    }
+}
+
+/// `type.__init__` while delete probes are armed: patches each new class.
+unsafe extern "C" fn type_init_hook(cls: *mut ffi::PyObject, args: *mut ffi::PyObject, kwds: *mut ffi::PyObject) -> c_int {
+    let Some(original) = type_init() else { return 0 };
+    let result = original(cls, args, kwds);
+    if result == 0 && DELETE_ARMED.load(Ordering::Relaxed) && ffi::PyType_Check(cls) != 0 {
+        patch_class(cls as *mut ffi::PyTypeObject);
+    }
+    result
+}
+
+/// Every class: `object` and its subclasses, transitively.
+fn all_classes(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyAny>>> {
+    let mut found = Vec::new();
+    let mut pending = vec![py.get_type::<pyo3::types::PyAny>().into_any()];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(class) = pending.pop() {
+        if !seen.insert(class.as_ptr() as usize) {
+            continue;
+        }
+        // type.__subclasses__ works for metaclasses too (called unbound).
+        let subclasses = py.get_type::<pyo3::types::PyType>().getattr("__subclasses__")?.call1((&class,))?;
+        for subclass in subclasses.try_iter()? {
+            pending.push(subclass?);
+        }
+        found.push(class);
+    }
+    Ok(found)
+}
+
+/// How many classes have our dealloc now (for tests: 0 after detach).
+pub fn patched_count(py: Python<'_>) -> PyResult<usize> {
+    let ours = Some(dealloc as ffi::destructor as usize);
+    Ok(all_classes(py)?
+        .iter()
+        // SAFETY: GIL held; live type objects.
+        .filter(|class| unsafe { (*(class.as_ptr() as *mut ffi::PyTypeObject)).tp_dealloc.map(|f| f as usize) == ours })
+        .count())
+}
+
+/// Patches (`on`) or restores every class and metatype.
+pub fn set_delete_hooks(py: Python<'_>, on: bool) -> PyResult<()> {
+    if on == DELETE_ARMED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let original_init = type_init().map(|f| f as usize);
+    DELETE_ARMED.store(on, Ordering::Relaxed);
+    for class in all_classes(py)? {
+        let tp = class.as_ptr() as *mut ffi::PyTypeObject;
+        // SAFETY: GIL held; `class` is a live type object.
+        unsafe {
+            if on {
+                patch_class(tp);
+            } else {
+                unpatch_class(tp);
+            }
+            // Metatypes that took type_init (or our hook) from `type`.
+            if ffi::PyType_IsSubtype(tp, &raw mut ffi::PyType_Type) != 0 {
+                let current = (*tp).tp_init.map(|f| f as usize);
+                if on && current == original_init {
+                    (*tp).tp_init = Some(type_init_hook);
+                } else if !on && current == Some(type_init_hook as ffi::initproc as usize) {
+                    (*tp).tp_init = type_init();
+                }
+            }
+        }
+    }
+    Ok(())
+}
