@@ -251,7 +251,7 @@ pub unsafe fn called_class(callable: *mut ffi::PyObject) -> Option<*mut ffi::PyT
 /// # Safety
 /// GIL held; `tp` a live Python class.
 pub unsafe fn new_start(tp: *mut ffi::PyTypeObject) {
-    if DELETE_ARMED.load(Ordering::Relaxed) {
+    if DELETE_ARMED.load(Ordering::Relaxed) && in_main_interpreter() {
         patch_class(tp); // a class that slipped past the type.__init__ hook
     }
     let names = ClassNames::of(tp);
@@ -445,11 +445,17 @@ unsafe fn unpatch_class(tp: *mut ffi::PyTypeObject) {
     }
 }
 
+/// Whether the calling thread runs the main interpreter: `type` is shared
+/// by all interpreters, but only the main one's classes are ever restored.
+unsafe fn in_main_interpreter() -> bool {
+    ffi::PyInterpreterState_Get() == ffi::PyInterpreterState_Main()
+}
+
 /// `type.__init__` while delete probes are armed: patches each new class.
 unsafe extern "C" fn type_init_hook(cls: *mut ffi::PyObject, args: *mut ffi::PyObject, kwds: *mut ffi::PyObject) -> c_int {
     let Some(original) = type_init() else { return 0 };
     let result = original(cls, args, kwds);
-    if result == 0 && DELETE_ARMED.load(Ordering::Relaxed) && ffi::PyType_Check(cls) != 0 {
+    if result == 0 && DELETE_ARMED.load(Ordering::Relaxed) && ffi::PyType_Check(cls) != 0 && in_main_interpreter() {
         patch_class(cls as *mut ffi::PyTypeObject);
     }
     result

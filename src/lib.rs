@@ -154,6 +154,12 @@ mod _native {
         watcher::stats()
     }
 
+    /// How many code objects carry a name-cache entry now.
+    #[pyfunction]
+    fn name_cache_entries() -> isize {
+        names::live_entries()
+    }
+
     /// How many classes carry the instance-delete hook now.
     #[pyfunction]
     fn hooked_classes(py: Python<'_>) -> PyResult<usize> {

@@ -27,6 +27,13 @@ use pyo3::ffi;
 
 /// Index of our slot in every code object's extra array; -1 until requested.
 static EXTRA_INDEX: AtomicIsize = AtomicIsize::new(-1);
+/// Cache entries alive now: one per code object that fired a probe and lives.
+static LIVE_ENTRIES: AtomicIsize = AtomicIsize::new(0);
+
+/// How many code objects carry a cache entry now.
+pub fn live_entries() -> isize {
+    LIVE_ENTRIES.load(Ordering::Relaxed)
+}
 
 /// Asks the interpreter for a code-extra slot. Called once, with the GIL,
 /// when the module is initialised.
@@ -256,6 +263,7 @@ pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
         drop(Box::from_raw(names));
         return None;
     }
+    LIVE_ENTRIES.fetch_add(1, Ordering::Relaxed);
     Some(&*names)
 }
 
@@ -263,5 +271,6 @@ pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
 unsafe extern "C" fn free_code_names(extra: *mut c_void) {
     if !extra.is_null() {
         drop(Box::from_raw(extra as *mut CodeNames));
+        LIVE_ENTRIES.fetch_sub(1, Ordering::Relaxed);
     }
 }

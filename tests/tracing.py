@@ -91,6 +91,18 @@ class _Lines:
             self.seen.append(line)
         return line
 
+    def available(self) -> list[str]:
+        """The lines read so far, without waiting for more."""
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return self.seen
+            if line is None:
+                self._queue.put(None)
+                return self.seen
+            self.seen.append(line)
+
     def rest(self, timeout: float = STEP_TIMEOUT) -> list[str]:
         """Every remaining line, up to end of stream."""
         lines = []
@@ -103,36 +115,48 @@ DRIVER = '''\
 import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+
 def send(tag, data):
     print(tag, json.dumps(data), flush=True)
 
-import dtrace
-send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
-import workload
-if sys.stdin.readline().strip() != "go":
-    sys.exit(2)
-if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
-    send("ERROR", {"live": sorted(dtrace.enabled_probes()), "consumer": sorted(dtrace._native.consumer_probes())})
-    sys.exit(3)
-send("LIVE", sorted(dtrace.enabled_probes()))
-result = {}
-workload.run(result)
-send("RESULT", result)
-if sys.stdin.readline().strip() != "detached":
-    sys.exit(2)
-deadline = time.monotonic() + TIMEOUT
-while dtrace.enabled_probes() and time.monotonic() < deadline:
-    time.sleep(0.005)
-import gc
-tool = dtrace._native.monitoring_tool_id()
-send("IDLE", {
-    "enabled": sorted(dtrace.enabled_probes()),
-    "events": [sys.monitoring.get_events(i) for i in range(6)],
-    "tool": tool,
-    "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
-    "find_and_load": type(sys.modules["_frozen_importlib"]._find_and_load).__name__,
-    "hooked_classes": dtrace._native.hooked_classes(),
-})
+
+def main():
+    import dtrace
+    if FORK_FIRST:  # the traced process is a forked child of the one started
+        child = os.fork()
+        if child:
+            _, status = os.waitpid(child, 0)
+            sys.exit(os.waitstatus_to_exitcode(status))
+    send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
+    import workload
+    if sys.stdin.readline().strip() != "go":
+        sys.exit(2)
+    if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
+        send("ERROR", {"live": sorted(dtrace.enabled_probes()), "consumer": sorted(dtrace._native.consumer_probes())})
+        sys.exit(3)
+    send("LIVE", sorted(dtrace.enabled_probes()))
+    result = {}
+    workload.run(result)
+    send("RESULT", result)
+    if sys.stdin.readline().strip() != "detached":
+        sys.exit(2)
+    deadline = time.monotonic() + TIMEOUT
+    while dtrace.enabled_probes() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    import gc
+    tool = dtrace._native.monitoring_tool_id()
+    send("IDLE", {
+        "enabled": sorted(dtrace.enabled_probes()),
+        "events": [sys.monitoring.get_events(i) for i in range(6)],
+        "tool": tool,
+        "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
+        "find_and_load": type(sys.modules["_frozen_importlib"]._find_and_load).__name__,
+        "hooked_classes": dtrace._native.hooked_classes(),
+    })
+
+
+if __name__ == "__main__":  # not when a multiprocessing child imports this file
+    main()
 '''
 
 
@@ -145,6 +169,7 @@ class Workload:
     directory: Path
     env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable
+    fork_first: bool = False
     pid: int = 0
     library: str = ""
     live: list[str] = field(default_factory=list)
@@ -165,7 +190,9 @@ class Workload:
     def start(self) -> None:
         self.path.write_text(textwrap.dedent(self.body))
         driver = self.directory / "driver.py"
-        driver.write_text(f"PROBES = {self.probes!r}\nTIMEOUT = {STEP_TIMEOUT!r}\n" + DRIVER)
+        driver.write_text(
+            f"PROBES = {self.probes!r}\nTIMEOUT = {STEP_TIMEOUT!r}\nFORK_FIRST = {self.fork_first!r}\n" + DRIVER
+        )
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **self.env}
         self.process = subprocess.Popen(
             [self.python, str(driver)],
@@ -185,9 +212,8 @@ class Workload:
         line = self.stdout.next()
         if line is None or not line.startswith(tag + " "):
             self.process.kill()
-            raise AssertionError(
-                f"expected {tag} from the workload, got {line!r}; stderr: {self.stderr.rest(5)}"
-            )
+            self.process.wait()
+            raise AssertionError(f"expected {tag} from the workload, got {line!r}; stderr: {self.stderr.available()}")
         return json.loads(line[len(tag) + 1 :])
 
     def _say(self, word: str) -> None:
@@ -318,10 +344,10 @@ class TraceRun:
 
 
 def trace(body: str, program: str, probes: list[str], directory: Path, env: dict[str, str] | None = None,
-          tracer_env: dict[str, str] | None = None) -> TraceRun:
+          tracer_env: dict[str, str] | None = None, fork_first: bool = False) -> TraceRun:
     """Run ``body`` under ``program``, with the full two-sided handshake, and detach."""
     require_tracer()
-    workload = Workload(body, probes, directory, env=env or {})
+    workload = Workload(body, probes, directory, env=env or {}, fork_first=fork_first)
     workload.start()
     tracer = Bpftrace(program, workload.pid, workload.library, env=tracer_env or {})
     try:

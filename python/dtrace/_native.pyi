@@ -49,6 +49,9 @@ def noop_callback() -> object:
 def watcher_stats() -> tuple[int, int]:
     """(times the watcher thread read the semaphores, times it took the GIL) in this process."""
 
+def name_cache_entries() -> int:
+    """How many code objects carry a name-cache entry now (entries go with their code objects)."""
+
 def hooked_classes() -> int:
     """How many classes carry the instance-delete hook now (0 while no delete probe is live)."""
 
