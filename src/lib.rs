@@ -154,6 +154,17 @@ mod _native {
         watcher::stats()
     }
 
+    /// Reports an internal error of probe `name` as a callback would (for
+    /// tests): the probe is switched off with one RuntimeWarning.
+    #[pyfunction]
+    fn report_internal_error(name: &str, what: &str) -> PyResult<()> {
+        let set = ProbeSet::from_names(&[name])?;
+        for index in set.indices() {
+            arming::report_internal_error(index, what);
+        }
+        Ok(())
+    }
+
     /// How many code objects carry a name-cache entry now.
     #[pyfunction]
     fn name_cache_entries() -> isize {

@@ -193,3 +193,39 @@ def test_exit_with_the_watcher_running_is_clean():
     )
     assert result.returncode == 7
     assert result.stderr == ""
+
+
+def test_an_internal_error_switches_the_probe_off_and_warns_once():
+    result = run_python(
+        """
+        import time, warnings
+        import dtrace
+        assert dtrace.wait_for_consumer("line", timeout=10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dtrace._native.report_internal_error("line", "test failure")
+            dtrace._native.report_internal_error("line", "test failure again")
+        print(len(caught), caught[0].category.__name__, caught[0].message)
+        deadline = time.monotonic() + 10
+        while "line" in dtrace.enabled_probes() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert dtrace.enabled_probes() == frozenset(), dtrace.enabled_probes()
+        """,
+        PYDTRACE_FORCE="line",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1 RuntimeWarning pydtrace: probe line switched off: test failure"
+
+
+def test_an_internal_error_under_warnings_as_errors_is_printed_not_raised():
+    result = run_python(
+        """
+        import dtrace
+        dtrace._native.report_internal_error("gc-start", "test failure")
+        print("still running")
+        """,
+        PYTHONWARNINGS="error",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "still running"
+    assert "pydtrace: probe gc-start switched off: test failure" in result.stderr

@@ -387,3 +387,39 @@ def test_sub_interpreters_get_available_false_and_do_not_crash():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "True"]
+
+
+def test_the_child_of_a_traced_parent_goes_idle_by_itself(workload_dir):
+    # DECISIONS.md, 8: the child inherits the parent's raised semaphores until its first
+    # probe hit, when the kernel drops them; then it must switch its hooks off.
+    body = """
+        import json, os, time, dtrace
+
+        def f(x):
+            return x
+
+        def run(result):
+            read_end, write_end = os.pipe()
+            child = os.fork()
+            if child == 0:
+                os.close(read_end)
+                inherited = sorted(dtrace.enabled_probes())
+                deadline = time.monotonic() + 20
+                while dtrace.enabled_probes() and time.monotonic() < deadline:
+                    for i in range(100):
+                        f(i)
+                    time.sleep(0.005)
+                os.write(write_end, json.dumps({"inherited": inherited, "idle": not dtrace.enabled_probes()}).encode())
+                os._exit(0)
+            os.close(write_end)
+            with os.fdopen(read_end) as pipe:
+                result.update(json.loads(pipe.read()))
+            os.waitpid(child, 0)
+            for i in range(10):
+                f(i)
+    """
+    run = trace(body, balance_program(workload_dir), ENTRY_RETURN, workload_dir)
+    assert run.result["inherited"] == ["function-entry", "function-return"]
+    assert run.result["idle"] is True
+    # The consumer traced the parent only: its own ten calls (and none of the child's).
+    assert run.count("entry", "f") == run.count("ret", "f") == 10

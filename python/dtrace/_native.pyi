@@ -49,6 +49,10 @@ def noop_callback() -> object:
 def watcher_stats() -> tuple[int, int]:
     """(times the watcher thread read the semaphores, times it took the GIL) in this process."""
 
+def report_internal_error(name: str, what: str) -> None:
+    """Report an internal error of probe ``name`` as the callbacks do (for tests): the probe is
+    switched off until the next arming, with one RuntimeWarning."""
+
 def name_cache_entries() -> int:
     """How many code objects carry a name-cache entry now (entries go with their code objects)."""
 
