@@ -42,6 +42,10 @@ fn main() {
         .expect("write provider.rs");
 
     let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if env::var_os("CARGO_FEATURE_USDT_BACKEND").is_some() {
+        build_usdt(&out_dir);
+        return;
+    }
     match target_os.as_str() {
         "linux" => {
             let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
@@ -221,7 +225,7 @@ pub fn {fn_name}({params}) {{
 }
 
 /// On the DTrace platforms, the usdt crate's builder emits the probe macros.
-#[cfg(any(target_os = "macos", target_os = "illumos"))]
+#[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
 fn build_usdt(out_dir: &Path) {
     usdt::Builder::new(PROVIDER_FILE)
         .out_file(out_dir.join("usdt_probes.rs"))
@@ -229,7 +233,7 @@ fn build_usdt(out_dir: &Path) {
         .expect("usdt could not compile provider/pydtrace.d");
 }
 
-#[cfg(not(any(target_os = "macos", target_os = "illumos")))]
+#[cfg(not(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
 fn build_usdt(_out_dir: &Path) {
     panic!("building for a DTrace platform needs the usdt build dependency of that host");
 }

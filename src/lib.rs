@@ -52,6 +52,7 @@ mod _native {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        probes::register();
         names::init()?;
         instances::init(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -65,7 +66,7 @@ mod _native {
     /// Whether this build has a probe mechanism (Linux SDT, or DTrace).
     #[pyfunction]
     fn backend_available() -> bool {
-        probes::BACKEND_AVAILABLE
+        probes::backend_available()
     }
 
     /// The probes that a consumer enables and that are hooked in now.
@@ -121,7 +122,7 @@ mod _native {
     #[pyo3(signature = (force=Vec::new()))]
     fn arm(force: Vec<String>) -> PyResult<()> {
         let forced = ProbeSet::from_names(&force)?;
-        if probes::BACKEND_AVAILABLE {
+        if probes::backend_available() {
             watcher::start(forced)?;
         }
         Ok(())

@@ -9,23 +9,41 @@
 
 include!(concat!(env!("OUT_DIR"), "/provider.rs"));
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(feature = "usdt-backend")))]
 pub mod stapsdt;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(feature = "usdt-backend")))]
 pub use stapsdt::fire;
 
-#[cfg(any(target_os = "macos", target_os = "illumos"))]
+#[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
 pub mod usdt_backend;
-#[cfg(any(target_os = "macos", target_os = "illumos"))]
+#[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
 pub use usdt_backend::fire;
 
-#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos")))]
+#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
 pub mod no_backend;
-#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos")))]
+#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
 pub use no_backend::fire;
 
 /// Whether this build has a probe mechanism at all.
-pub const BACKEND_AVAILABLE: bool = cfg!(any(target_os = "linux", target_os = "macos", target_os = "illumos"));
+const BACKEND_BUILT: bool = cfg!(any(target_os = "linux", target_os = "macos", target_os = "illumos"));
+
+/// Set when registering the probes with the kernel failed (DTrace platforms).
+static REGISTRATION_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the probes visible to consumers: on illumos the usdt crate hands
+/// them to the kernel now; elsewhere there is nothing to do. A failure
+/// leaves the module importable with `available` False.
+pub fn register() {
+    #[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
+    if usdt_backend::register().is_err() {
+        REGISTRATION_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether probes can work here: a probe mechanism, and the probes registered with it.
+pub fn backend_available() -> bool {
+    BACKEND_BUILT && !REGISTRATION_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// A set of probes, by their index in the provider file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
