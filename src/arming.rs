@@ -101,7 +101,8 @@ pub fn live() -> ProbeSet {
 
 /// The `sys.monitoring` tool id the probes hold, if they claimed one.
 pub fn tool_id() -> Option<u8> {
-    STATE.lock().unwrap_or_else(|p| p.into_inner()).monitoring.as_ref().map(|m| m.tool)
+    // try_lock: an audit hook that arming's own calls trigger may ask from inside arming.
+    STATE.try_lock().ok()?.monitoring.as_ref().map(|m| m.tool)
 }
 
 /// The `sys.monitoring` callables, made once.
@@ -229,10 +230,17 @@ extern "C" {
 }
 
 impl State {
-    /// Claims a tool id and registers the callbacks, once.
+    /// Claims a tool id and registers the callbacks, once, and again if
+    /// another tool freed or took our id meanwhile.
     fn monitoring(&mut self, py: Python<'_>) -> Result<&Monitoring, Error> {
+        let monitoring = py.import("sys")?.getattr("monitoring")?;
+        if let Some(current) = &self.monitoring {
+            if !holds_tool_id(&monitoring, current.tool)? {
+                self.monitoring = None;
+                self.code_events = 0;
+            }
+        }
         if self.monitoring.is_none() {
-            let monitoring = py.import("sys")?.getattr("monitoring")?;
             let tool = claim_tool_id(&monitoring)?;
             let events = EventBits::read(&monitoring.getattr("events")?)?;
             let callbacks = match self.callbacks.take() {
@@ -373,15 +381,20 @@ impl State {
     }
 }
 
+/// Whether tool id `id` goes by our name.
+fn holds_tool_id(monitoring: &Bound<'_, PyAny>, id: u8) -> PyResult<bool> {
+    let holder = monitoring.call_method1("get_tool", (id,))?;
+    Ok(holder.cast::<PyString>().is_ok_and(|name| name.to_str().is_ok_and(|n| n == TOOL_NAME)))
+}
+
 /// Takes the first free tool id of [`TOOL_IDS`] (or the one already ours).
 fn claim_tool_id(monitoring: &Bound<'_, PyAny>) -> Result<u8, Error> {
     for id in TOOL_IDS {
-        let holder = monitoring.call_method1("get_tool", (id,))?;
-        if holder.is_none() {
-            monitoring.call_method1("use_tool_id", (id, TOOL_NAME))?;
+        if holds_tool_id(monitoring, id)? {
             return Ok(id);
         }
-        if holder.cast::<PyString>().is_ok_and(|name| name.to_str().is_ok_and(|n| n == TOOL_NAME)) {
+        if monitoring.call_method1("get_tool", (id,))?.is_none() {
+            monitoring.call_method1("use_tool_id", (id, TOOL_NAME))?;
             return Ok(id);
         }
     }

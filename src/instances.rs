@@ -31,11 +31,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -107,7 +107,7 @@ unsafe fn walks_like_subtype(tp: *mut ffi::PyTypeObject) -> bool {
 /// The file of each class, by type address, with the type's version tag
 /// when it was worked out: a new class at a reused address, or a class
 /// that was modified, has another tag and misses.
-static FILENAMES: Mutex<Option<HashMap<usize, (u32, CString)>>> = Mutex::new(None);
+static FILENAMES: Mutex<Option<HashMap<usize, (u32, Arc<CStr>)>>> = Mutex::new(None);
 /// Classes whose file is cached at most; the cache starts over beyond.
 const FILENAME_CACHE_LIMIT: usize = 4096;
 
@@ -115,7 +115,7 @@ const FILENAME_CACHE_LIMIT: usize = 4096;
 pub struct ClassNames {
     qualname: *mut ffi::PyObject,
     qualname_utf8: ProbeString,
-    filename: CString,
+    filename: Arc<CStr>,
 }
 
 impl ClassNames {
@@ -157,7 +157,7 @@ impl Drop for ClassNames {
 }
 
 /// The file that defines `tp`, from the cache or worked out.
-unsafe fn cached_filename(tp: *mut ffi::PyTypeObject) -> CString {
+unsafe fn cached_filename(tp: *mut ffi::PyTypeObject) -> Arc<CStr> {
     extern "C" {
         // Not in pyo3-ffi: PyUnstable_Type_AssignVersionTag, 3.12+.
         fn PyUnstable_Type_AssignVersionTag(tp: *mut ffi::PyTypeObject) -> c_int;
@@ -168,21 +168,21 @@ unsafe fn cached_filename(tp: *mut ffi::PyTypeObject) -> CString {
     }
     let key = tp as usize;
     // Never contended (the GIL is held); a re-entered call just does not cache.
-    let Ok(mut cache) = FILENAMES.try_lock() else { return class_filename(tp) };
+    let Ok(mut cache) = FILENAMES.try_lock() else { return class_filename(tp).into() };
     let cache = cache.get_or_insert_with(HashMap::new);
     if version != 0 {
         if let Some((tag, name)) = cache.get(&key) {
             if *tag == version {
-                return name.clone();
+                return Arc::clone(name);
             }
         }
     }
-    let name = class_filename(tp);
+    let name: Arc<CStr> = class_filename(tp).into();
     if version != 0 {
         if cache.len() >= FILENAME_CACHE_LIMIT {
             cache.clear();
         }
-        cache.insert(key, (version, name.clone()));
+        cache.insert(key, (version, Arc::clone(&name)));
     }
     name
 }
@@ -196,7 +196,7 @@ unsafe fn class_filename(tp: *mut ffi::PyTypeObject) -> CString {
             return None;
         }
         let utf8 = ProbeString::from_str_object(text);
-        Some(std::ffi::CStr::from_ptr(utf8.as_ptr()).to_owned())
+        Some(CStr::from_ptr(utf8.as_ptr()).to_owned())
     };
     let dict = (*tp).tp_dict;
     if dict.is_null() {

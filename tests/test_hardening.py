@@ -341,6 +341,9 @@ def test_attach_detach_churn_while_the_workload_runs():
                 print(json.dumps({"idle": not dtrace.enabled_probes(),
                                   "events": sys.monitoring.get_events(tool) if tool is not None else 0,
                                   "gc": [getattr(c, "__name__", "") for c in gc.callbacks]}), flush=True)
+            elif command == "sabotage":  # another tool frees our id between two consumers
+                sys.monitoring.free_tool_id(dtrace._native.monitoring_tool_id())
+                print(json.dumps({"freed": sys.monitoring.get_tool(4) is None}), flush=True)
             elif command == "quit":
                 break
         stop.set()
@@ -357,7 +360,7 @@ def test_attach_detach_churn_while_the_workload_runs():
         return json.loads(process.stdout.readline())
 
     try:
-        for _ in range(12):
+        for round_number in range(12):
             tracer = Bpftrace("usdt:{lib}:python:function__entry { @e = count(); } usdt:{lib}:python:gc__start { @g = count(); }",
                               int(pid), library)
             tracer.start()
@@ -365,6 +368,8 @@ def test_attach_detach_churn_while_the_workload_runs():
             tracer.stop()
             assert tracer.maps.get("@e", 0) > 0
             assert say("detached") == {"idle": True, "events": 0, "gc": []}
+            if round_number == 5:
+                assert say("sabotage") == {"freed": True}
         process.stdin.write("quit\n")
         process.stdin.close()
         assert process.wait(STEP_TIMEOUT) == 0, process.stderr.read()
