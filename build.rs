@@ -78,7 +78,6 @@ fn provider_table(probes: &[Probe]) -> String {
     let _ = writeln!(out, "];\n");
     for (index, probe) in probes.iter().enumerate() {
         let _ = writeln!(out, "/// Index of probe `{}`.", probe.name);
-        let _ = writeln!(out, "#[allow(dead_code)]");
         let _ = writeln!(out, "pub const {}: usize = {index};", probe.name.replace("__", "_").to_uppercase());
     }
     out

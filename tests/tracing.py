@@ -301,11 +301,25 @@ class Bpftrace:
             if event.get("type") == "printf" and event.get("data") == "READY\n":
                 return
 
+    def _diagnosis(self) -> str:
+        """Where a bpftrace that does not answer is stuck, from /proc."""
+        facts = []
+        for name in ("wchan", "stat", "stack"):
+            try:
+                facts.append(f"{name}: {Path(f'/proc/{self.process.pid}/{name}').read_text().strip()}")
+            except OSError as error:
+                facts.append(f"{name}: {error}")
+        return "; ".join(facts) + f"; stderr: {self.stderr.available()}"
+
     def stop(self) -> dict[str, Any]:
         """Detach (SIGINT) and return the maps bpftrace printed, by name."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-        for line in self.stdout.rest():
+        try:
+            lines = self.stdout.rest()
+        except TimeoutError as error:
+            raise AssertionError(f"bpftrace did not end after SIGINT: {error}; {self._diagnosis()}") from None
+        for line in lines:
             if not line.strip():
                 continue
             event = parse_json_line(line)
@@ -361,3 +375,81 @@ def trace(body: str, program: str, probes: list[str], directory: Path, env: dict
         tracer.kill()
         workload.kill()
     return TraceRun(workload, tracer)
+
+
+# --- The tools (python -m dtrace TOOL), for tests/test_tools.py -------------------------------
+
+
+def tool_command(*args: str) -> list[str]:
+    """``python -m dtrace ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "dtrace", *args]
+
+
+def run_tool(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+             timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``python -m dtrace ARGS`` to its end (a tool with ``-c``, ``--script``, an error)."""
+    return subprocess.run(tool_command(*args), capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@dataclass
+class ToolRun:
+    """``python -m dtrace ARGS -p PID``: attached once it printed its "Tracing ..." line (the
+    program's BEGIN, after every probe is attached); stopped with SIGINT, as Ctrl-C would."""
+
+    args: list[str]
+    pid: int
+    stdout: str = ""
+    stderr: str = ""
+    code: int | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            tool_command(*self.args, "-p", str(self.pid)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out = _Lines(self.process.stdout, "the tool")
+        self.err = _Lines(self.process.stderr, "the tool's stderr")
+        while True:
+            line = self.err.next()
+            if line is None:
+                raise AssertionError(f"the tool ended before attaching: {self.err.seen}; {self.out.rest(5)}")
+            if line.startswith("Tracing "):
+                return
+
+    def stop(self) -> None:
+        """Ctrl-C: the tool prints what it gathered and exits."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        self.stdout = "\n".join(self.out.rest()) + "\n"
+        self.err.rest()  # every line ends up in self.err.seen
+        self.stderr = "\n".join(self.err.seen)
+        self.code = self.process.wait(STEP_TIMEOUT)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Path,
+                    env: dict[str, str] | None = None) -> tuple[Workload, ToolRun]:
+    """Run ``body`` under ``python -m dtrace ARGS -p PID``, with the full two-sided handshake:
+    the workload runs once the tool's program is attached and ``probes`` are live in it."""
+    require_tracer()
+    workload = Workload(body, probes, directory, env=env or {})
+    workload.start()
+    tool = ToolRun(args, workload.pid)
+    try:
+        tool.start()
+        workload.go()
+        workload.wait_result()
+        tool.stop()
+        code = workload.finish()
+        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
+    finally:
+        tool.kill()
+        workload.kill()
+    return workload, tool

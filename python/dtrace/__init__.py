@@ -67,7 +67,9 @@ def wait_for_consumer(*names: str, timeout: float | None = None) -> bool:
 
     With no names, waits until any probe is live. Returns True once they
     are, False when ``timeout`` seconds pass first, and False at once when the
-    probes are not armed (``PYDTRACE=0``, or ``available`` is False). Names
+    probes are not armed (``PYDTRACE=0``, or ``available`` is False) or a named
+    probe is one this module never arms here (one the interpreter fires
+    itself, see ``dtrace._native.interpreter_probes()``). Names
     may be spelt ``"gc-start"`` or ``"gc__start"``; an unknown name raises
     ValueError. The GIL is released while waiting, and Ctrl-C interrupts it.
 

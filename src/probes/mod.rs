@@ -88,12 +88,6 @@ impl ProbeSet {
         self.0 & (1 << index) != 0
     }
 
-    /// Whether the two sets share a probe.
-    #[allow(dead_code)]
-    pub const fn intersects(self, other: ProbeSet) -> bool {
-        self.0 & other.0 != 0
-    }
-
     /// Whether the set holds every probe of `other`.
     pub const fn is_superset(self, other: ProbeSet) -> bool {
         self.0 & other.0 == other.0
