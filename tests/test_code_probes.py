@@ -60,7 +60,7 @@ def test_recursion_gives_exact_entries_and_returns(workload_dir):
 
 def test_generators_coroutines_and_exceptions_balance(workload_dir):
     body = """
-        import asyncio
+        import asyncio, gc
 
         def numbers(n):
             for i in range(n):
@@ -105,6 +105,7 @@ def test_generators_coroutines_and_exceptions_balance(workload_dir):
             g.close()
             result["main"] = asyncio.run(main())
             result["agen"] = asyncio.run(consume())
+            gc.collect()  # finalize any leftover frame now, while the consumer counts, not while it prints
     """
     run = trace(body, program(ENTRY_RETURN, workload_dir), ["function-entry", "function-return"], workload_dir)
     w = run.workload

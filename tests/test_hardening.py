@@ -82,7 +82,7 @@ def test_multiprocessing_fork_and_spawn_work_beside_the_probes(workload_dir):
 
 def test_deep_recursion_and_thrown_exceptions_stay_balanced(workload_dir):
     body = """
-        import asyncio, sys
+        import asyncio, gc, sys
 
         def dive(n):
             return dive(n + 1)
@@ -125,6 +125,7 @@ def test_deep_recursion_and_thrown_exceptions_stay_balanced(workload_dir):
                 dive(390)
             except RecursionError:
                 pass
+            gc.collect()  # finalize any leftover frame now, while the consumer counts, not while it prints
     """
     run = trace(body, balance_program(workload_dir), ENTRY_RETURN, workload_dir)
     assert run.result == {"recursion": 3, "cancel": "cancelled"}
