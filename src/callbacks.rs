@@ -182,6 +182,9 @@ unsafe extern "C" fn on_find_and_load(
 
 /// Whether `sys.modules[name]` is a module (not missing, not None).
 unsafe fn is_loaded(name: *mut ffi::PyObject) -> bool {
+    if crate::names::interpreter_finalizing() {
+        return false; // sys.modules may be gone, and asking for it then is a fatal error
+    }
     let modules = ffi::PyImport_GetModuleDict(); // borrowed
     if modules.is_null() || ffi::PyDict_Check(modules) == 0 {
         return false;

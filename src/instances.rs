@@ -203,7 +203,9 @@ unsafe fn class_filename(tp: *mut ffi::PyTypeObject) -> CString {
         return CString::from(c"<unknown>");
     }
     let module_name = ffi::PyDict_GetItemString(dict, c"__module__".as_ptr());
-    if !module_name.is_null() {
+    // A finalizing interpreter may have no sys.modules any more (and asking
+    // for it then is a fatal error): classes freed that late fall back.
+    if !module_name.is_null() && !crate::names::interpreter_finalizing() {
         let module = ffi::PyDict_GetItem(ffi::PyImport_GetModuleDict(), module_name);
         if !module.is_null() && ffi::PyModule_Check(module) != 0 {
             let file = ffi::PyDict_GetItemString(ffi::PyModule_GetDict(module), c"__file__".as_ptr());

@@ -53,6 +53,17 @@ pub fn init() -> Result<(), crate::error::Error> {
     Ok(())
 }
 
+/// Whether the interpreter is finalizing: then `sys.modules` may be gone,
+/// and asking for it is a fatal error.
+pub fn interpreter_finalizing() -> bool {
+    extern "C" {
+        #[cfg_attr(not(Py_3_13), link_name = "_Py_IsFinalizing")]
+        fn Py_IsFinalizing() -> std::os::raw::c_int;
+    }
+    // SAFETY: reads a flag of the runtime; callable from any thread.
+    unsafe { Py_IsFinalizing() != 0 }
+}
+
 /// A NUL-terminated UTF-8 string as a probe passes it.
 pub enum ProbeString {
     /// The UTF-8 buffer CPython keeps inside a `str` that the code object owns.

@@ -280,7 +280,7 @@ def test_exit_with_a_consumer_attached_and_threads_running_is_clean(how):
         import dtrace
         print(os.getpid(), dtrace.library_path(), flush=True)
         sys.stdin.readline()
-        assert dtrace.wait_for_consumer("function-entry", "function-return", timeout=30)
+        assert dtrace.wait_for_consumer(*dtrace.probe_names(), timeout=30)
         def spin(stop_after):
             deadline = time.monotonic() + stop_after
             while time.monotonic() < deadline:
@@ -295,8 +295,10 @@ def test_exit_with_a_consumer_attached_and_threads_running_is_clean(how):
     process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     pid, library = process.stdout.readline().split()
-    tracer = Bpftrace("usdt:{lib}:python:function__entry { @e = count(); } usdt:{lib}:python:function__return { @r = count(); }",
-                      int(pid), library)
+    # Every probe attached while the interpreter shuts down: class deallocation, imports,
+    # audit events and collections all go on during finalization.
+    tracer = Bpftrace("\n".join(f"usdt:{{lib}}:python:{name.replace('-', '__')} {{ @{name.replace('-', '_')} = count(); }}"
+                                for name in dtrace_probe_names()), int(pid), library)
     try:
         tracer.start()
         process.stdin.write("go\n")
@@ -310,7 +312,13 @@ def test_exit_with_a_consumer_attached_and_threads_running_is_clean(how):
             process.kill()
     assert code == (3 if how == "sys.exit" else 0), stderr
     assert "Fatal" not in stderr and "Traceback" not in stderr, stderr
-    assert tracer.maps.get("@e", 0) > 0
+    assert tracer.maps.get("@function_entry", 0) > 0
+    assert tracer.maps.get("@instance_delete_start", 0) == tracer.maps.get("@instance_delete_done", 0) > 0
+
+
+def dtrace_probe_names() -> tuple[str, ...]:
+    import dtrace
+    return dtrace.probe_names()
 
 
 def test_attach_detach_churn_while_the_workload_runs():

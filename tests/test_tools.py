@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ARMABLE = dtrace._native.ARMABLE_PROBES
 INSTANCES_NEW = "instance-new-start" in ARMABLE
 INSTANCES_DELETE = {"instance-delete-start", "instance-delete-done"} <= ARMABLE
-NOT_FIRED_YET = "this build of pydtrace-rs does not fire the instance probes yet"
+NOT_ARMABLE = "the instance probes are not armed on this Python version (see README)"
 
 
 def write(directory: Path, body: str, name: str = "workload.py") -> Path:
@@ -38,7 +38,9 @@ def traced_command(directory: Path, *args: str, body: str) -> subprocess.Complet
     script = write(directory, body)
     done = run_tool(*args, "-c", f"{sys.executable} {script}", cwd=directory)
     assert done.returncode == 0, done.stderr
+    # Neither the tool nor the traced command failed (the tool reports the command's status).
     assert "Traceback" not in done.stderr, done.stderr
+    assert "the command exited with status" not in done.stderr, done.stderr
     return done
 
 
@@ -170,6 +172,27 @@ def test_calls_latency_through_c_and_p(workload_dir):
     assert not countdown.group(2).startswith("0 "), tool.stdout
 
 
+def test_calls_intervals_through_p_end_with_the_duration(workload_dir):
+    # The workload calls tick() until the tool has detached (its probes are off again).
+    body = """
+        import dtrace
+
+        def tick():
+            pass
+
+        def run(result):
+            while dtrace.enabled_probes():
+                tick()
+    """
+    workload, tool = trace_with_tool(body, ["calls", "-i", "1", "-d", "2"], ["function-entry"], workload_dir)
+    assert tool.code == 0, tool.stderr
+    blocks = re.split(r"^\d\d:\d\d:\d\d$", tool.stdout, flags=re.M)
+    assert len(blocks) == 3 and not blocks[0].strip(), tool.stdout  # two intervals, nothing after
+    assert "at exit" not in tool.stdout
+    for block in blocks[1:]:
+        assert int(rows(block, 1, "tick")[0][0]) > 0, block
+
+
 # --- flow ---------------------------------------------------------------------------------------
 
 NESTED = """
@@ -272,7 +295,7 @@ def test_gc_through_c_and_p_sees_the_forced_collections(workload_dir):
     workload, tool = trace_with_tool(COLLECT, ["gc"], ["gc-start", "gc-done"], workload_dir)
     assert int(rows(tool.stdout, 0, "2")[0][1]) >= 5, tool.stdout
     histogram = tool.stdout.split("pause (us), generation 2:")[1]
-    assert sum(int(m) for m in re.findall(r"^\s+\[[^]]+[)\]]\s+(\d+) \|", histogram, re.M)) >= 5
+    assert sum(int(m) for m in re.findall(r"^ +\[[^\n]*?[)\]] +(\d+) \|", histogram, re.M)) >= 5
 
 
 # --- objnew and objdel --------------------------------------------------------------------------
@@ -287,7 +310,7 @@ WIDGETS = """
 """
 
 
-@pytest.mark.xfail(not INSTANCES_NEW, reason=NOT_FIRED_YET, run=False)
+@pytest.mark.skipif(not INSTANCES_NEW, reason=NOT_ARMABLE)
 def test_objnew_through_c_and_p_counts_the_instances_of_a_class(workload_dir):
     done = traced_command(workload_dir, "objnew", "-n", "0", body=as_script(WIDGETS))
     assert rows(done.stdout, 1, "Widget")[0][0] == "123", done.stdout
@@ -313,11 +336,15 @@ def deletions(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-@pytest.mark.xfail(not INSTANCES_DELETE, reason=NOT_FIRED_YET, run=False)
-def test_objdel_through_c_and_p_counts_a_cascade_as_one(workload_dir):
+@pytest.mark.skipif(not INSTANCES_DELETE, reason=NOT_ARMABLE)
+def test_objdel_through_c_counts_a_cascade_as_one(workload_dir):
     done = traced_command(workload_dir, "objdel", body=as_script(TREES))
     cascades, instances = deletions(done.stdout)
     assert cascades >= 40 and instances >= 160  # the interpreter deletes more at exit
+
+
+@pytest.mark.skipif(not INSTANCES_DELETE, reason=NOT_ARMABLE)
+def test_objdel_through_p_counts_a_cascade_as_one(workload_dir):
     workload, tool = trace_with_tool(TREES, ["objdel"], ["instance-delete-start", "instance-delete-done"],
                                      workload_dir)
     assert deletions(tool.stdout) == (40, 160), tool.stdout
@@ -326,7 +353,7 @@ def test_objdel_through_c_and_p_counts_a_cascade_as_one(workload_dir):
 
 def test_objnew_and_objdel_report_formatting():
     """The report of each, from the maps bpftrace prints (JSON), without a tracer."""
-    from dtrace.tools.runner import Bpftrace
+    from dtrace.tools.tracers import Bpftrace
 
     def maps(tool, *lines):
         result = {}
@@ -380,8 +407,8 @@ SOCKETS = """
 
     def run(result):
         fetch_all()
-        ping()
-        ping()
+        for _ in range(2):
+            ping()
 """
 
 
@@ -435,7 +462,9 @@ def test_flame_through_p_folds_the_stacks_entered_after_attaching(workload_dir):
     f = f"({workload.path})"
     stacks = dict(line.rsplit(" ", 1) for line in tool.stdout.splitlines())
     assert f"run {f};outer {f};outer.<locals>.<genexpr> {f};inner {f};leaf {f}" in stacks, stacks
-    assert all(key.startswith(f"run {f}") for key in stacks), stacks
+    # The driver's <module> frame was entered before the tool attached: no stack starts there.
+    assert [key for key in stacks if "leaf" in key] == [f"run {f};outer {f};outer.<locals>.<genexpr> {f};inner {f};leaf {f}"]
+    assert not [key for key in stacks if key.startswith("<module>")], stacks
 
 
 # --- list ---------------------------------------------------------------------------------------
@@ -561,7 +590,7 @@ def test_ctrl_c_during_c_prints_what_was_gathered(workload_dir):
         print("ticked", flush=True)
         time.sleep(60)
     """)
-    tool = subprocess.Popen([sys.executable, "-m", "dtrace", "calls", "-c", f"{sys.executable} {script}"],
+    tool = subprocess.Popen([sys.executable, "-m", "dtrace", "calls", "-n", "0", "-c", f"{sys.executable} {script}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert tool.stdout.readline() == "ticked\n"  # the command's own output comes first
@@ -571,4 +600,4 @@ def test_ctrl_c_during_c_prints_what_was_gathered(workload_dir):
         if tool.poll() is None:
             tool.kill()
     assert tool.returncode == 0, err
-    assert rows(out, 1, "tick")[0][0] == "7", out
+    assert rows(out, 1, "tick")[0][0] == "7", (out, err)

@@ -1,0 +1,26 @@
+"""Ready-made tracing tools on the probes: ``python -m dtrace TOOL`` (or ``pydtrace TOOL``).
+
+Each tool is a bpftrace program (Linux) or D program (macOS, illumos) under
+``dtrace/scripts/``, and a module here that starts it and prints its report:
+
+- ``runner``: the target (``-p PID``, or ``-c COMMAND`` held at start-up until
+  the tracer is attached), and the tracer's process and its output.
+- ``tracers``: bpftrace and DTrace: finding them, their command lines, their
+  output as events; ``ToolError``, the errors a user can act on.
+- ``base``: what tools share: the script and its variants, the run.
+- one module per tool; ``report``: tables and histograms; ``flamegraph``: SVG;
+  ``elfnotes``: the probes of an object and their semaphores.
+"""
+
+from dtrace.tools.calls import Calls
+from dtrace.tools.flame import Flame
+from dtrace.tools.flow import Flow
+from dtrace.tools.gc import GC
+from dtrace.tools.lines import Lines
+from dtrace.tools.listing import List
+from dtrace.tools.objdel import ObjDel
+from dtrace.tools.objnew import ObjNew
+from dtrace.tools.where import Where
+
+#: Every tool, by name, in the order of the help.
+TOOLS = {tool.name: tool for tool in (List(), Calls(), Flow(), Lines(), GC(), ObjNew(), ObjDel(), Where(), Flame())}

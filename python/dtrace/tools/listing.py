@@ -1,0 +1,142 @@
+"""``list``: the probes of a process, which are enabled right now, and the probe object's path."""
+
+from __future__ import annotations
+
+import sys
+
+from dtrace.tools import elfnotes, report, runner, tracers
+from dtrace.tools.base import Tool
+from dtrace.tools.tracers import ToolError
+
+#: The arguments of each probe, from the provider's contract (provider/pydtrace.d).
+ARGUMENTS = {
+    "function__entry": "char *filename, char *funcname, int lineno",
+    "function__return": "char *filename, char *funcname, int lineno",
+    "line": "char *filename, char *funcname, int lineno",
+    "gc__start": "int generation",
+    "gc__done": "long collected",
+    "instance__new__start": "char *classname, char *filename",
+    "instance__new__done": "char *classname, char *filename",
+    "instance__delete__start": "char *classname, char *filename",
+    "instance__delete__done": "char *classname, char *filename",
+    "import__find__load__start": "char *modulename",
+    "import__find__load__done": "char *modulename, int found",
+    "audit": "char *event, void *args",
+}
+
+
+class List(Tool):
+    name = "list"
+    summary = "the probes of a process, which are enabled now, and the probe object's path"
+    description = (
+        "List the probes of provider python in a process (-p), in a command started for it (-c), or, "
+        "with neither, in the probe object this Python would load: their arguments, whether a consumer "
+        "enables them right now (its semaphore is raised), which object fires them (pydtrace-rs, or an "
+        "interpreter built --with-dtrace that fires some itself), and the probe object's path, which "
+        "scripts of your own can name: usdt:PATH:python:function__entry. Needs no tracer; reading "
+        "whether probes are enabled needs the rights to read the process's memory (root or its owner)."
+    )
+    examples = """\
+examples:
+  python -m dtrace list                          the installed probe object and its probes
+  python -m dtrace list -p 4711                  the probes of a process, enabled or not
+  python -m dtrace list -c "python3 app.py"      start a command, list, and let it run untraced
+"""
+    intervals = False
+
+    def run(self, args, out=sys.stdout) -> int:
+        if args.script:
+            out.write("# list runs no tracer program; it reads the probe object's SDT notes.\n"
+                      "# The same with bpftrace (PATH: the probe object):\n"
+                      "bpftrace -l 'usdt:PATH:python:*'\n")
+            return 0
+        if not sys.platform.startswith("linux"):
+            return self.run_dtrace(args, out)
+        if args.command:
+            target = runner.start(args.command, args.startup_timeout)
+            try:
+                self.show(target.pid, target.library, out)
+            finally:
+                target.abandon()  # the command runs on untraced
+            code = target.process.wait()
+            if code:
+                runner.warn(f"the command exited with status {code}")
+            return 0
+        if args.pid is not None:
+            target = runner.attach(args.pid)
+            self.show(target.pid, target.library, out)
+            return 0
+        import dtrace
+
+        if dtrace.library_path() is None:
+            raise ToolError(f"the probe object cannot be loaded here: {dtrace.unavailable_reason}")
+        self.show(None, dtrace.library_path(), out)
+        return 0
+
+    def show(self, pid: int | None, library: str | None, out) -> None:
+        if library is None:
+            raise ToolError(f"process {pid} reported no probe object")
+        ours = elfnotes.read(library)
+        if ours is None:
+            raise ToolError(f"{library} has no SDT probes")
+        interpreter: dict[str, str] = {}
+        if pid is not None:
+            for path in elfnotes.mapped_objects(pid):
+                if path == library:
+                    continue
+                obj = elfnotes.read(path)
+                for probe in obj.probes if obj else []:
+                    if probe.provider == "python":
+                        interpreter.setdefault(probe.name, path)
+        enabled = elfnotes.semaphores(pid, ours) if pid is not None else None
+        if pid is not None:
+            out.write(f"{runner.Target(pid, library).describe()}\n")
+            armed = runner.watcher_running(pid)
+            out.write("probes armed: " + {True: "yes (its watcher thread runs)",
+                                          False: "no (PYDTRACE=0?): nothing fires",
+                                          None: "unknown"}[armed] + "\n")
+        out.write(f"probe object: {library}\n\n")
+        rows = []
+        order = list(ARGUMENTS)
+        for probe in sorted(ours.probes, key=lambda p: order.index(p.name) if p.name in order else len(order)):
+            if probe.provider != "python":
+                continue
+            if enabled is None:
+                state = "-"
+            else:
+                count = enabled.get(probe.name, 0)
+                state = f"yes ({count})" if count else "no"
+            source = f"interpreter ({interpreter[probe.name]})" if probe.name in interpreter else "pydtrace-rs"
+            rows.append([probe.name, ARGUMENTS.get(probe.name, probe.arguments), state, source])
+        headers = ["PROBE", "ARGUMENTS", "ENABLED", "FIRED BY"]
+        if pid is None:
+            rows = [row[:2] for row in rows]
+            headers = headers[:2]
+        report.table(out, headers, rows, left=headers)
+        if pid is not None and enabled is None:
+            out.write("\n(whether probes are enabled needs the rights to read the process's memory: run with sudo)\n")
+        elif pid is not None:
+            out.write("\nENABLED: whether a consumer enables the probe now, and how many.\n")
+        if interpreter:
+            out.write("FIRED BY interpreter: this Python was built --with-dtrace and fires the probe itself; "
+                      "pydtrace-rs does not fire it a second time.\n")
+        out.write(f"\nusdt:{library}:python:PROBE names a probe in bpftrace; with -p PID, usdt::python:PROBE.\n")
+
+    def run_dtrace(self, args, out) -> int:
+        """macOS and illumos (UNTESTED): DTrace lists the probes of a process itself."""
+        tracer = tracers.DTrace()
+        if args.pid is None and not args.command:
+            raise ToolError("on this platform, list needs -p PID or -c COMMAND")
+        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        import subprocess
+
+        try:
+            listing = subprocess.run([tracer.executable(), "-l", "-p", str(target.pid), "-n", "python$target:::"],
+                                     capture_output=True, text=True)
+        finally:
+            target.abandon()
+        out.write(listing.stdout)
+        if listing.returncode:
+            raise ToolError(f"dtrace -l failed: {listing.stderr.strip()}")
+        out.write("(DTrace cannot show here which probes a consumer enables)\n")
+        return 0

@@ -1,0 +1,247 @@
+"""The tracers: bpftrace (Linux) and DTrace (macOS, illumos). How to find one, run a program with
+it, and read its output as the same events for both."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+
+class ToolError(Exception):
+    """A problem the user can act on: printed as ``pydtrace: MESSAGE``, exit code 1."""
+
+
+@dataclass
+class Event:
+    """One thing the tracer printed, the same for both tracers.
+
+    kind: ``printf`` (text), ``map`` (name, data: {key tuple: value}), ``time``
+    (text: the end of an interval), ``lost`` (count), ``map_full`` (count),
+    ``helper_error`` (text).
+    """
+
+    kind: str
+    name: str = ""
+    data: Any = None
+
+
+class Tracer:
+    """A tracer program: how to find it, run a script with it, and read its output."""
+
+    name = ""
+    dialect = ""  # script file suffix: "bt" or "d"
+    install_hint = ""
+
+    def executable(self) -> str:
+        path = shutil.which(self.name)
+        if path is None:
+            raise ToolError(f"{self.name} is not installed. {self.install_hint}")
+        return path
+
+    def check_privileges(self) -> None:
+        if os.geteuid() != 0:
+            command = shlex.join([sys.executable, "-m", "dtrace", *sys.argv[1:]])
+            raise ToolError(
+                f"Permission denied: {self.name} needs root to attach probes. Run:\n    sudo {command}"
+            )
+
+    def argv(self, program: str, pid: int, arguments: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self, strlen: int, max_keys: int, streaming: bool) -> dict[str, str]:
+        return dict(os.environ)
+
+    def events(self, line: str, keys: dict[str, int], hists: frozenset[str]) -> Iterator[Event]:
+        """The events in one line of the tracer's output; ``keys`` gives each map's key arity."""
+        raise NotImplementedError
+
+
+def _has_capabilities(*bits: int) -> bool:
+    """Whether this process has all the effective capabilities ``bits`` (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    effective = int(line.split()[1], 16)
+                    return all(effective >> bit & 1 for bit in bits)
+    except OSError:
+        pass
+    return False
+
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+#: bpftrace 0.17's JSON writes a byte >= 0x80 as \uffffffXX (a sign-extended char).
+_HIGH_BYTE = re.compile(r"\\uffffff([0-9a-f]{2})")
+_E2BIG = -7  # a map update failed: the map is full
+
+
+class Bpftrace(Tracer):
+    name = "bpftrace"
+    dialect = "bt"
+    install_hint = (
+        "Install it: sudo apt-get install bpftrace (Debian, Ubuntu), sudo dnf install bpftrace "
+        "(Fedora), sudo pacman -S bpftrace (Arch); see https://github.com/bpftrace/bpftrace"
+    )
+
+    def check_privileges(self) -> None:
+        if os.geteuid() == 0 or _has_capabilities(CAP_SYS_ADMIN) or _has_capabilities(CAP_BPF, CAP_PERFMON):
+            return
+        super().check_privileges()
+
+    def argv(self, program: str, pid: int, arguments: list[str]) -> list[str]:
+        # -k reports failed map updates (a full map) as helper_error events.
+        return [self.executable(), "-f", "json", "-k", "-p", str(pid), "-e", program, *arguments]
+
+    def environment(self, strlen: int, max_keys: int, streaming: bool) -> dict[str, str]:
+        env = dict(os.environ)
+        env["BPFTRACE_STRLEN"] = str(strlen)
+        env["BPFTRACE_MAP_KEYS_MAX"] = str(max_keys)
+        if streaming:
+            env.setdefault("BPFTRACE_PERF_RB_PAGES", "1024")  # 4 MiB per CPU between bursts and the reader
+        return env
+
+    def events(self, line: str, keys: dict[str, int], hists: frozenset[str]) -> Iterator[Event]:
+        if not line.strip():
+            return
+        high = "\\uffffff" in line
+        if high:
+            line = _HIGH_BYTE.sub(r"\\u00\1", line)
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            yield Event("printf", data=line + "\n")
+            return
+        kind, data = event.get("type"), event.get("data")
+        if high:
+            data = _fix_bytes(data)
+        if kind == "printf":
+            yield Event("printf", data=data)
+        elif kind in ("map", "hist", "stats"):
+            for name, value in data.items():
+                yield Event("map", name, _split_keys(value, keys.get(name, 1), kind))
+        elif kind == "time":
+            yield Event("time", data=data.strip())
+        elif kind == "lost_events":
+            yield Event("lost", data=data.get("events", 0))
+        elif kind == "helper_error":
+            if event.get("helper") == "map_update_elem" and event.get("retcode") == _E2BIG:
+                yield Event("map_full", data=1)
+            else:
+                yield Event("helper_error", data=f"{event.get('helper')} returned {event.get('retcode')}")
+
+
+def _fix_bytes(value: Any) -> Any:
+    """Strings with bytes >= 0x80 (see _HIGH_BYTE) as UTF-8 text."""
+    if isinstance(value, str):
+        try:
+            return value.encode("latin-1").decode("utf-8", errors="replace")
+        except UnicodeEncodeError:
+            return value
+    if isinstance(value, dict):
+        return {_fix_bytes(k): _fix_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_bytes(v) for v in value]
+    return value
+
+
+def _split_keys(value: Any, arity: int, kind: str) -> dict[tuple[str, ...], Any]:
+    """A map's entries by key tuple. bpftrace joins a key's parts with commas; every part
+    but the first is free of commas in our maps (function names, numbers), so the split
+    is from the right."""
+    if kind == "hist" and isinstance(value, list) or not isinstance(value, dict):
+        return {(): value}
+    if kind == "stats" and set(value) >= {"count", "total"}:
+        return {(): value}
+    return {tuple(key.rsplit(",", arity - 1)) if arity > 1 else (key,): v for key, v in value.items()}
+
+
+class DTrace(Tracer):
+    """DTrace on macOS and illumos. UNTESTED: written to the same contract as the bpftrace path."""
+
+    name = "dtrace"
+    dialect = "d"
+    install_hint = (
+        "DTrace comes with macOS (/usr/sbin/dtrace; System Integrity Protection must allow it: "
+        "csrutil enable --without dtrace) and illumos. On Linux, use --tracer bpftrace."
+    )
+
+    def executable(self) -> str:
+        if sys.platform.startswith("linux"):
+            raise ToolError(
+                "DTrace is the tracer of macOS and illumos; on Linux the tools use bpftrace "
+                "(--tracer bpftrace)"
+            )
+        return super().executable()
+
+    def argv(self, program: str, pid: int, arguments: list[str]) -> list[str]:
+        # dtrace -s reads a file; -n takes one probe description, so the program goes by file.
+        path = _program_file(program, ".d")
+        return [self.executable(), "-q", "-C", "-p", str(pid), "-s", path, *arguments]
+
+    def __init__(self) -> None:
+        self._hist: tuple[str, tuple[str, ...]] | None = None
+        self._rows: list[tuple[int, int]] = []
+
+    def events(self, line: str, keys: dict[str, int], hists: frozenset[str]) -> Iterator[Event]:
+        # Our .d scripts print a map entry as "@name<TAB>key...<TAB>value", a histogram as a
+        # line "@name<TAB>key..." and DTrace's quantize table, and "@time<TAB>..." at the end
+        # of an interval; everything else is the program's printf output.
+        if self._hist is not None:
+            row = re.match(r"^\s*(-?\d+) \|[@ ]*\s+(\d+)$", line)
+            if row:
+                self._rows.append((int(row.group(1)), int(row.group(2))))
+                return
+            if not line.strip() or "Distribution" in line:
+                return
+            yield from self._flush_hist()
+        if line.startswith("@time\t"):
+            yield Event("time", data=line.split("\t", 1)[1].strip())
+        elif line.startswith("@") and line.split("\t", 1)[0] in keys:
+            name, *parts = line.split("\t")
+            if name in hists:
+                self._hist = (name, tuple(p for p in parts if p))
+            else:
+                value = parts[-1].strip()
+                yield Event("map", name, {tuple(parts[:-1]): int(value) if re.fullmatch(r"-?\d+", value) else value})
+        else:
+            yield Event("printf", data=line + "\n")
+
+    def _flush_hist(self) -> Iterator[Event]:
+        if self._hist is None:
+            return
+        name, key = self._hist
+        buckets = [
+            {"min": low, "max": (self._rows[i + 1][0] - 1) if i + 1 < len(self._rows) else low, "count": count}
+            for i, (low, count) in enumerate(self._rows)
+            if count
+        ]
+        self._hist, self._rows = None, []
+        yield Event("map", name, {key: buckets})
+
+    def finish(self) -> Iterator[Event]:
+        yield from self._flush_hist()
+
+
+def _program_file(program: str, suffix: str) -> str:
+    """A temporary file with ``program``, removed at exit."""
+    fd, path = tempfile.mkstemp(prefix="pydtrace-", suffix=suffix)
+    with os.fdopen(fd, "w") as f:
+        f.write(program)
+    atexit.register(os.unlink, path)
+    return path
+
+
+def choose_tracer(name: str | None) -> Tracer:
+    """The tracer named, or the platform's: bpftrace on Linux, dtrace on macOS and illumos."""
+    if name is None:
+        name = "bpftrace" if sys.platform.startswith("linux") else "dtrace"
+    return {"bpftrace": Bpftrace, "dtrace": DTrace}[name]()

@@ -1,0 +1,138 @@
+"""``where FUNC``: the Python stacks that lead to a native function, counted."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from dtrace.tools import report
+from dtrace.tools.base import Tool, cut_note
+from dtrace.tools.tracers import ToolError
+
+#: The bundled scripts' native probe and how they name it.
+SCRIPT_PROBE = {"bt": "uprobe:libc:connect", "d": "pid$target::connect:entry"}
+PROBE_TYPES = ("uprobe:", "uretprobe:", "usdt:", "kprobe:", "kretprobe:", "kfunc:", "kretfunc:", "tracepoint:",
+               "rawtracepoint:", "pid", "syscall:", "fbt:")
+#: The most frames the scripts print per stack.
+MAX_FRAMES = 100
+
+
+def native_probe(function: str, dialect: str) -> str:
+    """FUNC as the dialect's probe: ``connect`` (in libc), ``LIBRARY:FUNCTION``, or a probe as is."""
+    if not re.fullmatch(r"[\w$.:/+@*-]+", function):
+        raise ToolError(f"not a function or probe: {function!r}")
+    if function.startswith(PROBE_TYPES):
+        return function
+    if ":" in function:
+        library, name = function.rsplit(":", 1)
+        return f"uprobe:{library}:{name}" if dialect == "bt" else f"pid$target:{library}:{name}:entry"
+    return f"uprobe:libc:{function}" if dialect == "bt" else f"pid$target::{function}:entry"
+
+
+class Where(Tool):
+    name = "where"
+    script = "where"
+    strlen = 200
+    intervals = False
+    summary = "Python stacks that lead to a native function (e.g. connect), counted"
+    description = (
+        "Count the Python stacks (file:line function, innermost first) from which a native "
+        "function is called: FUNC in libc (connect, open, write, ...), LIBRARY:FUNCTION for another "
+        "library, or a whole tracer probe (uprobe:..., kprobe:..., tracepoint:...). bpftrace has no "
+        "Python stack walker, so the program keeps each thread's Python stack from the entry, return "
+        "and line probes, and prints it when FUNC is called. Frames entered before tracing began (-p) "
+        "are missing from the bottom."
+    )
+    examples = """\
+examples:
+  python -m dtrace where connect -c "python3 app.py"   who opens the connections
+  python -m dtrace where connect -p 4711
+  python -m dtrace where write -p 4711 -d 10           who writes, for 10 seconds
+  python -m dtrace where /usr/lib/x86_64-linux-gnu/libssl.so.3:SSL_write -p 4711
+  python -m dtrace where kprobe:tcp_sendmsg -p 4711    a kernel function, from the process's threads
+"""
+
+    def add_arguments(self, parser):
+        parser.add_argument("function", metavar="FUNC",
+                            help="a libc function (connect), LIBRARY:FUNCTION, or a tracer probe")
+        parser.add_argument("--no-lines", action="store_true",
+                            help="do not follow lines (cheaper): frames show the line they were entered at")
+        parser.add_argument("-n", "--top", type=int, default=10, metavar="N",
+                            help="show the N most frequent stacks; 0 for all (default: %(default)s)")
+
+    def sections(self, args):
+        return set() if args.no_lines else {"lines"}
+
+    def customize(self, program, args, dialect):
+        probe = native_probe(args.function, dialect)
+        self.what = args.function if ":" in args.function else f"{args.function}()"
+        program = program.replace(SCRIPT_PROBE[dialect], probe)
+        return program.replace("that call connect()", f"that call {self.what}")
+
+    def arguments(self, target):
+        return [str(target.pid)]
+
+    def start(self, args, target, out):
+        self.stacks: dict[tuple[str, str], dict] = {}
+        self.order: list[tuple[str, str]] = []
+
+    def on_printf(self, text, out):
+        words = text.rstrip("\n").split(" ", 5)
+        if len(words) < 4:
+            return
+        kind, tid, call = words[0], words[1], words[2]
+        key = (tid, call)
+        if kind == "stack":
+            self.stacks[key] = {"depth": int(words[3]), "frames": {}, "funcs": {}}
+            self.order.append(key)
+        elif kind == "frame" and key in self.stacks and len(words) == 6:
+            self.stacks[key]["frames"][int(words[3])] = (words[5], words[4])
+        elif kind == "func" and key in self.stacks:
+            self.stacks[key]["funcs"][int(words[3])] = text.rstrip("\n").split(" ", 4)[4]
+
+    def report(self, maps, args, out, label, session):
+        counted: Counter[tuple] = Counter()
+        incomplete = 0
+        names = []
+        for key in self.order:
+            stack = self.stacks[key]
+            shown = min(stack["depth"], MAX_FRAMES)
+            if any(i not in stack["frames"] or i not in stack["funcs"] for i in range(shown)):
+                incomplete += 1
+                continue
+            frames = tuple((stack["frames"][i][0], stack["frames"][i][1], stack["funcs"][i]) for i in range(shown))
+            names += [part for frame in frames for part in (frame[0], frame[2])]
+            counted[(frames, stack["depth"] - shown)] += 1
+        total = sum(counted.values())
+        if not total:
+            out.write(f"{self.what} was not called from Python\n" if not incomplete else "")
+        else:
+            out.write(f"{self.what}: {total} calls from {len(counted)} Python stacks, innermost frame first\n")
+            shown_stacks, hidden = report.top(counted.most_common(), args.top)
+            for (frames, more), count in shown_stacks:
+                out.write(f"\n{count:>7}  ")
+                if not frames:
+                    out.write("(no Python frame entered since tracing began)\n")
+                    continue
+                places = [f"{report.path(report.name(file, self.strlen))}:{line}" for file, line, _ in frames]
+                width = max(len(place) for place in places)
+                lines = [f"{place.ljust(width)}  {report.name(func, self.strlen)}"
+                         for place, (_, _, func) in zip(places, frames)]
+                out.write(("\n" + " " * 9).join(lines) + "\n")
+                if more:
+                    out.write(" " * 9 + f"... {more} more frames\n")
+            if hidden:
+                out.write(f"\n{hidden} less frequent stacks not shown (-n 0 shows all)\n")
+            callers: Counter[tuple] = Counter()
+            for (frames, _), count in counted.items():
+                callers[frames[0] if frames else ("", "", "(no Python frame entered since tracing began)")] += count
+            out.write("\nby innermost Python function:\n")
+            report.table(out, ["CALLS", "FUNCTION", "LINE"], [
+                [count, func, f"{report.path(file)}:{line}" if file else ""]
+                for (file, line, func), count in callers.most_common()
+            ], left=["FUNCTION", "LINE"])
+        if incomplete:
+            out.write(f"{incomplete} stacks were incomplete (events lost) and are not counted\n")
+        note = cut_note(names, self.strlen)
+        if note:
+            out.write(note + "\n")
