@@ -357,23 +357,31 @@ class TraceRun:
         return value if key is None else value.get(key, 0)
 
 
+def handshake(workload: Workload, consumer_for) -> Any:
+    """The two-sided handshake every traced test runs: start the workload, attach the consumer
+    that ``consumer_for(workload)`` makes (it returns once its BEGIN ran), let the workload run
+    once its probes are live, detach, and check that the workload went idle and exited cleanly."""
+    workload.start()
+    consumer = consumer_for(workload)
+    try:
+        consumer.start()
+        workload.go()
+        workload.wait_result()
+        consumer.stop()
+        code = workload.finish()
+        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
+    finally:
+        consumer.kill()
+        workload.kill()
+    return consumer
+
+
 def trace(body: str, program: str, probes: list[str], directory: Path, env: dict[str, str] | None = None,
           tracer_env: dict[str, str] | None = None, fork_first: bool = False) -> TraceRun:
     """Run ``body`` under ``program``, with the full two-sided handshake, and detach."""
     require_tracer()
     workload = Workload(body, probes, directory, env=env or {}, fork_first=fork_first)
-    workload.start()
-    tracer = Bpftrace(program, workload.pid, workload.library, env=tracer_env or {})
-    try:
-        tracer.start()
-        workload.go()
-        workload.wait_result()
-        tracer.stop()
-        code = workload.finish()
-        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
-    finally:
-        tracer.kill()
-        workload.kill()
+    tracer = handshake(workload, lambda w: Bpftrace(program, w.pid, w.library, env=tracer_env or {}))
     return TraceRun(workload, tracer)
 
 
@@ -440,16 +448,5 @@ def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Pa
     the workload runs once the tool's program is attached and ``probes`` are live in it."""
     require_tracer()
     workload = Workload(body, probes, directory, env=env or {})
-    workload.start()
-    tool = ToolRun(args, workload.pid)
-    try:
-        tool.start()
-        workload.go()
-        workload.wait_result()
-        tool.stop()
-        code = workload.finish()
-        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
-    finally:
-        tool.kill()
-        workload.kill()
+    tool = handshake(workload, lambda w: ToolRun(args, w.pid))
     return workload, tool

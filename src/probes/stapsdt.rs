@@ -25,25 +25,24 @@ pub static SEMAPHORES: [AtomicU16; PROBE_COUNT] = [const { AtomicU16::new(0) }; 
 // The base every note refers to. "R" (SHF_GNU_RETAIN) keeps the linker's
 // section garbage collection from dropping it: only the non-allocated notes
 // refer to it, and a note pointing at nothing would carry base 0.
+macro_rules! stapsdt_base {
+    ($($options:tt)*) => {
+        core::arch::global_asm!(
+            ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat",
+            ".weak _.stapsdt.base",
+            ".hidden _.stapsdt.base",
+            "_.stapsdt.base: .space 1",
+            ".size _.stapsdt.base, 1",
+            ".popsection",
+            $($options)*
+        );
+    };
+}
+// x86_64 templates are AT&T syntax, as SDT argument strings are written.
 #[cfg(target_arch = "x86_64")]
-core::arch::global_asm!(
-    ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat",
-    ".weak _.stapsdt.base",
-    ".hidden _.stapsdt.base",
-    "_.stapsdt.base: .space 1",
-    ".size _.stapsdt.base, 1",
-    ".popsection",
-    options(att_syntax)
-);
+stapsdt_base!(options(att_syntax));
 #[cfg(not(target_arch = "x86_64"))]
-core::arch::global_asm!(
-    ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat",
-    ".weak _.stapsdt.base",
-    ".hidden _.stapsdt.base",
-    "_.stapsdt.base: .space 1",
-    ".size _.stapsdt.base, 1",
-    ".popsection",
-);
+stapsdt_base!();
 
 /// The probe-firing functions, one per probe, named after the probe with
 /// `__` written `_` (`fire::function_entry`).
