@@ -340,6 +340,9 @@ impl State {
         if wanted == self.code_live {
             return Ok(());
         }
+        if wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE) {
+            instances::ensure_init(py)?;
+        }
         let (tool, events) = match self.monitoring(py) {
             Ok(m) => (m.tool, m.events.for_probes(wanted)),
             Err(Error::NoFreeToolId) => {
@@ -366,6 +369,7 @@ impl State {
         if on != !self.gc_live.is_empty() {
             let callbacks = py.import("gc")?.getattr("callbacks")?.cast_into::<PyList>().map_err(PyErr::from)?;
             if self.gc_callback.is_none() {
+                callbacks::init_gc_keys();
                 self.gc_callback = Some(callable(py, Hook::Gc)?);
             }
             let ours = self.gc_callback.as_ref().expect("set above").bind(py);
@@ -499,6 +503,8 @@ pub fn reset(py: Python<'_>) -> Result<(), Error> {
 
 /// Switches probe `probe` off after an internal error and warns once. Called
 /// from callbacks, with the GIL held; never leaves a Python error set.
+#[cold]
+#[inline(never)]
 pub fn report_internal_error(probe: usize, what: &str) {
     let bit = 1 << probe;
     FAILED.fetch_or(bit, Ordering::Relaxed);

@@ -134,20 +134,51 @@ unsafe extern "C" fn on_gc(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi
         arming::report_internal_error(probes::GC_START, "gc.callbacks passed unexpected arguments");
         return none();
     }
+    let Some(keys) = GC_KEYS.get() else { return none() };
     if ffi::PyUnicode_CompareWithASCIIString(phase, c"start".as_ptr()) == 0 {
-        fire::gc_start(dict_int(info, c"generation".as_ptr()) as i32);
+        fire::gc_start(dict_int(info, keys.generation) as i32);
     } else {
         // CPython's gc__done passes collected plus uncollectable.
-        let collected = dict_int(info, c"collected".as_ptr()) + dict_int(info, c"uncollectable".as_ptr());
+        let collected = dict_int(info, keys.collected) + dict_int(info, keys.uncollectable);
         fire::gc_done(collected);
     }
     none()
 }
 
+/// The keys of gc's info dict, interned once (not a new string per lookup).
+struct GcKeys {
+    generation: *mut ffi::PyObject,
+    collected: *mut ffi::PyObject,
+    uncollectable: *mut ffi::PyObject,
+}
+
+// SAFETY: interned strings are immortal-ish and only used with the GIL held.
+unsafe impl Send for GcKeys {}
+unsafe impl Sync for GcKeys {}
+
+static GC_KEYS: std::sync::OnceLock<GcKeys> = std::sync::OnceLock::new();
+
+/// Interns gc's info keys; called with the GIL held before the gc callback
+/// is installed.
+pub fn init_gc_keys() {
+    // SAFETY: GIL held by the caller (arming); the strings are kept forever.
+    GC_KEYS.get_or_init(|| unsafe {
+        GcKeys {
+            generation: ffi::PyUnicode_InternFromString(c"generation".as_ptr()),
+            collected: ffi::PyUnicode_InternFromString(c"collected".as_ptr()),
+            uncollectable: ffi::PyUnicode_InternFromString(c"uncollectable".as_ptr()),
+        }
+    });
+}
+
 /// The integer `info[key]`, 0 where it is missing or not an integer.
-unsafe fn dict_int(info: *mut ffi::PyObject, key: *const c_char) -> i64 {
-    let value = ffi::PyDict_GetItemString(info, key); // borrowed; never raises
+unsafe fn dict_int(info: *mut ffi::PyObject, key: *mut ffi::PyObject) -> i64 {
+    if key.is_null() {
+        return 0;
+    }
+    let value = ffi::PyDict_GetItemWithError(info, key); // borrowed
     if value.is_null() {
+        ffi::PyErr_Clear();
         return 0;
     }
     let n = ffi::PyLong_AsLongLong(value);

@@ -30,7 +30,6 @@
 //! been checked against that version's `subtype_dealloc`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int};
 use std::ptr;
@@ -53,15 +52,20 @@ static TYPE_INIT: AtomicUsize = AtomicUsize::new(0);
 /// Whether classes are being patched (a delete probe is armed).
 static DELETE_ARMED: AtomicBool = AtomicBool::new(false);
 
-/// Reads the two CPython functions this module needs to recognise. Called
-/// once with the GIL held, at module initialisation.
-pub fn init(py: Python<'_>) -> PyResult<()> {
+/// Reads the two CPython functions this module needs to recognise, the
+/// first time an instance probe is armed (a class is made for it, which
+/// `import dtrace` need not pay for). Called with the GIL held.
+pub fn ensure_init(py: Python<'_>) -> PyResult<()> {
+    if SUBTYPE_DEALLOC.load(Ordering::Relaxed) != 0 {
+        return Ok(());
+    }
     let probe_class = py.get_type::<pyo3::types::PyType>().call1(("_pydtrace_probe_class", (), pyo3::types::PyDict::new(py)))?;
-    // SAFETY: GIL held; both are live type objects.
+    // SAFETY: GIL held; both are live type objects, and type.__init__ is not
+    // hooked yet (that needs this to have run).
     unsafe {
         let tp = probe_class.as_ptr() as *mut ffi::PyTypeObject;
-        SUBTYPE_DEALLOC.store((*tp).tp_dealloc.map_or(0, |f| f as usize), Ordering::Relaxed);
         TYPE_INIT.store(ffi::PyType_Type.tp_init.map_or(0, |f| f as usize), Ordering::Relaxed);
+        SUBTYPE_DEALLOC.store((*tp).tp_dealloc.map_or(0, |f| f as usize), Ordering::Relaxed);
     }
     Ok(())
 }
@@ -104,87 +108,93 @@ unsafe fn walks_like_subtype(tp: *mut ffi::PyTypeObject) -> bool {
 // ---------------------------------------------------------------------------
 // Names: (classname, filename) of a class.
 
-/// The file of each class, by type address, with the type's version tag
-/// when it was worked out: a new class at a reused address, or a class
-/// that was modified, has another tag and misses.
-static FILENAMES: Mutex<Option<HashMap<usize, (u32, Arc<CStr>)>>> = Mutex::new(None);
-/// Classes whose file is cached at most; the cache starts over beyond.
-const FILENAME_CACHE_LIMIT: usize = 4096;
-
-/// `__qualname__` and defining file of a class, as the instance probes pass them.
-pub struct ClassNames {
-    qualname: *mut ffi::PyObject,
-    qualname_utf8: ProbeString,
-    filename: Arc<CStr>,
+/// What the instance probes pass for one class: its `__qualname__` and file.
+struct ClassStrings {
+    qualname: CString,
+    filename: CString,
 }
 
+/// Slots of the class cache; a class whose slot another class took is
+/// worked out again (correct, only slower).
+const CLASS_CACHE_SLOTS: usize = 1024;
+
+/// The strings of recently seen classes, direct-mapped by type address and
+/// checked against the type's version tag when they were worked out: a new
+/// class at a reused address, or a class modified since (`__qualname__`
+/// set, say), has another tag and misses. Locked only with the GIL held, so
+/// never contended; a re-entered lookup (a deallocation that a lookup caused)
+/// works the strings out without the cache.
+static CLASS_CACHE: Mutex<[Option<(usize, u32, Arc<ClassStrings>)>; CLASS_CACHE_SLOTS]> =
+    Mutex::new([const { None }; CLASS_CACHE_SLOTS]);
+
+fn class_cache_slot(tp: *mut ffi::PyTypeObject) -> usize {
+    // Fibonacci hashing of the address: types are a few hundred bytes apart.
+    ((tp as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize % CLASS_CACHE_SLOTS
+}
+
+/// `__qualname__` and defining file of a class, as the instance probes pass them.
+pub struct ClassNames(Arc<ClassStrings>);
+
 impl ClassNames {
-    /// The names of `tp`. Leaves the error state as it found it: this runs
-    /// inside deallocation, possibly while an exception propagates.
+    /// The names of `tp`: a cache lookup, or worked out once per class (and
+    /// again after the class changed).
     ///
     /// # Safety
     /// GIL held; `tp` a live Python class.
     pub unsafe fn of(tp: *mut ffi::PyTypeObject) -> ClassNames {
-        let saved = ffi::PyErr_GetRaisedException();
-        let qualname = ffi::PyType_GetQualName(tp);
-        let qualname_utf8 = if qualname.is_null() {
-            ProbeString::Owned(CString::from(c"<unknown>"))
-        } else {
-            ProbeString::from_str_object(qualname)
-        };
-        let filename = cached_filename(tp);
-        ffi::PyErr_Clear();
-        ffi::PyErr_SetRaisedException(saved);
-        ClassNames { qualname, qualname_utf8, filename }
-    }
-
-    pub fn qualname(&self) -> *const c_char {
-        self.qualname_utf8.as_ptr()
-    }
-
-    pub fn filename(&self) -> *const c_char {
-        self.filename.as_ptr()
-    }
-}
-
-impl Drop for ClassNames {
-    fn drop(&mut self) {
-        if !self.qualname.is_null() {
-            // SAFETY: the GIL is held wherever ClassNames live (probe callbacks, dealloc).
-            unsafe { ffi::Py_DECREF(self.qualname) };
-        }
-    }
-}
-
-/// The file that defines `tp`, from the cache or worked out.
-unsafe fn cached_filename(tp: *mut ffi::PyTypeObject) -> Arc<CStr> {
-    extern "C" {
-        // Not in pyo3-ffi: PyUnstable_Type_AssignVersionTag, 3.12+.
-        fn PyUnstable_Type_AssignVersionTag(tp: *mut ffi::PyTypeObject) -> c_int;
-    }
-    let mut version = (*tp).tp_version_tag;
-    if version == 0 && PyUnstable_Type_AssignVersionTag(tp) != 0 {
-        version = (*tp).tp_version_tag;
-    }
-    let key = tp as usize;
-    // Never contended (the GIL is held); a re-entered call just does not cache.
-    let Ok(mut cache) = FILENAMES.try_lock() else { return class_filename(tp).into() };
-    let cache = cache.get_or_insert_with(HashMap::new);
-    if version != 0 {
-        if let Some((tag, name)) = cache.get(&key) {
-            if *tag == version {
-                return Arc::clone(name);
+        let version = (*tp).tp_version_tag;
+        let slot = class_cache_slot(tp);
+        if version != 0 {
+            if let Ok(cache) = CLASS_CACHE.try_lock() {
+                if let Some((address, tag, strings)) = &cache[slot] {
+                    if *address == tp as usize && *tag == version {
+                        return ClassNames(Arc::clone(strings));
+                    }
+                }
             }
         }
+        ClassNames(Self::work_out(tp, slot))
     }
-    let name: Arc<CStr> = class_filename(tp).into();
-    if version != 0 {
-        if cache.len() >= FILENAME_CACHE_LIMIT {
-            cache.clear();
+
+    /// The slow path of [`ClassNames::of`]. Leaves the error state as it found
+    /// it: this runs inside deallocation, possibly while an exception propagates.
+    #[cold]
+    #[inline(never)]
+    unsafe fn work_out(tp: *mut ffi::PyTypeObject, slot: usize) -> Arc<ClassStrings> {
+        extern "C" {
+            // Not in pyo3-ffi: PyUnstable_Type_AssignVersionTag, 3.12+.
+            fn PyUnstable_Type_AssignVersionTag(tp: *mut ffi::PyTypeObject) -> c_int;
         }
-        cache.insert(key, (version, Arc::clone(&name)));
+        let saved = ffi::PyErr_GetRaisedException();
+        let qualname_object = ffi::PyType_GetQualName(tp);
+        let qualname = if qualname_object.is_null() {
+            CString::from(c"<unknown>")
+        } else {
+            let utf8 = ProbeString::from_str_object(qualname_object);
+            let owned = CStr::from_ptr(utf8.as_ptr()).to_owned();
+            ffi::Py_DECREF(qualname_object);
+            owned
+        };
+        let strings = Arc::new(ClassStrings { qualname, filename: class_filename(tp) });
+        if PyUnstable_Type_AssignVersionTag(tp) != 0 {
+            if let Ok(mut cache) = CLASS_CACHE.try_lock() {
+                cache[slot] = Some((tp as usize, (*tp).tp_version_tag, Arc::clone(&strings)));
+            }
+        }
+        ffi::PyErr_Clear();
+        ffi::PyErr_SetRaisedException(saved);
+        strings
     }
-    name
+
+    /// `__qualname__`, NUL-terminated UTF-8.
+    pub fn qualname(&self) -> *const c_char {
+        self.0.qualname.as_ptr()
+    }
+
+    /// The defining file, NUL-terminated UTF-8.
+    pub fn filename(&self) -> *const c_char {
+        self.0.filename.as_ptr()
+    }
 }
 
 /// `sys.modules[cls.__module__].__file__`, else the file of a function the
@@ -497,6 +507,7 @@ pub fn set_delete_hooks(py: Python<'_>, on: bool) -> PyResult<()> {
     if on == DELETE_ARMED.load(Ordering::Relaxed) {
         return Ok(());
     }
+    ensure_init(py)?;
     let original_init = type_init().map(|f| f as usize);
     DELETE_ARMED.store(on, Ordering::Relaxed);
     for class in all_classes(py)? {

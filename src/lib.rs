@@ -54,7 +54,6 @@ mod _native {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         probes::register();
         names::init()?;
-        instances::init(m.py())?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("PROVIDER", probes::PROVIDER)?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;

@@ -179,8 +179,12 @@ impl LineTable {
 
 /// What the code probes pass for one code object.
 pub struct CodeNames {
-    filename: ProbeString,
-    qualname: ProbeString,
+    /// `co_filename` and `co_qualname` as the probes pass them, resolved once
+    /// (no per-event match on how each is held).
+    filename: *const c_char,
+    qualname: *const c_char,
+    /// The strings behind those pointers where they are copies.
+    _held: [ProbeString; 2],
     first_line: i32,
     /// Built on the first event that needs an offset's line.
     lines: OnceCell<Option<LineTable>>,
@@ -188,13 +192,15 @@ pub struct CodeNames {
 
 impl CodeNames {
     /// `co_filename`, NUL-terminated UTF-8.
+    #[inline]
     pub fn filename(&self) -> *const c_char {
-        self.filename.as_ptr()
+        self.filename
     }
 
     /// `co_qualname`, NUL-terminated UTF-8.
+    #[inline]
     pub fn qualname(&self) -> *const c_char {
-        self.qualname.as_ptr()
+        self.qualname
     }
 
     /// `co_firstlineno`: the `def` line (the decorator's, for a decorated function).
@@ -229,9 +235,11 @@ impl CodeNames {
         } else {
             // The attributes are the code object's own (immutable) fields, so
             // the borrowed UTF-8 buffers live as long as the code object.
+            let held = [ProbeString::from_str_object(filename), ProbeString::from_str_object(qualname)];
             Some(CodeNames {
-                filename: ProbeString::from_str_object(filename),
-                qualname: ProbeString::from_str_object(qualname),
+                filename: held[0].as_ptr(),
+                qualname: held[1].as_ptr(),
+                _held: held,
                 first_line: ffi::PyLong_AsLong(first_line) as i32,
                 lines: OnceCell::new(),
             })
@@ -255,6 +263,7 @@ impl CodeNames {
 /// # Safety
 /// GIL held; `code` must be a live object. The reference is valid while
 /// `code` is alive.
+#[inline(always)]
 pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
     let index = EXTRA_INDEX.load(Ordering::Relaxed);
     if index < 0 || ffi::PyCode_Check(code) == 0 {
@@ -265,9 +274,17 @@ pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
         ffi::PyErr_Clear();
         return None;
     }
-    if !extra.is_null() {
-        return Some(&*(extra as *const CodeNames));
+    if extra.is_null() {
+        return create_entry(code, index);
     }
+    Some(&*(extra as *const CodeNames))
+}
+
+/// The first event of a code object: works its names out and stores them in
+/// its extra slot. Kept out of line so that the per-event path stays small.
+#[cold]
+#[inline(never)]
+unsafe fn create_entry<'a>(code: *mut ffi::PyObject, index: ffi::Py_ssize_t) -> Option<&'a CodeNames> {
     let names = Box::into_raw(Box::new(CodeNames::build(code)?));
     if ffi::PyUnstable_Code_SetExtra(code, index, names.cast()) != 0 {
         ffi::PyErr_Clear();

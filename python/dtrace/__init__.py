@@ -12,8 +12,8 @@ arms the probes at start-up, without code changes; ``PYDTRACE=0`` keeps them
 disarmed even where this module is imported.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: it imports the __future__ module at run time,
+# and `import dtrace` is kept cheap (see BENCHMARKS.md). The annotations are valid as they are.
 import os as _os
 
 __all__ = [
@@ -86,7 +86,6 @@ def _arm_from_environment() -> None:
     if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
         return
     import atexit
-    import warnings
 
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
     # without a consumer, to measure the shim's own cost.
@@ -94,9 +93,13 @@ def _arm_from_environment() -> None:
     try:
         _native.arm(forced)
     except ValueError as error:
+        import warnings  # only here: importing it costs more than the rest of `import dtrace`
+
         warnings.warn(f"pydtrace: PYDTRACE_FORCE ignored: {error}", RuntimeWarning, stacklevel=3)
         _native.arm([])
     except RuntimeError as error:
+        import warnings
+
         warnings.warn(f"pydtrace: probes not armed: {error}", RuntimeWarning, stacklevel=3)
         return
     # The watcher thread must be gone while the process forks (3.12+ warns
