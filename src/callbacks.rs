@@ -4,7 +4,7 @@
 //! interpreter calls them through vectorcall with the arguments in an
 //! array, and each one does no more than look up the code object's cached
 //! names, read an offset or line, and fire its probe. Nothing here
-//! allocates per event, takes a lock, or can raise into the traced program:
+//! allocates per event, waits for a lock, or can raise into the traced program:
 //! every callback returns `None`, and a failure to work out a probe's
 //! arguments is reported once through `arming::report_internal_error`,
 //! which switches that probe off.
