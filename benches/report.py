@@ -153,6 +153,19 @@ class Run:
         self.cg = json.loads(cg.read_text()) if cg.exists() else None
 
 
+def timing_cells(runs: list[Run], part) -> list[str]:
+    """One target cell per run: ``part(run, workload)`` for every timed workload, joined; "n/a"
+    for a run without timings, "n/a (no tracer)" where no workload gave a part."""
+    cells = []
+    for r in runs:
+        if not r.timing:
+            cells.append("n/a")
+            continue
+        parts = [p for w in r.timing.workloads() if (p := part(r, w))]
+        cells.append("<br>".join(parts) or "n/a (no tracer)")
+    return cells
+
+
 def targets_section(runs: list[Run]) -> list[str]:
     out = ["## Targets", "",
            "Each cell: the figure, its verdict. Timing figures are medians over paired rounds with "
@@ -231,34 +244,22 @@ def targets_section(runs: list[Run]) -> list[str]:
     row(f"shim (probes on, no consumer) at most {SHIM_BOUND}x the no-op dispatch floor per event", cells)
 
     # Attached.
-    cells = []
-    for r in runs:
-        if not r.timing:
-            cells.append("n/a")
-            continue
-        parts = []
-        for w in r.timing.workloads():
-            ratio = r.timing.attached_to_floor(w)
-            if ratio:
-                parts.append(f"{w} {ratio.value:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}]: {verdict(ratio.decided(ATTACHED_BOUND))}")
-        cells.append("<br>".join(parts) or "n/a (no tracer)")
-    row(f"attached at most {ATTACHED_BOUND}x the C uprobe floor per event", cells)
+    def attached_part(r: Run, w: str) -> str | None:
+        ratio = r.timing.attached_to_floor(w)
+        return ratio and f"{w} {ratio.value:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}]: {verdict(ratio.decided(ATTACHED_BOUND))}"
+
+    row(f"attached at most {ATTACHED_BOUND}x the C uprobe floor per event", timing_cells(runs, attached_part))
 
     # gc-only.
-    cells = []
-    for r in runs:
-        if not r.timing:
-            cells.append("n/a")
-            continue
-        parts = []
-        for w in r.timing.workloads():
-            gc_only, idle = r.timing.ratio(w, "attached-gc"), r.timing.ratio(w, "idle")
-            if gc_only:
-                pe = r.timing.per_event(w, "attached-gc")
-                parts.append(f"{w}: {gc_only.median:.3f}x bare (idle {idle.median:.3f}x), "
-                             f"{pe.median:+.1f} ns/event; no sys.monitoring event set")
-        cells.append("<br>".join(parts) or "n/a (no tracer)")
-    row("attaching only the gc probes leaves the call and line workloads at idle cost", cells)
+    def gc_only_part(r: Run, w: str) -> str | None:
+        gc_only, idle = r.timing.ratio(w, "attached-gc"), r.timing.ratio(w, "idle")
+        if not gc_only:
+            return None
+        pe = r.timing.per_event(w, "attached-gc")
+        return (f"{w}: {gc_only.median:.3f}x bare (idle {idle.median:.3f}x), "
+                f"{pe.median:+.1f} ns/event; no sys.monitoring event set")
+
+    row("attaching only the gc probes leaves the call and line workloads at idle cost", timing_cells(runs, gc_only_part))
 
     # pyusdt.
     cells = []

@@ -22,8 +22,8 @@
 //! Arming runs with the GIL held (from the watcher thread, or from the API),
 //! and publishes what is live in [`live`] for lock-free readers.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::prelude::*;
@@ -50,11 +50,15 @@ const CODE_PROBES: ProbeSet = ProbeSet::of(&[
     probes::INSTANCE_NEW_DONE,
 ]);
 /// Probes that the class deallocation hook serves.
-const DELETE_PROBES: ProbeSet = ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
+const DELETE_PROBES: ProbeSet =
+    ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
 /// Probes that the `gc.callbacks` entry serves.
 const GC_PROBES: ProbeSet = ProbeSet::of(&[probes::GC_START, probes::GC_DONE]);
 /// Probes that the `_find_and_load` wrapper serves.
-const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[probes::IMPORT_FIND_LOAD_START, probes::IMPORT_FIND_LOAD_DONE]);
+const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[
+    probes::IMPORT_FIND_LOAD_START,
+    probes::IMPORT_FIND_LOAD_DONE,
+]);
 /// The probe the audit hook serves.
 const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
 /// Probes this build can arm.
@@ -62,7 +66,11 @@ pub const ARMABLE: ProbeSet = CODE_PROBES
     .union(GC_PROBES)
     .union(IMPORT_PROBES)
     .union(AUDIT_PROBES)
-    .union(if instances::DELETE_SUPPORTED { DELETE_PROBES } else { ProbeSet::EMPTY });
+    .union(if instances::DELETE_SUPPORTED {
+        DELETE_PROBES
+    } else {
+        ProbeSet::EMPTY
+    });
 
 /// The probes a `--with-dtrace` interpreter fires itself, once known. A
 /// `PyOnceLock`: the first reader imports `sysconfig`, and another thread
@@ -84,7 +92,10 @@ pub fn interpreter_probes(py: Python<'_>) -> ProbeSet {
         }
         let own = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PROBES);
         if py.version_info() >= (3, 15) {
-            own.union(ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN]))
+            own.union(ProbeSet::of(&[
+                probes::FUNCTION_ENTRY,
+                probes::FUNCTION_RETURN,
+            ]))
         } else {
             own
         }
@@ -169,7 +180,8 @@ impl EventBits {
         if probes.contains(probes::LINE) {
             events |= self.line;
         }
-        if probes.contains(probes::INSTANCE_NEW_START) || probes.contains(probes::INSTANCE_NEW_DONE) {
+        if probes.contains(probes::INSTANCE_NEW_START) || probes.contains(probes::INSTANCE_NEW_DONE)
+        {
             events |= self.call | self.c_return | self.c_raise;
         }
         events
@@ -255,7 +267,9 @@ fn lock_state(_py: Python<'_>) -> Option<StateGuard> {
             // taken back before anything else touches Python.
             unsafe {
                 let thread = pyo3::ffi::PyEval_SaveThread();
-                let guard = STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let guard = STATE
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 pyo3::ffi::PyEval_RestoreThread(thread);
                 guard
             }
@@ -267,23 +281,24 @@ fn lock_state(_py: Python<'_>) -> Option<StateGuard> {
 
 /// A new callable for `hook`.
 fn callable(py: Python<'_>, hook: Hook) -> PyResult<Py<PyAny>> {
-    bound_callable(py, hook, None)
-}
-
-/// A new callable for `hook`, bound to the object it stands in for.
-fn bound_callable(py: Python<'_>, hook: Hook, target: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-    let target = target.map_or(std::ptr::null_mut(), Bound::as_ptr);
-    // SAFETY: GIL held; `target` is null or alive; a null result comes with a Python error set.
-    unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(hook, target)).map(Bound::unbind) }
+    callbacks::callable(py, hook, None)
 }
 
 extern "C" {
     // Not in pyo3-ffi: the C-level audit hook API of PEP 578.
     fn PySys_AddAuditHook(
-        hook: unsafe extern "C" fn(*const std::os::raw::c_char, *mut pyo3::ffi::PyObject, *mut std::ffi::c_void) -> std::os::raw::c_int,
+        hook: unsafe extern "C" fn(
+            *const std::os::raw::c_char,
+            *mut pyo3::ffi::PyObject,
+            *mut std::ffi::c_void,
+        ) -> std::os::raw::c_int,
         user_data: *mut std::ffi::c_void,
     ) -> std::os::raw::c_int;
-    fn PySys_Audit(event: *const std::os::raw::c_char, format: *const std::os::raw::c_char, ...) -> std::os::raw::c_int;
+    fn PySys_Audit(
+        event: *const std::os::raw::c_char,
+        format: *const std::os::raw::c_char,
+        ...
+    ) -> std::os::raw::c_int;
 }
 
 impl State {
@@ -340,7 +355,8 @@ impl State {
         if wanted == self.code_live {
             return Ok(());
         }
-        if wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE) {
+        if wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE)
+        {
             instances::ensure_init(py)?;
         }
         let (tool, events) = match self.monitoring(py) {
@@ -355,7 +371,9 @@ impl State {
             Err(err) => return Err(err),
         };
         if events != self.code_events {
-            py.import("sys")?.getattr("monitoring")?.call_method1("set_events", (tool, events))?;
+            py.import("sys")?
+                .getattr("monitoring")?
+                .call_method1("set_events", (tool, events))?;
             self.code_events = events;
         }
         self.code_live = wanted;
@@ -367,7 +385,11 @@ impl State {
     fn set_gc_callback(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
         let on = !wanted.is_empty();
         if on != !self.gc_live.is_empty() {
-            let callbacks = py.import("gc")?.getattr("callbacks")?.cast_into::<PyList>().map_err(PyErr::from)?;
+            let callbacks = py
+                .import("gc")?
+                .getattr("callbacks")?
+                .cast_into::<PyList>()
+                .map_err(PyErr::from)?;
             if self.gc_callback.is_none() {
                 callbacks::init_gc_keys();
                 self.gc_callback = Some(callable(py, Hook::Gc)?);
@@ -396,7 +418,7 @@ impl State {
             let bootstrap = py.import("_frozen_importlib")?;
             let current = bootstrap.getattr("_find_and_load")?;
             if on {
-                let wrapper = bound_callable(py, Hook::FindAndLoad, Some(&current))?;
+                let wrapper = callbacks::callable(py, Hook::FindAndLoad, Some(&current))?;
                 bootstrap.setattr("_find_and_load", &wrapper)?;
                 self.import_wrapper = Some(wrapper);
             } else if let Some(wrapper) = self.import_wrapper.take() {
@@ -405,7 +427,11 @@ impl State {
                 }
             }
         }
-        self.import_live = if self.import_wrapper.is_some() { wanted } else { ProbeSet::EMPTY };
+        self.import_live = if self.import_wrapper.is_some() {
+            wanted
+        } else {
+            ProbeSet::EMPTY
+        };
         Ok(())
     }
 
@@ -433,7 +459,10 @@ impl State {
                 }
             }
             if !callbacks::AUDIT_HOOK_SEEN.load(Ordering::Relaxed) {
-                warn(py, "the audit probe stays off: another audit hook refused the addition of ours");
+                warn(
+                    py,
+                    "the audit probe stays off: another audit hook refused the addition of ours",
+                );
             }
         }
         let on = !wanted.is_empty() && callbacks::AUDIT_HOOK_SEEN.load(Ordering::Relaxed);
@@ -445,7 +474,9 @@ impl State {
 /// Whether tool id `id` goes by our name.
 fn holds_tool_id(monitoring: &Bound<'_, PyAny>, id: u8) -> PyResult<bool> {
     let holder = monitoring.call_method1("get_tool", (id,))?;
-    Ok(holder.cast::<PyString>().is_ok_and(|name| name.to_str().is_ok_and(|n| n == TOOL_NAME)))
+    Ok(holder
+        .cast::<PyString>()
+        .is_ok_and(|name| name.to_str().is_ok_and(|n| n == TOOL_NAME)))
 }
 
 /// Takes the first free tool id of [`TOOL_IDS`] (or the one already ours).
@@ -512,7 +543,10 @@ pub fn report_internal_error(probe: usize, what: &str) {
     if WARNED.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
         // SAFETY: callbacks run with the GIL held.
         let py = unsafe { Python::assume_attached() };
-        warn(py, &format!("probe {} switched off: {what}", PROBE_DTRACE_NAMES[probe]));
+        warn(
+            py,
+            &format!("probe {} switched off: {what}", PROBE_DTRACE_NAMES[probe]),
+        );
     }
 }
 
@@ -521,7 +555,9 @@ pub fn report_internal_error(probe: usize, what: &str) {
 fn warn(py: Python<'_>, message: &str) {
     let message = format!("pydtrace: {message}");
     let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
-    let Ok(c_message) = std::ffi::CString::new(message.clone()) else { return };
+    let Ok(c_message) = std::ffi::CString::new(message.clone()) else {
+        return;
+    };
     if PyErr::warn(py, &category, &c_message, 1).is_err() {
         eprintln!("{message}");
     }

@@ -14,6 +14,7 @@ use std::ptr::addr_of_mut;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::ffi;
+use pyo3::prelude::*;
 
 use crate::arming;
 use crate::instances;
@@ -38,7 +39,11 @@ unsafe fn arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> *mut ffi:
 
 /// The names of the code object in argument 0; on failure the probe is
 /// reported and `None` returned.
-unsafe fn code_names<'a>(args: FastCallArgs, nargs: ffi::Py_ssize_t, probe: usize) -> Option<(*mut ffi::PyObject, &'a CodeNames)> {
+unsafe fn code_names<'a>(
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+    probe: usize,
+) -> Option<(*mut ffi::PyObject, &'a CodeNames)> {
     let code = arg(args, nargs, 0);
     if code.is_null() {
         arming::report_internal_error(probe, "the interpreter passed no code object");
@@ -67,7 +72,11 @@ unsafe fn int_arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> ffi::
 }
 
 /// PY_START(code, offset): a fresh call; its entry line is `co_firstlineno`.
-unsafe extern "C" fn on_start(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_start(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
         fire::function_entry(names.filename(), names.qualname(), names.first_line());
     }
@@ -76,7 +85,11 @@ unsafe extern "C" fn on_start(_: *mut ffi::PyObject, args: FastCallArgs, nargs: 
 
 /// PY_RESUME(code, offset) and PY_THROW(code, offset, exc): a generator or
 /// coroutine resumes; its entry line is the line it resumes at.
-unsafe extern "C" fn on_resume(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_resume(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
         let line = names.line_at(code, int_arg(args, nargs, 1));
         fire::function_entry(names.filename(), names.qualname(), line);
@@ -86,7 +99,11 @@ unsafe extern "C" fn on_resume(_: *mut ffi::PyObject, args: FastCallArgs, nargs:
 
 /// PY_RETURN, PY_YIELD and PY_UNWIND(code, offset, value): the frame leaves,
 /// at the line of the instruction that returned, yielded or raised.
-unsafe extern "C" fn on_leave(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_leave(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
         let line = names.line_at(code, int_arg(args, nargs, 1));
         fire::function_return(names.filename(), names.qualname(), line);
@@ -95,16 +112,28 @@ unsafe extern "C" fn on_leave(_: *mut ffi::PyObject, args: FastCallArgs, nargs: 
 }
 
 /// LINE(code, line_number): a new line starts.
-unsafe extern "C" fn on_line(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_line(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     if let Some((_, names)) = code_names(args, nargs, probes::LINE) {
-        fire::line(names.filename(), names.qualname(), int_arg(args, nargs, 1) as i32);
+        fire::line(
+            names.filename(),
+            names.qualname(),
+            int_arg(args, nargs, 1) as i32,
+        );
     }
     none()
 }
 
 /// CALL(code, offset, callable, arg0): Python code calls something; for a
 /// Python class, instance-new-start.
-unsafe extern "C" fn on_call(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_call(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
         instances::new_start(class);
     }
@@ -113,7 +142,11 @@ unsafe extern "C" fn on_call(_: *mut ffi::PyObject, args: FastCallArgs, nargs: f
 
 /// C_RETURN and C_RAISE(code, offset, callable, arg0): that call returned or
 /// raised, after `__init__`; for a Python class, instance-new-done.
-unsafe extern "C" fn on_call_end(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_call_end(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
         instances::new_done(class);
     }
@@ -122,19 +155,33 @@ unsafe extern "C" fn on_call_end(_: *mut ffi::PyObject, args: FastCallArgs, narg
 
 /// Does nothing: the floor a native `sys.monitoring` callback cannot go
 /// below, for benchmarks to compare the probe callbacks with.
-unsafe extern "C" fn noop(_: *mut ffi::PyObject, _: FastCallArgs, _: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn noop(
+    _: *mut ffi::PyObject,
+    _: FastCallArgs,
+    _: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     none()
 }
 
 /// A `gc.callbacks` entry: (phase, info), phase "start" or "stop".
-unsafe extern "C" fn on_gc(_: *mut ffi::PyObject, args: FastCallArgs, nargs: ffi::Py_ssize_t) -> *mut ffi::PyObject {
+unsafe extern "C" fn on_gc(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
     let phase = arg(args, nargs, 0);
     let info = arg(args, nargs, 1);
-    if phase.is_null() || info.is_null() || ffi::PyUnicode_Check(phase) == 0 || ffi::PyDict_Check(info) == 0 {
+    if phase.is_null()
+        || info.is_null()
+        || ffi::PyUnicode_Check(phase) == 0
+        || ffi::PyDict_Check(info) == 0
+    {
         arming::report_internal_error(probes::GC_START, "gc.callbacks passed unexpected arguments");
         return none();
     }
-    let Some(keys) = GC_KEYS.get() else { return none() };
+    let Some(keys) = GC_KEYS.get() else {
+        return none();
+    };
     if ffi::PyUnicode_CompareWithASCIIString(phase, c"start".as_ptr()) == 0 {
         fire::gc_start(dict_int(info, keys.generation) as i32);
     } else {
@@ -238,10 +285,16 @@ pub const AUDIT_SELF_CHECK: &std::ffi::CStr = c"pydtrace.audit_hook_added";
 
 /// The C-level audit hook (`PySys_AddAuditHook`): fires `audit(event, args)`
 /// with the address of the event's argument tuple, as CPython does.
-pub unsafe extern "C" fn on_audit(event: *const c_char, args: *mut ffi::PyObject, _: *mut std::ffi::c_void) -> std::os::raw::c_int {
+pub unsafe extern "C" fn on_audit(
+    event: *const c_char,
+    args: *mut ffi::PyObject,
+    _: *mut std::ffi::c_void,
+) -> std::os::raw::c_int {
     if AUDIT_ON.load(Ordering::Relaxed) {
         fire::audit(event, args as usize);
-    } else if !AUDIT_HOOK_SEEN.load(Ordering::Relaxed) && std::ffi::CStr::from_ptr(event) == AUDIT_SELF_CHECK {
+    } else if !AUDIT_HOOK_SEEN.load(Ordering::Relaxed)
+        && std::ffi::CStr::from_ptr(event) == AUDIT_SELF_CHECK
+    {
         AUDIT_HOOK_SEEN.store(true, Ordering::Relaxed);
     }
     0
@@ -257,18 +310,25 @@ impl Callback {
         Callback {
             def: ffi::PyMethodDef {
                 ml_name: name.as_ptr(),
-                ml_meth: ffi::PyMethodDefPointer { PyCFunctionFast: meth },
+                ml_meth: ffi::PyMethodDefPointer {
+                    PyCFunctionFast: meth,
+                },
                 ml_flags: ffi::METH_FASTCALL,
                 ml_doc: std::ptr::null(),
             },
         }
     }
 
-    const fn with_keywords(name: &'static std::ffi::CStr, meth: ffi::PyCFunctionFastWithKeywords) -> Callback {
+    const fn with_keywords(
+        name: &'static std::ffi::CStr,
+        meth: ffi::PyCFunctionFastWithKeywords,
+    ) -> Callback {
         Callback {
             def: ffi::PyMethodDef {
                 ml_name: name.as_ptr(),
-                ml_meth: ffi::PyMethodDefPointer { PyCFunctionFastWithKeywords: meth },
+                ml_meth: ffi::PyMethodDefPointer {
+                    PyCFunctionFastWithKeywords: meth,
+                },
                 ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
                 ml_doc: std::ptr::null(),
             },
@@ -312,22 +372,34 @@ pub enum Hook {
 }
 
 /// A new Python callable (a builtin function) for `hook`, bound to `target`
-/// (the function it stands in for, or null); null with a Python error set
-/// on failure.
-///
-/// # Safety
-/// GIL held; `target` null or a live object.
-pub unsafe fn new_callable(hook: Hook, target: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    let def = match hook {
-        Hook::Start => addr_of_mut!(ON_START.def),
-        Hook::Resume => addr_of_mut!(ON_RESUME.def),
-        Hook::Leave => addr_of_mut!(ON_LEAVE.def),
-        Hook::Line => addr_of_mut!(ON_LINE.def),
-        Hook::Call => addr_of_mut!(ON_CALL.def),
-        Hook::CallEnd => addr_of_mut!(ON_CALL_END.def),
-        Hook::Gc => addr_of_mut!(ON_GC.def),
-        Hook::Noop => addr_of_mut!(NOOP.def),
-        Hook::FindAndLoad => addr_of_mut!(FIND_AND_LOAD.def),
+/// (the function it stands in for), if any.
+pub fn callable(
+    py: Python<'_>,
+    hook: Hook,
+    target: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    // SAFETY: only the addresses of the definitions are taken; nothing writes them.
+    let def = unsafe {
+        match hook {
+            Hook::Start => addr_of_mut!(ON_START.def),
+            Hook::Resume => addr_of_mut!(ON_RESUME.def),
+            Hook::Leave => addr_of_mut!(ON_LEAVE.def),
+            Hook::Line => addr_of_mut!(ON_LINE.def),
+            Hook::Call => addr_of_mut!(ON_CALL.def),
+            Hook::CallEnd => addr_of_mut!(ON_CALL_END.def),
+            Hook::Gc => addr_of_mut!(ON_GC.def),
+            Hook::Noop => addr_of_mut!(NOOP.def),
+            Hook::FindAndLoad => addr_of_mut!(FIND_AND_LOAD.def),
+        }
     };
-    ffi::PyCFunction_NewEx(def, target, std::ptr::null_mut())
+    let target = target.map_or(std::ptr::null_mut(), Bound::as_ptr);
+    // SAFETY: GIL held (`py`); `def` is a static definition; `target` is null or
+    // alive; a null result comes with a Python error set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyCFunction_NewEx(def, target, std::ptr::null_mut()),
+        )
+        .map(Bound::unbind)
+    }
 }

@@ -26,7 +26,12 @@ pub fn consumer_enabled() -> ProbeSet {
 }
 
 /// No probe mechanism: nothing is ever enabled.
-#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "macos",
+    target_os = "illumos",
+    feature = "usdt-backend"
+)))]
 pub fn consumer_enabled() -> ProbeSet {
     ProbeSet::EMPTY
 }

@@ -55,7 +55,9 @@ impl From<Error> for PyErr {
         match err {
             Error::UnknownProbe(_) => PyValueError::new_err(err.to_string()),
             Error::Python(err) => err,
-            Error::WatcherSpawn(_) | Error::NoFreeToolId => PyRuntimeError::new_err(err.to_string()),
+            Error::WatcherSpawn(_) | Error::NoFreeToolId => {
+                PyRuntimeError::new_err(err.to_string())
+            }
         }
     }
 }

@@ -59,13 +59,23 @@ pub fn ensure_init(py: Python<'_>) -> PyResult<()> {
     if SUBTYPE_DEALLOC.load(Ordering::Relaxed) != 0 {
         return Ok(());
     }
-    let probe_class = py.get_type::<pyo3::types::PyType>().call1(("_pydtrace_probe_class", (), pyo3::types::PyDict::new(py)))?;
+    let probe_class = py.get_type::<pyo3::types::PyType>().call1((
+        "_pydtrace_probe_class",
+        (),
+        pyo3::types::PyDict::new(py),
+    ))?;
     // SAFETY: GIL held; both are live type objects, and type.__init__ is not
     // hooked yet (that needs this to have run).
     unsafe {
         let tp = probe_class.as_ptr() as *mut ffi::PyTypeObject;
-        TYPE_INIT.store(ffi::PyType_Type.tp_init.map_or(0, |f| f as usize), Ordering::Relaxed);
-        SUBTYPE_DEALLOC.store((*tp).tp_dealloc.map_or(0, |f| f as usize), Ordering::Relaxed);
+        TYPE_INIT.store(
+            ffi::PyType_Type.tp_init.map_or(0, |f| f as usize),
+            Ordering::Relaxed,
+        );
+        SUBTYPE_DEALLOC.store(
+            (*tp).tp_dealloc.map_or(0, |f| f as usize),
+            Ordering::Relaxed,
+        );
     }
     Ok(())
 }
@@ -74,6 +84,16 @@ fn subtype_dealloc() -> Option<ffi::destructor> {
     let address = SUBTYPE_DEALLOC.load(Ordering::Relaxed);
     // SAFETY: the address was read from a tp_dealloc slot.
     (address != 0).then(|| unsafe { std::mem::transmute::<usize, ffi::destructor>(address) })
+}
+
+/// The address in `tp`'s `tp_dealloc` slot, 0 for none.
+unsafe fn dealloc_address(tp: *mut ffi::PyTypeObject) -> usize {
+    (*tp).tp_dealloc.map_or(0, |f| f as usize)
+}
+
+/// The address of [`dealloc`], ours.
+fn our_dealloc() -> usize {
+    dealloc as ffi::destructor as usize
 }
 
 fn type_init() -> Option<ffi::initproc> {
@@ -92,17 +112,13 @@ unsafe fn flags(tp: *mut ffi::PyTypeObject) -> std::os::raw::c_ulong {
 /// # Safety
 /// GIL held; `tp` a live type.
 pub unsafe fn is_python_class(tp: *mut ffi::PyTypeObject) -> bool {
-    if flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE == 0 {
-        return false;
-    }
-    let current = (*tp).tp_dealloc.map(|f| f as usize);
-    current == Some(dealloc as ffi::destructor as usize) || current == subtype_dealloc().map(|f| f as usize)
+    flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE != 0 && walks_like_subtype(tp)
 }
 
 /// Whether deallocation of `tp` passes through [`dealloc`] or `subtype_dealloc`.
 unsafe fn walks_like_subtype(tp: *mut ffi::PyTypeObject) -> bool {
-    let current = (*tp).tp_dealloc.map(|f| f as usize);
-    current == Some(dealloc as ffi::destructor as usize) || (current.is_some() && current == subtype_dealloc().map(|f| f as usize))
+    let address = dealloc_address(tp);
+    address != 0 && (address == our_dealloc() || address == SUBTYPE_DEALLOC.load(Ordering::Relaxed))
 }
 
 // ---------------------------------------------------------------------------
@@ -175,7 +191,10 @@ impl ClassNames {
             ffi::Py_DECREF(qualname_object);
             owned
         };
-        let strings = Arc::new(ClassStrings { qualname, filename: class_filename(tp) });
+        let strings = Arc::new(ClassStrings {
+            qualname,
+            filename: class_filename(tp),
+        });
         if PyUnstable_Type_AssignVersionTag(tp) != 0 {
             if let Ok(mut cache) = CLASS_CACHE.try_lock() {
                 cache[slot] = Some((tp as usize, (*tp).tp_version_tag, Arc::clone(&strings)));
@@ -218,7 +237,8 @@ unsafe fn class_filename(tp: *mut ffi::PyTypeObject) -> CString {
     if !module_name.is_null() && !crate::names::interpreter_finalizing() {
         let module = ffi::PyDict_GetItem(ffi::PyImport_GetModuleDict(), module_name);
         if !module.is_null() && ffi::PyModule_Check(module) != 0 {
-            let file = ffi::PyDict_GetItemString(ffi::PyModule_GetDict(module), c"__file__".as_ptr());
+            let file =
+                ffi::PyDict_GetItemString(ffi::PyModule_GetDict(module), c"__file__".as_ptr());
             if let Some(name) = as_cstring(file) {
                 return name;
             }
@@ -335,7 +355,11 @@ unsafe fn clear_weakrefs_without_callbacks(tp: *mut ffi::PyTypeObject, obj: *mut
 
 /// Drops `obj`'s instance `__dict__`, managed (inline values or dict) or at
 /// a dict offset the base does not own.
-unsafe fn clear_dict(tp: *mut ffi::PyTypeObject, base: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
+unsafe fn clear_dict(
+    tp: *mut ffi::PyTypeObject,
+    base: *mut ffi::PyTypeObject,
+    obj: *mut ffi::PyObject,
+) {
     extern "C" {
         #[cfg(not(Py_3_13))]
         fn _PyObject_ClearManagedDict(obj: *mut ffi::PyObject);
@@ -423,7 +447,8 @@ unsafe fn deallocate(obj: *mut ffi::PyObject, tp: *mut ffi::PyTypeObject, is_gc:
     }
     // The type may go with the object: decide before, decref after.
     let tp = ffi::Py_TYPE(obj);
-    let type_needs_decref = flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE != 0 && flags(base) & ffi::Py_TPFLAGS_HEAPTYPE == 0;
+    let type_needs_decref =
+        flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE != 0 && flags(base) & ffi::Py_TPFLAGS_HEAPTYPE == 0;
     if let Some(base_dealloc) = (*base).tp_dealloc {
         base_dealloc(obj);
     }
@@ -440,10 +465,10 @@ unsafe fn deallocate(obj: *mut ffi::PyObject, tp: *mut ffi::PyTypeObject, is_gc:
 /// Puts [`dealloc`] into `tp` if it is a Python class that deallocates
 /// through `subtype_dealloc` and has no legacy `tp_del`.
 unsafe fn patch_class(tp: *mut ffi::PyTypeObject) {
-    let subtype = subtype_dealloc().map(|f| f as usize);
+    let subtype = SUBTYPE_DEALLOC.load(Ordering::Relaxed);
     if flags(tp) & ffi::Py_TPFLAGS_HEAPTYPE != 0
-        && subtype.is_some()
-        && (*tp).tp_dealloc.map(|f| f as usize) == subtype
+        && subtype != 0
+        && dealloc_address(tp) == subtype
         && (*tp).tp_del.is_none()
     {
         (*tp).tp_dealloc = Some(dealloc);
@@ -452,7 +477,7 @@ unsafe fn patch_class(tp: *mut ffi::PyTypeObject) {
 
 /// Puts `subtype_dealloc` back into `tp` if it has ours.
 unsafe fn unpatch_class(tp: *mut ffi::PyTypeObject) {
-    if (*tp).tp_dealloc.map(|f| f as usize) == Some(dealloc as ffi::destructor as usize) {
+    if dealloc_address(tp) == our_dealloc() {
         (*tp).tp_dealloc = subtype_dealloc();
     }
 }
@@ -464,10 +489,20 @@ unsafe fn in_main_interpreter() -> bool {
 }
 
 /// `type.__init__` while delete probes are armed: patches each new class.
-unsafe extern "C" fn type_init_hook(cls: *mut ffi::PyObject, args: *mut ffi::PyObject, kwds: *mut ffi::PyObject) -> c_int {
-    let Some(original) = type_init() else { return 0 };
+unsafe extern "C" fn type_init_hook(
+    cls: *mut ffi::PyObject,
+    args: *mut ffi::PyObject,
+    kwds: *mut ffi::PyObject,
+) -> c_int {
+    let Some(original) = type_init() else {
+        return 0;
+    };
     let result = original(cls, args, kwds);
-    if result == 0 && DELETE_ARMED.load(Ordering::Relaxed) && ffi::PyType_Check(cls) != 0 && in_main_interpreter() {
+    if result == 0
+        && DELETE_ARMED.load(Ordering::Relaxed)
+        && ffi::PyType_Check(cls) != 0
+        && in_main_interpreter()
+    {
         patch_class(cls as *mut ffi::PyTypeObject);
     }
     result
@@ -483,7 +518,10 @@ fn all_classes(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyAny>>> {
             continue;
         }
         // type.__subclasses__ works for metaclasses too (called unbound).
-        let subclasses = py.get_type::<pyo3::types::PyType>().getattr("__subclasses__")?.call1((&class,))?;
+        let subclasses = py
+            .get_type::<pyo3::types::PyType>()
+            .getattr("__subclasses__")?
+            .call1((&class,))?;
         for subclass in subclasses.try_iter()? {
             pending.push(subclass?);
         }
@@ -494,11 +532,10 @@ fn all_classes(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyAny>>> {
 
 /// How many classes have our dealloc now (for tests: 0 after detach).
 pub fn patched_count(py: Python<'_>) -> PyResult<usize> {
-    let ours = Some(dealloc as ffi::destructor as usize);
     Ok(all_classes(py)?
         .iter()
         // SAFETY: GIL held; live type objects.
-        .filter(|class| unsafe { (*(class.as_ptr() as *mut ffi::PyTypeObject)).tp_dealloc.map(|f| f as usize) == ours })
+        .filter(|class| unsafe { dealloc_address(class.as_ptr() as *mut ffi::PyTypeObject) } == our_dealloc())
         .count())
 }
 

@@ -3,9 +3,10 @@
 //! The probes are declared in `provider/pydtrace.d` and compiled in by
 //! `build.rs` (`probes`). A watcher thread (`watcher`) notices which probes
 //! a consumer enables (`enablement`) and has `arming` switch on just the
-//! `sys.monitoring` events and `gc.callbacks` entry those probes need; the
-//! native callbacks (`callbacks`) fire the probes with the names cached per
-//! code object (`names`). While no consumer is attached, nothing of this
+//! hooks those probes need: `sys.monitoring` events, a `gc.callbacks` entry,
+//! an import wrapper, an audit hook, the classes' deallocator (`instances`).
+//! The native callbacks (`callbacks`) fire the probes with the names cached
+//! per code object (`names`). While no consumer is attached, nothing of this
 //! runs but a thread that reads twelve counters every 20 ms.
 //!
 //! This module is the thin PyO3 layer over that; the public API is the
@@ -39,9 +40,9 @@ fn frozenset<'py>(py: Python<'py>, set: ProbeSet) -> PyResult<Bound<'py, PyFroze
 fn timeout_duration(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
-        Some(t) if t.is_nan() || t < 0.0 => {
-            Err(PyValueError::new_err(format!("timeout must be a non-negative number of seconds or None, not {t}")))
-        }
+        Some(t) if t.is_nan() || t < 0.0 => Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds or None, not {t}"
+        ))),
         Some(t) => Ok(Duration::try_from_secs_f64(t).ok()),
     }
 }
@@ -93,7 +94,11 @@ mod _native {
     /// ValueError for an unknown name.
     #[pyfunction]
     #[pyo3(signature = (names, timeout=None))]
-    fn wait_for_consumer(py: Python<'_>, names: Vec<String>, timeout: Option<f64>) -> PyResult<bool> {
+    fn wait_for_consumer(
+        py: Python<'_>,
+        names: Vec<String>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
         let wanted = ProbeSet::from_names(&names)?;
         let deadline = timeout_duration(timeout)?.map(|t| Instant::now() + t);
         // A probe this module never arms here (the interpreter fires it itself,
@@ -104,7 +109,11 @@ mod _native {
         }
         loop {
             let live = arming::live();
-            let satisfied = if wanted.is_empty() { !live.is_empty() } else { live.is_superset(wanted) };
+            let satisfied = if wanted.is_empty() {
+                !live.is_empty()
+            } else {
+                live.is_superset(wanted)
+            };
             if satisfied {
                 return Ok(true);
             }
@@ -151,8 +160,7 @@ mod _native {
     /// nothing: the dispatch floor benchmarks compare the probes with.
     #[pyfunction]
     fn noop_callback(py: Python<'_>) -> PyResult<Py<PyAny>> {
-        // SAFETY: GIL held; a null result comes with a Python error set.
-        unsafe { Bound::from_owned_ptr_or_err(py, callbacks::new_callable(callbacks::Hook::Noop, std::ptr::null_mut())).map(Bound::unbind) }
+        callbacks::callable(py, callbacks::Hook::Noop, None)
     }
 
     /// (times the watcher read the semaphores, times it took the GIL).

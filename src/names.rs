@@ -142,7 +142,10 @@ impl LineTable {
             ffi::PyErr_Clear();
             return None;
         }
-        let mut table = LineTable { starts: Vec::new(), lines: Vec::new() };
+        let mut table = LineTable {
+            starts: Vec::new(),
+            lines: Vec::new(),
+        };
         loop {
             let item = ffi::PyIter_Next(iter);
             if item.is_null() {
@@ -152,7 +155,11 @@ impl LineTable {
             if ffi::PyTuple_Check(item) != 0 && ffi::PyTuple_Size(item) == 3 {
                 let start = ffi::PyLong_AsLong(ffi::PyTuple_GetItem(item, 0));
                 let line_obj = ffi::PyTuple_GetItem(item, 2);
-                let line = if line_obj == ffi::Py_None() { 0 } else { ffi::PyLong_AsLong(line_obj) };
+                let line = if line_obj == ffi::Py_None() {
+                    0
+                } else {
+                    ffi::PyLong_AsLong(line_obj)
+                };
                 if start >= 0 && table.lines.last() != Some(&(line as i32)) {
                     table.starts.push(start as u32);
                     table.lines.push(line as i32);
@@ -235,7 +242,10 @@ impl CodeNames {
         } else {
             // The attributes are the code object's own (immutable) fields, so
             // the borrowed UTF-8 buffers live as long as the code object.
-            let held = [ProbeString::from_str_object(filename), ProbeString::from_str_object(qualname)];
+            let held = [
+                ProbeString::from_str_object(filename),
+                ProbeString::from_str_object(qualname),
+            ];
             Some(CodeNames {
                 filename: held[0].as_ptr(),
                 qualname: held[1].as_ptr(),
@@ -284,7 +294,10 @@ pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
 /// its extra slot. Kept out of line so that the per-event path stays small.
 #[cold]
 #[inline(never)]
-unsafe fn create_entry<'a>(code: *mut ffi::PyObject, index: ffi::Py_ssize_t) -> Option<&'a CodeNames> {
+unsafe fn create_entry<'a>(
+    code: *mut ffi::PyObject,
+    index: ffi::Py_ssize_t,
+) -> Option<&'a CodeNames> {
     let names = Box::into_raw(Box::new(CodeNames::build(code)?));
     if ffi::PyUnstable_Code_SetExtra(code, index, names.cast()) != 0 {
         ffi::PyErr_Clear();

@@ -43,7 +43,10 @@ static POLLS: AtomicU64 = AtomicU64::new(0);
 
 /// (times the watcher read the semaphores, times it took the GIL) in this process.
 pub fn stats() -> (u64, u64) {
-    (POLLS.load(Ordering::Relaxed), GIL_TAKEN.load(Ordering::Relaxed))
+    (
+        POLLS.load(Ordering::Relaxed),
+        GIL_TAKEN.load(Ordering::Relaxed),
+    )
 }
 
 /// How the thread is told to stop.
@@ -70,10 +73,16 @@ struct State {
     shut_down: bool,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { running: None, resume_after_fork: false, shut_down: false });
+static STATE: Mutex<State> = Mutex::new(State {
+    running: None,
+    resume_after_fork: false,
+    shut_down: false,
+});
 
 fn state() -> MutexGuard<'static, State> {
-    STATE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    STATE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The probes armed regardless of consumers.
@@ -86,14 +95,21 @@ pub fn forced() -> ProbeSet {
 pub fn start(forced: ProbeSet) -> Result<(), Error> {
     FORCED.store(forced.bits(), Ordering::Relaxed);
     let mut state = state();
-    if state.running.as_ref().is_some_and(|r| r.pid != std::process::id()) {
+    if state
+        .running
+        .as_ref()
+        .is_some_and(|r| r.pid != std::process::id())
+    {
         state.running = None; // forked behind our back: that thread is not here
     }
     if state.shut_down || state.running.is_some() {
         kick();
         return Ok(());
     }
-    let control = Arc::new(Control { stop: Mutex::new(false), wake: Condvar::new() });
+    let control = Arc::new(Control {
+        stop: Mutex::new(false),
+        wake: Condvar::new(),
+    });
     let handle = thread::Builder::new()
         .name("pydtrace-watcher".into())
         .spawn({
@@ -101,23 +117,36 @@ pub fn start(forced: ProbeSet) -> Result<(), Error> {
             move || watch(&control)
         })
         .map_err(Error::WatcherSpawn)?;
-    state.running = Some(Running { handle, control, pid: std::process::id() });
+    state.running = Some(Running {
+        handle,
+        control,
+        pid: std::process::id(),
+    });
     Ok(())
 }
 
 /// Whether the watcher runs in this process.
 pub fn is_running() -> bool {
-    state().running.as_ref().is_some_and(|r| r.pid == std::process::id())
+    state()
+        .running
+        .as_ref()
+        .is_some_and(|r| r.pid == std::process::id())
 }
 
 /// Stops the watcher and waits for its thread to end, with the GIL
 /// released (the thread may be waiting for it). Returns whether it ran.
 pub fn stop(py: Python<'_>) -> bool {
-    let Some(running) = state().running.take() else { return false };
+    let Some(running) = state().running.take() else {
+        return false;
+    };
     if running.pid != std::process::id() {
         return false;
     }
-    *running.control.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    *running
+        .control
+        .stop
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = true;
     running.control.wake.notify_all();
     py.detach(|| {
         let _ = running.handle.join();
@@ -181,7 +210,10 @@ fn watch(control: &Control) {
         if *stop {
             return;
         }
-        let (stop, _) = control.wake.wait_timeout(stop, POLL_INTERVAL).unwrap_or_else(|p| p.into_inner());
+        let (stop, _) = control
+            .wake
+            .wait_timeout(stop, POLL_INTERVAL)
+            .unwrap_or_else(|p| p.into_inner());
         if *stop {
             return;
         }

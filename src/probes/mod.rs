@@ -19,16 +19,31 @@ pub mod usdt_backend;
 #[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
 pub use usdt_backend::fire;
 
-#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "macos",
+    target_os = "illumos",
+    feature = "usdt-backend"
+)))]
 pub mod no_backend;
-#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "macos",
+    target_os = "illumos",
+    feature = "usdt-backend"
+)))]
 pub use no_backend::fire;
 
 /// Whether this build has a probe mechanism at all.
-const BACKEND_BUILT: bool = cfg!(any(target_os = "linux", target_os = "macos", target_os = "illumos"));
+const BACKEND_BUILT: bool = cfg!(any(
+    target_os = "linux",
+    target_os = "macos",
+    target_os = "illumos"
+));
 
 /// Set when registering the probes with the kernel failed (DTrace platforms).
-static REGISTRATION_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static REGISTRATION_FAILED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Makes the probes visible to consumers: on illumos the usdt crate hands
 /// them to the kernel now; elsewhere there is nothing to do. A failure

@@ -22,7 +22,9 @@ fn text<'a>(p: *const c_char) -> &'a str {
         return "";
     }
     // SAFETY: the callers pass NUL-terminated strings that outlive the firing.
-    unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("<invalid UTF-8>")
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .unwrap_or("<invalid UTF-8>")
 }
 
 /// The probe-firing functions, with the same signatures as on Linux.
@@ -134,7 +136,11 @@ pub fn enabled() -> ProbeSet {
     match std::env::var("PYDTRACE_PROBES") {
         Ok(names) if names.trim() == "all" => ProbeSet::ALL,
         Ok(names) => {
-            let names: Vec<&str> = names.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let names: Vec<&str> = names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .collect();
             ProbeSet::from_names(&names).unwrap_or(ProbeSet::EMPTY)
         }
         Err(_) => ProbeSet::EMPTY,
