@@ -1,18 +1,25 @@
-//! Turns `provider/pydtrace.d` into Rust probe code.
+//! Turns `provider/pydtrace.d` into Rust probe code, for every backend.
 //!
-//! On Linux the probes come from the project's own SystemTap SDT emitter
-//! below: one `#[inline(never)]` function per probe whose inline assembly
-//! places a `nop` at the probe site and records it in a `.note.stapsdt`
-//! note, with CPython's probe spelling (`function__entry`), a two-byte
-//! aligned semaphore per probe in the `.probes` section, and arguments
-//! passed straight from registers (no per-event copies). The usdt crate's
-//! Linux backend renames the probes, leaves the semaphores unaligned and
-//! copies strings on every firing (DECISIONS.md, 1), so it is used only on
-//! the DTrace platforms (macOS, illumos), where its spelling is DTrace's.
+//! The provider file is the single source of the probe set: everything
+//! below is generated from it, and nothing in `src/` lists the probes again.
 //!
-//! Either way the build writes `$OUT_DIR/provider.rs`: the probe names in
-//! file order, their argument counts and one constant per probe index,
-//! shared by both backends, so the provider file is the single source.
+//! One backend is chosen here and named to the crate by one cfg,
+//! `probe_backend = "stapsdt" | "usdt" | "none"`:
+//! - `stapsdt` (Linux): the project's own SystemTap SDT emitter. One
+//!   `#[inline(never)]` function per probe whose inline assembly places a
+//!   `nop` at the probe site and records it in a `.note.stapsdt` note, with
+//!   CPython's probe spelling (`function__entry`), a two-byte aligned
+//!   semaphore per probe in the `.probes` section, and arguments passed
+//!   straight from registers (no per-event copies). The usdt crate's Linux
+//!   backend renames the probes, leaves the semaphores unaligned and copies
+//!   strings on every firing (docs/decisions.md), so it is not used there.
+//! - `usdt` (macOS, illumos, or any platform with the `usdt-backend`
+//!   feature, for type-checking): the usdt crate's macros, wrapped in firing
+//!   functions with the Linux signatures, and the macOS is-enabled symbols.
+//! - `none` (no probe mechanism): firing functions that do nothing.
+//!
+//! Every backend also gets `$OUT_DIR/provider.rs`: the probe names in file
+//! order and one constant per probe index.
 
 use std::env;
 use std::fmt::Write as _;
@@ -23,6 +30,38 @@ use dtrace_parser::{BitWidth, DataType, File, Integer, Probe, Sign};
 
 const PROVIDER_FILE: &str = "provider/pydtrace.d";
 const PROVIDER_NAME: &str = "python";
+
+/// The emission backend, printed as `cfg(probe_backend = "...")`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Stapsdt,
+    Usdt,
+    None,
+}
+
+impl Backend {
+    const ALL: [Backend; 3] = [Backend::Stapsdt, Backend::Usdt, Backend::None];
+
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Stapsdt => "stapsdt",
+            Backend::Usdt => "usdt",
+            Backend::None => "none",
+        }
+    }
+
+    /// The backend for this target (and features).
+    fn for_target() -> Backend {
+        if env::var_os("CARGO_FEATURE_USDT_BACKEND").is_some() {
+            return Backend::Usdt;
+        }
+        match env::var("CARGO_CFG_TARGET_OS").unwrap_or_default().as_str() {
+            "linux" => Backend::Stapsdt,
+            "macos" | "illumos" => Backend::Usdt,
+            _ => Backend::None,
+        }
+    }
+}
 
 fn main() {
     println!("cargo:rerun-if-changed={PROVIDER_FILE}");
@@ -37,37 +76,37 @@ fn main() {
         .iter()
         .find(|p| p.name == PROVIDER_NAME)
         .unwrap_or_else(|| panic!("{PROVIDER_FILE} declares no provider `{PROVIDER_NAME}`"));
+    let probes = &provider.probes;
 
-    fs::write(
-        out_dir.join("provider.rs"),
-        provider_table(&provider.probes),
-    )
-    .expect("write provider.rs");
+    let backend = Backend::for_target();
+    let values: Vec<String> = Backend::ALL.iter().map(|b| format!("\"{}\"", b.name())).collect();
+    println!("cargo::rustc-check-cfg=cfg(probe_backend, values({}))", values.join(", "));
+    println!("cargo:rustc-cfg=probe_backend=\"{}\"", backend.name());
 
-    let target_os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
-    if env::var_os("CARGO_FEATURE_USDT_BACKEND").is_some() {
-        build_usdt(&out_dir);
-        return;
-    }
-    match target_os.as_str() {
-        "linux" => {
+    let write = |name: &str, code: String| {
+        fs::write(out_dir.join(name), code).unwrap_or_else(|err| panic!("write {name}: {err}"))
+    };
+    write("provider.rs", provider_table(probes));
+    match backend {
+        Backend::Stapsdt => {
             let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-            let code = stapsdt_probes(&provider.probes, &arch);
-            fs::write(out_dir.join("stapsdt_probes.rs"), code).expect("write stapsdt_probes.rs");
+            write("fire.rs", stapsdt_probes(probes, &arch));
         }
-        "macos" | "illumos" => build_usdt(&out_dir),
-        _ => {} // No probe mechanism: the crate builds with `available = False`.
+        Backend::Usdt => {
+            build_usdt(&out_dir);
+            write("fire.rs", usdt_wrappers(probes));
+            write("is_enabled.rs", macos_is_enabled(probes));
+        }
+        Backend::None => write("fire.rs", noop_probes(probes)),
     }
 }
 
-/// Probe names, argument counts and index constants, for every backend.
+/// Probe names and index constants, for every backend.
 fn provider_table(probes: &[Probe]) -> String {
     let mut out =
         String::from("// Generated by build.rs from provider/pydtrace.d. Do not edit.\n\n");
     let _ = writeln!(out, "/// Number of probes in provider `{PROVIDER_NAME}`.");
     let _ = writeln!(out, "pub const PROBE_COUNT: usize = {};", probes.len());
-    let _ = writeln!(out, "/// The provider's name.");
-    let _ = writeln!(out, "pub const PROVIDER: &str = {PROVIDER_NAME:?};");
     let _ = writeln!(
         out,
         "/// Probe names as the provider file spells them, in file order."
@@ -163,10 +202,7 @@ fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
             format!("fn({})", types.join(", "))
         })
         .collect();
-    let names: Vec<String> = probes
-        .iter()
-        .map(|probe| probe.name.replace("__", "_"))
-        .collect();
+    let names: Vec<String> = probes.iter().map(fn_name).collect();
     let _ = write!(
         out,
         "/// Keeps every probe function, and so its note, in the linked object.\n\
@@ -183,12 +219,6 @@ fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
     // trampoline), but measured here a forked child of a traced process then
     // crashes: it inherits the rewritten call, not the trampoline's mapping.
     for (index, probe) in probes.iter().enumerate() {
-        let params: Vec<String> = probe
-            .types
-            .iter()
-            .enumerate()
-            .map(|(i, ty)| format!("arg{i}: {}", rust_type(ty)))
-            .collect();
         let arg_spec: Vec<String> = probe
             .types
             .iter()
@@ -205,7 +235,6 @@ fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
         let operands: String = (0..probe.types.len())
             .map(|i| format!("            arg{i} = in(reg) arg{i},\n"))
             .collect();
-        let fn_name = probe.name.replace("__", "_");
         let _ = write!(
             out,
             r#"/// Fires probe `{provider}:{name}`; a `nop` unless a consumer is attached.
@@ -240,11 +269,112 @@ pub fn {fn_name}({params}) {{
 "#,
             provider = PROVIDER_NAME,
             name = probe.name,
-            params = params.join(", "),
+            fn_name = fn_name(probe),
+            params = parameters(probe),
             offset = index * 2,
             args = arg_spec.join(" "),
         );
     }
+    out
+}
+
+/// The name of a probe's firing function: `function__entry` is `function_entry`.
+fn fn_name(probe: &Probe) -> String {
+    probe.name.replace("__", "_")
+}
+
+/// `argN: TYPE, ...` for a probe's firing function.
+fn parameters(probe: &Probe) -> String {
+    probe
+        .types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("arg{i}: {}", rust_type(ty)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rust source for a platform without probes: firing functions that do
+/// nothing, with the signatures of the other backends.
+fn noop_probes(probes: &[Probe]) -> String {
+    let mut out = String::from("// Generated by build.rs from provider/pydtrace.d. Do not edit.\n\n");
+    for probe in probes {
+        let _ = write!(
+            out,
+            "/// Does nothing: no probe mechanism here (`{PROVIDER_NAME}:{name}`).\n\
+             #[inline(always)]\n\
+             #[allow(unused_variables, clippy::too_many_arguments)]\n\
+             pub fn {fn_name}({params}) {{}}\n\n",
+            name = probe.name,
+            fn_name = fn_name(probe),
+            params = parameters(probe),
+        );
+    }
+    out
+}
+
+/// Rust source for the usdt backend: one firing function per probe, with
+/// the Linux signatures, around the usdt crate's macro (which takes `&str`
+/// for a string argument and copies it per firing).
+fn usdt_wrappers(probes: &[Probe]) -> String {
+    let mut out = String::from("// Generated by build.rs from provider/pydtrace.d. Do not edit.\n\n");
+    for probe in probes {
+        let values: Vec<String> = probe
+            .types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| match ty {
+                DataType::String => format!("super::text(arg{i})"),
+                _ => format!("arg{i}"),
+            })
+            .collect();
+        let closure = match values.as_slice() {
+            [one] => one.clone(),
+            many => format!("({})", many.join(", ")),
+        };
+        let _ = write!(
+            out,
+            "/// Fires `{PROVIDER_NAME}:::{dtrace}`.\n\
+             #[allow(clippy::too_many_arguments)]\n\
+             pub fn {fn_name}({params}) {{\n    \
+                 super::{PROVIDER_NAME}::{name}!(|| {closure});\n\
+             }}\n\n",
+            dtrace = probe.name.replace("__", "-"),
+            name = probe.name,
+            fn_name = fn_name(probe),
+            params = parameters(probe),
+        );
+    }
+    out
+}
+
+/// Rust source for macOS's enablement query: the probes whose is-enabled
+/// site (a symbol the linker patches, the one the usdt macros use) says
+/// yes. The symbol spelling follows the macOS linker's convention.
+fn macos_is_enabled(probes: &[Probe]) -> String {
+    let mut out = String::from(
+        "// Generated by build.rs from provider/pydtrace.d. Do not edit.\n\n\
+         /// The probes a DTrace consumer enables now.\n\
+         pub fn enabled() -> crate::probes::ProbeSet {\n    \
+             let mut set = crate::probes::ProbeSet::EMPTY;\n",
+    );
+    for (index, probe) in probes.iter().enumerate() {
+        let _ = write!(
+            out,
+            "    {{\n        \
+                 extern \"C\" {{\n            \
+                     #[link_name = \"__dtrace_isenabled${PROVIDER_NAME}${name}$v1\"]\n            \
+                     fn is_enabled() -> i32;\n        \
+                 }}\n        \
+                 // SAFETY: the linker turns the call into a patchable is-enabled site.\n        \
+                 if unsafe {{ is_enabled() }} != 0 {{\n            \
+                     set = set.with({index});\n        \
+                 }}\n    \
+             }}\n",
+            name = probe.name,
+        );
+    }
+    out.push_str("    set\n}\n");
     out
 }
 

@@ -11,6 +11,10 @@
  * C types are written in those: `int` as int32_t, `long` as int64_t and
  * `void *` as uintptr_t. The argument names stand in comments.
  *
+ * Arguments 0 to 2 of every probe are what CPython passes (3.11, and 3.15
+ * for the function probes); what this provider adds comes after them, so
+ * scripts written for CPython's probes see the same values here.
+ *
  * A `char *` argument points to a NUL-terminated UTF-8 string that stays
  * valid at least until the probe has returned; names that are not valid
  * UTF-8 (lone surrogates) are passed with the offending characters
@@ -18,12 +22,16 @@
  */
 
 provider python {
-	/* (filename, funcname, lineno): a Python frame starts or resumes. */
-	probe function__entry(char *, char *, int32_t);
-	/* (filename, funcname, lineno): a Python frame returns, yields or unwinds. */
-	probe function__return(char *, char *, int32_t);
-	/* (filename, funcname, lineno): a new line starts executing. */
-	probe line(char *, char *, int32_t);
+	/*
+	 * (filename, funcname, lineno, qualname): a Python frame starts or
+	 * resumes. funcname is co_name, as CPython passes it; qualname
+	 * (co_qualname, `Class.method`) is this provider's addition.
+	 */
+	probe function__entry(char *, char *, int32_t, char *);
+	/* (filename, funcname, lineno, qualname): a Python frame returns, yields or unwinds. */
+	probe function__return(char *, char *, int32_t, char *);
+	/* (filename, funcname, lineno, qualname): a new line starts executing. */
+	probe line(char *, char *, int32_t, char *);
 	/* (generation): a garbage collection starts. */
 	probe gc__start(int32_t);
 	/* (collected): a garbage collection ends; collected plus uncollectable. */

@@ -27,13 +27,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyString};
 
 use crate::callbacks::{self, Hook};
 use crate::error::Error;
 use crate::instances;
-use crate::probes::{self, ProbeSet, PROBE_DTRACE_NAMES};
+use crate::faults::{self, warn};
+use crate::probes::{self, ProbeSet};
 
 /// The name our `sys.monitoring` tool id goes by.
 const TOOL_NAME: &str = "pydtrace";
@@ -72,42 +72,60 @@ pub const ARMABLE: ProbeSet = CODE_PROBES
         ProbeSet::EMPTY
     });
 
-/// The probes a `--with-dtrace` interpreter fires itself, once known. A
-/// `PyOnceLock`: the first reader imports `sysconfig`, and another thread
-/// must not wait for it while holding the GIL.
-static INTERPRETER_PROBES: PyOnceLock<ProbeSet> = PyOnceLock::new();
+/// The probes a `--with-dtrace` interpreter fires itself, worked out once
+/// when the module is initialised ([`detect_interpreter_probes`]).
+static INTERPRETER_PROBES: AtomicU32 = AtomicU32::new(0);
 
 /// The probes this interpreter fires itself: gc, import and audit where it
 /// was built `--with-dtrace`, and function entry and return too from 3.15.
-/// Asked of `sysconfig` on first use (at the first arming, not at import).
-pub fn interpreter_probes(py: Python<'_>) -> ProbeSet {
-    *INTERPRETER_PROBES.get_or_init(py, || {
-        let with_dtrace = py
-            .import("sysconfig")
+pub fn interpreter_probes() -> ProbeSet {
+    ProbeSet::from_bits(INTERPRETER_PROBES.load(Ordering::Relaxed))
+}
+
+/// Works out [`interpreter_probes`] at initialisation, without importing
+/// anything: arming must not import under the GIL (an import hands the GIL
+/// to busy threads many times, and getting it back can take seconds).
+///
+/// A `--with-dtrace` CPython on Linux exports the semaphores of its probes
+/// (`python_gc__start_semaphore`, ...), so the process's own symbol table
+/// answers. The DTrace platforms' linker leaves no such symbol, so there
+/// `sysconfig` is asked, once, here, where the importing thread holds the
+/// GIL anyway (untested there).
+pub fn detect_interpreter_probes(py: Python<'_>) {
+    let with_dtrace = if cfg!(target_os = "linux") {
+        interpreter_exports(c"python_gc__start_semaphore")
+    } else {
+        py.import("sysconfig")
             .and_then(|sysconfig| sysconfig.call_method1("get_config_var", ("WITH_DTRACE",)))
             .and_then(|value| value.is_truthy())
-            .unwrap_or(false);
-        if !with_dtrace {
-            return ProbeSet::EMPTY;
-        }
-        let own = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PROBES);
-        if py.version_info() >= (3, 15) {
-            own.union(ProbeSet::of(&[
-                probes::FUNCTION_ENTRY,
-                probes::FUNCTION_RETURN,
-            ]))
-        } else {
-            own
-        }
-    })
+            .unwrap_or(false)
+    };
+    let own = if !with_dtrace {
+        ProbeSet::EMPTY
+    } else if py.version_info() >= (3, 15) {
+        INTERPRETER_OWN.union(ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN]))
+    } else {
+        INTERPRETER_OWN
+    };
+    INTERPRETER_PROBES.store(own.bits(), Ordering::Relaxed);
+}
+
+/// The probes every `--with-dtrace` CPython 3.12+ fires itself.
+const INTERPRETER_OWN: ProbeSet = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PROBES);
+
+/// Whether the process (the interpreter and what it loaded) exports `symbol`.
+fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
+    extern "C" {
+        fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::os::raw::c_char)
+            -> *mut std::ffi::c_void;
+    }
+    // SAFETY: RTLD_DEFAULT (null on Linux) searches the global scope; the
+    // symbol is a NUL-terminated string.
+    unsafe { !dlsym(std::ptr::null_mut(), symbol.as_ptr()).is_null() }
 }
 
 /// The probes that are live now: wanted by a consumer and hooked in.
 static LIVE: AtomicU32 = AtomicU32::new(0);
-/// Probes switched off after an internal error, until the module is re-armed.
-static FAILED: AtomicU32 = AtomicU32::new(0);
-/// Probes whose internal error has been reported (once each).
-static WARNED: AtomicU32 = AtomicU32::new(0);
 
 /// The probes that are live now.
 pub fn live() -> ProbeSet {
@@ -249,6 +267,12 @@ impl Drop for StateGuard {
     fn drop(&mut self) {
         ARMING.set(false);
     }
+}
+
+/// Whether this thread is inside [`apply`] now (Python code that arming
+/// runs can re-enter it, through an audit hook or a pending call).
+pub fn arming_here() -> bool {
+    ARMING.get()
 }
 
 /// Locks [`STATE`] without deadlocking against the GIL: another thread may
@@ -496,12 +520,11 @@ fn claim_tool_id(monitoring: &Bound<'_, PyAny>) -> Result<u8, Error> {
 /// Hooks in exactly the probes of `wanted` that this build can arm (and that
 /// have not failed), unhooks the rest, and publishes what is live.
 pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
-    let mut wanted = wanted
+    faults::forget_failures_except(wanted);
+    let wanted = wanted
         .intersection(ARMABLE)
-        .difference(ProbeSet::from_bits(FAILED.load(Ordering::Relaxed)));
-    if !wanted.is_empty() {
-        wanted = wanted.difference(interpreter_probes(py));
-    }
+        .difference(faults::failed())
+        .difference(interpreter_probes());
     let Some(mut state) = lock_state(py) else {
         // Re-entered from Python code that arming itself ran (an audit hook,
         // say): leave it to the outer call.
@@ -522,43 +545,4 @@ pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
         .union(state.audit_live);
     LIVE.store(live.bits(), Ordering::Release);
     result.map(|()| live)
-}
-
-/// Unhooks everything and clears the failed probes, so that a later
-/// [`apply`] starts afresh.
-pub fn reset(py: Python<'_>) -> Result<(), Error> {
-    FAILED.store(0, Ordering::Relaxed);
-    WARNED.store(0, Ordering::Relaxed);
-    apply(py, ProbeSet::EMPTY).map(|_| ())
-}
-
-/// Switches probe `probe` off after an internal error and warns once. Called
-/// from callbacks, with the GIL held; never leaves a Python error set.
-#[cold]
-#[inline(never)]
-pub fn report_internal_error(probe: usize, what: &str) {
-    let bit = 1 << probe;
-    FAILED.fetch_or(bit, Ordering::Relaxed);
-    crate::watcher::kick();
-    if WARNED.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-        // SAFETY: callbacks run with the GIL held.
-        let py = unsafe { Python::assume_attached() };
-        warn(
-            py,
-            &format!("probe {} switched off: {what}", PROBE_DTRACE_NAMES[probe]),
-        );
-    }
-}
-
-/// Issues a RuntimeWarning; if warnings are errors, prints it instead, so
-/// that nothing raises into the traced program.
-fn warn(py: Python<'_>, message: &str) {
-    let message = format!("pydtrace: {message}");
-    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
-    let Ok(c_message) = std::ffi::CString::new(message.clone()) else {
-        return;
-    };
-    if PyErr::warn(py, &category, &c_message, 1).is_err() {
-        eprintln!("{message}");
-    }
 }

@@ -6,7 +6,7 @@
 //! names, read an offset or line, and fire its probe. Nothing here
 //! allocates per event, waits for a lock, or can raise into the traced program:
 //! every callback returns `None`, and a failure to work out a probe's
-//! arguments is reported once through `arming::report_internal_error`,
+//! arguments is reported once through `faults::report_internal_error`,
 //! which switches that probe off.
 
 use std::os::raw::c_char;
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::arming;
+use crate::faults;
 use crate::instances;
 use crate::names::{self, CodeNames};
 use crate::probes::{self, fire};
@@ -46,13 +46,13 @@ unsafe fn code_names<'a>(
 ) -> Option<(*mut ffi::PyObject, &'a CodeNames)> {
     let code = arg(args, nargs, 0);
     if code.is_null() {
-        arming::report_internal_error(probe, "the interpreter passed no code object");
+        faults::report_internal_error(probe, "the interpreter passed no code object");
         return None;
     }
     match names::of_code(code) {
         Some(names) => Some((code, names)),
         None => {
-            arming::report_internal_error(probe, "cannot read the code object's names");
+            faults::report_internal_error(probe, "cannot read the code object's names");
             None
         }
     }
@@ -71,14 +71,15 @@ unsafe fn int_arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> ffi::
     value
 }
 
-/// PY_START(code, offset): a fresh call; its entry line is `co_firstlineno`.
+/// PY_START(code, offset): a fresh call; its entry line is that of the
+/// code's first instruction (worked out once per code object).
 unsafe extern "C" fn on_start(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
-        fire::function_entry(names.filename(), names.qualname(), names.first_line());
+        fire::function_entry(names.filename(), names.name(), names.entry_line(), names.qualname());
     }
     none()
 }
@@ -92,7 +93,7 @@ unsafe extern "C" fn on_resume(
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
         let line = names.line_at(code, int_arg(args, nargs, 1));
-        fire::function_entry(names.filename(), names.qualname(), line);
+        fire::function_entry(names.filename(), names.name(), line, names.qualname());
     }
     none()
 }
@@ -106,7 +107,7 @@ unsafe extern "C" fn on_leave(
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
         let line = names.line_at(code, int_arg(args, nargs, 1));
-        fire::function_return(names.filename(), names.qualname(), line);
+        fire::function_return(names.filename(), names.name(), line, names.qualname());
     }
     none()
 }
@@ -120,8 +121,9 @@ unsafe extern "C" fn on_line(
     if let Some((_, names)) = code_names(args, nargs, probes::LINE) {
         fire::line(
             names.filename(),
-            names.qualname(),
+            names.name(),
             int_arg(args, nargs, 1) as i32,
+            names.qualname(),
         );
     }
     none()
@@ -176,7 +178,7 @@ unsafe extern "C" fn on_gc(
         || ffi::PyUnicode_Check(phase) == 0
         || ffi::PyDict_Check(info) == 0
     {
-        arming::report_internal_error(probes::GC_START, "gc.callbacks passed unexpected arguments");
+        faults::report_internal_error(probes::GC_START, "gc.callbacks passed unexpected arguments");
         return none();
     }
     let Some(keys) = GC_KEYS.get() else {

@@ -8,7 +8,7 @@
 use crate::probes::ProbeSet;
 
 /// The probes whose semaphores a consumer has raised.
-#[cfg(all(target_os = "linux", not(feature = "usdt-backend")))]
+#[cfg(probe_backend = "stapsdt")]
 pub fn consumer_enabled() -> ProbeSet {
     use std::sync::atomic::Ordering;
 
@@ -20,18 +20,13 @@ pub fn consumer_enabled() -> ProbeSet {
 }
 
 /// The probes a DTrace consumer has enabled.
-#[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
+#[cfg(probe_backend = "usdt")]
 pub fn consumer_enabled() -> ProbeSet {
     crate::probes::usdt_backend::enabled()
 }
 
 /// No probe mechanism: nothing is ever enabled.
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "macos",
-    target_os = "illumos",
-    feature = "usdt-backend"
-)))]
+#[cfg(probe_backend = "none")]
 pub fn consumer_enabled() -> ProbeSet {
     ProbeSet::EMPTY
 }

@@ -44,6 +44,18 @@ impl fmt::Display for Error {
     }
 }
 
+impl From<crate::probes::UnknownProbe> for Error {
+    fn from(err: crate::probes::UnknownProbe) -> Self {
+        Error::UnknownProbe(err.0)
+    }
+}
+
+impl From<crate::probes::UnknownProbe> for PyErr {
+    fn from(err: crate::probes::UnknownProbe) -> Self {
+        Error::from(err).into()
+    }
+}
+
 impl From<PyErr> for Error {
     fn from(err: PyErr) -> Self {
         Error::Python(err)

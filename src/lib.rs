@@ -16,6 +16,7 @@ mod arming;
 mod callbacks;
 mod enablement;
 mod error;
+mod faults;
 mod instances;
 mod names;
 mod probes;
@@ -55,11 +56,10 @@ mod _native {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         probes::register();
         names::init()?;
+        arming::detect_interpreter_probes(m.py());
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-        m.add("PROVIDER", probes::PROVIDER)?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
         m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
-        m.add("POLL_INTERVAL", watcher::POLL_INTERVAL.as_secs_f64())?;
         Ok(())
     }
 
@@ -79,7 +79,7 @@ mod _native {
     /// this module leaves to it.
     #[pyfunction]
     fn interpreter_probes(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
-        frozenset(py, arming::interpreter_probes(py))
+        frozenset(py, arming::interpreter_probes())
     }
 
     /// The probes that a consumer enables now, hooked in or not.
@@ -103,7 +103,7 @@ mod _native {
         let deadline = timeout_duration(timeout)?.map(|t| Instant::now() + t);
         // A probe this module never arms here (the interpreter fires it itself,
         // or this Python version is not supported for it) never goes live.
-        let armable = arming::ARMABLE.difference(arming::interpreter_probes(py));
+        let armable = arming::ARMABLE.difference(arming::interpreter_probes());
         if !armable.is_superset(wanted) {
             return Ok(false);
         }
@@ -128,6 +128,12 @@ mod _native {
             };
             py.detach(|| std::thread::sleep(nap));
             py.check_signals()?;
+            // The watcher hands changes to the main thread as pending calls;
+            // a main thread waiting here runs no bytecode that would run them.
+            // SAFETY: GIL held; does nothing off the main thread.
+            if unsafe { pyo3::ffi::Py_MakePendingCalls() } != 0 {
+                return Err(PyErr::fetch(py));
+            }
         }
     }
 
@@ -143,13 +149,6 @@ mod _native {
         Ok(())
     }
 
-    /// Stops watching and switches every hook off.
-    #[pyfunction]
-    fn disarm(py: Python<'_>) -> PyResult<()> {
-        watcher::stop(py);
-        arming::reset(py).map_err(PyErr::from)
-    }
-
     /// Whether the watcher runs, i.e. the probes are armed.
     #[pyfunction]
     fn is_armed() -> bool {
@@ -163,9 +162,10 @@ mod _native {
         callbacks::callable(py, callbacks::Hook::Noop, None)
     }
 
-    /// (times the watcher read the semaphores, times it took the GIL).
+    /// (times the watcher read the semaphores, times it took the GIL itself,
+    /// times the main thread applied a change for it in a pending call).
     #[pyfunction]
-    fn watcher_stats() -> (u64, u64) {
+    fn watcher_stats() -> (u64, u64, u64) {
         watcher::stats()
     }
 
@@ -175,7 +175,7 @@ mod _native {
     fn report_internal_error(name: &str, what: &str) -> PyResult<()> {
         let set = ProbeSet::from_names(&[name])?;
         for index in set.indices() {
-            arming::report_internal_error(index, what);
+            faults::report_internal_error(index, what);
         }
         Ok(())
     }
@@ -204,10 +204,16 @@ mod _native {
         watcher::before_fork(py);
     }
 
-    /// `os.register_at_fork(after_in_parent=..., after_in_child=...)`.
+    /// `os.register_at_fork(after_in_parent=...)`.
     #[pyfunction]
-    fn after_fork() -> PyResult<()> {
-        watcher::after_fork().map_err(PyErr::from)
+    fn after_fork_parent(py: Python<'_>) -> PyResult<()> {
+        watcher::after_fork_parent(py).map_err(PyErr::from)
+    }
+
+    /// `os.register_at_fork(after_in_child=...)`.
+    #[pyfunction]
+    fn after_fork_child() -> PyResult<()> {
+        watcher::after_fork_child().map_err(PyErr::from)
     }
 
     /// `atexit`: stops the watcher for good before finalization.

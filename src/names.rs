@@ -1,7 +1,7 @@
 //! The per-code-object cache of what the code probes pass.
 //!
-//! A probe passes `co_filename` and `co_qualname` as NUL-terminated UTF-8
-//! and a line number. Working those out is done once per code object, on
+//! A probe passes `co_filename`, `co_name` and `co_qualname` as
+//! NUL-terminated UTF-8 and a line number. Working those out is done once per code object, on
 //! the first event that needs it, and kept in the code object's "extra"
 //! slot (PEP 523's `PyUnstable_Code_SetExtra`). That ties the cache to the
 //! code object's lifetime: it is freed when the code object is, so the cache
@@ -186,13 +186,17 @@ impl LineTable {
 
 /// What the code probes pass for one code object.
 pub struct CodeNames {
-    /// `co_filename` and `co_qualname` as the probes pass them, resolved once
-    /// (no per-event match on how each is held).
+    /// `co_filename`, `co_name` and `co_qualname` as the probes pass them,
+    /// resolved once (no per-event match on how each is held).
     filename: *const c_char,
+    name: *const c_char,
     qualname: *const c_char,
     /// The strings behind those pointers where they are copies.
-    _held: [ProbeString; 2],
+    _held: [ProbeString; 3],
     first_line: i32,
+    /// The line of the code's first instruction: what `function__entry`
+    /// passes for a fresh call.
+    entry_line: i32,
     /// Built on the first event that needs an offset's line.
     lines: OnceCell<Option<LineTable>>,
 }
@@ -204,15 +208,25 @@ impl CodeNames {
         self.filename
     }
 
+    /// `co_name`, NUL-terminated UTF-8: CPython's `funcname`.
+    #[inline]
+    pub fn name(&self) -> *const c_char {
+        self.name
+    }
+
     /// `co_qualname`, NUL-terminated UTF-8.
     #[inline]
     pub fn qualname(&self) -> *const c_char {
         self.qualname
     }
 
-    /// `co_firstlineno`: the `def` line (the decorator's, for a decorated function).
-    pub fn first_line(&self) -> i32 {
-        self.first_line
+    /// The line of the code's first instruction, as CPython 3.15 passes it
+    /// to `function__entry`: the `def` line (the decorator's, for a
+    /// decorated function), 0 for a module; `co_firstlineno` where that
+    /// instruction has no line (a closure's cell set-up).
+    #[inline]
+    pub fn entry_line(&self) -> i32 {
+        self.entry_line
     }
 
     /// The line of the instruction at byte `offset` of `code`, or
@@ -235,26 +249,31 @@ impl CodeNames {
     /// GIL held; `code` must be a live code object.
     unsafe fn build(code: *mut ffi::PyObject) -> Option<CodeNames> {
         let filename = ffi::PyObject_GetAttrString(code, c"co_filename".as_ptr());
+        let name = ffi::PyObject_GetAttrString(code, c"co_name".as_ptr());
         let qualname = ffi::PyObject_GetAttrString(code, c"co_qualname".as_ptr());
         let first_line = ffi::PyObject_GetAttrString(code, c"co_firstlineno".as_ptr());
-        let names = if filename.is_null() || qualname.is_null() || first_line.is_null() {
+        let names = if filename.is_null() || name.is_null() || qualname.is_null() || first_line.is_null() {
             None
         } else {
             // The attributes are the code object's own (immutable) fields, so
             // the borrowed UTF-8 buffers live as long as the code object.
             let held = [
                 ProbeString::from_str_object(filename),
+                ProbeString::from_str_object(name),
                 ProbeString::from_str_object(qualname),
             ];
+            let first_line = ffi::PyLong_AsLong(first_line) as i32;
             Some(CodeNames {
                 filename: held[0].as_ptr(),
-                qualname: held[1].as_ptr(),
+                name: held[1].as_ptr(),
+                qualname: held[2].as_ptr(),
                 _held: held,
-                first_line: ffi::PyLong_AsLong(first_line) as i32,
+                first_line,
+                entry_line: first_instruction_line(code).unwrap_or(first_line),
                 lines: OnceCell::new(),
             })
         };
-        for obj in [filename, qualname, first_line] {
+        for obj in [filename, name, qualname, first_line] {
             if !obj.is_null() {
                 ffi::Py_DECREF(obj);
             }
@@ -265,6 +284,40 @@ impl CodeNames {
         }
         names
     }
+}
+
+/// The line of the instruction at offset 0 of `code`, from the first item
+/// of `co_lines()`; `None` where it has no line or the interpreter cannot
+/// say (no Python error is left set).
+///
+/// # Safety
+/// GIL held; `code` must be a live code object.
+unsafe fn first_instruction_line(code: *mut ffi::PyObject) -> Option<i32> {
+    let iter = ffi::PyObject_CallMethod(code, c"co_lines".as_ptr(), ptr::null());
+    if iter.is_null() {
+        ffi::PyErr_Clear();
+        return None;
+    }
+    let item = ffi::PyIter_Next(iter);
+    ffi::Py_DECREF(iter);
+    if item.is_null() {
+        ffi::PyErr_Clear();
+        return None;
+    }
+    let mut line = None;
+    if ffi::PyTuple_Check(item) != 0 && ffi::PyTuple_Size(item) == 3 {
+        let line_obj = ffi::PyTuple_GetItem(item, 2);
+        if line_obj != ffi::Py_None() {
+            let value = ffi::PyLong_AsLong(line_obj);
+            if value == -1 && !ffi::PyErr_Occurred().is_null() {
+                ffi::PyErr_Clear();
+            } else {
+                line = Some(value as i32);
+            }
+        }
+    }
+    ffi::Py_DECREF(item);
+    line
 }
 
 /// The cached names of `code`, computed on first use; `None` if `code` is not

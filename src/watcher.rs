@@ -2,30 +2,47 @@
 //!
 //! The kernel raises a probe's semaphore without telling the process, so a
 //! native thread polls the semaphores every [`POLL_INTERVAL`]. It holds no
-//! GIL and touches no Python object while nothing changes; when the set of
-//! enabled probes changes it takes the GIL once and lets `arming` switch
-//! the interpreter's hooks to match.
+//! GIL and touches no Python object while nothing changes.
+//!
+//! When the set of enabled probes changes, `arming` must run once with the
+//! GIL. Taking the GIL from this thread can starve: CPython asks its holder
+//! to let go only after 5 ms without a wake-up, and a main thread that keeps
+//! releasing the GIL for I/O keeps winning it back, for seconds. So the
+//! change is handed to the main thread as a pending call
+//! (`Py_AddPendingCall`), which the interpreter runs at its next check,
+//! within microseconds while it runs Python. Only when that has not happened
+//! within one poll (the main thread is blocked in C) does this thread take
+//! the GIL itself. Either way the GIL is taken once per change, and arming
+//! does no import or I/O under it.
 //!
 //! Two moments need the thread out of the way:
 //! - `os.fork()`: Python 3.12+ warns when a process with other OS threads
 //!   forks, and a thread that is gone cannot hold a lock the child needs.
 //!   The shim's `os.register_at_fork` hooks stop and join the thread before
-//!   the fork and start it again in parent and child.
+//!   the fork and start it again in parent and child. CPython 3.13.0 counts
+//!   the parent's threads after its after-fork hooks have run, so there the
+//!   parent's thread is started again only once `os.fork()` has returned to
+//!   its caller (a pending call that waits for that), not in the hook.
 //! - Interpreter shutdown: on 3.12 and 3.13 a thread that asks for the GIL
 //!   of a finalizing interpreter is ended with `pthread_exit`. An `atexit`
 //!   hook stops and joins the thread before finalization begins, and it is
 //!   never started again.
 
+use std::ffi::c_void;
+use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::arming;
 use crate::enablement;
 use crate::error::Error;
+use crate::faults;
+use crate::names::interpreter_finalizing;
 use crate::probes::ProbeSet;
 
 /// How often the semaphores are read: a consumer's probes are live, or
@@ -34,18 +51,20 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Probes armed whether or not a consumer enables them (benchmarks' switch).
 static FORCED: AtomicU32 = AtomicU32::new(0);
-/// Set when the enabled set must be applied again although it did not change.
-static KICK: AtomicBool = AtomicBool::new(false);
-/// How often the watcher has taken the GIL, for the tests' idle guard.
+/// How often the watcher thread has taken the GIL itself.
 static GIL_TAKEN: AtomicU64 = AtomicU64::new(0);
+/// How often the main thread has applied a change in a pending call.
+static HANDED_OFF: AtomicU64 = AtomicU64::new(0);
 /// How often the watcher has read the semaphores.
 static POLLS: AtomicU64 = AtomicU64::new(0);
 
-/// (times the watcher read the semaphores, times it took the GIL) in this process.
-pub fn stats() -> (u64, u64) {
+/// (times the watcher read the semaphores, times it took the GIL itself,
+/// times the main thread applied a change for it) in this process.
+pub fn stats() -> (u64, u64, u64) {
     (
         POLLS.load(Ordering::Relaxed),
         GIL_TAKEN.load(Ordering::Relaxed),
+        HANDED_OFF.load(Ordering::Relaxed),
     )
 }
 
@@ -103,7 +122,7 @@ pub fn start(forced: ProbeSet) -> Result<(), Error> {
         state.running = None; // forked behind our back: that thread is not here
     }
     if state.shut_down || state.running.is_some() {
-        kick();
+        faults::kick();
         return Ok(());
     }
     let control = Arc::new(Control {
@@ -154,28 +173,120 @@ pub fn stop(py: Python<'_>) -> bool {
     true
 }
 
-/// Asks the watcher to apply the enabled set again at its next poll.
-pub fn kick() {
-    KICK.store(true, Ordering::Release);
-}
-
 /// `os.register_at_fork(before=...)`: stops the thread before a fork.
 pub fn before_fork(py: Python<'_>) {
     let was_running = stop(py);
-    state().resume_after_fork = was_running;
+    // A restart still waiting from the previous fork counts as running.
+    let restart_waiting = FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
+    state().resume_after_fork = was_running || restart_waiting;
 }
 
-/// `os.register_at_fork(after_in_parent=..., after_in_child=...)`: starts
-/// the thread again if it ran before the fork. In a child the hooks stay
-/// as the parent left them; the new thread applies what the child's
-/// semaphores say (DECISIONS.md, 8: a child of a traced parent sees the
-/// parent's semaphores until its first probe hit, then goes idle).
-pub fn after_fork() -> Result<(), Error> {
-    let resume = std::mem::take(&mut state().resume_after_fork);
-    if resume {
+/// `os.register_at_fork(after_in_child=...)`: starts the thread again if it
+/// ran before the fork. The hooks stay as the parent left them; the new
+/// thread applies what the child's semaphores say (a child of a traced
+/// parent sees the parent's semaphores until its first probe hit, then the
+/// kernel drops them and the child goes idle).
+pub fn after_fork_child() -> Result<(), Error> {
+    if std::mem::take(&mut state().resume_after_fork) {
         start(forced())?;
     }
     Ok(())
+}
+
+/// `os.register_at_fork(after_in_parent=...)`: starts the thread again if
+/// it ran before the fork; on 3.13, once `os.fork()` has returned.
+pub fn after_fork_parent(py: Python<'_>) -> Result<(), Error> {
+    if !std::mem::take(&mut state().resume_after_fork) {
+        return Ok(());
+    }
+    // 3.13.0 moved its count of the parent's threads after these hooks
+    // (gh-116522); 3.12 counts before them, and 3.14 moved it back.
+    if py.version_info() < (3, 13) || py.version_info() >= (3, 14) {
+        return start(forced());
+    }
+    // SAFETY: GIL held; the frame that called os.fork() (borrowed), if any.
+    let caller = unsafe { ffi::PyEval_GetFrame() };
+    if caller.is_null() {
+        return start(forced()); // forked from C code: no Python thread count follows
+    }
+    // SAFETY: `caller` is a live frame object.
+    let lasti = unsafe { ffi::PyFrame_GetLasti(caller) };
+    *FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()) = Some(ForkCaller {
+        frame: caller as usize,
+        lasti,
+        tries: 0,
+    });
+    // SAFETY: a static function; callable with the GIL held.
+    if unsafe { ffi::Py_AddPendingCall(Some(restart_after_fork), std::ptr::null_mut()) } != 0 {
+        FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return start(forced()); // the queue is full: better a warning than no probes
+    }
+    Ok(())
+}
+
+/// Where `os.fork()` was called from, while the parent's restart waits for
+/// it to return: the caller's frame and the offset of its call.
+struct ForkCaller {
+    frame: usize,
+    lasti: c_int,
+    tries: u32,
+}
+
+static FORK_RESTART: Mutex<Option<ForkCaller>> = Mutex::new(None);
+
+/// Pending calls after which the restart gives up waiting for `os.fork()`
+/// to return (a frame that never shows its caller again) and starts anyway.
+const FORK_RESTART_TRIES: u32 = 100_000;
+
+/// The parent's restart after a fork on 3.13: runs as a pending call on the
+/// main thread, and again until the fork's caller is the running frame.
+/// Pending calls also run inside other after-fork hooks written in Python
+/// (logging's, for one), while the thread count is still to come: there the
+/// caller's frame is on the stack, below the hook's, at the same offset.
+extern "C" fn restart_after_fork(_: *mut c_void) -> c_int {
+    let mut waiting = FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(caller) = waiting.as_mut() else {
+        return 0; // already restarted, or a fork came in between
+    };
+    // SAFETY: pending calls run on the main thread with the GIL held.
+    let inside = unsafe { fork_caller_below_top(caller) };
+    caller.tries += 1;
+    if inside && caller.tries < FORK_RESTART_TRIES {
+        // SAFETY: as above.
+        if unsafe { ffi::Py_AddPendingCall(Some(restart_after_fork), std::ptr::null_mut()) } == 0 {
+            return 0;
+        }
+    }
+    waiting.take();
+    drop(waiting);
+    if let Err(err) = start(forced()) {
+        // SAFETY: as above.
+        faults::report_arming_error(unsafe { Python::assume_attached() }, &err.to_string());
+    }
+    0
+}
+
+/// Whether the frame that called `os.fork()` is on the stack, still at its
+/// call, under another frame (a Python after-fork hook).
+///
+/// # Safety
+/// GIL held.
+unsafe fn fork_caller_below_top(caller: &ForkCaller) -> bool {
+    let top = ffi::PyEval_GetFrame();
+    if top.is_null() || top as usize == caller.frame {
+        return false;
+    }
+    let mut frame = ffi::PyFrame_GetBack(top); // a new reference
+    while !frame.is_null() {
+        let found = frame as usize == caller.frame && ffi::PyFrame_GetLasti(frame) == caller.lasti;
+        let back = if found { std::ptr::null_mut() } else { ffi::PyFrame_GetBack(frame) };
+        ffi::Py_DECREF(frame.cast());
+        if found {
+            return true;
+        }
+        frame = back;
+    }
+    false
 }
 
 /// `atexit`: stops the thread for good before the interpreter finalizes.
@@ -192,15 +303,9 @@ fn watch(control: &Control) {
     loop {
         POLLS.fetch_add(1, Ordering::Relaxed);
         let wanted = enablement::consumer_enabled().union(forced());
-        let kicked = KICK.swap(false, Ordering::AcqRel);
+        let kicked = faults::take_kick();
         if applied != wanted || kicked {
-            let attached = Python::try_attach(|py| {
-                GIL_TAKEN.fetch_add(1, Ordering::Relaxed);
-                if let Err(err) = arming::apply(py, wanted) {
-                    PyErr::from(err).write_unraisable(py, None);
-                }
-            });
-            if attached.is_none() {
+            if !apply_with_gil(wanted) {
                 return; // the interpreter is going away
             }
             // Also after a failure: retried when the enabled set changes again.
@@ -218,4 +323,99 @@ fn watch(control: &Control) {
             return;
         }
     }
+}
+
+/// One change of the enabled set on its way to a thread with the GIL.
+struct Handoff {
+    /// The set to apply, the number of its request, and the last request applied.
+    wanted: ProbeSet,
+    requested: u64,
+    applied: u64,
+    /// The process that asked: a pending call queued before a fork does not
+    /// run the parent's request in the child.
+    pid: u32,
+}
+
+static HANDOFF: Mutex<Handoff> = Mutex::new(Handoff {
+    wanted: ProbeSet::EMPTY,
+    requested: 0,
+    applied: 0,
+    pid: 0,
+});
+/// Signalled when a request has been applied.
+static HANDOFF_DONE: Condvar = Condvar::new();
+/// Whether our pending call is queued (at most one is).
+static PENDING_QUEUED: AtomicBool = AtomicBool::new(false);
+
+fn handoff() -> MutexGuard<'static, Handoff> {
+    HANDOFF.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Has `wanted` applied with the GIL: by the main thread in a pending call,
+/// or by this thread if the main thread has not run it within a poll.
+/// False when the interpreter is going away.
+fn apply_with_gil(wanted: ProbeSet) -> bool {
+    let request = {
+        let mut handoff = handoff();
+        handoff.wanted = wanted;
+        handoff.requested += 1;
+        handoff.pid = std::process::id();
+        handoff.requested
+    };
+    if !PENDING_QUEUED.swap(true, Ordering::AcqRel) {
+        // SAFETY: Py_AddPendingCall may be called without the GIL from any thread.
+        if unsafe { ffi::Py_AddPendingCall(Some(apply_pending), std::ptr::null_mut()) } != 0 {
+            PENDING_QUEUED.store(false, Ordering::Release);
+        }
+    }
+    let handoff = handoff();
+    let (handoff, _) = HANDOFF_DONE
+        .wait_timeout_while(handoff, POLL_INTERVAL, |h| h.applied < request)
+        .unwrap_or_else(|p| p.into_inner());
+    if handoff.applied >= request {
+        return true;
+    }
+    drop(handoff);
+    // The main thread runs no Python now (blocked in C): take the GIL here.
+    Python::try_attach(|py| {
+        GIL_TAKEN.fetch_add(1, Ordering::Relaxed);
+        apply_requested(py);
+    })
+    .is_some()
+}
+
+/// The pending call: applies the latest request on the main thread. Never
+/// raises into the program (it returns 0 with no error set).
+extern "C" fn apply_pending(_: *mut c_void) -> c_int {
+    PENDING_QUEUED.store(false, Ordering::Release);
+    if state().shut_down || interpreter_finalizing() {
+        return 0;
+    }
+    // SAFETY: pending calls run on the main thread with the GIL held.
+    let py = unsafe { Python::assume_attached() };
+    if apply_requested(py) {
+        HANDED_OFF.fetch_add(1, Ordering::Relaxed);
+    }
+    0
+}
+
+/// Applies the latest request unless it was applied already; whether it did.
+fn apply_requested(py: Python<'_>) -> bool {
+    if arming::arming_here() {
+        return false; // inside arming's own Python code: the outer call finishes first
+    }
+    let (wanted, request) = {
+        let handoff = handoff();
+        if handoff.pid != std::process::id() || handoff.applied >= handoff.requested {
+            return false;
+        }
+        (handoff.wanted, handoff.requested)
+    };
+    if let Err(err) = arming::apply(py, wanted) {
+        faults::report_arming_error(py, &err.to_string());
+    }
+    let mut handoff = handoff();
+    handoff.applied = handoff.applied.max(request);
+    HANDOFF_DONE.notify_all();
+    true
 }

@@ -170,7 +170,7 @@ def test_the_watcher_takes_no_gil_while_nothing_changes():
     result = run_python(
         """
         import time, dtrace
-        polls, taken = dtrace._native.watcher_stats()
+        polls, taken, _ = dtrace._native.watcher_stats()
         while dtrace._native.watcher_stats()[0] < polls + 5:  # five more reads of the semaphores
             time.sleep(0.01)
         print(dtrace._native.watcher_stats()[1] - taken)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from tracing import trace
 
+# arg1 is co_name, as CPython passes it; arg3, this provider's addition, is co_qualname.
 ENTRY_RETURN = """
 usdt:{lib}:python:function__entry /str(arg0) == "%(file)s"/ {
     @entry[str(arg1), arg2] = count();
+    @entry_qualname[str(arg3)] = count();
     @depth[tid] = @depth[tid] + 1;
 }
 usdt:{lib}:python:function__return /str(arg0) == "%(file)s"/ {
     @ret[str(arg1), arg2] = count();
+    @ret_qualname[str(arg3)] = count();
     @depth[tid] = @depth[tid] - 1;
 }
 """
@@ -48,9 +51,12 @@ def test_recursion_gives_exact_entries_and_returns(workload_dir):
     assert run.count("entry", key("countdown", w.line_of("# def-line"))) == 1000
     assert run.count("ret", key("countdown", w.line_of("# base-return"))) == 50
     assert run.count("ret", key("countdown", w.line_of("# recursive-return"))) == 950
-    # co_qualname: a method shows as Class.method.
-    assert run.count("entry", key("Walker.step", w.line_of("# method-def"))) == 7
-    assert run.count("ret", key("Walker.step", w.line_of("# method-return"))) == 7
+    # arg1 is co_name, as in CPython: a script filtering on "step" sees the method.
+    assert run.count("entry", key("step", w.line_of("# method-def"))) == 7
+    assert run.count("ret", key("step", w.line_of("# method-return"))) == 7
+    # arg3 is co_qualname: the method shows as Class.method.
+    assert run.count("entry_qualname", "Walker.step") == run.count("ret_qualname", "Walker.step") == 7
+    assert run.count("entry_qualname", "countdown") == 1000
     # run() itself: one entry (its def line), one return.
     assert run.count("entry", key("run", w.line_of("def run("))) == 1
     # Entries and returns balance per thread (run's return is counted too).
@@ -182,12 +188,13 @@ def test_odd_names_are_passed_whole_or_lossily_never_crash(workload_dir):
             exec(compile("def caf\\u00e9():\\n    return 3\\n", "na\\u00efve.py", "exec"), ns)
             ns["caf\\u00e9"]()
             f = ns["f"]
-            f.__code__ = f.__code__.replace(co_qualname="bad\\ud800name", co_filename="<nul\\x00cut>")
+            f.__code__ = f.__code__.replace(co_name="bad\\ud800name", co_qualname="worse\\udfffname",
+                                            co_filename="<nul\\x00cut>")
             f()
             exec("def h(): return 4\\nh()", ns)
     """
     program = """
-    usdt:{lib}:python:function__entry { @entry[str(arg0), str(arg1)] = count(); }
+    usdt:{lib}:python:function__entry { @entry[str(arg0), str(arg1)] = count(); @qualname[str(arg3)] = count(); }
     usdt:{lib}:python:function__return { @ret[str(arg0), str(arg1)] = count(); }
     """
     # Two strings as a map key must fit the BPF stack: 100 bytes each.
@@ -202,4 +209,37 @@ def test_odd_names_are_passed_whole_or_lossily_never_crash(workload_dir):
     assert len(long_keys) == 1 and entries[long_keys[0]] == 2
     assert entries["na\u00efve.py,caf\u00e9"] == 1
     assert entries[f"<nul,bad{replacement}name"] == 1
+    assert run.maps["@qualname"][f"worse{replacement}name"] == 1
     assert entries["<string>,h"] == 1
+
+
+def test_entry_line_is_the_first_instructions_line_as_in_cpython(workload_dir):
+    body = '''
+        import functools
+
+        SOURCE = (
+            "def plain():\\n"          # line 1
+            "    return 1\\n"
+            "@functools.cache\\n"      # line 3
+            "def decorated():\\n"
+            "    return 2\\n"
+            "def outer():\\n"          # line 6
+            "    x = 1\\n"
+            "    def inner():\\n"      # line 8
+            "        return x\\n"
+            "    return inner()\\n"
+            "plain(); decorated(); outer()\\n"
+        )
+
+        def run(result):
+            exec(compile(SOURCE, "<entry-lines>", "exec"), {"functools": functools})
+    '''
+    program = """
+    usdt:{lib}:python:function__entry /str(arg0) == "<entry-lines>"/ { @entry[str(arg1), arg2] = count(); }
+    """
+    run = trace(body, program, ["function-entry"], workload_dir)
+    # A module enters at line 0, a function at its def line (a decorated one at its decorator),
+    # a function with a cell at co_firstlineno (its first instruction has no line).
+    assert run.maps["@entry"] == {
+        "<module>,0": 1, "plain,1": 1, "decorated,3": 1, "outer,6": 1, "inner,8": 1,
+    }

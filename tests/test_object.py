@@ -13,11 +13,12 @@ import dtrace
 
 PROVIDER_FILE = Path(__file__).resolve().parent.parent / "provider" / "pydtrace.d"
 
-# CPython's argument layout (Include/pydtrace.d), as the SDT notes spell the sizes.
+# CPython's argument layout (Include/pydtrace.d), as the SDT notes spell the sizes, then this
+# provider's additions: co_qualname after the function and line probes' three.
 EXPECTED_ARGUMENT_SIZES = {
-    "function__entry": ["8", "8", "-4"],
-    "function__return": ["8", "8", "-4"],
-    "line": ["8", "8", "-4"],
+    "function__entry": ["8", "8", "-4", "8"],
+    "function__return": ["8", "8", "-4", "8"],
+    "line": ["8", "8", "-4", "8"],
     "gc__start": ["-4"],
     "gc__done": ["-8"],
     "instance__new__start": ["8", "8"],
@@ -36,13 +37,24 @@ NOTE = re.compile(
 )
 
 
-def probe_notes() -> list[dict[str, str]]:
+def readelf(*options: str) -> str:
     if shutil.which("readelf") is None:
         pytest.skip("readelf (binutils) is not installed")
     library = dtrace.library_path()
     assert library is not None
-    output = subprocess.run(["readelf", "-n", library], check=True, capture_output=True, text=True).stdout
-    return [m.groupdict() for m in NOTE.finditer(output)]
+    return subprocess.run(["readelf", *options, library], check=True, capture_output=True, text=True).stdout
+
+
+def probe_notes() -> list[dict[str, str]]:
+    return [m.groupdict() for m in NOTE.finditer(readelf("-n"))]
+
+
+def sections() -> dict[str, tuple[int, int, int]]:
+    """Section name -> (address, file offset, size), from ``readelf -S -W``."""
+    found = {}
+    for m in re.finditer(r"\]\s+(\S+)\s+\S+\s+([0-9a-f]{8,})\s+([0-9a-f]{6,})\s+([0-9a-f]{6,})", readelf("-S", "-W")):
+        found[m.group(1)] = (int(m.group(2), 16), int(m.group(3), 16), int(m.group(4), 16))
+    return found
 
 
 def test_twelve_probes_in_provider_python():
@@ -68,3 +80,17 @@ def test_arguments_have_cpythons_layout():
     for note in probe_notes():
         sizes = [arg.split("@")[0] for arg in note["arguments"].split()]
         assert sizes == EXPECTED_ARGUMENT_SIZES[note["name"]], note
+
+
+def test_perf_and_systemtap_find_each_probe_site():
+    """perf and SystemTap place a probe at location + (file offset - address of .stapsdt.base):
+    that must be the file offset of the probe's site, whatever the linker's layout."""
+    table = sections()
+    base_address, base_offset, _ = table[".stapsdt.base"]
+    text_address, text_offset, text_size = table[".text"]
+    for note in probe_notes():
+        location, base = int(note["location"], 16), int(note["base"], 16)
+        assert base == base_address, note
+        assert text_address <= location < text_address + text_size, note
+        site_offset = location - text_address + text_offset
+        assert location + (base_offset - base_address) == site_offset, note

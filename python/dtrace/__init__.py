@@ -106,8 +106,8 @@ def _arm_from_environment() -> None:
     # about forking with threads), and gone before the interpreter finalizes.
     _os.register_at_fork(
         before=_native.before_fork,
-        after_in_parent=_native.after_fork,
-        after_in_child=_native.after_fork,
+        after_in_parent=_native.after_fork_parent,
+        after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
     if _os.environ.get(_STARTUP_VARIABLE):

@@ -4,14 +4,10 @@ Use the :mod:`dtrace` package; this module is its implementation and may change.
 """
 
 __version__: str
-#: The provider's name, ``"python"``.
-PROVIDER: str
 #: All probes, as DTrace spells them (``"function-entry"``), in the provider file's order.
 PROBE_NAMES: list[str]
 #: The probes this build can hook into the interpreter.
 ARMABLE_PROBES: frozenset[str]
-#: Seconds between two reads of the probes' semaphores by the watcher thread.
-POLL_INTERVAL: float
 
 def backend_available() -> bool:
     """Whether this build has a probe mechanism (Linux SDT notes, or DTrace)."""
@@ -36,9 +32,6 @@ def wait_for_consumer(names: list[str], timeout: float | None = None) -> bool:
 def arm(force: list[str] = ...) -> None:
     """Start the watcher thread; ``force`` names probes to arm without a consumer (benchmarks only)."""
 
-def disarm() -> None:
-    """Stop the watcher thread and switch every hook off."""
-
 def is_armed() -> bool:
     """Whether the watcher thread runs in this process."""
 
@@ -46,12 +39,13 @@ def noop_callback() -> object:
     """A new native callable with the probe callbacks' calling convention that does nothing:
     the dispatch floor that benchmarks compare the probes with."""
 
-def watcher_stats() -> tuple[int, int]:
-    """(times the watcher thread read the semaphores, times it took the GIL) in this process."""
+def watcher_stats() -> tuple[int, int, int]:
+    """(times the watcher thread read the semaphores, times it took the GIL itself, times the main
+    thread applied a change for it in a pending call) in this process."""
 
 def report_internal_error(name: str, what: str) -> None:
     """Report an internal error of probe ``name`` as the callbacks do (for tests): the probe is
-    switched off until the next arming, with one RuntimeWarning."""
+    switched off, with one RuntimeWarning, until no consumer enables it and one does again."""
 
 def name_cache_entries() -> int:
     """How many code objects carry a name-cache entry now (entries go with their code objects)."""
@@ -65,8 +59,12 @@ def monitoring_tool_id() -> int | None:
 def before_fork() -> None:
     """``os.register_at_fork(before=...)``: stop and join the watcher thread."""
 
-def after_fork() -> None:
-    """``os.register_at_fork(after_in_parent=..., after_in_child=...)``: start it again."""
+def after_fork_parent() -> None:
+    """``os.register_at_fork(after_in_parent=...)``: start it again (on 3.13, once ``os.fork()``
+    has returned to its caller, where CPython counts the threads after the hooks)."""
+
+def after_fork_child() -> None:
+    """``os.register_at_fork(after_in_child=...)``: start it again."""
 
 def at_exit() -> None:
     """``atexit``: stop the watcher thread for good before the interpreter finalizes."""

@@ -4,42 +4,31 @@
 //! the probe table (`PROBE_NAMES`, one index constant per probe), a
 //! [`ProbeSet`] of probe indices, and `fire::<probe>(args)` functions that
 //! cost a `nop` while no consumer is attached. The emission backend behind
-//! `fire` is chosen by target: SystemTap SDT notes on Linux, the usdt crate
-//! on macOS and illumos (DECISIONS.md, 1), none elsewhere.
+//! `fire` is chosen by `build.rs` and named by `cfg(probe_backend)`:
+//! SystemTap SDT notes on Linux, the usdt crate on macOS and illumos
+//! (docs/decisions.md), none elsewhere. Every backend's code is generated
+//! from the provider file.
 
 include!(concat!(env!("OUT_DIR"), "/provider.rs"));
 
-#[cfg(all(target_os = "linux", not(feature = "usdt-backend")))]
+#[cfg(probe_backend = "stapsdt")]
 pub mod stapsdt;
-#[cfg(all(target_os = "linux", not(feature = "usdt-backend")))]
+#[cfg(probe_backend = "stapsdt")]
 pub use stapsdt::fire;
 
-#[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
+#[cfg(probe_backend = "usdt")]
 pub mod usdt_backend;
-#[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
+#[cfg(probe_backend = "usdt")]
 pub use usdt_backend::fire;
 
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "macos",
-    target_os = "illumos",
-    feature = "usdt-backend"
-)))]
-pub mod no_backend;
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "macos",
-    target_os = "illumos",
-    feature = "usdt-backend"
-)))]
-pub use no_backend::fire;
+/// Probe functions that do nothing, with the same signatures as elsewhere.
+#[cfg(probe_backend = "none")]
+pub mod fire {
+    include!(concat!(env!("OUT_DIR"), "/fire.rs"));
+}
 
 /// Whether this build has a probe mechanism at all.
-const BACKEND_BUILT: bool = cfg!(any(
-    target_os = "linux",
-    target_os = "macos",
-    target_os = "illumos"
-));
+const BACKEND_BUILT: bool = !cfg!(probe_backend = "none");
 
 /// Set when registering the probes with the kernel failed (DTrace platforms).
 static REGISTRATION_FAILED: std::sync::atomic::AtomicBool =
@@ -49,7 +38,7 @@ static REGISTRATION_FAILED: std::sync::atomic::AtomicBool =
 /// them to the kernel now; elsewhere there is nothing to do. A failure
 /// leaves the module importable with `available` False.
 pub fn register() {
-    #[cfg(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend"))]
+    #[cfg(probe_backend = "usdt")]
     if usdt_backend::register().is_err() {
         REGISTRATION_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -59,6 +48,10 @@ pub fn register() {
 pub fn backend_available() -> bool {
     BACKEND_BUILT && !REGISTRATION_FAILED.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// A probe name that provider `python` does not declare.
+#[derive(Debug)]
+pub struct UnknownProbe(pub String);
 
 /// A set of probes, by their index in the provider file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,7 +133,7 @@ impl ProbeSet {
 
     /// The set named by `names`, each spelt as DTrace (`gc-start`) or as the
     /// provider file (`gc__start`) spells it.
-    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<ProbeSet, crate::error::Error> {
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<ProbeSet, UnknownProbe> {
         names.iter().try_fold(ProbeSet::EMPTY, |set, name| {
             let name = name.as_ref();
             PROBE_DTRACE_NAMES
@@ -148,7 +141,7 @@ impl ProbeSet {
                 .zip(PROBE_NAMES.iter())
                 .position(|(dtrace, file)| *dtrace == name || *file == name)
                 .map(|index| set.with(index))
-                .ok_or_else(|| crate::error::Error::UnknownProbe(name.to_owned()))
+                .ok_or_else(|| UnknownProbe(name.to_owned()))
         })
     }
 }

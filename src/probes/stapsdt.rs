@@ -25,10 +25,19 @@ pub static SEMAPHORES: [AtomicU16; PROBE_COUNT] = [const { AtomicU16::new(0) }; 
 // The base every note refers to. "R" (SHF_GNU_RETAIN) keeps the linker's
 // section garbage collection from dropping it: only the non-allocated notes
 // refer to it, and a note pointing at nothing would carry base 0.
+//
+// "x" puts it in the executable segment, beside the probe sites. perf and
+// SystemTap turn a note's location into a file offset by adding the
+// difference between `.stapsdt.base`'s file offset and its address; that
+// is right only when the base and the sites are laid out alike. sys/sdt.h
+// leaves the base read-only, which works with GNU ld's layout, but rust-lld
+// (and zig's linker) put the executable segment 0x1000 further from its
+// file offset than the read-only one, and every perf probe then missed.
+// bpftrace and bcc go through the program headers and work either way.
 macro_rules! stapsdt_base {
     ($($options:tt)*) => {
         core::arch::global_asm!(
-            ".pushsection .stapsdt.base, \"aGR\", \"progbits\", .stapsdt.base, comdat",
+            ".pushsection .stapsdt.base, \"axGR\", \"progbits\", .stapsdt.base, comdat",
             ".weak _.stapsdt.base",
             ".hidden _.stapsdt.base",
             "_.stapsdt.base: .space 1",
@@ -47,5 +56,5 @@ stapsdt_base!();
 /// The probe-firing functions, one per probe, named after the probe with
 /// `__` written `_` (`fire::function_entry`).
 pub mod fire {
-    include!(concat!(env!("OUT_DIR"), "/stapsdt_probes.rs"));
+    include!(concat!(env!("OUT_DIR"), "/fire.rs"));
 }

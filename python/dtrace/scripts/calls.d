@@ -36,14 +36,14 @@ dtrace:::BEGIN
 
 python$target:::function-entry
 {
-	@calls[copyinstr(arg0), copyinstr(arg1)] = count();
+	@calls[copyinstr(arg0), copyinstr(arg3)] = count();
 }
 
 /* begin latency */
 python$target:::function-return
-/self->depth > 0 && self->function[self->depth] == arg1/
+/self->depth > 0 && self->function[self->depth] == arg3/
 {
-	@time_ns[copyinstr(arg0), copyinstr(arg1)] = sum(timestamp - self->start[self->depth]);
+	@time_ns[copyinstr(arg0), copyinstr(arg3)] = sum(timestamp - self->start[self->depth]);
 	self->function[self->depth] = 0;
 	self->start[self->depth] = 0;
 	self->depth--;
@@ -59,7 +59,7 @@ python$target:::function-entry
 /live/
 {
 	self->depth++;
-	self->function[self->depth] = arg1;
+	self->function[self->depth] = arg3;
 	self->start[self->depth] = timestamp;
 }
 /* end latency */

@@ -31,7 +31,7 @@ dtrace:::BEGIN
 }
 
 python$target:::function-return
-/self->depth > 0 && self->func[self->depth] == arg1/
+/self->depth > 0 && self->func[self->depth] == arg3/
 {
 	@time_ns[self->node[self->depth]] = sum(timestamp - self->start[self->depth]);
 	self->depth--;
@@ -47,9 +47,9 @@ python$target:::function-entry
 /live/
 {
 	self->depth++;
-	self->node[self->depth] = (((self->node[self->depth - 1] ^ arg0) * 1099511628211) ^ arg1)
+	self->node[self->depth] = (((self->node[self->depth - 1] ^ arg0) * 1099511628211) ^ arg3)
 	    * 1099511628211 & 0x3fffffffffffffff;
-	self->func[self->depth] = arg1;
+	self->func[self->depth] = arg3;
 	self->start[self->depth] = timestamp;
 	@calls[self->node[self->depth]] = count();
 }
@@ -58,7 +58,7 @@ python$target:::function-entry
 /live && !seen[self->node[self->depth]]/
 {
 	seen[self->node[self->depth]] = 1;
-	@names[self->node[self->depth], self->node[self->depth - 1], copyinstr(arg0), copyinstr(arg1)] = count();
+	@names[self->node[self->depth], self->node[self->depth - 1], copyinstr(arg0), copyinstr(arg3)] = count();
 }
 
 dtrace:::END

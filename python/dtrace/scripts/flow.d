@@ -36,7 +36,7 @@ python$target:::function-return
 {
 	live = 1;
 	printf("%-12d %-7d %5d  <- %s (%s:%d)\n", (timestamp - began) / 1000, tid, self->depth,
-	    copyinstr(arg1), copyinstr(arg0), arg2);
+	    copyinstr(arg3), copyinstr(arg0), arg2);
 	self->depth -= self->depth > 0 ? 1 : 0;
 }
 
@@ -45,5 +45,5 @@ python$target:::function-entry
 {
 	self->depth++;
 	printf("%-12d %-7d %5d  -> %s (%s:%d)\n", (timestamp - began) / 1000, tid, self->depth,
-	    copyinstr(arg1), copyinstr(arg0), arg2);
+	    copyinstr(arg3), copyinstr(arg0), arg2);
 }

@@ -27,7 +27,7 @@ dtrace:::BEGIN
 
 python$target:::line
 {
-	@lines[copyinstr(arg0), copyinstr(arg1), arg2] = count();
+	@lines[copyinstr(arg0), copyinstr(arg3), arg2] = count();
 }
 
 dtrace:::END

@@ -35,7 +35,7 @@ dtrace:::BEGIN
 }
 
 python$target:::function-return
-/self->depth > 0 && self->func[self->depth] == arg1/
+/self->depth > 0 && self->func[self->depth] == arg3/
 {
 	self->depth--;
 }
@@ -51,7 +51,7 @@ python$target:::function-entry
 {
 	self->depth++;
 	self->file[self->depth] = arg0;
-	self->func[self->depth] = arg1;
+	self->func[self->depth] = arg3;
 	self->line[self->depth] = arg2;
 }
 
