@@ -124,7 +124,11 @@ fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
     unsafe { !dlsym(std::ptr::null_mut(), symbol.as_ptr()).is_null() }
 }
 
-/// The probes that are live now: wanted by a consumer and hooked in.
+/// The probes that are live now: wanted by a consumer and hooked in. Bit
+/// `i` for probe index `i` (the provider file's order). Exported under a
+/// fixed name so that a process's state can be read from outside, by a
+/// tool with the tracer's privileges, through `/proc/PID/mem`.
+#[export_name = "pydtrace_live_probes"]
 static LIVE: AtomicU32 = AtomicU32::new(0);
 
 /// The probes that are live now.
