@@ -7,6 +7,7 @@
 //! | function-return                 | sys.monitoring PY_RETURN, PY_YIELD, PY_UNWIND  |
 //! | line                            | sys.monitoring LINE                            |
 //! | instance-new-start, -done       | sys.monitoring CALL, C_RETURN, C_RAISE         |
+//! | cfunction-entry, -return        | sys.monitoring CALL, C_RETURN, C_RAISE         |
 //! | instance-delete-start, -done    | our dealloc in every Python class (`instances`) |
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
 //! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
@@ -30,6 +31,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
 use crate::callbacks::{self, Hook};
+use crate::cfunctions;
 use crate::error::Error;
 use crate::instances;
 use crate::faults::{self, warn};
@@ -48,7 +50,19 @@ const CODE_PROBES: ProbeSet = ProbeSet::of(&[
     probes::LINE,
     probes::INSTANCE_NEW_START,
     probes::INSTANCE_NEW_DONE,
+    probes::CFUNCTION_ENTRY,
+    probes::CFUNCTION_RETURN,
 ]);
+/// Probes served by CALL, C_RETURN and C_RAISE.
+const CALL_PROBES: ProbeSet = ProbeSet::of(&[
+    probes::INSTANCE_NEW_START,
+    probes::INSTANCE_NEW_DONE,
+    probes::CFUNCTION_ENTRY,
+    probes::CFUNCTION_RETURN,
+]);
+/// The C function probes.
+const CFUNCTION_PROBES: ProbeSet =
+    ProbeSet::of(&[probes::CFUNCTION_ENTRY, probes::CFUNCTION_RETURN]);
 /// Probes that the class deallocation hook serves.
 const DELETE_PROBES: ProbeSet =
     ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
@@ -202,8 +216,9 @@ impl EventBits {
         if probes.contains(probes::LINE) {
             events |= self.line;
         }
-        if probes.contains(probes::INSTANCE_NEW_START) || probes.contains(probes::INSTANCE_NEW_DONE)
-        {
+        // C_RETURN and C_RAISE come only with CALL (sys.monitoring refuses
+        // them alone), and the C function probes' pairing needs all three.
+        if !probes.intersection(CALL_PROBES).is_empty() {
             events |= self.call | self.c_return | self.c_raise;
         }
         events
@@ -383,9 +398,13 @@ impl State {
         if wanted == self.code_live {
             return Ok(());
         }
-        if wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE)
-        {
+        if !wanted.intersection(CALL_PROBES).is_empty() {
+            // Telling Python classes apart needs CPython's subtype_dealloc (also
+            // for the C function probes, which leave Python classes alone).
             instances::ensure_init(py)?;
+        }
+        if !wanted.intersection(CFUNCTION_PROBES).is_empty() {
+            cfunctions::check_layout();
         }
         let (tool, events) = match self.monitoring(py) {
             Ok(m) => (m.tool, m.events.for_probes(wanted)),
@@ -398,11 +417,17 @@ impl State {
             }
             Err(err) => return Err(err),
         };
+        // The callbacks learn what to fire before the events flow.
+        callbacks::set_call_probes(wanted.intersection(CALL_PROBES));
         if events != self.code_events {
             py.import("sys")?
                 .getattr("monitoring")?
                 .call_method1("set_events", (tool, events))?;
             self.code_events = events;
+        }
+        if wanted.intersection(CFUNCTION_PROBES).is_empty() {
+            // Nothing is kept alive for the C function probes while they are off.
+            cfunctions::clear();
         }
         self.code_live = wanted;
         Ok(())

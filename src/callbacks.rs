@@ -11,15 +11,16 @@
 
 use std::os::raw::c_char;
 use std::ptr::addr_of_mut;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::cfunctions;
 use crate::faults;
 use crate::instances;
 use crate::names::{self, CodeNames};
-use crate::probes::{self, fire};
+use crate::probes::{self, fire, ProbeSet};
 
 type FastCallArgs = *mut *mut ffi::PyObject;
 
@@ -129,28 +130,61 @@ unsafe extern "C" fn on_line(
     none()
 }
 
+/// The probes that CALL, C_RETURN and C_RAISE serve and that are wanted now
+/// (bits of a `ProbeSet`), set by arming: those events are on while any of
+/// them is, and each callback does only the work of the probes wanted.
+static CALL_PROBES: AtomicU32 = AtomicU32::new(0);
+
+const INSTANCE_NEW: u32 =
+    ProbeSet::of(&[probes::INSTANCE_NEW_START, probes::INSTANCE_NEW_DONE]).bits();
+const CFUNCTION_ENTRY: u32 = ProbeSet::of(&[probes::CFUNCTION_ENTRY]).bits();
+const CFUNCTION_RETURN: u32 = ProbeSet::of(&[probes::CFUNCTION_RETURN]).bits();
+
+/// Which of the probes served by CALL, C_RETURN and C_RAISE the callbacks fire.
+pub fn set_call_probes(wanted: ProbeSet) {
+    CALL_PROBES.store(wanted.bits(), Ordering::Relaxed);
+}
+
 /// CALL(code, offset, callable, arg0): Python code calls something; for a
-/// Python class, instance-new-start.
+/// Python class, instance-new-start; for a C callable, cfunction-entry.
 unsafe extern "C" fn on_call(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
-        instances::new_start(class);
+    let callable = arg(args, nargs, 2);
+    let wanted = CALL_PROBES.load(Ordering::Relaxed);
+    if wanted & INSTANCE_NEW != 0 {
+        if let Some(class) = instances::called_class(callable) {
+            instances::new_start(class);
+            return none();
+        }
+    }
+    if wanted & CFUNCTION_ENTRY != 0 {
+        cfunctions::entry(arg(args, nargs, 0), int_arg(args, nargs, 1), callable);
     }
     none()
 }
 
-/// C_RETURN and C_RAISE(code, offset, callable, arg0): that call returned or
-/// raised, after `__init__`; for a Python class, instance-new-done.
+/// C_RETURN and C_RAISE(code, offset, callable, arg0): a call that the
+/// interpreter did not run as a Python frame returned or raised; for a
+/// Python class (after `__init__`), instance-new-done; for a C callable,
+/// cfunction-return.
 unsafe extern "C" fn on_call_end(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
-        instances::new_done(class);
+    let callable = arg(args, nargs, 2);
+    let wanted = CALL_PROBES.load(Ordering::Relaxed);
+    if wanted & INSTANCE_NEW != 0 {
+        if let Some(class) = instances::called_class(callable) {
+            instances::new_done(class);
+            return none();
+        }
+    }
+    if wanted & CFUNCTION_RETURN != 0 {
+        cfunctions::exit(arg(args, nargs, 0), int_arg(args, nargs, 1), callable);
     }
     none()
 }

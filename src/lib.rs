@@ -6,14 +6,16 @@
 //! hooks those probes need: `sys.monitoring` events, a `gc.callbacks` entry,
 //! an import wrapper, an audit hook, the classes' deallocator (`instances`).
 //! The native callbacks (`callbacks`) fire the probes with the names cached
-//! per code object (`names`). While no consumer is attached, nothing of this
-//! runs but a thread that reads twelve counters every 20 ms.
+//! per code object (`names`), and per C callable for the C function probes
+//! (`cfunctions`). While no consumer is attached, nothing of this runs but a
+//! thread that reads one counter per probe every 20 ms.
 //!
 //! This module is the thin PyO3 layer over that; the public API is the
 //! Python package `dtrace`, which documents it.
 
 mod arming;
 mod callbacks;
+mod cfunctions;
 mod enablement;
 mod error;
 mod faults;
@@ -184,6 +186,13 @@ mod _native {
     #[pyfunction]
     fn name_cache_entries() -> isize {
         names::live_entries()
+    }
+
+    /// (entries in the C function probes' name cache now, names worked out
+    /// for it so far).
+    #[pyfunction]
+    fn cfunction_cache_stats() -> (isize, usize) {
+        cfunctions::cache_stats()
     }
 
     /// How many classes carry the instance-delete hook now.

@@ -109,6 +109,7 @@ def snapshot():
         "find_and_load_original": bootstrap._find_and_load is ORIGINAL_FIND_AND_LOAD,
         "slots": type_slots(),
         "watcher": list(native.watcher_stats()),
+        "cfunction_cache": native.cfunction_cache_stats()[0],
     }
 
 def after_polls(count):
@@ -315,6 +316,34 @@ def test_idle_again_after_an_instance_consumer_detaches(workload_dir):
     assert live["slots"]["patched_deallocs"] > 0 and live["slots"]["type_init_ours"], live["slots"]
     assert maps.get("@new", 0) >= 200 and maps.get("@delete", 0) >= 200, maps
     assert_idle(after, tool_claimed=True)
+
+
+CFUNCTION_PROGRAM = """
+usdt:{lib}:python:cfunction__entry { @entry = count(); }
+usdt:{lib}:python:cfunction__return { @return = count(); }
+"""
+
+
+def test_idle_again_after_a_cfunction_consumer_detaches(workload_dir):
+    """The C function probes switch on CALL (sys.monitoring keeps C_RETURN and C_RAISE with it)
+    and nothing else; after the consumer leaves, no event, and their name cache is empty."""
+    import dtrace
+
+    if "cfunction-entry" not in dtrace._native.ARMABLE_PROBES:
+        pytest.skip("the C function probes are not armable in this build")
+    _, before, live, after, maps = attached_run(
+        workload_dir, CFUNCTION_PROGRAM, ["cfunction-entry", "cfunction-return"])
+    assert_idle(before, tool_claimed=False)
+    assert sorted(live["enabled"]) == ["cfunction-entry", "cfunction-return"], live
+    call = 16  # sys.monitoring.events.CALL: get_events() shows C_RETURN and C_RAISE folded into it
+    assert live["tool"] is not None and live["events"][live["tool"]] == call, live
+    assert live["hooks_added"] == 0 and live["find_and_load_original"], live
+    assert not [c for c in live["gc_callbacks"] if c.startswith("pydtrace")], live
+    assert live["slots"]["patched_deallocs"] == 0, live["slots"]
+    # (A C call in progress at detach, such as the driver's readline, has no return counted.)
+    assert maps.get("@entry", 0) > 10 and 0 <= maps["@entry"] - maps.get("@return", 0) <= 2, maps
+    assert_idle(after, tool_claimed=True)
+    assert after["last"]["cfunction_cache"] == 0, after
 
 
 IMPORT_PROGRAM = """

@@ -50,6 +50,9 @@ def report_internal_error(name: str, what: str) -> None:
 def name_cache_entries() -> int:
     """How many code objects carry a name-cache entry now (entries go with their code objects)."""
 
+def cfunction_cache_stats() -> tuple[int, int]:
+    """(entries in the C function probes' name cache now, names worked out for it so far)."""
+
 def hooked_classes() -> int:
     """How many classes carry the instance-delete hook now (0 while no delete probe is live)."""
 

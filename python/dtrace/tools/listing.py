@@ -22,6 +22,8 @@ ARGUMENTS = {
     "import__find__load__start": "char *modulename",
     "import__find__load__done": "char *modulename, int found",
     "audit": "char *event, void *args",
+    "cfunction__entry": "char *filename, char *funcname, int lineno, char *qualname",
+    "cfunction__return": "char *filename, char *funcname, int lineno, char *qualname",
 }
 
 
