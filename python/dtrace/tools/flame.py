@@ -20,22 +20,32 @@ class Flame(Tool):
         "returns (wall time, callees included: not a sample). The stacks are aggregated in the "
         "kernel, so no event is lost however busy the program. Write the SVG (open it in a browser; "
         "hover for times), or with --folded the stacks in the folded format of flamegraph.pl and "
-        "speedscope."
+        "speedscope. With --native, the C functions that Python code calls (builtin functions, "
+        "methods of builtin types, any callable that is not Python code) are frames too, marked [C]: "
+        "leaves, unless they call Python code back."
     )
     examples = """\
 examples:
   python -m dtrace flame -c "python3 app.py"               writes flame.svg
   python -m dtrace flame -p 4711 -d 10 -o app.svg          10 seconds of a running process
   python -m dtrace flame -c "python3 app.py" --folded > app.folded
+  python -m dtrace flame --native -c "python3 app.py"      with the C functions as leaves
 """
     # flame.bt keeps a node's parent and names in maps of their own; flame.d in one, @names.
-    maps = {"@parent": "d", "@file": "d", "@func": "d", "@time_ns": "d", "@calls": "d", "@names": "ddss"}
+    # @native marks the nodes of C functions (--native).
+    maps = {"@parent": "d", "@file": "d", "@func": "d", "@time_ns": "d", "@calls": "d", "@names": "ddss",
+            "@native": "d"}
 
     def add_arguments(self, parser):
         parser.add_argument("-o", "--output", default="flame.svg", metavar="FILE",
                             help="where to write the SVG (default: %(default)s)")
         parser.add_argument("--folded", action="store_true",
                             help="print folded stacks (\"a;b;c NANOSECONDS\") instead of an SVG")
+        parser.add_argument("--native", action="store_true",
+                            help="add the C functions that Python code calls as frames, marked [C]")
+
+    def sections(self, args):
+        return {"native"} if args.native else set()
 
     def tree(self, maps) -> flamegraph.Frame:
         """The stack tree, under a root for the whole trace."""
@@ -45,12 +55,15 @@ examples:
                 maps.setdefault("@parent", {})[(node,)] = int(parent)
                 maps.setdefault("@file", {})[(node,)] = file
                 names[(node,)] = func
+        native = maps.get("@native", {})
         frames = {}
         for (node,), func in names.items():
             file = maps.get("@file", {}).get((node,), "?")
+            label = report.name(func, self.strlen)
             frames[node] = flamegraph.Frame(
-                label=report.name(func, self.strlen),
-                title=f"{report.name(func, self.strlen)} ({report.path(report.name(file, self.strlen))})",
+                label=f"{label} [C]" if (node,) in native else label,
+                title=f"{label} [C]" if (node,) in native else
+                f"{label} ({report.path(report.name(file, self.strlen))})",
                 value=maps.get("@time_ns", {}).get((node,), 0),
                 calls=maps.get("@calls", {}).get((node,), 0),
             )
@@ -58,6 +71,7 @@ examples:
         for node, frame in frames.items():
             parent = str(maps.get("@parent", {}).get((node,), 0))
             frames.get(parent, root).children.append(frame)
+        merge_alike(root)
 
         # A frame that did not return while tracing has no time of its own: its callees'.
         # (Deep stacks are common: no recursion here.)
@@ -105,3 +119,23 @@ examples:
         note = cut_note(self.names, self.strlen)
         if note:
             runner.warn(note)
+
+
+def merge_alike(root: flamegraph.Frame) -> None:
+    """Siblings with the same title become one frame, as flamegraph.pl merges equal stacks: two
+    nodes can name the same function (a C function whose names pydtrace-rs worked out again after
+    its cache slot was taken has a new name pointer, so a new node)."""
+    todo = [root]
+    while todo:
+        frame = todo.pop()
+        merged: dict[str, flamegraph.Frame] = {}
+        for child in frame.children:
+            same = merged.get(child.title)
+            if same is None:
+                merged[child.title] = child
+            else:
+                same.value += child.value
+                same.calls += child.calls
+                same.children.extend(child.children)
+        frame.children = list(merged.values())
+        todo.extend(frame.children)
