@@ -161,7 +161,7 @@ unsafe extern "C" fn on_call(
         }
     }
     if wanted & CFUNCTION_ENTRY != 0 {
-        cfunctions::entry(arg(args, nargs, 0), int_arg(args, nargs, 1), callable);
+        cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), callable);
     }
     none()
 }
@@ -184,7 +184,7 @@ unsafe extern "C" fn on_call_end(
         }
     }
     if wanted & CFUNCTION_RETURN != 0 {
-        cfunctions::exit(arg(args, nargs, 0), int_arg(args, nargs, 1), callable);
+        cfunctions::exit(arg(args, nargs, 0), arg(args, nargs, 1), callable);
     }
     none()
 }

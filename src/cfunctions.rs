@@ -48,11 +48,11 @@
 //! - A name that cannot be read, or is not a string, is `<unknown>`; nothing
 //!   is raised into the program.
 
+use std::cell::UnsafeCell;
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
 use std::ptr;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use pyo3::ffi;
 
@@ -325,16 +325,18 @@ struct Entry {
 /// Slots of the cache; a callable whose slot another took is worked out again.
 const SLOTS: usize = 1024;
 
-struct Cache([Option<Entry>; SLOTS]);
+/// The names of recently called C callables, direct-mapped by key, guarded
+/// by the GIL: every access holds it, and none keeps a reference into the
+/// cache while Python code may run (a lookup fires a probe, which runs none;
+/// working names out runs Python code before it takes the slot; evicted
+/// entries are released after), so no two accesses overlap.
+struct Cache(UnsafeCell<[Option<Entry>; SLOTS]>);
 
-// SAFETY: the cache is only touched with the GIL held; the raw pointers are
+// SAFETY: only touched with the GIL held, as said above; the raw pointers are
 // Python objects and strings owned by the entries.
-unsafe impl Send for Cache {}
+unsafe impl Sync for Cache {}
 
-/// The names of recently called C callables, direct-mapped by key. Locked
-/// only with the GIL held, so never contended; a lookup re-entered while it
-/// is locked (Python code that working names out ran) works without it.
-static CACHE: Mutex<Cache> = Mutex::new(Cache([const { None }; SLOTS]));
+static CACHE: Cache = Cache(UnsafeCell::new([const { None }; SLOTS]));
 /// Entries in the cache now.
 static ENTRIES: AtomicIsize = AtomicIsize::new(0);
 /// Names worked out since the module loaded (cache misses).
@@ -348,12 +350,27 @@ pub fn cache_stats() -> (isize, usize) {
     )
 }
 
-fn lock() -> Option<MutexGuard<'static, Cache>> {
-    match CACHE.try_lock() {
-        Ok(guard) => Some(guard),
-        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => None,
-    }
+/// The entry in `slot`.
+///
+/// # Safety
+/// GIL held; the reference is dropped before Python code can run.
+#[inline]
+unsafe fn slot_entry<'a>(slot: usize) -> Option<&'a Entry> {
+    (*CACHE.0.get())[slot].as_ref()
+}
+
+/// Puts `entry` into `slot` (or empties it) and gives back what was there.
+///
+/// # Safety
+/// GIL held.
+unsafe fn replace_slot(slot: usize, entry: Option<Entry>) -> Option<Entry> {
+    let old = std::mem::replace(&mut (*CACHE.0.get())[slot], entry);
+    match (&old, (*CACHE.0.get())[slot].is_some()) {
+        (None, true) => ENTRIES.fetch_add(1, Ordering::Relaxed),
+        (Some(_), false) => ENTRIES.fetch_sub(1, Ordering::Relaxed),
+        _ => 0,
+    };
+    old
 }
 
 fn slot_of(key: usize) -> usize {
@@ -364,12 +381,11 @@ fn slot_of(key: usize) -> usize {
 /// Empties the cache, releasing what it holds. Called with the GIL held when
 /// the C function probes are switched off.
 pub fn clear() {
-    let taken: Vec<Entry> = match lock() {
-        Some(mut cache) => cache.0.iter_mut().filter_map(Option::take).collect(),
-        None => return,
-    };
-    ENTRIES.fetch_sub(taken.len() as isize, Ordering::Relaxed);
-    // Released after the lock: a deallocation may run Python code.
+    // SAFETY: GIL held by the caller (arming).
+    let taken: Vec<Entry> = (0..SLOTS)
+        .filter_map(|slot| unsafe { replace_slot(slot, None) })
+        .collect();
+    // Released once the cache is empty: a deallocation may run Python code.
     for entry in taken {
         // SAFETY: GIL held by the caller; the entry held this reference.
         unsafe { ffi::Py_DECREF(entry.owner) };
@@ -382,12 +398,10 @@ pub fn clear() {
 unsafe fn with_names(callable: Callable, fire: impl FnOnce(&CallableNames)) {
     let (key, check) = callable.key();
     let slot = slot_of(key);
-    if let Some(cache) = lock() {
-        if let Some(entry) = &cache.0[slot] {
-            if entry.key == key && entry.check == check {
-                fire(&entry.names);
-                return;
-            }
+    if let Some(entry) = slot_entry(slot) {
+        if entry.key == key && entry.check == check {
+            fire(&entry.names);
+            return;
         }
     }
     miss(callable, key, check, slot, fire);
@@ -404,8 +418,9 @@ unsafe fn miss(
     slot: usize,
     fire: impl FnOnce(&CallableNames),
 ) {
-    // May run Python code (attribute reads): no lock is held meanwhile, and
-    // any error it raises is dropped, the state left as it was found.
+    // May run Python code (attribute reads): no reference into the cache is
+    // held meanwhile, and any error it raises is dropped, the state left as
+    // it was found.
     let saved = ffi::PyErr_GetRaisedException();
     let (names, owner) = work_out(callable);
     ffi::PyErr_Clear();
@@ -418,17 +433,8 @@ unsafe fn miss(
         owner,
         names: Box::new(names),
     };
-    let evicted = match lock() {
-        Some(mut cache) => {
-            let old = cache.0[slot].replace(entry);
-            if old.is_none() {
-                ENTRIES.fetch_add(1, Ordering::Relaxed);
-            }
-            old
-        }
-        None => Some(entry), // re-entered: not cached this time
-    };
-    if let Some(old) = evicted {
+    // Released after it left the cache: a deallocation may run Python code.
+    if let Some(old) = replace_slot(slot, Some(entry)) {
         ffi::Py_DECREF(old.owner);
     }
 }
@@ -687,7 +693,7 @@ unsafe fn text_of(object: *mut ffi::PyObject) -> Option<String> {
 #[inline]
 pub unsafe fn entry(
     code: *mut ffi::PyObject,
-    offset: ffi::Py_ssize_t,
+    offset: *mut ffi::PyObject,
     callable: *mut ffi::PyObject,
 ) {
     let Some(callable) = classify(callable) else {
@@ -696,7 +702,7 @@ pub unsafe fn entry(
     let Some(caller) = caller(code, probes::CFUNCTION_ENTRY) else {
         return;
     };
-    let line = caller.line_at(code, offset);
+    let line = caller.line_at(code, offset_of(offset));
     with_names(callable, |names| {
         fire::cfunction_entry(caller.filename(), names.name, line, names.qualname);
     });
@@ -710,7 +716,7 @@ pub unsafe fn entry(
 #[inline]
 pub unsafe fn exit(
     code: *mut ffi::PyObject,
-    offset: ffi::Py_ssize_t,
+    offset: *mut ffi::PyObject,
     callable: *mut ffi::PyObject,
 ) {
     let Some(callable) = classify(callable) else {
@@ -719,10 +725,23 @@ pub unsafe fn exit(
     let Some(caller) = caller(code, probes::CFUNCTION_RETURN) else {
         return;
     };
-    let line = caller.line_at(code, offset);
+    let line = caller.line_at(code, offset_of(offset));
     with_names(callable, |names| {
         fire::cfunction_return(caller.filename(), names.name, line, names.qualname);
     });
+}
+
+/// An instruction offset as `sys.monitoring` passes it (-1 if it is not one).
+#[inline]
+unsafe fn offset_of(offset: *mut ffi::PyObject) -> ffi::Py_ssize_t {
+    if offset.is_null() {
+        return -1;
+    }
+    let value = ffi::PyLong_AsSsize_t(offset);
+    if value == -1 && !ffi::PyErr_Occurred().is_null() {
+        ffi::PyErr_Clear();
+    }
+    value
 }
 
 /// The calling code's cached names; on failure the probe is reported.
