@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 #: The floor loop that fires the probes each workload counts.
 FLOOR_OF = {("function-entry",): "floor-entry", ("line",): "floor-line", ("gc-start", "gc-done"): "floor-gc",
-            ("instance-new-start", "instance-new-done", "instance-delete-start", "instance-delete-done"): "floor-instance"}
+            ("instance-new-start", "instance-new-done", "instance-delete-start", "instance-delete-done"): "floor-instance",
+            ("cfunction-entry", "cfunction-return"): "floor-cfunction"}
 
 
 @dataclass

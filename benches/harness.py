@@ -207,7 +207,7 @@ class FloorUnavailable(Exception):
 
 #: The C floor's probe loop for each probe set a workload counts.
 FLOOR_KIND = {("function-entry",): "entry", ("line",): "line", ("gc-start", "gc-done"): "gc",
-              workloads.INSTANCE_PROBES: "instance"}
+              workloads.INSTANCE_PROBES: "instance", workloads.CFUNCTION_PROBES: "cfunction"}
 
 
 def floor_child(kind: str, traced: bool, variant: str = "nop") -> Proc:

@@ -339,6 +339,7 @@ def workload_section(run: Run) -> list[str]:
             label = name.removeprefix("floor-")
             label = {"entry": "function__entry, `nop` (sys/sdt.h, as pydtrace emits it)",
                      "line": "line, `nop`", "gc": "gc__start + gc__done, `nop`",
+                     "cfunction": "cfunction__entry + cfunction__return, `nop`",
                      "entry-nop5": "function__entry, 5-byte `nop` (optimizable uprobe)"}.get(label, label)
             out.append(f"| {label} | {fmt_ns(pe)} | {'n/a' if wall is None else f'{wall.median:.1f}'} |")
         out.append("")
