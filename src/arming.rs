@@ -164,6 +164,47 @@ struct MonitoringCallbacks {
     line: Py<PyAny>,
     call: Py<PyAny>,
     call_end: Py<PyAny>,
+    cfunction_call: Py<PyAny>,
+    cfunction_call_end: Py<PyAny>,
+    call_both: Py<PyAny>,
+    call_end_both: Py<PyAny>,
+}
+
+impl MonitoringCallbacks {
+    /// The callable of one of the CALL, C_RETURN and C_RAISE hooks.
+    fn call_hook(&self, hook: Hook) -> &Py<PyAny> {
+        match hook {
+            Hook::CallEnd => &self.call_end,
+            Hook::CFunctionCall => &self.cfunction_call,
+            Hook::CFunctionCallEnd => &self.cfunction_call_end,
+            Hook::CallBoth => &self.call_both,
+            Hook::CallEndBoth => &self.call_end_both,
+            _ => &self.call,
+        }
+    }
+}
+
+/// The callbacks for CALL and for C_RETURN and C_RAISE (None: none of ours),
+/// chosen by which of the probes they serve are wanted, so that each
+/// callback does only the work of those: the instance-new probes alone keep
+/// the callbacks they had before the C function probes existed.
+type CallHooks = (Option<Hook>, Option<Hook>);
+
+fn call_hooks(wanted: ProbeSet) -> CallHooks {
+    let instance = wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE);
+    let entry = wanted.contains(probes::CFUNCTION_ENTRY);
+    let exit = wanted.contains(probes::CFUNCTION_RETURN);
+    match (instance, entry || exit) {
+        (true, true) => (Some(Hook::CallBoth), Some(Hook::CallEndBoth)),
+        (true, false) => (Some(Hook::Call), Some(Hook::CallEnd)),
+        // C_RETURN and C_RAISE come whenever CALL is on: a probe not wanted
+        // gets no callback at all.
+        (false, true) => (
+            entry.then_some(Hook::CFunctionCall),
+            exit.then_some(Hook::CFunctionCallEnd),
+        ),
+        (false, false) => (Some(Hook::Call), Some(Hook::CallEnd)),
+    }
 }
 
 /// Our tool id and the event numbers of this interpreter.
@@ -231,6 +272,8 @@ struct State {
     callbacks: Option<MonitoringCallbacks>,
     /// Our `sys.monitoring` events now, and the code probes they serve.
     code_events: u32,
+    /// The callbacks registered for CALL, and for C_RETURN and C_RAISE.
+    call_hooks: CallHooks,
     code_live: ProbeSet,
     gc_callback: Option<Py<PyAny>>,
     /// The gc probes served while our callback is in `gc.callbacks`.
@@ -250,6 +293,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     monitoring: None,
     callbacks: None,
     code_events: 0,
+    call_hooks: (Some(Hook::Call), Some(Hook::CallEnd)),
     code_live: ProbeSet::EMPTY,
     gc_callback: None,
     gc_live: ProbeSet::EMPTY,
@@ -367,6 +411,10 @@ impl State {
                     line: callable(py, Hook::Line)?,
                     call: callable(py, Hook::Call)?,
                     call_end: callable(py, Hook::CallEnd)?,
+                    cfunction_call: callable(py, Hook::CFunctionCall)?,
+                    cfunction_call_end: callable(py, Hook::CFunctionCallEnd)?,
+                    call_both: callable(py, Hook::CallBoth)?,
+                    call_end_both: callable(py, Hook::CallEndBoth)?,
                 },
             };
             let register = monitoring.getattr("register_callback")?;
@@ -385,6 +433,7 @@ impl State {
                 register.call1((tool, event, callback))?;
             }
             self.callbacks = Some(callbacks);
+            self.call_hooks = (Some(Hook::Call), Some(Hook::CallEnd));
             self.monitoring = Some(Monitoring { tool, events });
         }
         Ok(self.monitoring.as_ref().expect("set above"))
@@ -417,8 +466,24 @@ impl State {
             }
             Err(err) => return Err(err),
         };
-        // The callbacks learn what to fire before the events flow.
-        callbacks::set_call_probes(wanted.intersection(CALL_PROBES));
+        // The callbacks for what is wanted, before the events flow.
+        let hooks = call_hooks(wanted);
+        if hooks != self.call_hooks {
+            let monitoring = py.import("sys")?.getattr("monitoring")?;
+            let events_of = self.monitoring.as_ref().map(|m| m.events).expect("claimed above");
+            let registered = self.callbacks.as_ref().expect("registered with the tool id");
+            let none = py.None();
+            let callable_of =
+                |hook: Option<Hook>| hook.map_or(&none, |hook| registered.call_hook(hook));
+            for (event, hook) in [
+                (events_of.call, hooks.0),
+                (events_of.c_return, hooks.1),
+                (events_of.c_raise, hooks.1),
+            ] {
+                monitoring.call_method1("register_callback", (tool, event, callable_of(hook)))?;
+            }
+            self.call_hooks = hooks;
+        }
         if events != self.code_events {
             py.import("sys")?
                 .getattr("monitoring")?

@@ -11,7 +11,7 @@
 
 use std::os::raw::c_char;
 use std::ptr::addr_of_mut;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -20,7 +20,7 @@ use crate::cfunctions;
 use crate::faults;
 use crate::instances;
 use crate::names::{self, CodeNames};
-use crate::probes::{self, fire, ProbeSet};
+use crate::probes::{self, fire};
 
 type FastCallArgs = *mut *mut ffi::PyObject;
 
@@ -130,61 +130,82 @@ unsafe extern "C" fn on_line(
     none()
 }
 
-/// The probes that CALL, C_RETURN and C_RAISE serve and that are wanted now
-/// (bits of a `ProbeSet`), set by arming: those events are on while any of
-/// them is, and each callback does only the work of the probes wanted.
-static CALL_PROBES: AtomicU32 = AtomicU32::new(0);
-
-const INSTANCE_NEW: u32 =
-    ProbeSet::of(&[probes::INSTANCE_NEW_START, probes::INSTANCE_NEW_DONE]).bits();
-const CFUNCTION_ENTRY: u32 = ProbeSet::of(&[probes::CFUNCTION_ENTRY]).bits();
-const CFUNCTION_RETURN: u32 = ProbeSet::of(&[probes::CFUNCTION_RETURN]).bits();
-
-/// Which of the probes served by CALL, C_RETURN and C_RAISE the callbacks fire.
-pub fn set_call_probes(wanted: ProbeSet) {
-    CALL_PROBES.store(wanted.bits(), Ordering::Relaxed);
-}
-
 /// CALL(code, offset, callable, arg0): Python code calls something; for a
-/// Python class, instance-new-start; for a C callable, cfunction-entry.
+/// Python class, instance-new-start. (While only the instance-new probes
+/// are wanted; see [`on_call_both`].)
 unsafe extern "C" fn on_call(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    let callable = arg(args, nargs, 2);
-    let wanted = CALL_PROBES.load(Ordering::Relaxed);
-    if wanted & INSTANCE_NEW != 0 {
-        if let Some(class) = instances::called_class(callable) {
-            instances::new_start(class);
-            return none();
-        }
-    }
-    if wanted & CFUNCTION_ENTRY != 0 {
-        cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), callable);
+    if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
+        instances::new_start(class);
     }
     none()
 }
 
-/// C_RETURN and C_RAISE(code, offset, callable, arg0): a call that the
-/// interpreter did not run as a Python frame returned or raised; for a
-/// Python class (after `__init__`), instance-new-done; for a C callable,
-/// cfunction-return.
+/// C_RETURN and C_RAISE(code, offset, callable, arg0): that call returned or
+/// raised, after `__init__`; for a Python class, instance-new-done.
 unsafe extern "C" fn on_call_end(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    let callable = arg(args, nargs, 2);
-    let wanted = CALL_PROBES.load(Ordering::Relaxed);
-    if wanted & INSTANCE_NEW != 0 {
-        if let Some(class) = instances::called_class(callable) {
-            instances::new_done(class);
-            return none();
-        }
+    if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
+        instances::new_done(class);
     }
-    if wanted & CFUNCTION_RETURN != 0 {
-        cfunctions::exit(arg(args, nargs, 0), arg(args, nargs, 1), callable);
+    none()
+}
+
+/// CALL while only the C function probes are wanted: for a C callable,
+/// cfunction-entry.
+unsafe extern "C" fn on_cfunction_call(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), arg(args, nargs, 2));
+    none()
+}
+
+/// C_RETURN and C_RAISE while only the C function probes are wanted: for a
+/// C callable, cfunction-return.
+unsafe extern "C" fn on_cfunction_call_end(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    cfunctions::exit(arg(args, nargs, 0), arg(args, nargs, 1), arg(args, nargs, 2));
+    none()
+}
+
+/// CALL while the instance-new and the C function probes are wanted: a
+/// Python class fires instance-new-start, a C callable cfunction-entry (the
+/// two never both: a Python class is no C callable).
+unsafe extern "C" fn on_call_both(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    let callable = arg(args, nargs, 2);
+    match instances::called_class(callable) {
+        Some(class) => instances::new_start(class),
+        None => cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), callable),
+    }
+    none()
+}
+
+/// C_RETURN and C_RAISE while both kinds are wanted: instance-new-done or
+/// cfunction-return.
+unsafe extern "C" fn on_call_end_both(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    let callable = arg(args, nargs, 2);
+    match instances::called_class(callable) {
+        Some(class) => instances::new_done(class),
+        None => cfunctions::exit(arg(args, nargs, 0), arg(args, nargs, 1), callable),
     }
     none()
 }
@@ -381,11 +402,16 @@ static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
 static mut ON_CALL: Callback = Callback::new(c"pydtrace_call", on_call);
 static mut ON_CALL_END: Callback = Callback::new(c"pydtrace_call_end", on_call_end);
+static mut ON_CFUNCTION_CALL: Callback = Callback::new(c"pydtrace_cfunction_call", on_cfunction_call);
+static mut ON_CFUNCTION_CALL_END: Callback =
+    Callback::new(c"pydtrace_cfunction_call_end", on_cfunction_call_end);
+static mut ON_CALL_BOTH: Callback = Callback::new(c"pydtrace_call_both", on_call_both);
+static mut ON_CALL_END_BOTH: Callback = Callback::new(c"pydtrace_call_end_both", on_call_end_both);
 static mut NOOP: Callback = Callback::new(c"pydtrace_noop", noop);
 static mut FIND_AND_LOAD: Callback = Callback::with_keywords(c"_find_and_load", on_find_and_load);
 
 /// Which callback serves a `sys.monitoring` event or `gc.callbacks`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// PY_START.
     Start,
@@ -399,6 +425,14 @@ pub enum Hook {
     Call,
     /// C_RETURN and C_RAISE.
     CallEnd,
+    /// CALL, for the C function probes alone.
+    CFunctionCall,
+    /// C_RETURN and C_RAISE, for the C function probes alone.
+    CFunctionCallEnd,
+    /// CALL, for the instance-new and the C function probes together.
+    CallBoth,
+    /// C_RETURN and C_RAISE, for both together.
+    CallEndBoth,
     /// gc.callbacks.
     Gc,
     /// Nothing: a benchmark's reference callback.
@@ -423,6 +457,10 @@ pub fn callable(
             Hook::Line => addr_of_mut!(ON_LINE.def),
             Hook::Call => addr_of_mut!(ON_CALL.def),
             Hook::CallEnd => addr_of_mut!(ON_CALL_END.def),
+            Hook::CFunctionCall => addr_of_mut!(ON_CFUNCTION_CALL.def),
+            Hook::CFunctionCallEnd => addr_of_mut!(ON_CFUNCTION_CALL_END.def),
+            Hook::CallBoth => addr_of_mut!(ON_CALL_BOTH.def),
+            Hook::CallEndBoth => addr_of_mut!(ON_CALL_END_BOTH.def),
             Hook::Gc => addr_of_mut!(ON_GC.def),
             Hook::Noop => addr_of_mut!(NOOP.def),
             Hook::FindAndLoad => addr_of_mut!(FIND_AND_LOAD.def),

@@ -688,9 +688,12 @@ unsafe fn text_of(object: *mut ffi::PyObject) -> Option<String> {
 
 /// CALL(code, offset, callable): `cfunction__entry` if `callable` is C.
 ///
+/// Out of line, so that the callbacks it shares with the instance-new probes
+/// stay as small as they were for those.
+///
 /// # Safety
 /// GIL held; the arguments as `sys.monitoring` passes them (null or alive).
-#[inline]
+#[inline(never)]
 pub unsafe fn entry(
     code: *mut ffi::PyObject,
     offset: *mut ffi::PyObject,
@@ -713,7 +716,7 @@ pub unsafe fn entry(
 ///
 /// # Safety
 /// As [`entry`].
-#[inline]
+#[inline(never)]
 pub unsafe fn exit(
     code: *mut ffi::PyObject,
     offset: *mut ffi::PyObject,

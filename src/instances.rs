@@ -278,10 +278,12 @@ pub unsafe fn called_class(callable: *mut ffi::PyObject) -> Option<*mut ffi::PyT
     is_python_class(tp).then_some(tp)
 }
 
-/// CALL of a Python class from Python code: instance-new-start.
+/// CALL of a Python class from Python code: instance-new-start. Inlined
+/// into each of the callbacks that fire it, as into the one it had alone.
 ///
 /// # Safety
 /// GIL held; `tp` a live Python class.
+#[inline(always)]
 pub unsafe fn new_start(tp: *mut ffi::PyTypeObject) {
     if DELETE_ARMED.load(Ordering::Relaxed) && in_main_interpreter() {
         patch_class(tp); // a class that slipped past the type.__init__ hook

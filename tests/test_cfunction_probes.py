@@ -377,3 +377,33 @@ def test_instance_probes_keep_exact_counts_beside_them(workload_dir):
     for marker in ("# point", "# failing"):
         assert not [key for key in entries(run) if key[1] == run.workload.line_of(marker)], marker
     assert_balanced(run)
+
+
+ENTRY_ONLY = """
+usdt:{lib}:python:cfunction__entry /str(arg0) == "%(file)s"/ { @entry[str(arg3), arg2] = count(); }
+"""
+RETURN_ONLY = """
+usdt:{lib}:python:cfunction__return /str(arg0) == "%(file)s"/ { @ret[str(arg3), arg2] = count(); }
+"""
+
+
+def test_a_consumer_of_one_of_the_two_sees_exact_counts(workload_dir):
+    """Each probe works on its own: with only one enabled, the other's callback is not registered
+    (C_RETURN and C_RAISE come with CALL whatever is wanted)."""
+    body = """
+        import math
+
+        def run(result):
+            for i in range(70):
+                len("ab")  # len
+                try:
+                    math.sqrt(-1)  # raises
+                except ValueError:
+                    pass
+    """
+    for template, probe, name in [(ENTRY_ONLY, "cfunction-entry", "entry"), (RETURN_ONLY, "cfunction-return", "ret")]:
+        run = run_traced(body, workload_dir, template, [probe])
+        assert run.workload.live == [probe]
+        assert by_line(run, name, "len", "# len") == 70
+        assert by_line(run, name, "math.sqrt", "# raises") == 70
+        assert set(run.maps) == {f"@{name}"}
