@@ -33,8 +33,8 @@ use pyo3::types::{PyList, PyString};
 use crate::callbacks::{self, Hook};
 use crate::cfunctions;
 use crate::error::Error;
-use crate::instances;
 use crate::faults::{self, warn};
+use crate::instances;
 use crate::probes::{self, ProbeSet};
 
 /// The name our `sys.monitoring` tool id goes by.
@@ -117,7 +117,10 @@ pub fn detect_interpreter_probes(py: Python<'_>) {
     let own = if !with_dtrace {
         ProbeSet::EMPTY
     } else if py.version_info() >= (3, 15) {
-        INTERPRETER_OWN.union(ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN]))
+        INTERPRETER_OWN.union(ProbeSet::of(&[
+            probes::FUNCTION_ENTRY,
+            probes::FUNCTION_RETURN,
+        ]))
     } else {
         INTERPRETER_OWN
     };
@@ -130,8 +133,10 @@ const INTERPRETER_OWN: ProbeSet = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PRO
 /// Whether the process (the interpreter and what it loaded) exports `symbol`.
 fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
     extern "C" {
-        fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::os::raw::c_char)
-            -> *mut std::ffi::c_void;
+        fn dlsym(
+            handle: *mut std::ffi::c_void,
+            symbol: *const std::os::raw::c_char,
+        ) -> *mut std::ffi::c_void;
     }
     // SAFETY: RTLD_DEFAULT (null on Linux) searches the global scope; the
     // symbol is a NUL-terminated string.
@@ -191,7 +196,8 @@ impl MonitoringCallbacks {
 type CallHooks = (Option<Hook>, Option<Hook>);
 
 fn call_hooks(wanted: ProbeSet) -> CallHooks {
-    let instance = wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE);
+    let instance =
+        wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE);
     let entry = wanted.contains(probes::CFUNCTION_ENTRY);
     let exit = wanted.contains(probes::CFUNCTION_RETURN);
     match (instance, entry || exit) {
@@ -470,8 +476,15 @@ impl State {
         let hooks = call_hooks(wanted);
         if hooks != self.call_hooks {
             let monitoring = py.import("sys")?.getattr("monitoring")?;
-            let events_of = self.monitoring.as_ref().map(|m| m.events).expect("claimed above");
-            let registered = self.callbacks.as_ref().expect("registered with the tool id");
+            let events_of = self
+                .monitoring
+                .as_ref()
+                .map(|m| m.events)
+                .expect("claimed above");
+            let registered = self
+                .callbacks
+                .as_ref()
+                .expect("registered with the tool id");
             let none = py.None();
             let callable_of =
                 |hook: Option<Hook>| hook.map_or(&none, |hook| registered.call_hook(hook));
@@ -502,7 +515,7 @@ impl State {
     /// and takes it out when none is.
     fn set_gc_callback(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
         let on = !wanted.is_empty();
-        if on != !self.gc_live.is_empty() {
+        if on == self.gc_live.is_empty() {
             let callbacks = py
                 .import("gc")?
                 .getattr("callbacks")?

@@ -80,7 +80,12 @@ unsafe extern "C" fn on_start(
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
-        fire::function_entry(names.filename(), names.name(), names.entry_line(), names.qualname());
+        fire::function_entry(
+            names.filename(),
+            names.name(),
+            names.entry_line(),
+            names.qualname(),
+        );
     }
     none()
 }
@@ -164,7 +169,11 @@ unsafe extern "C" fn on_cfunction_call(
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), arg(args, nargs, 2));
+    cfunctions::entry(
+        arg(args, nargs, 0),
+        arg(args, nargs, 1),
+        arg(args, nargs, 2),
+    );
     none()
 }
 
@@ -175,7 +184,11 @@ unsafe extern "C" fn on_cfunction_call_end(
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    cfunctions::exit(arg(args, nargs, 0), arg(args, nargs, 1), arg(args, nargs, 2));
+    cfunctions::exit(
+        arg(args, nargs, 0),
+        arg(args, nargs, 1),
+        arg(args, nargs, 2),
+    );
     none()
 }
 
@@ -402,7 +415,8 @@ static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
 static mut ON_CALL: Callback = Callback::new(c"pydtrace_call", on_call);
 static mut ON_CALL_END: Callback = Callback::new(c"pydtrace_call_end", on_call_end);
-static mut ON_CFUNCTION_CALL: Callback = Callback::new(c"pydtrace_cfunction_call", on_cfunction_call);
+static mut ON_CFUNCTION_CALL: Callback =
+    Callback::new(c"pydtrace_cfunction_call", on_cfunction_call);
 static mut ON_CFUNCTION_CALL_END: Callback =
     Callback::new(c"pydtrace_cfunction_call_end", on_cfunction_call_end);
 static mut ON_CALL_BOTH: Callback = Callback::new(c"pydtrace_call_both", on_call_both);

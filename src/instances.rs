@@ -134,13 +134,16 @@ struct ClassStrings {
 /// worked out again (correct, only slower).
 const CLASS_CACHE_SLOTS: usize = 1024;
 
+/// A class cache slot: (type address, version tag, strings).
+type ClassSlot = Option<(usize, u32, Arc<ClassStrings>)>;
+
 /// The strings of recently seen classes, direct-mapped by type address and
 /// checked against the type's version tag when they were worked out: a new
 /// class at a reused address, or a class modified since (`__qualname__`
 /// set, say), has another tag and misses. Locked only with the GIL held, so
 /// never contended; a re-entered lookup (a deallocation that a lookup caused)
 /// works the strings out without the cache.
-static CLASS_CACHE: Mutex<[Option<(usize, u32, Arc<ClassStrings>)>; CLASS_CACHE_SLOTS]> =
+static CLASS_CACHE: Mutex<[ClassSlot; CLASS_CACHE_SLOTS]> =
     Mutex::new([const { None }; CLASS_CACHE_SLOTS]);
 
 fn class_cache_slot(tp: *mut ffi::PyTypeObject) -> usize {
