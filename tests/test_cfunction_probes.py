@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tracing import trace
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from tracing import STEP_TIMEOUT, Bpftrace, require_tracer, trace
 
 CFUNCTION_PROBES = ["cfunction-entry", "cfunction-return"]
 
@@ -407,3 +413,89 @@ def test_a_consumer_of_one_of_the_two_sees_exact_counts(workload_dir):
         assert by_line(run, name, "len", "# len") == 70
         assert by_line(run, name, "math.sqrt", "# raises") == 70
         assert set(run.maps) == {f"@{name}"}
+
+
+def test_consumers_coming_and_going_switch_the_callbacks_with_exact_counts():
+    """One process, consumers one after another: the C function probes alone, the instance probes
+    alone, both, the C function probes again. Each change of what is wanted registers other
+    callbacks for CALL, C_RETURN and C_RAISE; each consumer counts exactly its own events."""
+    require_tracer()
+    code = """
+        import json, sys, time
+        import dtrace
+        print(dtrace.library_path(), flush=True)
+
+        class Point:
+            def __init__(self, i):
+                self.i = i
+
+        def phase(n):
+            for i in range(n):
+                Point(i)
+                len("ab")
+
+        for line in sys.stdin:
+            words = line.split()
+            if words[0] == "run":
+                live = dtrace.wait_for_consumer(*words[2].split(","), timeout=30)
+                phase(int(words[1]))
+                print(json.dumps({"live": live, "enabled": sorted(dtrace.enabled_probes())}), flush=True)
+            elif words[0] == "detached":
+                deadline = time.monotonic() + 30
+                while dtrace.enabled_probes() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                print(json.dumps({"idle": not dtrace.enabled_probes(),
+                                  "cache": dtrace._native.cfunction_cache_stats()[0]}), flush=True)
+    """
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    library = process.stdout.readline().strip()
+    c_program = """
+usdt:{lib}:python:cfunction__entry /str(arg0) == "<string>"/ { @c_entry[str(arg3)] = count(); }
+usdt:{lib}:python:cfunction__return /str(arg0) == "<string>"/ { @c_return[str(arg3)] = count(); }
+"""
+    instance_program = """
+usdt:{lib}:python:instance__new__start { @new_start[str(arg0)] = count(); }
+usdt:{lib}:python:instance__new__done { @new_done[str(arg0)] = count(); }
+"""
+    consumers = [
+        (c_program, ["cfunction-entry", "cfunction-return"], 101),
+        (instance_program, ["instance-new-start", "instance-new-done"], 102),
+        (c_program + instance_program, ["cfunction-entry", "cfunction-return", "instance-new-start",
+                                         "instance-new-done"], 103),
+        (c_program, ["cfunction-entry", "cfunction-return"], 104),
+    ]
+
+    def say(line: str) -> dict:
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+        answer = process.stdout.readline()
+        assert answer, process.stderr.read()
+        return json.loads(answer)
+
+    try:
+        for program, probes, n in consumers:
+            tracer = Bpftrace(program, process.pid, library)
+            try:
+                tracer.start()
+                assert say(f"run {n} {','.join(probes)}") == {"live": True, "enabled": sorted(probes)}
+                maps = tracer.stop()
+            finally:
+                tracer.kill()
+            if "cfunction-entry" in probes:
+                # len once per iteration (the command loop's own calls of C functions are there too).
+                assert maps["@c_entry"]["len"] == maps["@c_return"]["len"] == n, maps
+                assert "Point" not in maps["@c_entry"], maps
+            else:
+                assert "@c_entry" not in maps, maps
+            if "instance-new-start" in probes:
+                assert maps["@new_start"] == maps["@new_done"] == {"Point": n}, maps
+            else:
+                assert "@new_start" not in maps, maps
+            assert say("detached") == {"idle": True, "cache": 0}
+        process.stdin.close()
+        assert process.wait(STEP_TIMEOUT) == 0, process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
