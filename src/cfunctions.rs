@@ -127,10 +127,16 @@ pub fn check_layout() {
             ffi::PyErr_Clear();
             return;
         }
+        let name = intern(c"__add__");
         let bound = ffi::PyObject_GetAttrString(one, c"__add__".as_ptr());
-        let descriptor = _PyType_Lookup(&raw mut ffi::PyLong_Type, intern(c"__add__"));
+        let descriptor = if name.is_null() {
+            ptr::null_mut()
+        } else {
+            _PyType_Lookup(&raw mut ffi::PyLong_Type, name)
+        };
         let ok = !bound.is_null()
             && !descriptor.is_null()
+            && (*ffi::Py_TYPE(bound)).tp_basicsize >= std::mem::size_of::<MethodWrapper>() as isize
             && ffi::Py_TYPE(descriptor) == &raw mut ffi::PyWrapperDescr_Type
             && (*(bound as *mut MethodWrapper)).descr == descriptor
             && (*(bound as *mut MethodWrapper)).self_ == one;
