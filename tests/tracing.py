@@ -4,8 +4,8 @@ The one fixture module for tests that need a tracer. A test writes a
 workload module (a ``run(result)`` function), and a bpftrace program; then:
 
 1. :class:`Workload` starts the module under this interpreter. The driver
-   imports ``dtrace`` (arming the probes), reports its PID and probe object,
-   and waits.
+   imports ``dtrace`` (arming the probes) and the workload module, reports
+   its PID and probe object, and waits.
 2. :class:`Bpftrace` attaches with ``-p PID`` and waits for the program's
    ``BEGIN`` line, printed only once every probe of the program is attached.
 3. The workload is told to go; it waits in ``dtrace.wait_for_consumer`` until
@@ -127,8 +127,10 @@ def main():
         if child:
             _, status = os.waitpid(child, 0)
             sys.exit(os.waitstatus_to_exitcode(status))
-    send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
+    # Imported before the consumer is told to attach: module code that ran while the probes went
+    # live would show half a frame (a <module> return without its entry).
     import workload
+    send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
     if sys.stdin.readline().strip() != "go":
         sys.exit(2)
     if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
