@@ -140,8 +140,11 @@ const CLASS_CACHE_SLOTS: usize = 1024;
 /// set, say), has another tag and misses. Locked only with the GIL held, so
 /// never contended; a re-entered lookup (a deallocation that a lookup caused)
 /// works the strings out without the cache.
-static CLASS_CACHE: Mutex<[Option<(usize, u32, Arc<ClassStrings>)>; CLASS_CACHE_SLOTS]> =
+static CLASS_CACHE: Mutex<[Option<CachedClass>; CLASS_CACHE_SLOTS]> =
     Mutex::new([const { None }; CLASS_CACHE_SLOTS]);
+
+/// A class cache entry: the type's address, its version tag, its strings.
+type CachedClass = (usize, u32, Arc<ClassStrings>);
 
 fn class_cache_slot(tp: *mut ffi::PyTypeObject) -> usize {
     // Fibonacci hashing of the address: types are a few hundred bytes apart.

@@ -22,6 +22,11 @@ mod names;
 mod probes;
 mod watcher;
 
+/// build.rs's code generation, compiled here only for its unit tests.
+#[cfg(test)]
+#[path = "../build/codegen.rs"]
+mod codegen;
+
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
