@@ -122,13 +122,15 @@ def send(tag, data):
 
 def main():
     import dtrace
+    # Imported before the tracer is told the PID: a consumer that attached while the module's
+    # frame ran would see that frame return without having seen it enter.
+    import workload
     if FORK_FIRST:  # the traced process is a forked child of the one started
         child = os.fork()
         if child:
             _, status = os.waitpid(child, 0)
             sys.exit(os.waitstatus_to_exitcode(status))
     send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
-    import workload
     if sys.stdin.readline().strip() != "go":
         sys.exit(2)
     if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
