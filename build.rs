@@ -12,7 +12,7 @@
 //!   semaphore per probe in the `.probes` section, and arguments passed
 //!   straight from registers (no per-event copies). The usdt crate's Linux
 //!   backend renames the probes, leaves the semaphores unaligned and copies
-//!   strings on every firing (docs/decisions.md), so it is not used there.
+//!   strings on every firing (docs/decisions.md, 1), so it is not used there.
 //! - `usdt` (macOS, illumos, or any platform with the `usdt-backend`
 //!   feature, for type-checking): the usdt crate's macros, wrapped in firing
 //!   functions with the Linux signatures, and the macOS is-enabled symbols.

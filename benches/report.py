@@ -170,7 +170,7 @@ def targets_section(runs: list[Run]) -> list[str]:
     out = ["## Targets", "",
            "Each cell: the figure, its verdict. Timing figures are medians over paired rounds with "
            "their interquartile range in brackets; where that range straddles the bound, the "
-           "timing cannot decide and the instruction count (callgrind) does (DECISIONS.md, 11).", ""]
+           "timing cannot decide and the instruction count (callgrind) does (docs/decisions.md, 11).", ""]
     header = "| target | " + " | ".join(f"Python {r.tag}" for r in runs) + " |"
     out += [header, "|---" * (len(runs) + 1) + "|"]
 

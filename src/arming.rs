@@ -13,7 +13,7 @@
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
 //!
 //! Where the interpreter was built `--with-dtrace` and fires a probe itself,
-//! that probe is left to the interpreter (DECISIONS.md, 6).
+//! that probe is left to the interpreter (docs/decisions.md, 6).
 //!
 //! Before the first consumer: no tool id, no event, no callback of ours.
 //! Once a code probe was wanted the tool id stays claimed (with no events

@@ -1,4 +1,4 @@
-"""Idle means idle: the deterministic guards behind the benchmarks' cost model (DECISIONS.md, 4).
+"""Idle means idle: the deterministic guards behind the benchmarks' cost model (docs/decisions.md, 4).
 
 While no consumer is attached, nothing of ours is hooked into the interpreter:
 no ``sys.monitoring`` event for any tool, no tool id before a code probe was
@@ -336,7 +336,7 @@ def test_idle_again_after_an_import_consumer_detaches(workload_dir):
 
 def test_an_audit_hook_is_added_only_for_an_audit_consumer(workload_dir):
     """The positive side of the audit guard: the hook appears exactly when a consumer enables
-    ``audit`` (once: it cannot be removed, DECISIONS.md, 4), and the detector sees it."""
+    ``audit`` (once: it cannot be removed, docs/decisions.md, 4), and the detector sees it."""
     import dtrace
 
     if "audit" not in dtrace._native.ARMABLE_PROBES:

@@ -124,7 +124,7 @@ _STARTUP_TIMEOUT = 30.0
 def _wait_for_tool() -> None:
     """The first interpreter of a command started by a dtrace tool reports to the tool and
     waits until the tool's consumer is attached (its ``BEGIN`` ran) and the probes it asked
-    for are live, so that the command is traced from its first line (DECISIONS.md, 9).
+    for are live, so that the command is traced from its first line (docs/decisions.md, 9).
 
     The variable is removed first, so the command's own children do not wait. Protocol:
     this process writes ``"PID LIBRARY\\n"``; the tool answers ``"go NAME,NAME\\n"`` once

@@ -6,7 +6,7 @@
 //! cost a `nop` while no consumer is attached. The emission backend behind
 //! `fire` is chosen by `build.rs` and named by `cfg(probe_backend)`:
 //! SystemTap SDT notes on Linux, the usdt crate on macOS and illumos
-//! (docs/decisions.md), none elsewhere. Every backend's code is generated
+//! (docs/decisions.md, 1), none elsewhere. Every backend's code is generated
 //! from the provider file.
 
 include!(concat!(env!("OUT_DIR"), "/provider.rs"));
