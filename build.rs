@@ -31,7 +31,8 @@ use dtrace_parser::File;
 mod codegen;
 
 use codegen::{
-    macos_is_enabled, noop_probes, provider_table, stapsdt_probes, usdt_wrappers, PROVIDER_NAME,
+    argument_names, macos_is_enabled, noop_probes, provider_table, stapsdt_probes, usdt_wrappers,
+    PROVIDER_NAME,
 };
 
 const PROVIDER_FILE: &str = "provider/pydtrace.d";
@@ -75,8 +76,10 @@ fn main() {
     pyo3_build_config::use_pyo3_cfgs();
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let file = File::from_file(Path::new(PROVIDER_FILE))
-        .unwrap_or_else(|err| panic!("{PROVIDER_FILE}: {err}"));
+    let source =
+        fs::read_to_string(PROVIDER_FILE).unwrap_or_else(|err| panic!("{PROVIDER_FILE}: {err}"));
+    let file =
+        File::try_from(source.as_str()).unwrap_or_else(|err| panic!("{PROVIDER_FILE}: {err}"));
     let provider = file
         .providers()
         .iter()
@@ -98,7 +101,9 @@ fn main() {
     let write = |name: &str, code: String| {
         fs::write(out_dir.join(name), code).unwrap_or_else(|err| panic!("write {name}: {err}"))
     };
-    write("provider.rs", provider_table(probes));
+    let arguments =
+        argument_names(&source, probes).unwrap_or_else(|err| panic!("{PROVIDER_FILE}: {err}"));
+    write("provider.rs", provider_table(probes, &arguments));
     match backend {
         Backend::Stapsdt => {
             let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();

@@ -64,6 +64,7 @@ mod _native {
         arming::detect_interpreter_probes(m.py());
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
+        m.add("PROBE_ARGUMENTS", probes::PROBE_ARGUMENTS.to_vec())?;
         m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
         Ok(())
     }

@@ -6,6 +6,8 @@ Use the :mod:`dtrace` package; this module is its implementation and may change.
 __version__: str
 #: All probes, as DTrace spells them (``"function-entry"``), in the provider file's order.
 PROBE_NAMES: list[str]
+#: Each probe's arguments as CPython's provider declares them (``"char *filename, ..."``), in the same order.
+PROBE_ARGUMENTS: list[str]
 #: The probes this build can hook into the interpreter.
 ARMABLE_PROBES: frozenset[str]
 

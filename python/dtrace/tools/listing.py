@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from dtrace import _native
 from dtrace.tools import elfnotes, report, runner, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
-#: The arguments of each probe, from the provider's contract (provider/pydtrace.d).
-ARGUMENTS = {
-    "function__entry": "char *filename, char *funcname, int lineno",
-    "function__return": "char *filename, char *funcname, int lineno",
-    "line": "char *filename, char *funcname, int lineno",
-    "gc__start": "int generation",
-    "gc__done": "long collected",
-    "instance__new__start": "char *classname, char *filename",
-    "instance__new__done": "char *classname, char *filename",
-    "instance__delete__start": "char *classname, char *filename",
-    "instance__delete__done": "char *classname, char *filename",
-    "import__find__load__start": "char *modulename",
-    "import__find__load__done": "char *modulename, int found",
-    "audit": "char *event, void *args",
-}
+#: The arguments of each probe, from the provider's contract (provider/pydtrace.d, compiled in).
+ARGUMENTS = dict(zip((name.replace("-", "__") for name in _native.PROBE_NAMES), _native.PROBE_ARGUMENTS))
 
 
 class List(Tool):
