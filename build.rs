@@ -135,14 +135,18 @@ fn sdt_size(ty: &DataType) -> (u32, bool) {
 }
 
 /// The asm! template modifier that names a register of this size.
+///
+/// On aarch64 every argument names its `x` register, whatever its size:
+/// bcc and libbpf (which bpftrace uses) parse only `x0`..`x30` and `sp` there,
+/// not `w2`, and the size prefix (`-4@x2`) already says to read the low
+/// 32 bits, sign-extended.
 fn register_modifier(arch: &str, bytes: u32) -> &'static str {
     match (arch, bytes) {
         ("x86_64", 1) => "l",
         ("x86_64", 2) => "x",
         ("x86_64", 4) => "e",
         ("x86_64", _) => "r",
-        ("aarch64", 8) => "x",
-        ("aarch64", _) => "w",
+        ("aarch64", _) => "x",
         _ => panic!("the SDT emitter supports x86_64 and aarch64, not {arch}"),
     }
 }
