@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyFrozenSet;
+use pyo3::types::{IntoPyDict, PyFrozenSet};
 
 use crate::probes::{ProbeSet, PROBE_DTRACE_NAMES};
 
@@ -59,6 +59,10 @@ mod _native {
         m.add("PROVIDER", probes::PROVIDER)?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
         m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
+        m.add(
+            "UNSUPPORTED_PROBES",
+            arming::unsupported().into_py_dict(m.py())?,
+        )?;
         m.add("POLL_INTERVAL", watcher::POLL_INTERVAL.as_secs_f64())?;
         Ok(())
     }

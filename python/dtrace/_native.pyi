@@ -10,6 +10,8 @@ PROVIDER: str
 PROBE_NAMES: list[str]
 #: The probes this build can hook into the interpreter.
 ARMABLE_PROBES: frozenset[str]
+#: The probes this build never arms in this interpreter version (DTrace spelling), each with the reason.
+UNSUPPORTED_PROBES: dict[str, str]
 #: Seconds between two reads of the probes' semaphores by the watcher thread.
 POLL_INTERVAL: float
 
