@@ -352,6 +352,28 @@ def test_sdist_builds_and_installs_offline(tmp_path):
     assert f"Version: {version}" in shown.stdout, shown.stdout
 
 
+def test_pip_show_reads_right(tmp_path):
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    mine = [w for w in WHEELS if f"-{tag}-{tag}-" in w.name and w.name.endswith(f"_{platform.machine()}.whl")]
+    if not mine:
+        _missing(f"{DIST} holds no {tag} wheel for {platform.machine()}: run scripts/dev wheels")
+    python = fresh_venv(tmp_path / "venv")
+    # pip 25.1 is the first to show PEP 639's License-Expression (older ones print an empty License:).
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "pip>=25.1"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                    str(mine[0])], check=True)
+    shown = subprocess.run([str(python), "-m", "pip", "show", "-v", "pydtrace-rs"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", shown.stdout, flags=re.M))
+    assert fields["Name"] == "pydtrace-rs"
+    assert fields["Version"] == cargo_version()
+    assert fields["Summary"].startswith("DTrace/USDT probes")
+    assert fields["License-Expression"] == "MIT OR Apache-2.0"
+    assert fields["Home-page"] == "https://github.com/pydtrace-rs/pydtrace-rs"
+    assert "Programming Language :: Python :: Implementation :: CPython" in shown.stdout
+    assert "pydtrace=dtrace.__main__:main" in shown.stdout
+
+
 # --- The wheel under the tracer tests --------------------------------------------------------------
 
 
