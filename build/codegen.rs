@@ -159,14 +159,18 @@ fn sdt_size(ty: &DataType) -> (u32, bool) {
 }
 
 /// The asm! template modifier that names a register of this size.
+///
+/// On aarch64 every argument names its `x` register, whatever its size:
+/// bcc and libbpf (which bpftrace uses) parse only `x0`..`x30` and `sp` there,
+/// not `w2`, and the size prefix (`-4@x2`) already says to read the low
+/// 32 bits, sign-extended.
 fn register_modifier(arch: &str, bytes: u32) -> &'static str {
     match (arch, bytes) {
         ("x86_64", 1) => "l",
         ("x86_64", 2) => "x",
         ("x86_64", 4) => "e",
         ("x86_64", _) => "r",
-        ("aarch64", 8) => "x",
-        ("aarch64", _) => "w",
+        ("aarch64", _) => "x",
         _ => panic!("the SDT emitter supports x86_64 and aarch64, not {arch}"),
     }
 }
@@ -439,7 +443,8 @@ mod tests {
     #[test]
     fn aarch64_arguments_name_its_registers() {
         let code = stapsdt_probes(&probes(PROVIDER), "aarch64");
-        assert!(code.contains(r#".asciz \"8@{arg0:x} 8@{arg1:x} -4@{arg2:w} 8@{arg3:x}\""#));
+        // bcc and libbpf parse only x registers there; -4@ reads the low half.
+        assert!(code.contains(r#".asciz \"8@{arg0:x} 8@{arg1:x} -4@{arg2:x} 8@{arg3:x}\""#));
         assert!(!code.contains("att_syntax"));
     }
 

@@ -72,6 +72,14 @@ pub const ARMABLE: ProbeSet = CODE_PROBES
         ProbeSet::EMPTY
     });
 
+/// The probes this build never arms, each with the reason (the complement of [`ARMABLE`]).
+pub fn unsupported() -> impl Iterator<Item = (&'static str, &'static str)> {
+    DELETE_PROBES
+        .difference(ARMABLE)
+        .dtrace_names()
+        .map(|name| (name, instances::DELETE_UNSUPPORTED_REASON))
+}
+
 /// The probes a `--with-dtrace` interpreter fires itself, worked out once
 /// when the module is initialised ([`detect_interpreter_probes`]).
 static INTERPRETER_PROBES: AtomicU32 = AtomicU32::new(0);

@@ -44,6 +44,9 @@ use crate::probes::fire;
 
 /// Whether this interpreter version's deallocation is one [`dealloc`] reproduces.
 pub const DELETE_SUPPORTED: bool = cfg!(not(Py_3_14));
+/// Why the delete probes are off where [`DELETE_SUPPORTED`] is false (`python -m dtrace list`).
+pub const DELETE_UNSUPPORTED_REASON: &str = "off on this Python version: they follow CPython's \
+     subtype_dealloc, which has been checked against 3.12 and 3.13 only";
 
 /// CPython's `subtype_dealloc`, read from a class made at initialisation.
 static SUBTYPE_DEALLOC: AtomicUsize = AtomicUsize::new(0);

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyFrozenSet;
+use pyo3::types::{IntoPyDict, PyFrozenSet};
 
 use crate::probes::{ProbeSet, PROBE_DTRACE_NAMES};
 
@@ -66,6 +66,10 @@ mod _native {
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
         m.add("PROBE_ARGUMENTS", probes::PROBE_ARGUMENTS.to_vec())?;
         m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
+        m.add(
+            "UNSUPPORTED_PROBES",
+            arming::unsupported().into_py_dict(m.py())?,
+        )?;
         Ok(())
     }
 

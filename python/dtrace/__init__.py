@@ -15,6 +15,7 @@ disarmed even where this module is imported.
 # No `from __future__ import annotations`: it imports the __future__ module at run time,
 # and `import dtrace` is kept cheap (see BENCHMARKS.md). The annotations are valid as they are.
 import os as _os
+import sys as _sys
 
 __all__ = [
     "available",
@@ -25,13 +26,21 @@ __all__ = [
     "unavailable_reason",
 ]
 
-try:
-    from dtrace import _native
-except ImportError as _error:  # a sub-interpreter (PyO3 refuses them), or a broken install
+unavailable_reason: str | None
+if "t" in getattr(_sys, "abiflags", ""):
+    # A free-threaded build (3.14t and later; PyO3 builds for no earlier one). The native module
+    # declares that it needs the GIL, and loading it would switch the GIL back on for the whole
+    # process; its hooks are neither built nor tested for free threading. So it is not loaded.
     _native = None
-    unavailable_reason: str | None = f"the native module cannot be loaded here: {_error}"
+    unavailable_reason = "free-threaded Python builds are not supported yet (the probes need the GIL)"
 else:
-    unavailable_reason = None if _native.backend_available() else "this platform has no USDT/DTrace probe mechanism"
+    try:
+        from dtrace import _native
+    except ImportError as _error:  # a sub-interpreter (PyO3 refuses them), or a broken install
+        _native = None
+        unavailable_reason = f"the native module cannot be loaded here: {_error}"
+    else:
+        unavailable_reason = None if _native.backend_available() else "this platform has no USDT/DTrace probe mechanism"
 
 #: True when probes can work in this interpreter: the native module loaded and
 #: the platform has a probe mechanism (Linux SDT, or DTrace on macOS and

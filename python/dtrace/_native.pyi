@@ -10,6 +10,8 @@ PROBE_NAMES: list[str]
 PROBE_ARGUMENTS: list[str]
 #: The probes this build can hook into the interpreter.
 ARMABLE_PROBES: frozenset[str]
+#: The probes this build never arms in this interpreter version (DTrace spelling), each with the reason.
+UNSUPPORTED_PROBES: dict[str, str]
 
 def backend_available() -> bool:
     """Whether this build has a probe mechanism (Linux SDT notes, or DTrace)."""

@@ -13,6 +13,16 @@ from dtrace.tools.tracers import ToolError
 ARGUMENTS = dict(zip((name.replace("-", "__") for name in _native.PROBE_NAMES), _native.PROBE_ARGUMENTS))
 
 
+def unsupported(library: str | None) -> dict[str, str]:
+    """The probes the build of pydtrace-rs at ``library`` never fires, with why; known only for this
+    Python's own build (another process may run another Python version)."""
+    import dtrace
+
+    if dtrace._native is None or library != dtrace.library_path():
+        return {}
+    return dict(getattr(dtrace._native, "UNSUPPORTED_PROBES", {}))
+
+
 class List(Tool):
     name = "list"
     summary = "the probes of a process, which are enabled now, and the probe object's path"
@@ -105,6 +115,10 @@ examples:
             out.write("\n(whether probes are enabled needs the rights to read the process's memory: run with sudo)\n")
         elif pid is not None:
             out.write("\nENABLED: whether a consumer enables the probe now, and how many.\n")
+        off = unsupported(library)
+        for reason in sorted(set(off.values())):
+            names = ", ".join(name.replace("-", "__") for name, why in sorted(off.items()) if why == reason)
+            out.write(f"\nnever fired by this build (Python {sys.version_info[0]}.{sys.version_info[1]}): {names}: {reason}\n")
         if interpreter:
             out.write("FIRED BY interpreter: this Python was built --with-dtrace and fires the probe itself; "
                       "pydtrace-rs does not fire it a second time.\n")
