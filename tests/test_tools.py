@@ -507,11 +507,11 @@ def test_list_through_c_lists_and_lets_the_command_run(workload_dir):
     assert done.stdout.rstrip().endswith("ran")
 
 
-# --- errors: a message and exit code 1, never a traceback ---------------------------------------
+# --- errors: a message and exit code 1 (2 for usage errors), never a traceback ------------------
 
 
-def check_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+def check_error(done: subprocess.CompletedProcess, *phrases: str, code: int = 1) -> None:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     for phrase in phrases:
         assert phrase in done.stderr, done.stderr
@@ -574,7 +574,7 @@ def test_error_command_that_never_loads_dtrace():
 
 
 def test_error_usage_without_a_target():
-    check_error(run_tool("calls"), "give -p PID or -c COMMAND")
+    check_error(run_tool("calls"), "give -p PID or -c COMMAND", code=2)
 
 
 def test_ctrl_c_during_c_prints_what_was_gathered(workload_dir):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dtrace.tools.runner import Stopper
+from dtrace.tools.tracers import decode_json_line
 
 #: Seconds any one handshake step may take before the test fails.
 STEP_TIMEOUT = 60.0
@@ -66,7 +68,7 @@ def require_tracer() -> None:
     pytest.skip(reason)
 
 
-class _Lines:
+class Lines:
     """The lines of a pipe, read by a thread, taken with a timeout."""
 
     def __init__(self, stream, name: str) -> None:
@@ -202,8 +204,8 @@ class Workload:
             text=True,
             env=env,
         )
-        self.stdout = _Lines(self.process.stdout, "the workload")
-        self.stderr = _Lines(self.process.stderr, "the workload's stderr")
+        self.stdout = Lines(self.process.stdout, "the workload")
+        self.stderr = Lines(self.process.stderr, "the workload's stderr")
         loaded = self._expect("LOADED")
         self.pid, self.library = loaded["pid"], loaded["library"]
         assert loaded["armed"], "importing dtrace did not arm the probes"
@@ -245,27 +247,10 @@ class Workload:
             self.process.wait()
 
 
-_SIGN_EXTENDED_BYTE = re.compile(r"\\uffffff([0-9a-f]{2})")
-
-
-def _bytes_to_text(value: Any) -> Any:
-    """Strings of a decoded bpftrace JSON event back to text (see :func:`parse_json_line`)."""
-    if isinstance(value, str):
-        return value.encode("latin-1").decode("utf-8", "backslashreplace")
-    if isinstance(value, dict):
-        return {_bytes_to_text(k): _bytes_to_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_bytes_to_text(v) for v in value]
-    return value
-
-
 def parse_json_line(line: str) -> Any:
-    """One line of ``bpftrace -f json`` output.
-
-    bpftrace 0.17 escapes each byte >= 0x80 of a string as ``\\uffffffXX`` (a sign-extended
-    char); those bytes are put back and the strings decoded as UTF-8.
-    """
-    return _bytes_to_text(json.loads(_SIGN_EXTENDED_BYTE.sub(r"\\u00\1", line)))
+    """One line of ``bpftrace -f json`` output, decoded as the tools decode it (bpftrace 0.17's
+    escaped bytes put back: see :func:`dtrace.tools.tracers.decode_json_line`)."""
+    return decode_json_line(line)
 
 
 @dataclass
@@ -291,8 +276,8 @@ class Bpftrace:
             # Strings as long as bpftrace reads them (paths of test files exceed the default 64).
             env={**os.environ, "BPFTRACE_STRLEN": "200", **self.env},
         )
-        self.stdout = _Lines(self.process.stdout, "bpftrace")
-        self.stderr = _Lines(self.process.stderr, "bpftrace's stderr")
+        self.stdout = Lines(self.process.stdout, "bpftrace")
+        self.stderr = Lines(self.process.stderr, "bpftrace's stderr")
         while True:
             line = self.stdout.next()
             if line is None:
@@ -312,14 +297,20 @@ class Bpftrace:
         return "; ".join(facts) + f"; stderr: {self.stderr.available()}"
 
     def stop(self) -> dict[str, Any]:
-        """Detach (SIGINT) and return the maps bpftrace printed, by name."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+        """Detach (SIGINT, again if bpftrace misses it, as the tools stop it) and return the maps
+        bpftrace printed, by name."""
+        mark = len(self.stdout.seen)
+        # bpftrace prints blank lines once it has left its event loop: a second SIGINT after
+        # that would kill it while it prints its maps.
+        stopper = Stopper(self.process, lambda: any(not line.strip() for line in self.stdout.available()[mark:]))
+        stopper.wait()
+        if stopper.killed:
+            raise AssertionError(f"bpftrace did not end after two SIGINTs and was killed; {self._diagnosis()}")
         try:
-            lines = self.stdout.rest()
+            self.stdout.rest()
         except TimeoutError as error:
-            raise AssertionError(f"bpftrace did not end after SIGINT: {error}; {self._diagnosis()}") from None
-        for line in lines:
+            raise AssertionError(f"bpftrace's output did not end: {error}; {self._diagnosis()}") from None
+        for line in self.stdout.seen[mark:]:
             if not line.strip():
                 continue
             event = parse_json_line(line)
@@ -410,6 +401,10 @@ class ToolRun:
     stdout: str = ""
     stderr: str = ""
     code: int | None = None
+    #: Signal used by stop(): SIGINT as Ctrl-C, or SIGTERM, SIGHUP, SIGKILL.
+    stop_signal: int = signal.SIGINT
+    #: Further keyword arguments for Popen (a terminal of its own, say).
+    popen: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -417,9 +412,10 @@ class ToolRun:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            **self.popen,
         )
-        self.out = _Lines(self.process.stdout, "the tool")
-        self.err = _Lines(self.process.stderr, "the tool's stderr")
+        self.out = Lines(self.process.stdout, "the tool")
+        self.err = Lines(self.process.stderr, "the tool's stderr")
         while True:
             line = self.err.next()
             if line is None:
@@ -427,10 +423,14 @@ class ToolRun:
             if line.startswith("Tracing "):
                 return
 
+    def tracer_pid(self) -> int:
+        """The PID of the tool's bpftrace (its child), from /proc."""
+        return tracer_of(self.process.pid)
+
     def stop(self) -> None:
-        """Ctrl-C: the tool prints what it gathered and exits."""
+        """Ctrl-C (or ``stop_signal``): the tool prints what it gathered and exits."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(self.stop_signal)
         self.stdout = "\n".join(self.out.rest()) + "\n"
         self.err.rest()  # every line ends up in self.err.seen
         self.stderr = "\n".join(self.err.seen)
@@ -440,6 +440,52 @@ class ToolRun:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc/PID/task/TID/children)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tracer_of(pid: int) -> int:
+    """The PID of the bpftrace that process ``pid`` (a tool) started."""
+    for child in children(pid):
+        try:
+            if Path(f"/proc/{child}/comm").read_text().strip() == "bpftrace":
+                return child
+        except OSError:
+            continue
+    raise AssertionError(f"process {pid} has no bpftrace child: {children(pid)}")
+
+
+def wait_gone(pid: int, timeout: float = STEP_TIMEOUT) -> bool:
+    """Wait until process ``pid`` (not necessarily a child) has exited, through a pidfd that becomes
+    readable when it does; True if it has, False if ``timeout`` passed first."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
+def uprobe_events_of(library: str) -> list[str]:
+    """The kernel's uprobe events (tracefs uprobe_events) that name ``library``."""
+    for path in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"):
+        if os.path.exists(path):
+            return [line for line in Path(path).read_text().splitlines() if library in line]
+    pytest.skip("tracefs is not mounted: no uprobe_events to check (mount -t tracefs nodev /sys/kernel/tracing)")
 
 
 def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Path,
