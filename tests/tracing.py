@@ -401,8 +401,9 @@ class ToolRun:
     stdout: str = ""
     stderr: str = ""
     code: int | None = None
-    #: Signal used by stop(): SIGINT as Ctrl-C, or SIGTERM, SIGHUP, SIGKILL.
-    stop_signal: int = signal.SIGINT
+    #: Signal sent by stop(): SIGINT as Ctrl-C, or SIGTERM, SIGHUP, SIGKILL; None when something
+    #: else ends the tool (its terminal closing).
+    stop_signal: int | None = signal.SIGINT
     #: Further keyword arguments for Popen (a terminal of its own, say).
     popen: dict[str, Any] = field(default_factory=dict)
 
@@ -429,7 +430,7 @@ class ToolRun:
 
     def stop(self) -> None:
         """Ctrl-C (or ``stop_signal``): the tool prints what it gathered and exits."""
-        if self.process.poll() is None:
+        if self.stop_signal is not None and self.process.poll() is None:
             self.process.send_signal(self.stop_signal)
         self.stdout = "\n".join(self.out.rest()) + "\n"
         self.err.rest()  # every line ends up in self.err.seen
