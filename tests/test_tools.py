@@ -3,6 +3,7 @@ the bundled scripts under bpftrace's own check; the errors, with their messages 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 import dtrace
 from dtrace.tools import TOOLS
+from dtrace.tools.flame import TIMES as FLAME_TIMES
 from tracing import STEP_TIMEOUT, Bpftrace, Workload, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
@@ -442,6 +444,7 @@ def test_flame_through_c_writes_an_svg_and_folded_stacks(workload_dir):
     body = as_script(NESTED)
     done = traced_command(workload_dir, "flame", "-o", "out.svg", body=body)
     assert "wrote out.svg" in done.stdout
+    assert FLAME_TIMES in done.stdout  # wall time, callees included, and how it differs from sampling
     svg = ElementTree.parse(workload_dir / "out.svg").getroot()
     titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
     leaf = [t for t in titles if t.startswith("leaf (workload.py)")]
@@ -465,6 +468,33 @@ def test_flame_through_p_folds_the_stacks_entered_after_attaching(workload_dir):
     # The driver's <module> frame was entered before the tool attached: no stack starts there.
     assert [key for key in stacks if "leaf" in key] == [f"run {f};outer {f};outer.<locals>.<genexpr> {f};inner {f};leaf {f}"]
     assert not [key for key in stacks if key.startswith("<module>")], stacks
+
+
+def test_flame_through_c_writes_speedscope_and_folded_files_and_says_what_the_times_are(workload_dir):
+    body = as_script(NESTED)
+    done = traced_command(workload_dir, "flame", "-o", "app.speedscope.json", body=body)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("wrote app.speedscope.json: ") and lines[0].endswith(
+        "open it at https://www.speedscope.app"), done.stdout
+    assert lines[1] == FLAME_TIMES, done.stdout
+    profile = json.loads((workload_dir / "app.speedscope.json").read_text())
+    names = [frame["name"] for frame in profile["shared"]["frames"]]
+    (sampled,) = profile["profiles"]
+    assert sampled["type"] == "sampled" and sampled["unit"] == "nanoseconds"
+    stacks = {tuple(names[i] for i in sample): weight for sample, weight in zip(sampled["samples"], sampled["weights"])}
+    assert stacks[("<module>", "run", "outer", "outer.<locals>.<genexpr>", "inner", "leaf")] > 0, stacks
+    assert sampled["endValue"] == sum(sampled["weights"])
+
+    done = traced_command(workload_dir, "flame", "--format", "folded", "-o", "app.folded", body=body)
+    assert done.stdout.splitlines()[0].startswith("wrote app.folded: folded stacks, ")
+    stacks = dict(line.rsplit(" ", 1) for line in (workload_dir / "app.folded").read_text().splitlines())
+    f = "(workload.py)"
+    assert int(stacks[f"<module> {f};run {f};outer {f};outer.<locals>.<genexpr> {f};inner {f};leaf {f}"]) > 0
+
+    # Folded stacks on standard output: the note goes to stderr, the output stays pure.
+    done = traced_command(workload_dir, "flame", "--folded", body=body)
+    assert f"pydtrace: {FLAME_TIMES}" in done.stderr
+    assert all(re.fullmatch(r".+ \d+", line) for line in done.stdout.splitlines()), done.stdout
 
 
 # --- list ---------------------------------------------------------------------------------------
