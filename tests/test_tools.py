@@ -18,7 +18,7 @@ import pytest
 import dtrace
 from dtrace.tools import TOOLS
 from dtrace.tools.flame import TIMES as FLAME_TIMES
-from tracing import STEP_TIMEOUT, Bpftrace, Workload, require_tracer, run_tool, trace_with_tool
+from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -320,6 +320,47 @@ def test_objnew_through_c_and_p_counts_the_instances_of_a_class(workload_dir):
     assert rows(tool.stdout, 1, "Widget")[0][:3] == ["123", "Widget", str(workload.path)], tool.stdout
 
 
+ENUMS = """
+    import copy
+    import enum
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Widget:
+        pass
+
+    class Single:
+        _it = None
+
+        def __new__(cls):
+            if cls._it is None:
+                cls._it = super().__new__(cls)
+            return cls._it
+
+    def run(result):
+        for _ in range(5):
+            Color(1)  # a lookup: no new instance
+        widgets = [Widget() for _ in range(4)]
+        copies = [copy.copy(widgets[0]) for _ in range(3)]  # made by C code: not seen
+        for _ in range(6):
+            Single()  # one instance, five times the same one
+        result["distinct"] = len({id(Single()) for _ in range(2)})
+"""
+
+
+@pytest.mark.skipif(not INSTANCES_NEW, reason=NOT_ARMABLE)
+def test_objnew_counts_calls_of_python_classes_from_python_code_not_new_instances(workload_dir):
+    """What objnew counts, pinned: instance__new__start fires at each call of a Python class from
+    Python code (CALL, before __new__), whatever __new__ or the metaclass returns. An Enum lookup
+    or a cached instance counts each call; an instance made by C code (copy.copy) does not count."""
+    workload, tool = trace_with_tool(ENUMS, ["objnew", "-n", "0"], ["instance-new-start"], workload_dir)
+    assert tool.code == 0, tool.stderr
+    counts = {row[1]: row[0] for row in (line.split() for line in tool.stdout.splitlines()[1:]) if len(row) == 3}
+    assert counts["Color"] == "5" and counts["Widget"] == "4" and counts["Single"] == "8", tool.stdout
+    assert workload.result["distinct"] == 1
+
+
 TREES = """
     class Node:
         def __init__(self, children=()):
@@ -435,6 +476,52 @@ def test_where_connect_through_p_counts_the_stacks(workload_dir):
                                      workload_dir)
     assert tool.code == 0, tool.stderr
     check_where(tool.stdout, str(workload.path), workload.path)
+
+
+MODULE_LEVEL = """\
+import os, socket, sys
+import dtrace
+print(os.getpid(), flush=True)
+sys.stdin.readline()  # the tool is attached
+dtrace.wait_for_consumer("function-entry", "function-return", "line", timeout=60)
+for port in (9, 7):
+    s = socket.socket()
+    s.connect_ex(("127.0.0.1", port))  # connect at module level
+    s.close()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(workload_dir):
+    """Code at module level, attached with -p: its <module> frame was entered long before tracing
+    began; the line probe's file and function (arg0, arg3) show it, marked as such."""
+    require_tracer()
+    script = write(workload_dir, MODULE_LEVEL, "module_level.py")
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    tool = None
+    try:
+        pid = int(process.stdout.readline())
+        tool = ToolRun(["where", "connect"], pid)
+        tool.start()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "done\n"
+        tool.stop()
+    finally:
+        if tool is not None:
+            tool.kill()
+        process.kill()
+        process.wait()
+    assert tool.code == 0, tool.stderr
+    place = f"{script}:{line_of(script, '# connect at module level')}"
+    assert tool.stdout.splitlines()[:3] == [
+        "connect(): 2 calls from 1 Python stacks, innermost frame first",
+        "",
+        f"      2  {place}  <module>  (running since before tracing began; its callers are not known)",
+    ], tool.stdout
+    assert rows(tool.stdout, 1, "<module>")[-1] == ["2", "<module>", place], tool.stdout
 
 
 # --- flame --------------------------------------------------------------------------------------
