@@ -41,6 +41,8 @@ COMMON_HELP = {
     "command": "start COMMAND (split like a shell would, run without one) and trace it from its first "
                "line; it ends with the trace (-d, Ctrl-C, SIGTERM, SIGHUP, the tool's end): SIGTERM, "
                "then SIGKILL after 5 s",
+    "list-command": "start COMMAND, list its probes, and let it run on untraced (the tool waits for it, "
+                    "and exits with its status)",
     "duration": "stop after SECONDS (with -i, rounded up to whole intervals; default: at Ctrl-C, "
                 "SIGTERM or SIGHUP, or when the process exits); a command started by -c is then stopped",
 }
@@ -64,7 +66,8 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
         tool.add_arguments(sub)
         target = sub.add_mutually_exclusive_group()
         target.add_argument("-p", "--pid", type=int, help=COMMON_HELP["pid"])
-        target.add_argument("-c", "--command", metavar="COMMAND", help=COMMON_HELP["command"])
+        target.add_argument("-c", "--command", metavar="COMMAND",
+                            help=COMMON_HELP["command"] if tool.needs_target else COMMON_HELP["list-command"])
         sub.add_argument("-d", "--duration", type=positive, metavar="SECONDS", help=COMMON_HELP["duration"])
         if tool.intervals:
             sub.add_argument("-i", "--interval", type=positive, metavar="SECONDS",
