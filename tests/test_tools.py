@@ -43,6 +43,8 @@ def traced_command(directory: Path, *args: str, body: str) -> subprocess.Complet
     # Neither the tool nor the traced command failed (the tool reports the command's status).
     assert "Traceback" not in done.stderr, done.stderr
     assert "the command exited with status" not in done.stderr, done.stderr
+    # Nor did the tracer complain (a helper error, a warning about the program).
+    assert not re.search(r"helper errors|WARNING|ERROR", done.stderr), done.stderr
     return done
 
 
