@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     tool = type(TOOLS[options.tool])()  # a fresh tool object for this run
     # Until the trace begins (then the tool stops it instead), SIGTERM and SIGHUP end the
     # tool the way Ctrl-C does: whatever it started is stopped on the way out.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_stopped)
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return tool.run(options)
     except UsageError as error:
@@ -142,3 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except Stopped as stop:
         return 128 + stop.signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
