@@ -486,7 +486,10 @@ def uprobe_events_of(library: str) -> list[str]:
     for path in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"):
         if os.path.exists(path):
             return [line for line in Path(path).read_text().splitlines() if library in line]
-    pytest.skip("tracefs is not mounted: no uprobe_events to check (mount -t tracefs nodev /sys/kernel/tracing)")
+    reason = "tracefs is not mounted: no uprobe_events to check (mount -t tracefs nodev /sys/kernel/tracing)"
+    if REQUIRE_TRACER:
+        pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
+    pytest.skip(reason)
 
 
 def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Path,

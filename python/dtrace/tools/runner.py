@@ -588,6 +588,9 @@ class Session:
             code = self.process.wait()
         for thread in self._threads:
             thread.join(5)
+        for stream in (self.process.stdout, self.process.stderr):
+            if not any(thread.is_alive() for thread in self._threads):
+                stream.close()
         return code
 
     def stop(self) -> int:
