@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from dtrace.tools import report
+from dtrace.tools import report, runner
 from dtrace.tools.base import Tool, cut_note
 from dtrace.tools.options import UsageError
 
@@ -82,6 +82,8 @@ examples:
         probe = native_probe(options.function, tracer.dialect)
         if not probe.startswith(SILENT_TYPES):
             return
+        if options.pid is not None:
+            runner.check_running(options.pid)  # before asking about its libraries
         listed = tracer.list_probes(probe, options.pid)
         if listed is not None and not listed:
             where = f"process {options.pid}" if options.pid is not None else "this system"
