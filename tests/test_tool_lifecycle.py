@@ -318,26 +318,28 @@ def test_a_python_without_pydtrace_rs_or_without_its_pth_gets_the_step_that_is_m
         f"pydtrace: the command exited (status 0) before loading dtrace; pydtrace-rs is not installed in {python}: "
         f"install it there, or run the command with a Python that has it, e.g. {sys.executable}")
 
-    # What `maturin develop` leaves: dtrace importable, but no pydtrace-rs.pth in site-packages, so
-    # PYDTRACE=1 does nothing. (A path line in a .pth adds the package without processing the
-    # .pth files beside it, as maturin's editable install does.)
+    # What `maturin develop` leaves: dtrace importable through its own pydtrace_rs.pth (a path line,
+    # which adds the package without processing the .pth files beside it), but no pydtrace-rs.pth,
+    # so PYDTRACE=1 does nothing.
     site = Path(subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     import dtrace
 
-    (site / "editable.pth").write_text(str(Path(dtrace.__file__).parent.parent) + "\n")
+    (site / "pydtrace_rs.pth").write_text(str(Path(dtrace.__file__).parent.parent) + "\n")
     done = run_tool("calls", "-c", f"{python} {script}")
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines()[-1] == (
         f"pydtrace: the command exited (status 0) before loading dtrace; PYDTRACE=1 does nothing in {python}: "
         f"pydtrace-rs.pth is missing from {site} (`maturin develop` leaves it out); add it: "
-        f"cp pydtrace-rs.pth {site}/ (or install with `pip install .`)")
+        f"cp pydtrace-rs.pth {site}/pydtrace_rs_arm.pth (or install with `pip install .`)")
 
-    # The one step: with the .pth in place, the same command is traced.
-    (site / "pydtrace-rs.pth").write_text(Path(dtrace.__file__).parent.parent.joinpath("pydtrace-rs.pth").read_text())
+    # The one step, as said: the file under a name that site loads after pydtrace_rs.pth (under
+    # its own name it would load first, fail to import dtrace, and print an error at every start).
+    (site / "pydtrace_rs_arm.pth").write_text(Path(dtrace.__file__).parent.parent.joinpath("pydtrace-rs.pth").read_text())
     done = run_tool("calls", "-c", f"{python} {script}")
     assert done.returncode == 0, done.stderr
     assert "ran" in done.stdout
+    assert "Error processing line" not in done.stderr, done.stderr
 
 
 def test_an_old_python_gets_the_version_it_needs(tmp_path):

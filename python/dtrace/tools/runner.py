@@ -348,7 +348,8 @@ import importlib.util, json, os, site, sys
 spec = importlib.util.find_spec("dtrace")
 sites = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
 print(json.dumps({"version": list(sys.version_info[:2]), "dtrace": spec and spec.origin, "sites": sites,
-                  "pth": [d for d in sites if os.path.exists(os.path.join(d, "pydtrace-rs.pth"))]}))
+                  "pth": [d for d in sites if any(os.path.exists(os.path.join(d, name))
+                                                  for name in ("pydtrace-rs.pth", "pydtrace_rs_arm.pth"))]}))
 """
 _PYTHON_NAME = re.compile(r"python[\d.]*")
 
@@ -383,6 +384,11 @@ def interpreter_facts(python: str) -> dict | None:
         return None
 
 
+#: The name the one extra step gives pydtrace-rs.pth: site loads .pth files in name order, and this
+#: name sorts after maturin's editable pydtrace_rs.pth, which puts the checkout on sys.path first.
+PTH_AFTER_EDITABLE = "pydtrace_rs_arm.pth"
+
+
 def missing_pth_fix(python: str, facts: dict) -> str:
     """The one step that makes PYDTRACE=1 work in an environment without pydtrace-rs.pth."""
     site = facts["sites"][0] if facts["sites"] else "its site-packages"
@@ -392,7 +398,7 @@ def missing_pth_fix(python: str, facts: dict) -> str:
         if (checkout / "pydtrace-rs.pth").exists():
             source = str(checkout / "pydtrace-rs.pth")
     return (f"PYDTRACE=1 does nothing in {python}: pydtrace-rs.pth is missing from {site} (`maturin develop` "
-            f"leaves it out); add it: cp {source} {site}/ (or install with `pip install .`)")
+            f"leaves it out); add it: cp {source} {site}/{PTH_AFTER_EDITABLE} (or install with `pip install .`)")
 
 
 def startup_hint(argv: Sequence[str]) -> str:
