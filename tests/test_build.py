@@ -40,5 +40,4 @@ def test_a_build_for_python_3_11_says_it_needs_3_12():
     assert done.returncode != 0, output[-3000:]
     assert "pydtrace-rs needs CPython 3.12 or later (it is built on sys.monitoring, PEP 669); this build is for " \
            "CPython 3.1" in output, output[-3000:]
-    assert f"({python})" in output
     assert "PyErr_GetRaisedException" not in output  # stopped before the crate's code is compiled
