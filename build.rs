@@ -74,6 +74,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=build/codegen.rs");
     pyo3_build_config::use_pyo3_cfgs();
+    require_cpython_3_12();
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let source =
@@ -130,4 +131,34 @@ fn build_usdt(out_dir: &Path) {
 #[cfg(not(any(target_os = "macos", target_os = "illumos", feature = "usdt-backend")))]
 fn build_usdt(_out_dir: &Path) {
     panic!("building for a DTrace platform needs the usdt build dependency of that host");
+}
+
+/// The oldest interpreter the extension is built for: `sys.monitoring` (PEP 669) came with 3.12.
+const OLDEST_PYTHON: (u8, u8) = (3, 12);
+
+/// Stops a build for an interpreter the extension cannot support (an older CPython, or another
+/// implementation) with a message that says so, rather than a Rust compile error deep in the
+/// code (`cannot find function PyErr_GetRaisedException` under 3.11).
+fn require_cpython_3_12() {
+    let config = pyo3_build_config::get();
+    let version = config.version();
+    let interpreter = config.executable().unwrap_or("the interpreter PyO3 found");
+    let cpython = matches!(
+        config.implementation(),
+        pyo3_build_config::PythonImplementation::CPython
+    );
+    if (version.major, version.minor) < OLDEST_PYTHON || !cpython {
+        let found = format!(
+            "{:?} {}.{}",
+            config.implementation(),
+            version.major,
+            version.minor
+        );
+        panic!(
+            "\n\npydtrace-rs needs CPython {}.{} or later (it is built on sys.monitoring, PEP 669); \
+             this build is for {found} ({interpreter}). Build with a CPython >= {}.{}: \
+             `maturin build -i python3.12`, or `pip install .` from a virtual environment of one.\n\n",
+            OLDEST_PYTHON.0, OLDEST_PYTHON.1, OLDEST_PYTHON.0, OLDEST_PYTHON.1
+        );
+    }
 }

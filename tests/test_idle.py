@@ -179,8 +179,8 @@ class IdleRun:
         env["IDLE_TIMEOUT"] = str(tracing.STEP_TIMEOUT)
         self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.stdout = tracing._Lines(self.process.stdout, "the idle driver")
-        self.stderr = tracing._Lines(self.process.stderr, "the idle driver's stderr")
+        self.stdout = tracing.Lines(self.process.stdout, "the idle driver")
+        self.stderr = tracing.Lines(self.process.stderr, "the idle driver's stderr")
         self.ready = self.expect("READY")
 
     def expect(self, tag: str) -> Any:

@@ -41,6 +41,7 @@ examples:
   python -m dtrace list -c "python3 app.py"      start a command, list, and let it run untraced
 """
     intervals = False
+    needs_target = False
 
     def run(self, args, out=sys.stdout) -> int:
         if args.script:
@@ -50,16 +51,16 @@ examples:
             return 0
         if not sys.platform.startswith("linux"):
             return self.run_dtrace(args, out)
-        if args.command:
-            target = runner.start(args.command, args.startup_timeout)
+        if args.argv:
+            target = runner.start(args.argv, args.startup_timeout)
             try:
                 self.show(target.pid, target.library, out)
-            finally:
-                target.abandon()  # the command runs on untraced
-            code = target.process.wait()
-            if code:
-                runner.warn(f"the command exited with status {code}")
-            return 0
+            except BaseException:
+                target.stop()
+                raise
+            target.abandon()  # the command runs on untraced
+            out.flush()
+            return self.command_status(target.process.wait())
         if args.pid is not None:
             target = runner.attach(args.pid)
             self.show(target.pid, target.library, out)
@@ -127,9 +128,9 @@ examples:
     def run_dtrace(self, args, out) -> int:
         """macOS and illumos (UNTESTED): DTrace lists the probes of a process itself."""
         tracer = tracers.DTrace()
-        if args.pid is None and not args.command:
+        if args.pid is None and not args.argv:
             raise ToolError("on this platform, list needs -p PID or -c COMMAND")
-        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid)
         import subprocess
 
         try:
