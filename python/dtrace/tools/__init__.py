@@ -8,8 +8,10 @@ Each tool is a bpftrace program (Linux) or D program (macOS, illumos) under
 - ``tracers``: bpftrace and DTrace: finding them, their command lines, their
   output as events; ``ToolError``, the errors a user can act on.
 - ``base``: what tools share: the script and its variants, the run.
-- one module per tool; ``report``: tables and histograms; ``flamegraph``: SVG;
-  ``elfnotes``: the probes of an object and their semaphores.
+- one module per tool (``run``: the user's own program); ``report``: tables and
+  histograms; ``flamegraph``: SVG; ``elfnotes``: the probes of an object and their
+  semaphores; ``programs``: reading bpftrace programs; ``interpreter``: the
+  probes an interpreter built ``--with-dtrace`` fires itself, added to a program.
 """
 
 from dtrace.tools.calls import Calls
@@ -20,7 +22,9 @@ from dtrace.tools.lines import Lines
 from dtrace.tools.listing import List
 from dtrace.tools.objdel import ObjDel
 from dtrace.tools.objnew import ObjNew
+from dtrace.tools.run import Run
 from dtrace.tools.where import Where
 
 #: Every tool, by name, in the order of the help.
-TOOLS = {tool.name: tool for tool in (List(), Calls(), Flow(), Lines(), GC(), ObjNew(), ObjDel(), Where(), Flame())}
+TOOLS = {tool.name: tool for tool in (List(), Calls(), Flow(), Lines(), GC(), ObjNew(), ObjDel(), Where(), Flame(),
+                                      Run())}

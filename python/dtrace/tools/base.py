@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import report, runner, tracers
+from dtrace.tools import interpreter, report, runner, tracers
 from dtrace.tools.tracers import ToolError
 
 
@@ -170,6 +170,8 @@ class Tool:
             return 0
         probes = self.fired(self.probes(program))
         target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
+        program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         env = tracer.environment(self.strlen, args.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))
