@@ -5,6 +5,7 @@ counts; the program as the tool runs it; bad programs refused or left to bpftrac
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,7 +71,8 @@ def test_c_output_streams_untouched_with_the_users_begin(workload_dir):
     END { printf("footer\\n"); }
     """
     script = """\
-    print("command says hi", flush=True)
+    import sys
+    sys.stdout.write("command says hi\\n")  # one write: whole beside the tracer's lines
     def g():
         pass
     g(); g()
@@ -79,8 +81,28 @@ def test_c_output_streams_untouched_with_the_users_begin(workload_dir):
     assert done.returncode == 0, done.stderr
     # The user's BEGIN output comes first; the tool's own line and bpftrace's "Attaching"
     # line are not there; the command's own output is its own.
-    assert stdout_lines(done) == ["header", "command says hi", "g 2", "g 2", "footer", "@n: 2"], done.stdout
-    assert "pydtrace-run-attached" not in done.stdout + done.stderr
+    assert stdout_lines(done) == ["header", "command says hi", "g 3", "g 3", "footer", "@n: 2"], done.stdout
+    assert "pydtrace-run-" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("begin", [
+    'BEGIN { printf("one\\n"); printf("two\\n") }',  # no ';' after the last statement
+    'BEGIN { @x = 1; if (@x) { printf("one\\n"); } printf("two\\n"); }',  # a block, then an expression
+    'BEGIN { printf("one\\n"); if (1) { printf("two\\n"); } }',  # a block last
+], ids=["no-semicolon", "block-inside", "block-last"])
+def test_c_the_users_begin_prints_before_the_command_runs(workload_dir, begin):
+    script = 'import sys\nsys.stdout.write("command\\n")\n'
+    done = run_c(workload_dir, begin + "\nusdt:*:python:gc__start { @ = count(); }", script)
+    assert done.returncode == 0, done.stderr
+    assert stdout_lines(done)[:3] == ["one", "two", "command"], done.stdout
+
+
+def test_c_a_program_that_exits_in_begin_ends_the_command(workload_dir):
+    done, mark = run_marked(workload_dir, "-e", 'BEGIN { printf("bye\\n"); exit(); } usdt:*:python:line { @ = count(); }')
+    assert done.returncode == 0, done.stderr
+    assert stdout_lines(done) == ["bye", "@: 0"], done.stdout  # bpftrace prints its maps at exit
+    assert "ended in its BEGIN, before the trace began; the command was ended" in done.stderr
+    assert not mark.exists()
 
 
 def test_p_traces_a_running_process(workload_dir):
@@ -124,7 +146,7 @@ def test_duration_ends_the_trace_and_the_command_runs_on(workload_dir):
 def test_exit_in_the_program_lets_the_command_run_on(workload_dir):
     # CPython's test_dtrace usability check, with the probe object for @TARGET@.
     program = 'usdt:@TARGET@:python:function__entry { printf("probe: success\\n"); exit(); }'
-    done = run_c(workload_dir, program, "print('ran', flush=True)\n")
+    done = run_c(workload_dir, program, "import sys\nsys.stdout.write('ran\\n')\n")
     assert done.returncode == 0, done.stderr
     # The command writes to the same stdout itself: its line may come first.
     assert sorted(stdout_lines(done)) == ["probe: success", "ran"], done.stdout
@@ -189,20 +211,21 @@ def test_program_source_errors():
 # --- the program as the tool runs it (no tracer needed) -----------------------------------------
 
 def prepare(text: str, interpreter: dict[str, str] | None = None, duration: int | None = None):
-    return Run().prepare(text, "bt", "/lib/_native.so", interpreter or {}, "SENTINEL", duration)
+    return Run().prepare(text, "bt", "/lib/_native.so", interpreter or {}, "M", duration)
 
 
 def test_script_shows_the_program_with_target_and_begin():
     done = run_tool("run", "-e", "usdt:@TARGET@:python:gc__start { @ = count(); }", "--script")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"usdt:{dtrace.library_path()}:python:gc__start {{ @ = count(); }}\n"), done.stdout
-    assert "\nBEGIN\n{\n\tprintf(\"pydtrace-run-attached-" in done.stdout
+    assert re.search(r'\nBEGIN\n{\n\tprintf\("pydtrace-run-[0-9a-f]{12}-begun\\n"\);\n}\n$', done.stdout), done.stdout
 
 
-def test_the_sentinel_goes_into_the_users_begin_keeping_its_lines():
+def test_the_markers_go_into_the_users_begin_keeping_its_lines():
     text = "// counts\nBEGIN\n{\n\tprintf(\"hi\\n\");\n}\nusdt:*:python:line { @[arg2] = count(); }\n"
     program, probes = prepare(text)
-    assert program == text.replace("{\n\tprintf(\"hi", "{printf(\"SENTINEL\\n\"); \n\tprintf(\"hi")
+    assert program == text.replace("{\n\tprintf(\"hi\\n\");\n}", "{printf(\"M-attached\\n\"); \n\tprintf(\"hi\\n\");\n"
+                                                                  " printf(\"M-begun\\n\"); }")
     assert program.count("\n") == text.count("\n")  # bpftrace's messages keep the user's line numbers
     assert probes == ["line"]
 
@@ -211,7 +234,8 @@ def test_probes_in_comments_and_strings_do_not_count():
     text = '// usdt:*:python:line\nBEGIN { printf("usdt:*:python:line {"); }\nusdt:*:python:gc__done { @ = sum(arg0); }\n'
     program, probes = prepare(text)
     assert probes == ["gc-done"]
-    assert program.startswith('// usdt:*:python:line\nBEGIN {printf("SENTINEL\\n");  printf("usdt:*:python:line {"); }')
+    assert program.startswith('// usdt:*:python:line\nBEGIN {printf("M-attached\\n");  printf("usdt:*:python:line {");  '
+                              'printf("M-begun\\n"); }')
 
 
 def test_wildcards_and_lists_of_attach_points():

@@ -8,9 +8,11 @@ program's probes are live in it, so that it is traced from its first line.
 
 What the tool adds to the program, and nothing else:
 
-- a line printed from ``BEGIN`` (which bpftrace runs once every probe is
-  attached): into the program's own ``BEGIN``, first, or in a ``BEGIN`` of its
-  own; the tool takes that line out of the output;
+- two lines printed from ``BEGIN``, which bpftrace runs once every probe is
+  attached: first and last in the program's own ``BEGIN`` (bpftrace 0.17
+  takes one), or in a ``BEGIN`` of the tool's; the tool takes them out of the
+  output, and lets a started command run after the last, so that whatever the
+  program's ``BEGIN`` prints comes before anything the command does;
 - ``@TARGET@`` (CPython's test_dtrace placeholder) in an attach point names
   the probe object, and the interpreter too where it declares that probe
   itself (built ``--with-dtrace``); ``usdt:*:python:NAME`` and
@@ -44,6 +46,9 @@ BAD_PROGRAM = 2
 #: Seconds after a SIGINT to the tracer, with its output quiet, before it is sent another
 #: (bpftrace 0.17 misses one now and then).
 RESEND_AFTER = 3.0
+#: Seconds of quiet after the first line of BEGIN, without its last, after which BEGIN is taken
+#: to have returned early (a `return` in it), and the command is let run.
+BEGIN_QUIET = 1.0
 #: bpftrace's own line before its probes are attached.
 _ATTACHING = re.compile(r"^Attaching \d+ probes?\.\.\.$")
 #: bpftrace's stderr lines that say nothing to the user.
@@ -98,10 +103,11 @@ examples:
             raise ProgramError(f"cannot read {args.program_file}: {error.strerror or error}") from None
 
     def prepare(self, text: str, dialect: str, library: str | None, interpreter_probes: dict[str, str],
-                sentinel: str, duration: int | None) -> tuple[str, list[str]]:
-        """The program as the tracer runs it, and the probes it uses (DTrace's spelling)."""
+                marker: str, duration: int | None) -> tuple[str, list[str]]:
+        """The program as the tracer runs it, and the probes it uses (DTrace's spelling). It prints
+        ``MARKER-attached`` first in its ``BEGIN`` and ``MARKER-begun`` last."""
         if dialect == "d":
-            return self._prepare_d(text, sentinel, duration)
+            return self._prepare_d(text, marker, duration)
         clauses = programs.clauses(text)
         names = [name.replace("-", "__") for name in _probe_names()]
         used: set[str] = set()
@@ -134,21 +140,25 @@ examples:
                                    f"(probes: {', '.join(names)})")
             raise ProgramError("the program names no probe of provider python, e.g. usdt:*:python:function__entry "
                                f"(probes: {', '.join(names)})")
-        announce = f'printf("{sentinel}\\n"); '
+        attached, begun = f'printf("{marker}-attached\\n"); ', f'printf("{marker}-begun\\n"); '
         # A program that leaves a brace open is passed on as it is, for bpftrace to say so.
         complete = all(clause.closed(text) for clause in clauses)
         if begin is not None and complete:
-            edits.append((begin.brace + 1, begin.brace + 1, announce))
+            # On the body's lines, so that bpftrace's messages keep the user's line numbers.
+            # bpftrace 0.17 wants a ';' after an expression, and takes none after a block.
+            last = programs.mask(text)[begin.brace + 1:begin.end - 1].rstrip()[-1:]
+            edits.append((begin.brace + 1, begin.brace + 1, attached))
+            edits.append((begin.end - 1, begin.end - 1, (" " if last in ("", ";", "}") else "; ") + begun))
         program = programs.replace_spans(text, edits)
         if begin is None and complete:
-            program += f"\n\nBEGIN\n{{\n\t{announce.strip()}\n}}\n"
+            program += f"\n\nBEGIN\n{{\n\t{begun.strip()}\n}}\n"
         if duration and complete:
             program += f"\ninterval:s:{duration}\n{{\n\texit();\n}}\n"
         # A command is not held for probes its interpreter fires itself: they go live without us.
         waited = sorted(name.replace("__", "-") for name in used if name not in interpreter_probes)
         return program, waited
 
-    def _prepare_d(self, text: str, sentinel: str, duration: int | None) -> tuple[str, list[str]]:
+    def _prepare_d(self, text: str, marker: str, duration: int | None) -> tuple[str, list[str]]:
         """A D script (UNTESTED: DTrace cannot be run here): python$target:::NAME probes."""
         code = programs.mask(text)
         names = _probe_names()
@@ -161,7 +171,8 @@ examples:
             used.update(matched)
         if not used:
             raise ProgramError("the program names no probe of provider python, e.g. python$target:::function-entry")
-        program = text.rstrip("\n") + f'\n\nBEGIN\n{{\n\tprintf("{sentinel}\\n");\n}}\n'
+        # D runs every BEGIN clause, in order: the program's first.
+        program = text.rstrip("\n") + f'\n\nBEGIN\n{{\n\tprintf("{marker}-begun\\n");\n}}\n'
         if duration:
             program += f"\ntick-{duration}s\n{{\n\texit(0);\n}}\n"
         return program, sorted(used)
@@ -178,27 +189,27 @@ examples:
     def _run(self, args, out) -> int:
         text, label = self.source(args)
         tracer = tracers.choose_tracer(args.tracer)
-        sentinel = f"pydtrace-run-attached-{secrets.token_hex(6)}"
+        marker = f"pydtrace-run-{secrets.token_hex(6)}"
         if args.script:
             import dtrace
 
-            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), {}, sentinel, args.duration)
+            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), {}, marker, args.duration)
             out.write(program)
             return 0
         # The program is checked before anything is started.
-        self.prepare(text, tracer.dialect, "/probe-object", {}, sentinel, args.duration)
+        self.prepare(text, tracer.dialect, "/probe-object", {}, marker, args.duration)
         tracer.executable()
         tracer.check_privileges()
         target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
         try:
             declared = interpreter.declared(target.pid, target.library) if tracer.dialect == "bt" else {}
-            program, probes = self.prepare(text, tracer.dialect, target.library, declared, sentinel, args.duration)
+            program, probes = self.prepare(text, tracer.dialect, target.library, declared, marker, args.duration)
             probes = self.fired(probes)
         except BaseException:
             if target.held:
                 target.stop()
             raise
-        return Trace(tracer, program, probes, target, sentinel, label, args, out).run()
+        return Trace(tracer, program, probes, target, marker, label, args, out).run()
 
 
 def _probe_names() -> list[str]:
@@ -222,9 +233,11 @@ class Trace:
     """One run of the tracer on the user's program: output passed through, the handshake,
     Ctrl-C, the end."""
 
-    def __init__(self, tracer, program, probes, target, sentinel, label, args, out) -> None:
+    def __init__(self, tracer, program, probes, target, marker, label, args, out) -> None:
         self.tracer, self.program, self.probes, self.target = tracer, program, probes, target
-        self.sentinel, self.label, self.args, self.out = sentinel, label, args, out
+        self.label, self.args, self.out = label, args, out
+        self.attached_line = f"{marker}-attached\n".encode()
+        self.begun_line = f"{marker}-begun\n".encode()
         self.chunks: queue.Queue[bytes | None] = queue.Queue()
         self.interrupts = 0
         self.interrupt_at: float | None = None
@@ -257,7 +270,7 @@ class Trace:
                 thread.start()
             for sig in previous:
                 signal.signal(sig, lambda *_: self.interrupt())
-            attached = self._pass_output()
+            state = self._pass_output()
             code = self.process.wait()
             for thread in threads:
                 thread.join(5)
@@ -272,14 +285,16 @@ class Trace:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.out.flush()
-        if not attached:
+        if state != "begun":
+            ended = ""
             if self.target.process is not None:
                 self.target.stop()  # the trace never began: the command is not left waiting
                 ended = "; the command was ended"
-            else:
-                ended = ""
             if self.interrupts:
                 return 130
+            if state == "attached" and code == 0:
+                runner.warn(f"{self.label} ended in its BEGIN, before the trace began{ended}")
+                return 0
             runner.warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
             return code or 1
         if self.target.process is not None:
@@ -317,50 +332,59 @@ class Trace:
             self.out.write(data.decode(errors="replace"))
             self.out.flush()
 
-    def _pass_output(self) -> bool:
-        """Pass the tracer's output through until it ends; release the target at the sentinel
-        line. Returns whether the sentinel came (the tracer attached every probe)."""
-        marker = self.sentinel.encode() + b"\n"
-        pending = b""  # output not yet passed: before the sentinel, or a line that may be it
-        attached = False
+    def _pass_output(self) -> str:
+        """Pass the tracer's output through until it ends, and let a started command run once the
+        program's BEGIN is done. Returns how far the tracer came: "begun" (BEGIN done: the trace
+        ran), "attached" (every probe attached, but BEGIN ended early: exit() there), or ""."""
+        markers = (self.attached_line, self.begun_line)
+        pending = b""  # output held back: until BEGIN is done, or a line that may be a marker
+        state = ""
         deadline = time.monotonic() + runner.ATTACH_TIMEOUT
         while True:
             self._forward_interrupt()
             try:
                 chunk = self.chunks.get(timeout=runner.DRAIN_QUIET)
             except queue.Empty:
-                if not attached and time.monotonic() > deadline:
+                if state == "attached" and time.monotonic() - self.last_output > BEGIN_QUIET:
+                    state = self._begun(pending)  # BEGIN returned early, without its last line
+                    pending = b""
+                elif not state and time.monotonic() > deadline:
                     raise ToolError(f"{self.tracer.name} did not attach within {runner.ATTACH_TIMEOUT:g} s")
                 continue
             if chunk is None:
-                self._write(self._without(pending, marker, attached))
-                return attached
+                self._write(self._clean(pending, markers))
+                return state
             pending += chunk
-            if not attached:
-                at = _line_at(pending, marker)
+            if state != "begun":
+                if not state and _line_at(pending, self.attached_line) >= 0:
+                    state = "attached"
+                at = _line_at(pending, self.begun_line)
                 if at < 0:
                     continue
-                attached = True
-                before, pending = pending[:at], pending[at + len(marker):]
-                self._write(b"".join(line for line in before.splitlines(keepends=True)
-                                     if not _ATTACHING.match(line.decode(errors="replace").rstrip("\n"))))
-                self.target.release(self.probes)
-                print(f"Tracing with {self.label}... Hit Ctrl-C to end.  [{self.target.describe()}]",
-                      file=sys.stderr, flush=True)
-            # Complete lines go out at once (but the sentinel again, from a BEGIN that shares its
-            # clause); so does a partial line that cannot become the sentinel.
+                state = self._begun(pending[:at])
+                pending = pending[at + len(self.begun_line):]
+            # Complete lines go out at once (but a marker again, from a BEGIN that shares its
+            # clause); so does a partial line that cannot become a marker.
             cut = pending.rfind(b"\n") + 1
             done, pending = pending[:cut], pending[cut:]
-            self._write(self._without(done, marker, True))
-            if pending and not marker.startswith(pending):
+            self._write(self._clean(done, markers))
+            if pending and not any(marker.startswith(pending) for marker in markers):
                 self._write(pending)
                 pending = b""
 
+    def _begun(self, before: bytes) -> str:
+        """BEGIN is done: what it printed goes out, then the command runs."""
+        self._write(self._clean(before, (self.attached_line, self.begun_line)))
+        self.target.release(self.probes)
+        print(f"Tracing with {self.label}... Hit Ctrl-C to end.  [{self.target.describe()}]",
+              file=sys.stderr, flush=True)
+        return "begun"
+
     @staticmethod
-    def _without(data: bytes, marker: bytes, attached: bool) -> bytes:
-        lines = data.splitlines(keepends=True)
-        return b"".join(line for line in lines if line != marker and not (
-            not attached and _ATTACHING.match(line.decode(errors="replace").rstrip("\n"))))
+    def _clean(data: bytes, markers: tuple[bytes, ...]) -> bytes:
+        """``data`` without the markers' lines and bpftrace's "Attaching N probes..." line."""
+        return b"".join(line for line in data.splitlines(keepends=True)
+                        if line not in markers and not _ATTACHING.match(line.decode(errors="replace").rstrip("\n")))
 
     # --- Ctrl-C
 
