@@ -112,26 +112,15 @@ def _arm_from_environment() -> None:
     atexit.register(_native.at_exit)
     if _os.environ.get(_STARTUP_VARIABLE):
         _wait_for_tool()
-    else:
-        _wait_for_attached_consumer()
-
-
-#: Seconds ``import dtrace`` waits at most for the probes of a consumer attached before it.
-_ATTACHED_TIMEOUT = 2.0
-
-
-def _wait_for_attached_consumer() -> None:
-    """A consumer that attached before this process loaded the probe object (bpftrace by the
-    object's path, without -p: system-wide) sees the program from the line after the import.
-
-    The kernel raises the semaphores of every process that maps the object, also of one that
-    maps it later; here they are already raised, and the import returns once those probes are
-    live (one poll of the watcher, about 20 ms). Nothing is waited for when no consumer is
-    attached, and at most ``_ATTACHED_TIMEOUT`` seconds otherwise.
-    """
-    wanted = _native.consumer_probes() & (_native.ARMABLE_PROBES - _native.interpreter_probes())
-    if wanted:
-        _native.wait_for_consumer(sorted(wanted), _ATTACHED_TIMEOUT)
+    elif _native.consumer_probes():
+        # A consumer attached before this process loaded the probe object (bpftrace by the
+        # object's path, without -p: system-wide; the kernel raises the semaphores of every
+        # process that maps the object, also of one that maps it later): the import returns
+        # once those probes are live (one poll of the watcher, about 20 ms; at most 2 s), so
+        # the program is traced from the line after it. Nothing is waited for otherwise.
+        wanted = _native.consumer_probes() & (_native.ARMABLE_PROBES - _native.interpreter_probes())
+        if wanted:
+            _native.wait_for_consumer(sorted(wanted), 2.0)
 
 
 #: Set by ``python -m dtrace TOOL -c COMMAND`` for the command it starts: the
