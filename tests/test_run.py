@@ -305,3 +305,16 @@ def test_plain_bpftrace_by_path_traces_from_the_first_line(workload_dir):
     counts = dict(line.split(": ") for line in rest if line.startswith("@calls["))
     # Each of the three processes: every call, from its first line.
     assert [counts.get(f"@calls[{pid}]") for pid in commands] == [str(CALLS)] * 3, rest
+
+
+def test_d_scripts_for_the_dtrace_platforms():
+    """The D path (macOS, illumos; DTrace cannot run here): the probes a script names, and the
+    BEGIN clause the tool appends (D runs every BEGIN, the script's first)."""
+    text = "python$target:::function-entry\n/copyinstr(arg1) == \"start\"/\n{\n\tself->trace = 1;\n}\n"
+    program, probes = Run().prepare(text, "d", None, {}, "M", 3)
+    assert program == text + '\nBEGIN\n{\n\tprintf("M-begun\\n");\n}\n\ntick-3s\n{\n\texit(0);\n}\n'
+    assert probes == ["function-entry"]
+    _, probes = Run().prepare("python*:::gc-*,\npython$target:::line { }", "d", None, {}, "M", None)
+    assert probes == ["gc-done", "gc-start", "line"]
+    with pytest.raises(Exception, match="names no probe of provider python"):
+        Run().prepare("syscall::read:entry { }", "d", None, {}, "M", None)
