@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import report, runner, tracers
+from dtrace.tools import interpreter, report, runner, tracers
 from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
@@ -179,6 +179,8 @@ class Tool:
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
         target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid)
+        # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
+        program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))
