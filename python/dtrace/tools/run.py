@@ -257,12 +257,13 @@ class Trace:
         return env
 
     def run(self) -> int:
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         self.process = None
         try:
             self.process = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=self.environment(), start_new_session=True,  # Ctrl-C reaches it through interrupt()
+                preexec_fn=runner.die_with_parent(signal.SIGKILL),  # nothing outlives the tool
             )
             threads = [threading.Thread(target=self._read_stdout, daemon=True),
                        threading.Thread(target=self._read_stderr, daemon=True)]
@@ -298,7 +299,12 @@ class Trace:
             runner.warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
             return code or 1
         if self.target.process is not None:
-            Tool.wait_for_command(self.target.process)
+            # As the other tools: a command that outlives the trace (-d, exit() in the program, a
+            # stop signal) is stopped with it; one that ended by itself gives its status.
+            if self.target.process.poll() is None:
+                return Tool.stop_command(self.target)
+            if not self.interrupts and (status := Tool.command_status(self.target.process.returncode)):
+                return status
         if code:
             runner.warn(f"{self.tracer.name} exited with status {code}")
         return code
