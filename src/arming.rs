@@ -31,8 +31,8 @@ use pyo3::types::{PyList, PyString};
 
 use crate::callbacks::{self, Hook};
 use crate::error::Error;
-use crate::instances;
 use crate::faults::{self, warn};
+use crate::instances;
 use crate::probes::{self, ProbeSet};
 
 /// The name our `sys.monitoring` tool id goes by.
@@ -103,7 +103,10 @@ pub fn detect_interpreter_probes(py: Python<'_>) {
     let own = if !with_dtrace {
         ProbeSet::EMPTY
     } else if py.version_info() >= (3, 15) {
-        INTERPRETER_OWN.union(ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN]))
+        INTERPRETER_OWN.union(ProbeSet::of(&[
+            probes::FUNCTION_ENTRY,
+            probes::FUNCTION_RETURN,
+        ]))
     } else {
         INTERPRETER_OWN
     };
@@ -116,8 +119,10 @@ const INTERPRETER_OWN: ProbeSet = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PRO
 /// Whether the process (the interpreter and what it loaded) exports `symbol`.
 fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
     extern "C" {
-        fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::os::raw::c_char)
-            -> *mut std::ffi::c_void;
+        fn dlsym(
+            handle: *mut std::ffi::c_void,
+            symbol: *const std::os::raw::c_char,
+        ) -> *mut std::ffi::c_void;
     }
     // SAFETY: RTLD_DEFAULT (null on Linux) searches the global scope; the
     // symbol is a NUL-terminated string.
@@ -408,7 +413,7 @@ impl State {
     /// and takes it out when none is.
     fn set_gc_callback(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
         let on = !wanted.is_empty();
-        if on != !self.gc_live.is_empty() {
+        if on == self.gc_live.is_empty() {
             let callbacks = py
                 .import("gc")?
                 .getattr("callbacks")?

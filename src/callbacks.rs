@@ -79,7 +79,12 @@ unsafe extern "C" fn on_start(
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
-        fire::function_entry(names.filename(), names.name(), names.entry_line(), names.qualname());
+        fire::function_entry(
+            names.filename(),
+            names.name(),
+            names.entry_line(),
+            names.qualname(),
+        );
     }
     none()
 }

@@ -140,6 +140,7 @@ const CLASS_CACHE_SLOTS: usize = 1024;
 /// set, say), has another tag and misses. Locked only with the GIL held, so
 /// never contended; a re-entered lookup (a deallocation that a lookup caused)
 /// works the strings out without the cache.
+#[allow(clippy::type_complexity)]
 static CLASS_CACHE: Mutex<[Option<(usize, u32, Arc<ClassStrings>)>; CLASS_CACHE_SLOTS]> =
     Mutex::new([const { None }; CLASS_CACHE_SLOTS]);
 

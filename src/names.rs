@@ -252,27 +252,28 @@ impl CodeNames {
         let name = ffi::PyObject_GetAttrString(code, c"co_name".as_ptr());
         let qualname = ffi::PyObject_GetAttrString(code, c"co_qualname".as_ptr());
         let first_line = ffi::PyObject_GetAttrString(code, c"co_firstlineno".as_ptr());
-        let names = if filename.is_null() || name.is_null() || qualname.is_null() || first_line.is_null() {
-            None
-        } else {
-            // The attributes are the code object's own (immutable) fields, so
-            // the borrowed UTF-8 buffers live as long as the code object.
-            let held = [
-                ProbeString::from_str_object(filename),
-                ProbeString::from_str_object(name),
-                ProbeString::from_str_object(qualname),
-            ];
-            let first_line = ffi::PyLong_AsLong(first_line) as i32;
-            Some(CodeNames {
-                filename: held[0].as_ptr(),
-                name: held[1].as_ptr(),
-                qualname: held[2].as_ptr(),
-                _held: held,
-                first_line,
-                entry_line: first_instruction_line(code).unwrap_or(first_line),
-                lines: OnceCell::new(),
-            })
-        };
+        let names =
+            if filename.is_null() || name.is_null() || qualname.is_null() || first_line.is_null() {
+                None
+            } else {
+                // The attributes are the code object's own (immutable) fields, so
+                // the borrowed UTF-8 buffers live as long as the code object.
+                let held = [
+                    ProbeString::from_str_object(filename),
+                    ProbeString::from_str_object(name),
+                    ProbeString::from_str_object(qualname),
+                ];
+                let first_line = ffi::PyLong_AsLong(first_line) as i32;
+                Some(CodeNames {
+                    filename: held[0].as_ptr(),
+                    name: held[1].as_ptr(),
+                    qualname: held[2].as_ptr(),
+                    _held: held,
+                    first_line,
+                    entry_line: first_instruction_line(code).unwrap_or(first_line),
+                    lines: OnceCell::new(),
+                })
+            };
         for obj in [filename, name, qualname, first_line] {
             if !obj.is_null() {
                 ffi::Py_DECREF(obj);

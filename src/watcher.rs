@@ -177,7 +177,11 @@ pub fn stop(py: Python<'_>) -> bool {
 pub fn before_fork(py: Python<'_>) {
     let was_running = stop(py);
     // A restart still waiting from the previous fork counts as running.
-    let restart_waiting = FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
+    let restart_waiting = FORK_RESTART
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .is_some();
     state().resume_after_fork = was_running || restart_waiting;
 }
 
@@ -218,7 +222,10 @@ pub fn after_fork_parent(py: Python<'_>) -> Result<(), Error> {
     });
     // SAFETY: a static function; callable with the GIL held.
     if unsafe { ffi::Py_AddPendingCall(Some(restart_after_fork), std::ptr::null_mut()) } != 0 {
-        FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()).take();
+        FORK_RESTART
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         return start(forced()); // the queue is full: better a warning than no probes
     }
     Ok(())
@@ -279,7 +286,11 @@ unsafe fn fork_caller_below_top(caller: &ForkCaller) -> bool {
     let mut frame = ffi::PyFrame_GetBack(top); // a new reference
     while !frame.is_null() {
         let found = frame as usize == caller.frame && ffi::PyFrame_GetLasti(frame) == caller.lasti;
-        let back = if found { std::ptr::null_mut() } else { ffi::PyFrame_GetBack(frame) };
+        let back = if found {
+            std::ptr::null_mut()
+        } else {
+            ffi::PyFrame_GetBack(frame)
+        };
         ffi::Py_DECREF(frame.cast());
         if found {
             return true;
