@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import report, runner, tracers
+from dtrace.tools import report, runner, scope, tracers
 from dtrace.tools.tracers import ToolError
 
 
@@ -160,6 +160,7 @@ class Tool:
         """Called after the last report."""
 
     def run(self, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+        scope_text = scope.requested(args)  # --module/--file, checked before anything starts
         tracer = tracers.choose_tracer(args.tracer)
         if not args.script:
             tracer.executable()
@@ -170,6 +171,8 @@ class Tool:
             return 0
         probes = self.fired(self.probes(program))
         target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        # In force before the tracer attaches, so no out-of-scope event reaches it.
+        lease = scope.open_session(args, target, scope_text)
         env = tracer.environment(self.strlen, args.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))
@@ -188,6 +191,8 @@ class Tool:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if lease is not None:
+                lease.release()  # the scope goes back to what it was
 
     def _collect(self, args, target, session, probes, out) -> int:
         # The program's BEGIN prints "Tracing ..." once every probe is attached. Another CPU's

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from dtrace.tools import TOOLS, runner
+from dtrace.tools import TOOLS, runner, scope
 from dtrace.tools.tracers import ToolError
 
 EPILOG = """\
@@ -41,6 +41,8 @@ def parser(prog: str) -> argparse.ArgumentParser:
         sub = tools.add_parser(tool.name, help=tool.summary, description=tool.description,
                                epilog=tool.examples, formatter_class=argparse.RawDescriptionHelpFormatter)
         tool.add_arguments(sub)
+        if tool.name != "list":
+            scope.add_arguments(sub)  # --module, --file
         target = sub.add_mutually_exclusive_group()
         target.add_argument("-p", "--pid", type=int, help="trace the running process PID")
         target.add_argument("-c", "--command", metavar="COMMAND",
