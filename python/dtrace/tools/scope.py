@@ -84,9 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--module NAME`` and ``--file GLOB``, repeatable."""
     group = parser.add_argument_group(
         "scope",
-        "Trace only some code: only functions of these modules, or from these files, fire the "
-        "function and line probes, and other code costs nothing while the tool runs. The scope "
-        "goes back to what it was when the tool ends (or dies). gc, import, audit and instance "
+        # The tools' help keeps descriptions as written: wrapped here.
+        "Trace only some code: only functions of these modules, or from these files, fire the\n"
+        "function and line probes, and other code costs nothing while the tool runs. The scope\n"
+        "goes back to what it was when the tool ends (or dies). gc, import, audit and instance\n"
         "probes are not scoped.",
     )
     group.add_argument("--module", action="append", default=[], metavar="NAME", dest="scope_modules",
@@ -381,7 +382,14 @@ class Lease:
             channel.put_u32(LAYOUT["doorbell"], channel.u32(LAYOUT["doorbell"]) + 1)
         finally:
             channel.unlock()
-        status, message, digest = self._wait(self.pid, timeout)
+        try:
+            status, message, digest = self._wait(self.pid, timeout)
+        except BaseException:  # no answer, or Ctrl-C: the slot is not left behind
+            try:
+                self._clear()
+            except (OSError, ToolError):
+                pass
+            raise
         if status != 0:
             self._clear()
             raise ToolError(f"process {channel.pid} {message or 'refused the scope'}")
