@@ -536,6 +536,7 @@ def write_report(results: Path, output: Path) -> None:
         lines += workload_section(r)
     lines += callgrind_section(runs)
     lines += findings_section(runs)
+    lines += scope.kept_section(output)  # written by benches/scope.py, kept as it is
     lines += ["## Rerunning", "",
               "```",
               "python benches/report.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python",
@@ -548,7 +549,6 @@ def write_report(results: Path, output: Path) -> None:
               "Needs root and bpftrace for the attached modes (they skip otherwise), a C compiler and "
               "`sys/sdt.h` (Debian: systemtap-sdt-dev) for the floor, valgrind for the instruction counts, "
               "and `pip install pyusdt` for the comparison.", ""]
-    lines += scope.kept_section(output)  # written by benches/scope.py, kept as it is
     output.write_text("\n".join(lines))
     print(f"==> wrote {output}")
 

@@ -1,13 +1,15 @@
 """Scoped tracing under a real consumer: out of scope costs nothing, in scope counts are exact.
 
-Two modes, each on the call-heavy and the line-heavy workload, with bpftrace attached to the
-subject and counting every event of the workload's probe (``usdt:...:function__entry`` or
+Two modes (and a control), each on the call-heavy and the line-heavy workload, with bpftrace
+attached to the subject and counting every event of the workload's probe (``usdt:...:function__entry`` or
 ``line``, no predicate):
 
 - ``scoped-out``: ``PYDTRACE_SCOPE`` names a module that never runs, so the whole workload is
   out of scope. Paired round by round with an *idle* process (``import dtrace``, nothing
   attached): the ratio is the issue's "at most 1.05x its idle time". The consumer must count
   no event at all (the child's own protocol code is out of scope too).
+- ``idle-aa``: the control, an idle process paired with another (no tracer): the spread of a
+  ratio that should be 1.
 - ``scoped-in``: ``PYDTRACE_SCOPE=workloads`` (the module the workloads live in). Paired with a
   bare interpreter, as the other attached figures are. The consumer's count must be exactly
   the workload's own events, round for round: none from the child's protocol code around it.
@@ -34,7 +36,10 @@ ELSEWHERE = "pydtrace_bench_elsewhere"
 #: The module the workloads live in (benches/workloads.py, imported as ``workloads``).
 INSIDE = "workloads"
 
-CASES = [("call", "scoped-out"), ("line", "scoped-out"), ("call", "scoped-in"), ("line", "scoped-in")]
+#: ``idle-aa`` is the control: an idle process paired with another idle one, in the same rounds
+#: as ``scoped-out``, so that the noise of the "1.05x idle" ratio is measured beside it.
+CASES = [("call", "scoped-out"), ("call", "idle-aa"), ("line", "scoped-out"), ("line", "idle-aa"),
+         ("call", "scoped-in"), ("line", "scoped-in")]
 
 COUNT_OWN_EVENTS = r"""
 import json, sys
@@ -76,7 +81,8 @@ def own_events(workload: str, n: int) -> dict[str, int]:
 @pytest.mark.benchmark(timer=harness.child_clock, disable_gc=False, warmup=False)
 @pytest.mark.parametrize("workload_name,mode", CASES, ids=lambda v: v)
 def test_scope(benchmark, workload_name, mode):
-    tracing.require_tracer()
+    if mode != "idle-aa":
+        tracing.require_tracer()
     workload = workloads.WORKLOADS[workload_name]
     plan = harness.plan()
     probes = workload.probes
@@ -88,6 +94,18 @@ def test_scope(benchmark, workload_name, mode):
     setting = INSIDE if inside else ELSEWHERE
     info: dict = {"workload": workload_name, "mode": mode, "probes": list(probes), "n": n, "scope": setting,
                   "reference_mode": "bare" if inside else "idle"}
+    if mode == "idle-aa":
+        info.update(scope=None, reference_mode="idle")
+        with contextlib.ExitStack() as stack:
+            reference = harness.python_child(workload_name, "idle")
+            stack.callback(reference.kill)
+            subject = harness.python_child(workload_name, "idle")
+            stack.callback(subject.kill)
+            subject.go()
+            reference.go()
+            measurement = harness.measure(benchmark, subject, reference, n, rounds, plan.warmup)
+        harness.record(benchmark, info, measurement, None)
+        return
     with contextlib.ExitStack() as stack:
         reference = harness.python_child(workload_name, info["reference_mode"])
         stack.callback(reference.kill)
