@@ -127,8 +127,10 @@ def main():
         if child:
             _, status = os.waitpid(child, 0)
             sys.exit(os.waitstatus_to_exitcode(status))
-    send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
+    # Imported before LOADED: the tracer attaches as soon as LOADED comes, and a module body still
+    # running then (its imports can take a while) would return with its entry unseen.
     import workload
+    send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
     if sys.stdin.readline().strip() != "go":
         sys.exit(2)
     if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
