@@ -31,6 +31,7 @@ sys.path.insert(0, str(BENCHES))
 
 import analysis  # noqa: E402
 import callgrind  # noqa: E402
+import scope  # noqa: E402
 import workloads  # noqa: E402
 
 #: The issue's targets.
@@ -101,7 +102,7 @@ def measure(python: str, results: Path, quick: bool, with_callgrind: bool, with_
         return info
     timing = results / f"timing-{tag}.json"
     argv = [python, "-m", "pytest", str(BENCHES), "--benchmark-only", "-q", "-p", "no:cacheprovider",
-            f"--benchmark-json={timing}"]
+            f"--benchmark-json={timing}", f"--ignore={BENCHES / 'test_scope.py'}"]  # benches/scope.py runs that
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
     if quick:
         env["PYDTRACE_BENCH_QUICK"] = "1"
@@ -535,12 +536,15 @@ def write_report(results: Path, output: Path) -> None:
         lines += workload_section(r)
     lines += callgrind_section(runs)
     lines += findings_section(runs)
+    lines += scope.kept_section(output)  # written by benches/scope.py, kept as it is
     lines += ["## Rerunning", "",
               "```",
               "python benches/report.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python",
               "python benches/report.py --quick          # fewer, shorter rounds",
               "pytest benches --benchmark-only          # the timings only, with a summary table at the end",
               "python benches/callgrind.py              # the instruction counts only",
+              "python benches/scope.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python"
+              "   # the Scoped tracing section",
               "```", "",
               "Needs root and bpftrace for the attached modes (they skip otherwise), a C compiler and "
               "`sys/sdt.h` (Debian: systemtap-sdt-dev) for the floor, valgrind for the instruction counts, "

@@ -199,6 +199,8 @@ pub struct CodeNames {
     entry_line: i32,
     /// Built on the first event that needs an offset's line.
     lines: OnceCell<Option<LineTable>>,
+    /// Whether the code is in the scope in force (`scope`), and under which generation.
+    scope: crate::scope::Verdict,
 }
 
 impl CodeNames {
@@ -218,6 +220,12 @@ impl CodeNames {
     #[inline]
     pub fn qualname(&self) -> *const c_char {
         self.qualname
+    }
+
+    /// The cached scope verdict (see `scope::allows_names`).
+    #[inline(always)]
+    pub fn scope_verdict(&self) -> &crate::scope::Verdict {
+        &self.scope
     }
 
     /// The line of the code's first instruction, as CPython 3.15 passes it
@@ -272,6 +280,7 @@ impl CodeNames {
                     first_line,
                     entry_line: first_instruction_line(code).unwrap_or(first_line),
                     lines: OnceCell::new(),
+                    scope: crate::scope::Verdict::new(),
                 })
             };
         for obj in [filename, name, qualname, first_line] {

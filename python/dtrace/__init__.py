@@ -9,7 +9,10 @@ about 20 ms, and switched off again when it leaves.
 
 With ``PYDTRACE=1`` in the environment every interpreter of the environment
 arms the probes at start-up, without code changes; ``PYDTRACE=0`` keeps them
-disarmed even where this module is imported.
+disarmed even where this module is imported. ``PYDTRACE_SCOPE=app,*/jobs/*.py``
+limits the function and line probes to some modules and files (see
+:func:`scope`); the tools set a scope for their session with ``--module`` and
+``--file``.
 """
 
 # No `from __future__ import annotations`: it imports the __future__ module at run time,
@@ -24,6 +27,8 @@ __all__ = [
     "probe_names",
     "library_path",
     "unavailable_reason",
+    "scope",
+    "Scope",
 ]
 
 unavailable_reason: str | None
@@ -90,6 +95,51 @@ def wait_for_consumer(*names: str, timeout: float | None = None) -> bool:
     return _native.wait_for_consumer(list(names), timeout)
 
 
+class Scope:
+    """The scope in force: which code fires the function and line probes.
+
+    ``modules``: module names (each covers its submodules); ``files``: file path
+    globs matched against ``co_filename``; ``tools``: the PIDs of the tools whose
+    sessions set it (empty when it comes from ``PYDTRACE_SCOPE``).
+    """
+
+    __slots__ = ("modules", "files", "tools")
+
+    def __init__(self, modules: tuple[str, ...], files: tuple[str, ...], tools: tuple[int, ...] = ()) -> None:
+        self.modules = tuple(modules)
+        self.files = tuple(files)
+        self.tools = tuple(tools)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Scope):
+            return NotImplemented
+        return (self.modules, self.files, self.tools) == (other.modules, other.files, other.tools)
+
+    def __hash__(self) -> int:
+        return hash((self.modules, self.files, self.tools))
+
+    def __repr__(self) -> str:
+        return f"Scope(modules={self.modules!r}, files={self.files!r}, tools={self.tools!r})"
+
+
+def scope() -> Scope | None:
+    """The scope in force, or None while every piece of code fires the probes.
+
+    Code is in scope when the module that runs it (its frame's ``__name__``;
+    for ``__main__`` also ``__spec__.name``) is one of ``modules`` or a submodule
+    of one, or when its ``co_filename`` matches one of the ``files`` globs. Code
+    out of scope fires no ``function__entry``, ``function__return`` or ``line``
+    probe, and after its first event costs nothing. The gc, import, audit and
+    instance probes are not scoped. The scope comes from ``PYDTRACE_SCOPE`` at
+    start, or, while tools run with ``--module``/``--file``, from them (the union
+    of their scopes), and goes back when they leave.
+    """
+    if _native is None:
+        return None
+    in_force = _native.scope()
+    return None if in_force is None else Scope(*in_force)
+
+
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
     if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
@@ -99,13 +149,16 @@ def _arm_from_environment() -> None:
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
     # without a consumer, to measure the shim's own cost.
     forced = [name for name in _os.environ.get("PYDTRACE_FORCE", "").replace(" ", "").split(",") if name]
+    # PYDTRACE_SCOPE=app,*/jobs/*.py: only that code fires the function and line probes
+    # (a malformed scope is ignored with a RuntimeWarning: the program never sees an error).
+    base_scope = _os.environ.get("PYDTRACE_SCOPE")
     try:
-        _native.arm(forced)
+        _native.arm(forced, base_scope)
     except ValueError as error:
         import warnings  # only here: importing it costs more than the rest of `import dtrace`
 
         warnings.warn(f"pydtrace: PYDTRACE_FORCE ignored: {error}", RuntimeWarning, stacklevel=3)
-        _native.arm([])
+        _native.arm([], base_scope)
     except RuntimeError as error:
         import warnings
 

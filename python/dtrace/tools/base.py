@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import interpreter, report, runner, tracers
+from dtrace.tools import interpreter, report, runner, scope, tracers
 from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
@@ -168,6 +168,7 @@ class Tool:
 
     def run(self, options: Options, out: TextIO = sys.stdout) -> int:
         """One run: the tracer's program on the target, and the report. Returns the exit status."""
+        scope_text = scope.requested(options)  # --module/--file, checked before anything starts
         tracer = tracers.choose_tracer(options.tracer)
         if not options.script:
             tracer.executable()
@@ -181,6 +182,8 @@ class Tool:
         target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid)
         # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
         program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
+        # In force before the tracer attaches, so no out-of-scope event reaches it.
+        lease = scope.open_session(options, target, scope_text)
         env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))
@@ -201,6 +204,8 @@ class Tool:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if lease is not None:
+                lease.release()  # the scope goes back to what it was
 
     def _collect(self, options, target, session, probes, out) -> int:
         # The program's BEGIN prints "Tracing ..." once every probe is attached. Another CPU's

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from dtrace.tools import TOOLS
+from dtrace.tools import TOOLS, scope
 from dtrace.tools.options import EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive
 from dtrace.tools.tracers import ToolError
 
@@ -64,6 +64,8 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
                                epilog=tool.examples, formatter_class=argparse.RawDescriptionHelpFormatter)
         subparsers[tool.name] = sub
         tool.add_arguments(sub)
+        if tool.name != "list":
+            scope.add_arguments(sub)  # --module, --file
         target = sub.add_mutually_exclusive_group()
         target.add_argument("-p", "--pid", type=int, help=COMMON_HELP["pid"])
         target.add_argument("-c", "--command", metavar="COMMAND",

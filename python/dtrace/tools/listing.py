@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from dtrace import _native
-from dtrace.tools import elfnotes, report, runner, tracers
+from dtrace.tools import elfnotes, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -94,6 +94,9 @@ examples:
             out.write("probes armed: " + {True: "yes (its watcher thread runs)",
                                           False: "no (PYDTRACE=0?): nothing fires",
                                           None: "unknown"}[armed] + "\n")
+            in_force = scope.describe(pid, library)
+            if in_force is not None:
+                out.write(f"scope: {in_force}\n")
         out.write(f"probe object: {library}\n\n")
         rows = []
         order = list(ARGUMENTS)
