@@ -30,7 +30,7 @@ import pytest
 import dtrace
 from dtrace.tools import scope as tool_scope
 from dtrace.tools.tracers import ToolError
-from tracing import STEP_TIMEOUT, ToolRun, _Lines, require_tracer, run_tool, trace, trace_with_tool
+from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
 
 native = dtrace._native
 
@@ -224,8 +224,8 @@ class Scoped:
         clean.update({"SCOPE_TIMEOUT": str(STEP_TIMEOUT), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
         self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean)
-        self.stdout = _Lines(self.process.stdout, "the scoped process")
-        self.stderr = _Lines(self.process.stderr, "the scoped process's stderr")
+        self.stdout = Lines(self.process.stdout, "the scoped process")
+        self.stderr = Lines(self.process.stderr, "the scoped process's stderr")
         self.ready = self.expect("READY")
         self.pid = self.ready["pid"]
         self.library = self.ready["library"]

@@ -156,6 +156,7 @@ def main():
         "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
         "find_and_load": type(sys.modules["_frozen_importlib"]._find_and_load).__name__,
         "hooked_classes": dtrace._native.hooked_classes(),
+        "scope": dtrace._native.scope(),
     })
 
 

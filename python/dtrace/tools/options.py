@@ -52,6 +52,9 @@ class Options:
     tracer: str | None = None
     max_keys: int | None = None
     startup_timeout: float = STARTUP_TIMEOUT
+    #: --module and --file: the session's scope (docs/scope.md), as given.
+    scope_modules: tuple[str, ...] = ()
+    scope_files: tuple[str, ...] = ()
     # calls, lines, objnew, where
     top: int = 20
     # calls
@@ -81,6 +84,8 @@ class Options:
         values = dict(vars(namespace))
         names = {f.name for f in fields(cls)} - {"extra", "argv", "format"}
         known = {name: values.pop(name) for name in list(values) if name in names}
+        for name in ("scope_modules", "scope_files"):
+            known[name] = tuple(known.get(name) or ())
         folded = values.pop("folded", False)
         chosen_format = values.pop("format", None)
         options = cls(**known, extra=values)
