@@ -490,6 +490,17 @@ def findings_section(runs: list[Run]) -> list[str]:
     return out
 
 
+def display_path(path: str | None) -> str:
+    """A path as the report shows it: relative to the checkout where it is inside (no machine's
+    own folders in a committed report)."""
+    if not path:
+        return "?"
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
+
+
 def write_report(results: Path, output: Path) -> None:
     machine = json.loads((results / "machine.json").read_text())
     tags = sorted(p.stem.removeprefix("python-") for p in results.glob("python-*.json"))
@@ -504,7 +515,7 @@ def write_report(results: Path, output: Path) -> None:
              f"- Tools: {machine['bpftrace']}; {machine['valgrind']}",
              ]
     for r in runs:
-        lines.append(f"- Python {r.tag} ({r.info.get('executable')}): pydtrace-rs {r.info.get('pydtrace')}, "
+        lines.append(f"- Python {r.tag} ({display_path(r.info.get('executable'))}): pydtrace-rs {r.info.get('pydtrace')}, "
                      f"pyusdt {r.info.get('pyusdt') or 'not installed'}; timings took "
                      f"{r.info.get('timing_minutes', 0):.1f} min")
     lines.append("")
