@@ -14,7 +14,7 @@
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
 //!
 //! Where the interpreter was built `--with-dtrace` and fires a probe itself,
-//! that probe is left to the interpreter (DECISIONS.md, 6).
+//! that probe is left to the interpreter (docs/decisions.md, 6).
 //!
 //! Before the first consumer: no tool id, no event, no callback of ours.
 //! Once a code probe was wanted the tool id stays claimed (with no events
@@ -36,6 +36,7 @@ use crate::error::Error;
 use crate::faults::{self, warn};
 use crate::instances;
 use crate::probes::{self, ProbeSet};
+use crate::scope;
 
 /// The name our `sys.monitoring` tool id goes by.
 const TOOL_NAME: &str = "pydtrace";
@@ -85,6 +86,14 @@ pub const ARMABLE: ProbeSet = CODE_PROBES
     } else {
         ProbeSet::EMPTY
     });
+
+/// The probes this build never arms, each with the reason (the complement of [`ARMABLE`]).
+pub fn unsupported() -> impl Iterator<Item = (&'static str, &'static str)> {
+    DELETE_PROBES
+        .difference(ARMABLE)
+        .dtrace_names()
+        .map(|name| (name, instances::DELETE_UNSUPPORTED_REASON))
+}
 
 /// The probes a `--with-dtrace` interpreter fires itself, worked out once
 /// when the module is initialised ([`detect_interpreter_probes`]).
@@ -166,6 +175,7 @@ struct MonitoringCallbacks {
     start: Py<PyAny>,
     resume: Py<PyAny>,
     leave: Py<PyAny>,
+    unwind: Py<PyAny>,
     line: Py<PyAny>,
     call: Py<PyAny>,
     call_end: Py<PyAny>,
@@ -414,6 +424,7 @@ impl State {
                     start: callable(py, Hook::Start)?,
                     resume: callable(py, Hook::Resume)?,
                     leave: callable(py, Hook::Leave)?,
+                    unwind: callable(py, Hook::Unwind)?,
                     line: callable(py, Hook::Line)?,
                     call: callable(py, Hook::Call)?,
                     call_end: callable(py, Hook::CallEnd)?,
@@ -430,7 +441,7 @@ impl State {
                 (events.py_throw, &callbacks.resume),
                 (events.py_return, &callbacks.leave),
                 (events.py_yield, &callbacks.leave),
-                (events.py_unwind, &callbacks.leave),
+                (events.py_unwind, &callbacks.unwind),
                 (events.line, &callbacks.line),
                 (events.call, &callbacks.call),
                 (events.c_return, &callbacks.call_end),
@@ -494,6 +505,13 @@ impl State {
                 (events_of.c_raise, hooks.1),
             ] {
                 monitoring.call_method1("register_callback", (tool, event, callable_of(hook)))?;
+            }
+            // The C function probes' own CALL callback disabled the C calls out
+            // of the scope; the instance probes, not scoped, must see them again.
+            let instance_wanted = wanted.contains(probes::INSTANCE_NEW_START)
+                || wanted.contains(probes::INSTANCE_NEW_DONE);
+            if self.call_hooks.0 == Some(Hook::CFunctionCall) && instance_wanted {
+                scope::restart_if_disabled(py);
             }
             self.call_hooks = hooks;
         }

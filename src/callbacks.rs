@@ -5,9 +5,10 @@
 //! array, and each one does no more than look up the code object's cached
 //! names, read an offset or line, and fire its probe. Nothing here
 //! allocates per event, waits for a lock, or can raise into the traced program:
-//! every callback returns `None`, and a failure to work out a probe's
-//! arguments is reported once through `faults::report_internal_error`,
-//! which switches that probe off.
+//! every callback returns `None` (or, for code outside the scope and an
+//! event that can be disabled, `sys.monitoring.DISABLE`: see `scope`), and
+//! a failure to work out a probe's arguments is reported once through
+//! `faults::report_internal_error`, which switches that probe off.
 
 use std::os::raw::c_char;
 use std::ptr::addr_of_mut;
@@ -21,6 +22,7 @@ use crate::faults;
 use crate::instances;
 use crate::names::{self, CodeNames};
 use crate::probes::{self, fire};
+use crate::scope;
 
 type FastCallArgs = *mut *mut ffi::PyObject;
 
@@ -79,7 +81,10 @@ unsafe extern "C" fn on_start(
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+    if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+        if !scope::allows_names(code, names) {
+            return scope::disable();
+        }
         fire::function_entry(
             names.filename(),
             names.name(),
@@ -98,22 +103,47 @@ unsafe extern "C" fn on_resume(
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+        if !scope::allows_names(code, names) {
+            // PY_THROW (three arguments) cannot be disabled: CPython would raise.
+            let resume = ffi::PyVectorcall_NARGS(nargs as usize) == 2;
+            return if resume { scope::disable() } else { none() };
+        }
         let line = names.line_at(code, int_arg(args, nargs, 1));
         fire::function_entry(names.filename(), names.name(), line, names.qualname());
     }
     none()
 }
 
-/// PY_RETURN, PY_YIELD and PY_UNWIND(code, offset, value): the frame leaves,
-/// at the line of the instruction that returned, yielded or raised.
+/// PY_RETURN and PY_YIELD(code, offset, value): the frame leaves, at the
+/// line of the instruction that returned or yielded.
 unsafe extern "C" fn on_leave(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
+        if !scope::allows_names(code, names) {
+            return scope::disable();
+        }
         let line = names.line_at(code, int_arg(args, nargs, 1));
         fire::function_return(names.filename(), names.name(), line, names.qualname());
+    }
+    none()
+}
+
+/// PY_UNWIND(code, offset, exception): the frame leaves with an exception,
+/// at the line that raised. Cannot be disabled (CPython would raise), so
+/// out-of-scope code calls back here once per unwound frame, for nothing.
+unsafe extern "C" fn on_unwind(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
+        if scope::allows_names(code, names) {
+            let line = names.line_at(code, int_arg(args, nargs, 1));
+            fire::function_return(names.filename(), names.name(), line, names.qualname());
+        }
     }
     none()
 }
@@ -124,7 +154,10 @@ unsafe extern "C" fn on_line(
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    if let Some((_, names)) = code_names(args, nargs, probes::LINE) {
+    if let Some((code, names)) = code_names(args, nargs, probes::LINE) {
+        if !scope::allows_names(code, names) {
+            return scope::disable();
+        }
         fire::line(
             names.filename(),
             names.name(),
@@ -163,18 +196,23 @@ unsafe extern "C" fn on_call_end(
 }
 
 /// CALL while only the C function probes are wanted: for a C callable,
-/// cfunction-entry.
+/// cfunction-entry. A call of C code out of the scope is disabled at its
+/// location: no CALL there any more, and so no C_RETURN or C_RAISE either.
 unsafe extern "C" fn on_cfunction_call(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    cfunctions::entry(
+    let in_scope = cfunctions::entry(
         arg(args, nargs, 0),
         arg(args, nargs, 1),
         arg(args, nargs, 2),
     );
-    none()
+    if in_scope {
+        none()
+    } else {
+        scope::disable()
+    }
 }
 
 /// C_RETURN and C_RAISE while only the C function probes are wanted: for a
@@ -194,7 +232,8 @@ unsafe extern "C" fn on_cfunction_call_end(
 
 /// CALL while the instance-new and the C function probes are wanted: a
 /// Python class fires instance-new-start, a C callable cfunction-entry (the
-/// two never both: a Python class is no C callable).
+/// two never both: a Python class is no C callable). Nothing is disabled:
+/// the instance probes are not scoped.
 unsafe extern "C" fn on_call_both(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
@@ -203,7 +242,9 @@ unsafe extern "C" fn on_call_both(
     let callable = arg(args, nargs, 2);
     match instances::called_class(callable) {
         Some(class) => instances::new_start(class),
-        None => cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), callable),
+        None => {
+            cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), callable);
+        }
     }
     none()
 }
@@ -411,6 +452,7 @@ impl Callback {
 static mut ON_START: Callback = Callback::new(c"pydtrace_py_start", on_start);
 static mut ON_RESUME: Callback = Callback::new(c"pydtrace_py_resume", on_resume);
 static mut ON_LEAVE: Callback = Callback::new(c"pydtrace_py_leave", on_leave);
+static mut ON_UNWIND: Callback = Callback::new(c"pydtrace_py_unwind", on_unwind);
 static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
 static mut ON_CALL: Callback = Callback::new(c"pydtrace_call", on_call);
@@ -431,8 +473,10 @@ pub enum Hook {
     Start,
     /// PY_RESUME and PY_THROW.
     Resume,
-    /// PY_RETURN, PY_YIELD and PY_UNWIND.
+    /// PY_RETURN and PY_YIELD.
     Leave,
+    /// PY_UNWIND.
+    Unwind,
     /// LINE.
     Line,
     /// CALL.
@@ -468,6 +512,7 @@ pub fn callable(
             Hook::Start => addr_of_mut!(ON_START.def),
             Hook::Resume => addr_of_mut!(ON_RESUME.def),
             Hook::Leave => addr_of_mut!(ON_LEAVE.def),
+            Hook::Unwind => addr_of_mut!(ON_UNWIND.def),
             Hook::Line => addr_of_mut!(ON_LINE.def),
             Hook::Call => addr_of_mut!(ON_CALL.def),
             Hook::CallEnd => addr_of_mut!(ON_CALL_END.def),

@@ -60,6 +60,7 @@ use crate::faults;
 use crate::instances;
 use crate::names::{self, ProbeString};
 use crate::probes::{self, fire};
+use crate::scope;
 
 /// What a name that cannot be read is passed as.
 const UNKNOWN: &CStr = c"<unknown>";
@@ -692,7 +693,9 @@ unsafe fn text_of(object: *mut ffi::PyObject) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// CALL(code, offset, callable): `cfunction__entry` if `callable` is C.
+/// CALL(code, offset, callable): `cfunction__entry` if `callable` is C and
+/// the calling code is in the scope in force. Returns false for a C call
+/// out of the scope (its location may be disabled).
 ///
 /// Out of line, so that the callbacks it shares with the instance-new probes
 /// stay as small as they were for those.
@@ -704,21 +707,26 @@ pub unsafe fn entry(
     code: *mut ffi::PyObject,
     offset: *mut ffi::PyObject,
     callable: *mut ffi::PyObject,
-) {
+) -> bool {
     let Some(callable) = classify(callable) else {
-        return;
+        return true;
     };
     let Some(caller) = caller(code, probes::CFUNCTION_ENTRY) else {
-        return;
+        return true;
     };
+    if !scope::allows_names(code, caller) {
+        return false;
+    }
     let line = caller.line_at(code, offset_of(offset));
     with_names(callable, |names| {
         fire::cfunction_entry(caller.filename(), names.name, line, names.qualname);
     });
+    true
 }
 
 /// C_RETURN or C_RAISE(code, offset, callable): `cfunction__return` if
-/// `callable` is C.
+/// `callable` is C and the calling code in scope (the rule of [`entry`],
+/// so that the two pair).
 ///
 /// # Safety
 /// As [`entry`].
@@ -734,6 +742,9 @@ pub unsafe fn exit(
     let Some(caller) = caller(code, probes::CFUNCTION_RETURN) else {
         return;
     };
+    if !scope::allows_names(code, caller) {
+        return;
+    }
     let line = caller.line_at(code, offset_of(offset));
     with_names(callable, |names| {
         fire::cfunction_return(caller.filename(), names.name, line, names.qualname);

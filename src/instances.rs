@@ -44,6 +44,9 @@ use crate::probes::fire;
 
 /// Whether this interpreter version's deallocation is one [`dealloc`] reproduces.
 pub const DELETE_SUPPORTED: bool = cfg!(not(Py_3_14));
+/// Why the delete probes are off where [`DELETE_SUPPORTED`] is false (`python -m dtrace list`).
+pub const DELETE_UNSUPPORTED_REASON: &str = "off on this Python version: they follow CPython's \
+     subtype_dealloc, which has been checked against 3.12 and 3.13 only";
 
 /// CPython's `subtype_dealloc`, read from a class made at initialisation.
 static SUBTYPE_DEALLOC: AtomicUsize = AtomicUsize::new(0);
@@ -134,17 +137,17 @@ struct ClassStrings {
 /// worked out again (correct, only slower).
 const CLASS_CACHE_SLOTS: usize = 1024;
 
-/// A class cache slot: (type address, version tag, strings).
-type ClassSlot = Option<(usize, u32, Arc<ClassStrings>)>;
-
 /// The strings of recently seen classes, direct-mapped by type address and
 /// checked against the type's version tag when they were worked out: a new
 /// class at a reused address, or a class modified since (`__qualname__`
 /// set, say), has another tag and misses. Locked only with the GIL held, so
 /// never contended; a re-entered lookup (a deallocation that a lookup caused)
 /// works the strings out without the cache.
-static CLASS_CACHE: Mutex<[ClassSlot; CLASS_CACHE_SLOTS]> =
+static CLASS_CACHE: Mutex<[Option<CachedClass>; CLASS_CACHE_SLOTS]> =
     Mutex::new([const { None }; CLASS_CACHE_SLOTS]);
+
+/// A class cache entry: the type's address, its version tag, its strings.
+type CachedClass = (usize, u32, Arc<ClassStrings>);
 
 fn class_cache_slot(tp: *mut ffi::PyTypeObject) -> usize {
     // Fibonacci hashing of the address: types are a few hundred bytes apart.

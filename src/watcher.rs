@@ -13,7 +13,8 @@
 //! within microseconds while it runs Python. Only when that has not happened
 //! within one poll (the main thread is blocked in C) does this thread take
 //! the GIL itself. Either way the GIL is taken once per change, and arming
-//! does no import or I/O under it.
+//! does no import or I/O under it. A change of the scope that a tool asks
+//! for through the channel (`channel`, `scope`) is handed over the same way.
 //!
 //! Two moments need the thread out of the way:
 //! - `os.fork()`: Python 3.12+ warns when a process with other OS threads
@@ -39,11 +40,13 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::arming;
+use crate::channel;
 use crate::enablement;
 use crate::error::Error;
 use crate::faults;
 use crate::names::interpreter_finalizing;
 use crate::probes::ProbeSet;
+use crate::scope;
 
 /// How often the semaphores are read: a consumer's probes are live, or
 /// switched off after it leaves, within about this long.
@@ -141,6 +144,7 @@ pub fn start(forced: ProbeSet) -> Result<(), Error> {
         control,
         pid: std::process::id(),
     });
+    channel::set_watcher_running(true);
     Ok(())
 }
 
@@ -161,6 +165,7 @@ pub fn stop(py: Python<'_>) -> bool {
     if running.pid != std::process::id() {
         return false;
     }
+    channel::set_watcher_running(false);
     *running
         .control
         .stop
@@ -191,6 +196,7 @@ pub fn before_fork(py: Python<'_>) {
 /// parent sees the parent's semaphores until its first probe hit, then the
 /// kernel drops them and the child goes idle).
 pub fn after_fork_child() -> Result<(), Error> {
+    channel::after_fork_child();
     if std::mem::take(&mut state().resume_after_fork) {
         start(forced())?;
     }
@@ -315,7 +321,9 @@ fn watch(control: &Control) {
         POLLS.fetch_add(1, Ordering::Relaxed);
         let wanted = enablement::consumer_enabled().union(forced());
         let kicked = faults::take_kick();
-        if applied != wanted || kicked {
+        // A tool's scope request (or the end of its lease): applied with the GIL too.
+        let scope_changed = channel::poll();
+        if applied != wanted || kicked || scope_changed {
             if !apply_with_gil(wanted) {
                 return; // the interpreter is going away
             }
@@ -422,6 +430,7 @@ fn apply_requested(py: Python<'_>) -> bool {
         }
         (handoff.wanted, handoff.requested)
     };
+    scope::apply(py);
     if let Err(err) = arming::apply(py, wanted) {
         faults::report_arming_error(py, &err.to_string());
     }

@@ -1,4 +1,4 @@
-"""Idle means idle: the deterministic guards behind the benchmarks' cost model (DECISIONS.md, 4).
+"""Idle means idle: the deterministic guards behind the benchmarks' cost model (docs/decisions.md, 4).
 
 While no consumer is attached, nothing of ours is hooked into the interpreter:
 no ``sys.monitoring`` event for any tool, no tool id before a code probe was
@@ -180,8 +180,8 @@ class IdleRun:
         env["IDLE_TIMEOUT"] = str(tracing.STEP_TIMEOUT)
         self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.stdout = tracing._Lines(self.process.stdout, "the idle driver")
-        self.stderr = tracing._Lines(self.process.stderr, "the idle driver's stderr")
+        self.stdout = tracing.Lines(self.process.stdout, "the idle driver")
+        self.stderr = tracing.Lines(self.process.stderr, "the idle driver's stderr")
         self.ready = self.expect("READY")
 
     def expect(self, tag: str) -> Any:
@@ -365,7 +365,7 @@ def test_idle_again_after_an_import_consumer_detaches(workload_dir):
 
 def test_an_audit_hook_is_added_only_for_an_audit_consumer(workload_dir):
     """The positive side of the audit guard: the hook appears exactly when a consumer enables
-    ``audit`` (once: it cannot be removed, DECISIONS.md, 4), and the detector sees it."""
+    ``audit`` (once: it cannot be removed, docs/decisions.md, 4), and the detector sees it."""
     import dtrace
 
     if "audit" not in dtrace._native.ARMABLE_PROBES:
