@@ -119,6 +119,12 @@ def addresses(pid: int, library: str) -> tuple[int, int]:
     raise SystemExit(f"process {pid} has not mapped {library}")
 
 
+def drop_page_cache() -> None:
+    """As on a server that has run for days: the interpreter's and the libraries' pages are cold."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 class Poller(threading.Thread):
     """Reads the semaphore and the live word of a process every 0.5 ms, and notes when each changes."""
 

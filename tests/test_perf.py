@@ -25,9 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tracing import REQUIRE_TRACER, STEP_TIMEOUT, Workload
+from tracing import STEP_TIMEOUT, Workload, require
 
 EVENT = "sdt_python:function__entry"
 CALLS = 1234
@@ -51,12 +49,7 @@ def perf_missing_reason() -> str | None:
 
 def require_perf() -> None:
     """Skip where perf cannot probe here; fail instead under PYDTRACE_REQUIRE_TRACER=1."""
-    reason = perf_missing_reason()
-    if reason is None:
-        return
-    if REQUIRE_TRACER:
-        pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
-    pytest.skip(reason)
+    require(perf_missing_reason())
 
 
 def perf(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import pytest
 import dtrace
 from dtrace.tools import programs
 from dtrace.tools.run import Run
-from tracing import STEP_TIMEOUT, Workload, Lines, handshake, require_tracer, run_tool, trace_with_tool
+from tracing import STEP_TIMEOUT, Lines, require_tracer, run_tool, trace_with_tool
 
 CALLS = 1000
 

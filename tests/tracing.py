@@ -58,14 +58,19 @@ def tracer_missing_reason() -> str | None:
     return None
 
 
-def require_tracer() -> None:
-    """Skip the calling test where bpftrace cannot attach; fail under PYDTRACE_REQUIRE_TRACER=1."""
-    reason = tracer_missing_reason()
+def require(reason: str | None) -> None:
+    """Skip the calling test for ``reason`` (a consumer that cannot attach here), or fail under
+    PYDTRACE_REQUIRE_TRACER=1; nothing when ``reason`` is None."""
     if reason is None:
         return
     if REQUIRE_TRACER:
         pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
     pytest.skip(reason)
+
+
+def require_tracer() -> None:
+    """Skip the calling test where bpftrace cannot attach; fail under PYDTRACE_REQUIRE_TRACER=1."""
+    require(tracer_missing_reason())
 
 
 class Lines:

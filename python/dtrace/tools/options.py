@@ -11,7 +11,6 @@ line, and exits with status 2, argparse's convention for usage errors.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
