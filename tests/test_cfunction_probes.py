@@ -499,3 +499,63 @@ usdt:{lib}:python:instance__new__done { @new_done[str(arg0)] = count(); }
     finally:
         if process.poll() is None:
             process.kill()
+
+
+INSCOPE = """\
+import math
+
+
+def work(n):
+    for i in range(n):
+        math.sqrt(i)
+        len("ab")
+
+
+class K:
+    pass
+"""
+
+SCOPED_WORKLOAD = """
+    import math
+    import dtrace
+    import inscope
+
+    class Outside:
+        pass
+
+    def run(result):
+        before = dtrace._native.scope_stats()[1]
+        for i in range(200):
+            math.sqrt(i)  # out of scope
+            Outside()
+        inscope.work(150)
+        for i in range(5):
+            inscope.K()
+        result["disables"] = dtrace._native.scope_stats()[1] - before
+"""
+
+SCOPED_PROGRAM = """
+usdt:{lib}:python:cfunction__entry { @entry[str(arg0), str(arg3)] = count(); }
+usdt:{lib}:python:cfunction__return { @ret[str(arg0), str(arg3)] = count(); }
+"""
+
+
+def test_a_scope_keeps_the_calls_of_other_code_out(workload_dir):
+    """PYDTRACE_SCOPE (docs/scope.md) scopes these probes by the calling code: only calls made by
+    code in scope fire, each exactly, and a call of C code out of scope is disabled at its location
+    while the C function probes alone are wanted. The instance probes are not scoped: with them
+    live, every class call still fires them, and nothing is disabled."""
+    (workload_dir / "inscope.py").write_text(INSCOPE)
+    inscope = str(workload_dir / "inscope.py")
+    run = trace(SCOPED_WORKLOAD, SCOPED_PROGRAM, CFUNCTION_PROBES, workload_dir,
+                env={"PYDTRACE_SCOPE": "inscope"}, tracer_env=SHORT_STRINGS)
+    expected = {f"{inscope},math.sqrt": 150, f"{inscope},len": 150, f"{inscope},range": 1}
+    assert run.maps["@entry"] == run.maps["@ret"] == expected, run.maps
+    assert run.result["disables"] >= 2  # at least the out-of-scope math.sqrt and range() locations
+
+    program = SCOPED_PROGRAM + 'usdt:{lib}:python:instance__new__start { @new[str(arg0)] = count(); }\n'
+    run = trace(SCOPED_WORKLOAD, program, CFUNCTION_PROBES + ["instance-new-start"], workload_dir,
+                env={"PYDTRACE_SCOPE": "inscope"}, tracer_env=SHORT_STRINGS)
+    assert run.maps["@entry"] == run.maps["@ret"] == expected, run.maps
+    assert run.maps["@new"] == {"Outside": 200, "K": 5}, run.maps
+    assert run.result["disables"] == 0
