@@ -58,6 +58,8 @@ class Options:
     top: int = 20
     # calls
     latency: bool = False
+    # calls, flow, flame: C functions too (the cfunction probes)
+    native: bool = False
     # where
     function: str | None = None
     no_lines: bool = False
