@@ -130,7 +130,9 @@ def test_perf_probe_record_report_script_count_exactly(workload_dir):
         recorder.pid = workload.pid
         # A leftover event of an earlier run that was killed would make `perf probe -a` fail.
         perf("probe", "-q", "-d", "sdt_python:*", check=False)
-        # The README's recipe.
+        # The README's recipe. An object rebuilt in place leaves perf's cache entry for its path
+        # pointing at the old build, and `perf probe -a` then fails: purge it first.
+        perf("buildid-cache", "--purge", library, check=False)
         perf("buildid-cache", "--add", library)
         added = perf("probe", "-x", library, "-a", EVENT)
         assert EVENT in added.stderr + added.stdout, added
