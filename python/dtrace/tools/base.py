@@ -169,7 +169,7 @@ class Tool:
             out.write(program)
             return 0
         probes = self.fired(self.probes(program))
-        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid, args.inject)
         env = tracer.environment(self.strlen, args.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))

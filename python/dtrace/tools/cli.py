@@ -46,6 +46,10 @@ def parser(prog: str) -> argparse.ArgumentParser:
         target.add_argument("-c", "--command", metavar="COMMAND",
                             help="start COMMAND (split like a shell would, run without one) and trace it "
                                  "from its first line")
+        sub.add_argument("--inject", action="store_true",
+                         help="with -p, on a Python process that has not loaded the probes: load them without "
+                              "asking (runs `import dtrace` in it through gdb, or sys.remote_exec on 3.14+; "
+                              "see docs/injection.md)")
         sub.add_argument("-d", "--duration", type=positive, metavar="SECONDS",
                          help="stop after SECONDS (with -i, rounded up to whole intervals; default: at "
                               "Ctrl-C or when the process exits)")

@@ -1,0 +1,684 @@
+"""``-p PID --inject``: loading the probes into a Python process that never imported dtrace.
+
+Each workload here runs without pydtrace-rs loaded, in one of the shapes a user finds a process
+in: busy in Python with threads, blocked in C (``time.sleep`` in the main thread), the main thread
+waiting on a lock while threads run, an idle asyncio server. The test runs the real tool,
+``python -m dtrace calls -p PID --inject``, which injects ``import dtrace`` through gdb (3.12,
+3.13) and traces; once its "Tracing ..." line is out, the workload is asked for a marked phase,
+which first waits until the probes are live in it (``dtrace.wait_for_consumer``, from the module
+the tool loaded) and then calls ``marked()`` a known number of times: the tool's count must be
+exact. The workload also reports what the injection must not have changed (its ``__main__``
+names, ``sys.path``, ``sys.last_exc``), and shows that it keeps running correctly after: sleeps
+last as long as asked, threads keep computing right, the server keeps answering.
+
+Then the failures: not Python, too old, free-threaded, ptrace refused, no terminal, a main thread
+that never reaches a safe point, a process that exits during the injection, a signal handler
+that raises while the code runs. Each gives a one-line reason and exit status 1, and leaves no
+gdb and no stopped or traced process behind.
+
+Tests that need root, bpftrace or gdb skip where they are missing, and fail under
+PYDTRACE_REQUIRE_TRACER=1 (tests/tracing.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import dtrace
+from dtrace.tools import inject
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, _Lines, require_tracer, run_tool
+
+#: How many calls of marked() the phase makes.
+MARKED_CALLS = 1500
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_gdb() -> None:
+    """Skip where injection cannot run (no root, bpftrace or gdb); fail under PYDTRACE_REQUIRE_TRACER=1."""
+    require_tracer()
+    if shutil.which("gdb") is None:
+        reason = "gdb is not installed (Debian: apt-get install gdb)"
+        if REQUIRE_TRACER:
+            pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
+        pytest.skip(reason)
+
+
+def base_interpreter() -> str:
+    """The interpreter this virtual environment was made from: it has no pydtrace-rs of its own."""
+    return getattr(sys, "_base_executable", sys.executable)
+
+
+def clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYDTRACE", "PYTHONPATH"))}
+
+
+COMMON = '''
+import json, os, signal, sys, threading, time
+
+requested = threading.Event()
+counts = [0, 0, 0]
+PATH0 = list(sys.path)
+
+
+def spin(n):
+    return n + 1
+
+
+def marked(n):
+    return n * 2
+
+
+def phase(traced):
+    """Once the probes the tool loaded are live (if ``traced``): the marked calls, and what must
+    be unchanged."""
+    module = sys.modules.get("dtrace")
+    live = traced and module is not None and module.wait_for_consumer("function-entry", timeout=60)
+    for i in range({calls}):
+        marked(i)
+    import __main__
+    return dict(
+        live=live,
+        dtrace=getattr(module, "__file__", None),
+        main_added=sorted(set(vars(__main__)) - BASELINE),
+        path_same=sys.path == PATH0,
+        last_exc=repr(getattr(sys, "last_exc", None)),
+        counts=list(counts),
+    )
+
+
+def on_signal(signum, frame):
+    # SIGUSR1: the phase under the tool; SIGUSR2: the same, after the tool left.
+    traced.append(signum == signal.SIGUSR1)
+    requested.set()
+
+
+traced = []
+signal.signal(signal.SIGUSR1, on_signal)
+signal.signal(signal.SIGUSR2, on_signal)
+BASELINE = None
+'''
+
+READY = '''
+BASELINE = frozenset(vars()) | {"BASELINE"}
+print("READY", os.getpid(), flush=True)
+'''
+
+SHAPES = {
+    # The main thread and two more run Python without end; each checks its own arithmetic.
+    "busy-threads": '''
+def worker(me):
+    while True:
+        n = counts[me]
+        if spin(n) != n + 1:
+            print("WRONG", me, flush=True)
+        counts[me] = n + 1
+
+for me in (1, 2):
+    threading.Thread(target=worker, args=(me,), daemon=True).start()
+''' + READY + '''
+while True:
+    counts[0] = spin(counts[0])
+    if requested.is_set():
+        requested.clear()
+        print("DONE", json.dumps(phase(traced.pop(0))), flush=True)
+''',
+    # The main thread sleeps in C, in time.sleep; a thread waits to run the phase. Every sleep
+    # must last as long as asked, injection or not.
+    "sleep": '''
+def worker():
+    while True:
+        requested.wait()
+        requested.clear()
+        print("DONE", json.dumps(phase(traced.pop(0))), flush=True)
+
+threading.Thread(target=worker, daemon=True).start()
+started = None
+''' + READY + '''
+while True:
+    started = time.monotonic()
+    time.sleep(0.7)
+    counts[0] += 1
+    print("SLEPT", time.monotonic() - started, flush=True)
+''',
+    # The main thread waits on a lock for good; two threads run Python.
+    "lock-wait": '''
+def worker(me):
+    while True:
+        counts[me] = spin(counts[me])
+        if me == 1 and requested.is_set():
+            requested.clear()
+            print("DONE", json.dumps(phase(traced.pop(0))), flush=True)
+
+for me in (1, 2):
+    threading.Thread(target=worker, args=(me,), daemon=True).start()
+''' + READY + '''
+threading.Event().wait()
+''',
+    # An idle asyncio server (its loop blocked in epoll_wait): an echo, and the phase on request.
+    "asyncio-server": '''
+import asyncio
+
+async def handle(reader, writer):
+    while line := await reader.readline():
+        counts[0] += 1
+        if line in (b"phase\\n", b"status\\n"):
+            writer.write(("DONE " + json.dumps(phase(line == b"phase\\n")) + "\\n").encode())
+        else:
+            writer.write(b"echo " + line)
+        await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    global BASELINE
+    BASELINE = frozenset(vars(sys.modules["__main__"])) | {"BASELINE"}
+    print("READY", os.getpid(), server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+''',
+}
+
+
+class Workload:
+    """A Python process in one of SHAPES, without pydtrace-rs loaded; its stdout, line by line."""
+
+    def __init__(self, shape: str, python: str, preamble: str = "", body: str | None = None) -> None:
+        source = preamble + COMMON.format(calls=MARKED_CALLS) + (SHAPES[shape] if body is None else body)
+        self.shape = shape
+        self.process = subprocess.Popen([python, "-c", source], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=clean_environment())
+        self.stdout = _Lines(self.process.stdout, f"the {shape} workload")
+        self.stderr = _Lines(self.process.stderr, f"the {shape} workload's stderr")
+        self.slept: list[float] = []
+        words = self.expect("READY").split()
+        self.pid = int(words[1])
+        self.port = int(words[2]) if len(words) > 2 else None
+        self.client: socket.socket | None = None
+
+    def expect(self, word: str) -> str:
+        """The next line that starts with ``word`` (SLEPT lines are kept aside)."""
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            line = self.stdout.next(max(0.0, deadline - time.monotonic()))
+            assert line is not None, f"the workload ended: {self.stderr.rest(5)}"
+            if line.startswith("SLEPT "):
+                self.slept.append(float(line.split()[1]))
+                if word != "SLEPT":
+                    continue
+            assert line.startswith(word), (line, self.stderr.available())
+            return line
+
+    def request(self, text: str) -> str:
+        """A line to the asyncio server, and its answer."""
+        if self.client is None:
+            self.client = socket.create_connection(("127.0.0.1", self.port), timeout=STEP_TIMEOUT)
+            self.reader = self.client.makefile("r")
+        self.client.sendall(text.encode() + b"\n")
+        return self.reader.readline().rstrip("\n")
+
+    def phase(self, traced: bool = True) -> dict:
+        """Run the marked phase (waiting until the probes are live, if ``traced``) and return what
+        the workload reported."""
+        if self.shape == "asyncio-server":
+            line = self.request("phase" if traced else "status")
+            assert line.startswith("DONE "), line
+        else:
+            self.process.send_signal(signal.SIGUSR1 if traced else signal.SIGUSR2)
+            line = self.expect("DONE")
+        return json.loads(line.split(" ", 1)[1])
+
+    def kill(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def rows(text: str, column: int, value: str) -> list[list[str]]:
+    return [words for words in (line.split() for line in text.splitlines()) if len(words) > column
+            and words[column] == value]
+
+
+def gdb_processes_for(pid: int) -> list[str]:
+    """Command lines of gdb processes started for ``pid`` (the tool names /proc/PID/exe to them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"gdb" and f"/proc/{pid}/exe".encode() in argv:
+            found.append(" ".join(a.decode(errors="replace") for a in argv))
+    return found
+
+
+def assert_nothing_left(pid: int) -> None:
+    """No gdb for ``pid``; if it still runs, it is neither stopped nor traced."""
+    assert not gdb_processes_for(pid)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return
+    assert re.search(r"^State:\s+(\S)", status, re.M).group(1) not in ("T", "t"), status
+    assert re.search(r"^TracerPid:\s+(\d+)", status, re.M).group(1) == "0", status
+
+
+def probe_object_mapped(pid: int) -> bool:
+    return "dtrace/_native" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def check_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    for phrase in phrases:
+        assert phrase in done.stderr, done.stderr
+
+
+# --- Inject, then trace: exact counts, and the process keeps running correctly -------------------
+
+SOURCES = {
+    # The workload's interpreter has pydtrace-rs installed (this virtual environment).
+    "own": lambda: sys.executable,
+    # It has none: the tool offers its own copy (same version and ABI).
+    "tool's copy": base_interpreter,
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
+    require_gdb()
+    python = SOURCES[source]()
+    if source == "tool's copy":
+        probe = subprocess.run([python, "-c", "import dtrace"], capture_output=True, env=clean_environment())
+        assert probe.returncode != 0, f"{python} has pydtrace-rs of its own: the tool's copy would not be used"
+    workload = Workload(shape, python)
+    try:
+        if shape == "asyncio-server":
+            assert workload.request("before") == "echo before"
+        assert not probe_object_mapped(workload.pid)
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            loaded = [line for line in tool.err.seen if line.startswith("pydtrace: loaded ")]
+            where = "the program's own" if source == "own" else "this tool's"
+            assert loaded and f"loaded {where} pydtrace-rs {dtrace.__version__} into process {workload.pid} through gdb" \
+                in loaded[0], tool.err.seen
+            info = workload.phase()
+            tool.stop()
+        finally:
+            tool.kill()
+        assert tool.code == 0, tool.stderr
+        assert rows(tool.stdout, 1, "marked") and rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), \
+            tool.stdout
+        # What the injection must leave as it was.
+        assert info["live"] is True
+        assert info["main_added"] == [], info
+        assert info["path_same"] is True, info
+        assert info["last_exc"] == "None", info
+        if source == "own":
+            assert info["dtrace"] == dtrace.__file__
+        else:
+            assert info["dtrace"] == str(Path(dtrace.__file__).resolve())
+        assert_nothing_left(workload.pid)
+        # list -p says how the probes got there, and which pydtrace-rs.
+        listing = run_tool("list", "-p", str(workload.pid))
+        assert listing.returncode == 0, listing.stderr
+        assert "probes loaded: yes, injected by python -m dtrace --inject, through gdb" in listing.stdout, listing.stdout
+        assert f"pydtrace-rs: {dtrace.__version__} (" in listing.stdout, listing.stdout
+        # The process runs on, correctly, after the tool left.
+        again = workload.phase(traced=False)
+        assert all(after > before for after, before in zip(again["counts"], info["counts"]) if before), (info, again)
+        if shape == "asyncio-server":
+            assert workload.request("after") == "echo after"
+        if shape == "sleep":
+            workload.expect("SLEPT")  # one more sleep ends after the tool left
+            assert workload.slept and all(s >= 0.7 for s in workload.slept), workload.slept
+        assert workload.process.poll() is None, workload.stderr.available()
+        assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
+        assert "Traceback" not in "\n".join(workload.stderr.available())
+    finally:
+        workload.kill()
+
+
+def test_a_second_tool_finds_the_probes_already_loaded():
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    try:
+        for attempt in range(2):
+            tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+            try:
+                tool.start()
+                workload.phase()
+                tool.stop()
+            finally:
+                tool.kill()
+            assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS)
+            injected = any(line.startswith("pydtrace: loaded ") for line in tool.err.seen)
+            assert injected == (attempt == 0), tool.err.seen  # the second run traces what is there
+        assert [name for name in os.listdir(f"/proc/{workload.pid}/task")
+                if Path(f"/proc/{workload.pid}/task/{name}/comm").read_text().startswith("pydtrace-watch")] != []
+    finally:
+        workload.kill()
+
+
+# --- A signal handler of the program that raises while the code runs: the program gets it -------
+
+#: An audit hook that raises SIGINT once, while the injected code imports dtrace: the program's
+#: handler (KeyboardInterrupt) runs inside the injected code.
+INTERRUPT_ONCE = '''
+import os, signal, sys
+_interrupted = []
+def _hook(event, args):
+    if event == "import" and args[0] == "dtrace" and not _interrupted:
+        _interrupted.append(1)
+        signal.raise_signal(signal.SIGINT)
+sys.addaudithook(_hook)
+'''
+
+INTERRUPTED_SHAPES = {
+    "busy": '''
+x = 0
+''' + READY + '''
+while True:
+    try:
+        while True:
+            x = spin(x)
+            if requested.is_set():
+                requested.clear()
+                print("DONE", json.dumps(phase(traced.pop(0))), flush=True)
+    except KeyboardInterrupt:
+        print("GOT KeyboardInterrupt", flush=True)
+''',
+    "sleep": '''
+def worker():
+    while True:
+        requested.wait()
+        requested.clear()
+        print("DONE", json.dumps(phase(traced.pop(0))), flush=True)
+
+threading.Thread(target=worker, daemon=True).start()
+''' + READY + '''
+while True:
+    try:
+        time.sleep(3600)
+    except KeyboardInterrupt:
+        print("GOT KeyboardInterrupt", flush=True)
+''',
+}
+
+
+@pytest.mark.parametrize("shape", sorted(INTERRUPTED_SHAPES))
+def test_an_exception_from_a_signal_handler_during_the_injection_goes_to_the_program(shape):
+    require_gdb()
+    workload = Workload(shape, sys.executable, preamble=INTERRUPT_ONCE, body=INTERRUPTED_SHAPES[shape])
+    try:
+        first = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(first, f"loading the probes into process {workload.pid} was interrupted",
+                    "raised KeyboardInterrupt")
+        workload.expect("GOT KeyboardInterrupt")  # where the program was: its own handler's exception
+        assert_nothing_left(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        # The hook raised once: the next try loads the probes, and the program runs on.
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            info = workload.phase()
+            tool.stop()
+        finally:
+            tool.kill()
+        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
+        assert info["live"] and info["main_added"] == [], info
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+# --- Failures: a reason, exit status 1, and nothing left behind ---------------------------------
+
+
+def test_refused_without_a_terminal_and_without_inject():
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid))  # stdin is no terminal here
+        check_error(done, f"process {workload.pid} has not loaded the dtrace module", "--inject", "import dtrace",
+                    "PYDTRACE=1")
+        assert not probe_object_mapped(workload.pid)
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+def test_a_process_that_is_not_python():
+    require_gdb()
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        done = run_tool("calls", "-p", str(sleeper.pid), "--inject")
+        check_error(done, f"process {sleeper.pid} (sleep, ", "is not a Python interpreter")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def older_python() -> str | None:
+    for candidate in ("/usr/bin/python3.11", *sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("3.11.*/bin/python3.11"))):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def test_a_python_older_than_3_12():
+    require_gdb()
+    python = older_python()
+    if python is None:
+        pytest.skip("no Python 3.11 here (/usr/bin/python3.11 or pyenv's 3.11.*)")
+    old = subprocess.Popen([python, "-c", "import sys, time; print('up', flush=True); time.sleep(100)"],
+                           stdout=subprocess.PIPE, text=True, env=clean_environment())
+    try:
+        assert old.stdout.readline() == "up\n"
+        done = run_tool("calls", "-p", str(old.pid), "--inject")
+        check_error(done, f"process {old.pid} runs Python 3.11.", "pydtrace-rs needs CPython 3.12 or later")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(old.pid)
+        listing = run_tool("list", "-p", str(old.pid))
+        check_error(listing, "pydtrace-rs needs CPython 3.12 or later")
+    finally:
+        old.kill()
+        old.wait()
+
+
+FAKE_LIBPYTHON = """
+const unsigned long Py_Version = 0x030D00F0;  /* 3.13.0 final */
+void Py_Initialize(void) {}
+void _Py_DecRefShared(void *object) { (void)object; }  /* exported by free-threaded builds only */
+"""
+FAKE_MAIN = """
+#include <unistd.h>
+extern void Py_Initialize(void);
+int main(void) { Py_Initialize(); write(1, "up\\n", 3); pause(); return 0; }
+"""
+
+
+def test_a_free_threaded_build(workload_dir):
+    """No free-threaded CPython here: a stand-in that looks like one from outside (libpython3.13t
+    with the symbols such a build exports) shows the check, which runs before anything touches it."""
+    require_gdb()
+    compiler = shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler for the free-threaded stand-in")
+    (workload_dir / "lib.c").write_text(FAKE_LIBPYTHON)
+    (workload_dir / "main.c").write_text(FAKE_MAIN)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(workload_dir / "libpython3.13t.so"),
+                    str(workload_dir / "lib.c")], check=True)
+    subprocess.run([compiler, "-o", str(workload_dir / "python3.13t"), str(workload_dir / "main.c"),
+                    f"-L{workload_dir}", "-lpython3.13t", f"-Wl,-rpath,{workload_dir}"], check=True)
+    fake = subprocess.Popen([str(workload_dir / "python3.13t")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline() == "up\n"
+        done = run_tool("calls", "-p", str(fake.pid), "--inject")
+        check_error(done, f"process {fake.pid} runs a free-threaded build, CPython 3.13.0 free-threaded",
+                    "pydtrace-rs needs a build with the GIL")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(fake.pid)
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_a_process_that_exits_during_the_injection():
+    """The program's audit hook ends it (os._exit(7)) as the injected code imports dtrace."""
+    require_gdb()
+    preamble = ('import os, sys\n'
+                'sys.addaudithook(lambda event, args: os._exit(7) if event == "import" and args[0] == "dtrace" '
+                'else None)\n')
+    workload = Workload("sleep", sys.executable, preamble=preamble)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(done, f"process {workload.pid} exited during the injection")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert workload.process.wait(STEP_TIMEOUT) == 7
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+#: The main thread blocks in C holding the GIL (read() through ctypes.PyDLL, which keeps it)
+#: until the test writes a byte: no Python code runs in the process meanwhile.
+HOLDS_THE_GIL = '''
+import ctypes, os, sys, time
+read_end, write_end = os.pipe()
+print("READY", os.getpid(), write_end, flush=True)
+buffer = ctypes.create_string_buffer(1)
+ctypes.PyDLL(None).read(read_end, buffer, 1)
+for i in range(100000):  # Python code again: a pending call left queued runs here
+    pass
+print("AFTER", json.dumps({"dtrace": "dtrace" in sys.modules, "maps": "dtrace/_native" in open("/proc/self/maps").read()}),
+      flush=True)
+time.sleep(100)
+'''
+
+
+def test_no_safe_point_in_time_leaves_the_process_untouched():
+    require_gdb()
+    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
+    stdout = _Lines(process.stdout, "the blocked workload")
+    try:
+        _, pid, write_end = stdout.next().split()
+        pid = int(pid)
+        done = run_tool("calls", "-p", str(pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+        check_error(done, f"process {pid}'s main thread did not reach a point where it can run Python code "
+                          "within 2 s", "nothing was run in it")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(pid)
+        assert not probe_object_mapped(pid)
+        # Released, it runs on as if nothing had happened: nothing of the tool's is loaded.
+        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
+            pipe.write("x")
+        line = stdout.next()
+        assert line is not None and line.startswith("AFTER "), (line, process.stderr)
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_ptrace_refused_is_explained():
+    """A process another debugger holds cannot be attached (EPERM): the message says what ptrace
+    needs, with Yama's settings."""
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    holder = None
+    try:
+        # Another debugger attaches (its "attached" line: every thread is stopped, traced) and holds on.
+        holder = subprocess.Popen(["gdb", "-batch", "-nx", "-p", str(workload.pid), "-ex", "echo attached\\n",
+                                   "-ex", "shell sleep 60"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        said = _Lines(holder.stdout, "the other debugger")
+        while (line := said.next()) != "attached":
+            assert line is not None, "the other debugger did not attach"
+        done = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(done, f"cannot attach gdb to process {workload.pid}", "ptrace", "CAP_SYS_PTRACE",
+                    "ptrace_scope")
+        assert not probe_object_mapped(workload.pid)
+    finally:
+        if holder is not None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+        workload.kill()
+
+
+# --- list -p: loaded or not, how, and which version -----------------------------------------------
+
+
+def test_list_says_the_probes_are_not_loaded():
+    require_gdb()
+    workload = Workload("sleep", sys.executable)
+    try:
+        done = run_tool("list", "-p", str(workload.pid))
+        assert done.returncode == 0, done.stderr
+        assert f"python: CPython {sys.version.split()[0]} (" in done.stdout, done.stdout
+        assert "probes loaded: no, the program has not imported dtrace" in done.stdout, done.stdout
+        assert not probe_object_mapped(workload.pid)
+    finally:
+        workload.kill()
+
+
+@pytest.mark.parametrize("how", ["import dtrace", "PYDTRACE=1"])
+def test_list_says_how_the_probes_got_there(how):
+    require_tracer()
+    code = "import dtrace, sys; print('up', flush=True); sys.stdin.read()"
+    environment = clean_environment()
+    if how == "PYDTRACE=1":
+        environment["PYDTRACE"] = "1"
+        code = "import sys; print('up', flush=True); sys.stdin.read()"
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env=environment)
+    try:
+        assert process.stdout.readline() == "up\n"
+        done = run_tool("list", "-p", str(process.pid))
+    finally:
+        process.kill()
+        process.wait()
+    assert done.returncode == 0, done.stderr
+    expected = ("probes loaded: yes, imported by the program (import dtrace)" if how == "import dtrace" else
+                "probes loaded: yes, PYDTRACE=1 in its environment: pydtrace-rs.pth imported dtrace at start-up")
+    assert expected in done.stdout, done.stdout
+    version = re.search(r"^pydtrace-rs: (\S+) \((.*)\)$", done.stdout, re.M)
+    assert version and version.group(1) == dtrace.__version__, done.stdout
+    assert Path(version.group(2)).name == f"pydtrace_rs-{dtrace.__version__}.dist-info"
+
+
+# --- What runs in the target is what the documentation shows -------------------------------------
+
+
+def test_the_documentation_shows_the_code_run_in_the_target():
+    text = (ROOT / "docs" / "injection.md").read_text()
+    assert inject.CODE in text
+    compile(inject.code("gdb", "/somewhere/dtrace"), "<injected>", "exec")
+
+
+def test_the_gdb_script_is_shipped_beside_the_tool():
+    assert inject.GDB_SCRIPT.is_file()
+    compile(inject.GDB_SCRIPT.read_text(), str(inject.GDB_SCRIPT), "exec")
