@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import signal
 import socket
@@ -38,7 +40,7 @@ import pytest
 
 import dtrace
 from dtrace.tools import inject
-from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, _Lines, require_tracer, run_tool
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, _Lines, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1500
@@ -345,7 +347,9 @@ def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
         assert f"pydtrace-rs: {dtrace.__version__} (" in listing.stdout, listing.stdout
         # The process runs on, correctly, after the tool left.
         again = workload.phase(traced=False)
-        assert all(after > before for after, before in zip(again["counts"], info["counts"]) if before), (info, again)
+        if shape != "sleep":  # there the SLEPT lines show it (below)
+            assert all(after > before for after, before in zip(again["counts"], info["counts"]) if before), \
+                (info, again)
         if shape == "asyncio-server":
             assert workload.request("after") == "echo after"
         if shape == "sleep":
@@ -480,24 +484,29 @@ def test_a_process_that_is_not_python():
         sleeper.wait()
 
 
-def older_python() -> str | None:
-    for candidate in ("/usr/bin/python3.11", *sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("3.11.*/bin/python3.11"))):
+def older_python(minor: str) -> str | None:
+    """A CPython 3.``minor`` here: Debian's, or pyenv's."""
+    candidates = [f"/usr/bin/python3.{minor}",
+                  *sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob(f"3.{minor}.*/bin/python3.{minor}"))]
+    for candidate in candidates:
         if os.access(candidate, os.X_OK):
             return str(candidate)
     return None
 
 
-def test_a_python_older_than_3_12():
+@pytest.mark.parametrize("minor", ["11", "10"])
+def test_a_python_older_than_3_12(minor):
+    """3.11 says its version in Py_Version; older ones only in their file names."""
     require_gdb()
-    python = older_python()
+    python = older_python(minor)
     if python is None:
-        pytest.skip("no Python 3.11 here (/usr/bin/python3.11 or pyenv's 3.11.*)")
+        pytest.skip(f"no Python 3.{minor} here (/usr/bin/python3.{minor} or pyenv's 3.{minor}.*)")
     old = subprocess.Popen([python, "-c", "import sys, time; print('up', flush=True); time.sleep(100)"],
                            stdout=subprocess.PIPE, text=True, env=clean_environment())
     try:
         assert old.stdout.readline() == "up\n"
         done = run_tool("calls", "-p", str(old.pid), "--inject")
-        check_error(done, f"process {old.pid} runs Python 3.11.", "pydtrace-rs needs CPython 3.12 or later")
+        check_error(done, f"process {old.pid} runs Python 3.{minor}", "pydtrace-rs needs CPython 3.12 or later")
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert_nothing_left(old.pid)
         listing = run_tool("list", "-p", str(old.pid))
@@ -604,28 +613,57 @@ def test_no_safe_point_in_time_leaves_the_process_untouched():
         process.wait()
 
 
-def test_ptrace_refused_is_explained():
-    """A process another debugger holds cannot be attached (EPERM): the message says what ptrace
-    needs, with Yama's settings."""
+def test_a_process_another_debugger_traces():
+    """ptrace allows one tracer: with another debugger attached (the process runs on under it),
+    the tool says so instead of trying."""
     require_gdb()
     workload = Workload("busy-threads", sys.executable)
     holder = None
     try:
-        # Another debugger attaches (its "attached" line: every thread is stopped, traced) and holds on.
         holder = subprocess.Popen(["gdb", "-batch", "-nx", "-p", str(workload.pid), "-ex", "echo attached\\n",
-                                   "-ex", "shell sleep 60"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   "-ex", "continue"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True, start_new_session=True)
         said = _Lines(holder.stdout, "the other debugger")
-        while (line := said.next()) != "attached":
+        while True:
+            line = said.next()
             assert line is not None, "the other debugger did not attach"
+            if line == "attached":
+                break
         done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"cannot attach gdb to process {workload.pid}", "ptrace", "CAP_SYS_PTRACE",
-                    "ptrace_scope")
+        check_error(done, f"process {workload.pid} is already traced by process {holder.pid} (gdb)",
+                    "only one ptrace tracer")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert not probe_object_mapped(workload.pid)
+        assert not gdb_processes_for(workload.pid)
     finally:
         if holder is not None:
             os.killpg(holder.pid, signal.SIGKILL)
             holder.wait()
+        workload.kill()
+
+
+def test_without_ptrace_rights_the_message_explains_yama():
+    """Not root, not the owner: refused before gdb runs, with what ptrace needs and Yama's values."""
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    try:
+        code = ("import os, sys\n"
+                "from dtrace.tools import inject, pyprocess\n"
+                "from dtrace.tools.tracers import ToolError\n"
+                f"process = pyprocess.identify({workload.pid})\n"
+                "os.seteuid(65534)\n"
+                "try:\n"
+                "    inject.check_privileges(process)\n"
+                "except ToolError as error:\n"
+                "    print(error)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        assert f"cannot inject into process {workload.pid}: Permission denied" in done.stdout, done.stdout
+        for phrase in ("CAP_SYS_PTRACE", "ptrace_scope", "0 (classic)", "1 (restricted)", "2 (admin-only)",
+                       "3 (no attach)"):
+            assert phrase in done.stdout or phrase in inject.ptrace_explanation(workload.pid), phrase
+        assert "ptrace" in done.stdout
+    finally:
         workload.kill()
 
 
@@ -682,3 +720,137 @@ def test_the_documentation_shows_the_code_run_in_the_target():
 def test_the_gdb_script_is_shipped_beside_the_tool():
     assert inject.GDB_SCRIPT.is_file()
     compile(inject.GDB_SCRIPT.read_text(), str(inject.GDB_SCRIPT), "exec")
+
+
+# --- Asked on a terminal; Ctrl-C while waiting; a forked child says where its probes came from -----
+
+
+class Terminal:
+    """A pseudo-terminal as the tool's stdin and stderr, as when a user runs it."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        self.seen = ""
+
+    def read_until(self, text: str) -> str:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while text not in self.seen:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {text!r} on the terminal; so far: {self.seen!r}"
+            try:
+                self.seen += os.read(self.master, 4096).decode(errors="replace")
+            except OSError:  # the other end closed
+                assert text in self.seen, f"no {text!r} on the terminal: {self.seen!r}"
+        return self.seen
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_on_a_terminal_the_tool_asks_first(answer):
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    terminal = Terminal()
+    tool = subprocess.Popen(tool_command("calls", "-n", "0", "-p", str(workload.pid)), stdin=terminal.slave,
+                            stdout=subprocess.PIPE, stderr=terminal.slave, text=True)
+    try:
+        prompt = terminal.read_until("[y/N] ")
+        assert f"PID {workload.pid} (" in prompt and "has not loaded the probes" in prompt, prompt
+        assert "runs `import dtrace` in it, through gdb" in prompt, prompt
+        assert not probe_object_mapped(workload.pid)  # nothing before the answer
+        os.write(terminal.master, f"{answer}\n".encode())
+        if answer == "n":
+            assert tool.wait(STEP_TIMEOUT) == 1
+            assert f"not loading the probes into process {workload.pid}" in terminal.read_until("--inject")
+            assert not probe_object_mapped(workload.pid)
+        else:
+            terminal.read_until("Tracing ")
+            workload.phase()
+            tool.send_signal(signal.SIGINT)
+            out, _ = tool.communicate(timeout=STEP_TIMEOUT)
+            assert tool.returncode == 0, terminal.seen
+            assert rows(out, 1, "marked")[0][0] == str(MARKED_CALLS), out
+        assert_nothing_left(workload.pid)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+        terminal.close()
+        workload.kill()
+
+
+def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
+    """The tool says when gdb waits for the safe point (PYDTRACE_INJECT_DEBUG shows gdb's lines);
+    Ctrl-C then makes gdb give up at once, long before its time is up."""
+    require_gdb()
+    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
+    stdout = _Lines(process.stdout, "the blocked workload")
+    tool = None
+    try:
+        _, pid, write_end = stdout.next().split()
+        pid = int(pid)
+        tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "600"})
+        said = _Lines(tool.stderr, "the tool's stderr")
+        while True:
+            line = said.next()
+            assert line is not None, said.seen
+            if '"kind": "waiting"' in line:
+                break
+        assert not probe_object_mapped(pid)
+        tool.send_signal(signal.SIGINT)
+        assert tool.wait(STEP_TIMEOUT) == 130, said.seen
+        said.rest()
+        assert "pydtrace: nothing was run in process" in "\n".join(said.seen), said.seen
+        assert_nothing_left(pid)
+        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
+            pipe.write("x")
+        line = stdout.next()
+        assert line is not None and line.startswith("AFTER "), line
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+    finally:
+        if tool is not None and tool.poll() is None:
+            tool.kill()
+            tool.wait()
+        process.kill()
+        process.wait()
+
+
+#: SIGHUP makes the main thread fork a child that prints its PID and sleeps.
+FORKS_ON_SIGHUP = '''
+def fork_child(signum, frame):
+    child = os.fork()
+    if child == 0:
+        print("CHILD", os.getpid(), flush=True)
+        time.sleep(100)
+        os._exit(0)
+
+signal.signal(signal.SIGHUP, fork_child)
+'''
+
+
+def test_a_forked_child_of_an_injected_process_says_so():
+    require_gdb()
+    workload = Workload("sleep", sys.executable, body=FORKS_ON_SIGHUP + SHAPES["sleep"])
+    child = None
+    try:
+        injected = run_tool("calls", "-p", str(workload.pid), "--inject", "-d", "1")
+        assert injected.returncode == 0, injected.stderr
+        workload.process.send_signal(signal.SIGHUP)
+        child = int(workload.expect("CHILD").split()[1])
+        listing = run_tool("list", "-p", str(child))
+        assert listing.returncode == 0, listing.stderr
+        assert "probes loaded: yes, injected by python -m dtrace --inject, through gdb" in listing.stdout, \
+            listing.stdout
+        assert "probes armed: yes" in listing.stdout
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        workload.kill()

@@ -291,12 +291,12 @@ def inject():
         "handle SIGINT nostop noprint pass",
     ):
         gdb.execute(setting, to_string=True)
+    attached = time.monotonic()  # the process stops during the attach: counted from here
     try:
         gdb.execute(f"attach {PID}", to_string=True)
     except gdb.error as error:
         emit("attach_failed", message=str(error))
         return
-    attached = time.monotonic()
     anchors = []
     page = size = 0
     started = False  # whether the code was started in the process
@@ -321,6 +321,7 @@ def inject():
             gdb.execute(f"set var $rax = {-EINTR}", to_string=True)  # after the last call: calls restore registers
         anchors = [Anchor("PyCallable_Check", "pending"), Anchor("PyErr_CheckSignals", "signals")]
         gdb.execute("handle SIGSTOP stop print nopass", to_string=True)
+        emit("waiting", blocked=blocked)
         watchdog = Watchdog()
         watchdog.start()
         watchdog.waiting = True

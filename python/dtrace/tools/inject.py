@@ -191,10 +191,10 @@ def ptrace_explanation(pid: int) -> str:
     lines = ["Injecting needs the rights to attach a debugger (ptrace) to the process, on top of "
              "tracing's: root (CAP_SYS_PTRACE), or its owner where Yama allows it."]
     if scope is None:
-        lines.append(f"This kernel has no Yama ptrace_scope ({YAMA}): the classic rule holds, same user or root.")
+        lines.append(f"This kernel has no Yama ({YAMA} is missing): the classic rule holds, same user or root.")
     else:
-        lines.append(f"Yama's {YAMA} is {YAMA_SCOPES.get(scope, str(scope))}.")
-        lines.append("Its values: " + "; ".join(YAMA_SCOPES.values()) + ".")
+        lines.append(f"Here Yama's {YAMA} is {YAMA_SCOPES.get(scope, str(scope))}.")
+    lines.append("Yama's ptrace_scope values: " + "; ".join(YAMA_SCOPES.values()) + ".")
     lines.append("In a container, root also needs CAP_SYS_PTRACE (docker run --cap-add SYS_PTRACE) "
                  "and a seccomp profile that allows ptrace.")
     return "\n".join(lines)
@@ -255,6 +255,16 @@ def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
         if not ask(process, "gdb" if how == "gdb" else "sys.remote_exec", describe):
             raise ToolError(f"not loading the probes into process {pid}; {not_loaded.split(': ', 1)[-1]}")
     check_privileges(process)
+    tracer = tracer_pid(pid)
+    if tracer:
+        raise ToolError(f"process {pid} is already traced by process {tracer} ({pyprocess.command_name(tracer)}): "
+                        "a process can have only one ptrace tracer (a debugger, strace); detach it first")
+    current = state(pid)
+    if current in ("T", "t"):
+        # gdb would let it run on: a process stopped by job control (or held by a debugger) stays as it is.
+        raise ToolError(f"process {pid} is stopped (Ctrl-Z, SIGSTOP, or a debugger holds it): continue it first")
+    if current in (None, "Z", "X"):
+        raise ToolError(f"no process with PID {pid} is running")
     offered = offered_package(process)
     report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered)
     outcome(process, report, offered, how)
@@ -269,8 +279,10 @@ def outcome(process: pyprocess.PythonProcess, report: dict, offered: str | None,
             raise ToolError(f"pydtrace-rs was loaded into process {pid} but cannot work there: {report.get('reason')}")
         where = {"program": "the program's own", "tool": "this tool's", "already": "the already loaded"}.get(
             report.get("source"), "")
+        note = f" ({report['note']})" if report.get("note") else ""
         print(f"pydtrace: loaded {where} pydtrace-rs {report.get('version')} into process {pid} through "
-              f"{'gdb' if how == 'gdb' else 'sys.remote_exec'}: {report.get('library')}", file=sys.stderr, flush=True)
+              f"{'gdb' if how == 'gdb' else 'sys.remote_exec'}: {report.get('library')}{note}", file=sys.stderr,
+              flush=True)
         return
     if status == "missing":
         ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -367,38 +379,33 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
         "python_object": process.python_object,
     }
     env = {**os.environ, "PYDTRACE_INJECT": json.dumps(parameters)}
+    debug = bool(os.environ.get("PYDTRACE_INJECT_DEBUG"))
+    if debug:
+        print(f"pydtrace: running {' '.join(argv)}", file=sys.stderr, flush=True)
     try:
-        gdb = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=env, pass_fds=(abort_read,), start_new_session=True)
-    finally:
-        os.close(abort_read)
-    try:
-        out, err = _wait_for_gdb(gdb, abort_write)
+        returncode, lines, aborted = _run_gdb(argv, env, abort_read, abort_write, debug)
     finally:
         os.close(abort_write)
-    if os.environ.get("PYDTRACE_INJECT_DEBUG"):
-        print(f"pydtrace: gdb ran: {' '.join(argv)}\n{out.decode(errors='replace')}{err.decode(errors='replace')}",
-              file=sys.stderr, flush=True)
     records = []
-    for line in out.decode(errors="replace").splitlines():
+    for line in lines:
         if line.startswith("PYDTRACE-INJECT "):
             try:
                 records.append(json.loads(line[len("PYDTRACE-INJECT "):]))
             except json.JSONDecodeError:
                 pass
     _check_not_left_stopped(pid, before)
-    errors = err.decode(errors="replace").strip()
-    if gdb.returncode < 0:  # gdb itself died (an internal error aborts it)
+    errors = "\n".join(line for line in lines if not line.startswith("PYDTRACE-INJECT ")).strip()
+    if returncode < 0:  # gdb itself died (an internal error aborts it)
         import signal
 
-        crash = signal.Signals(-gdb.returncode).name
+        crash = signal.Signals(-returncode).name
         detail = next((line for line in errors.splitlines() if "internal-error" in line), "")
         print(f"pydtrace: gdb died of {crash} while attached to process {pid} {detail}".rstrip(),
               file=sys.stderr, flush=True)
     if not records:
         if "Python scripting is not supported" in errors:
             raise ToolError("this gdb has no Python support, which --inject needs (Debian's gdb has it)")
-        raise ToolError(f"gdb failed (exit status {gdb.returncode}) before injecting anything into process "
+        raise ToolError(f"gdb failed (exit status {returncode}) before injecting anything into process "
                         f"{pid}:\n{errors or '(no message)'}")
     last = records[-1]
     kind = last.get("kind")
@@ -417,6 +424,7 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
         raise ToolError(f"cannot load the probes into process {pid}: {last.get('message')}; nothing was run in it")
     if kind == "no_safe_point":
         if last.get("reason") == "aborted":
+            print(f"pydtrace: nothing was run in process {pid}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         raise ToolError(
             f"process {pid}'s main thread did not reach a point where it can run Python code within "
@@ -429,29 +437,64 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
         raise ToolError(f"the code run in process {pid} left no report: it was interrupted"
                         + (" (an exception went on to the program)" if last.get("handed") else ""))
     try:
-        return ast.literal_eval(last["report"])
+        report = ast.literal_eval(last["report"])
     except (ValueError, SyntaxError):
         raise ToolError(f"unreadable report from process {pid}: {last['report']!r}") from None
+    report["note"] = (f"the process was stopped {last.get('stopped_ms')} ms, the code ran "
+                      f"{last.get('code_ms')} ms")
+    if aborted:  # Ctrl-C came too late to keep the code from running: say what is there now
+        outcome(process, report, offered, "gdb")
+        raise KeyboardInterrupt
+    return report
 
 
-def _wait_for_gdb(gdb: subprocess.Popen, abort_write: int) -> tuple[bytes, bytes]:
-    """gdb's output once it exits. Ctrl-C asks it to give up the wait for a safe point (it then
-    detaches cleanly); it is never killed, which could leave the target in the middle of a call."""
+def _run_gdb(argv: list[str], env: dict[str, str], abort_read: int, abort_write: int,
+             debug: bool) -> tuple[int, list[str], bool]:
+    """Run gdb to its end: (its exit status, its output lines (stdout and stderr), whether the user
+    pressed Ctrl-C). Ctrl-C asks gdb to give up the wait for a safe point (it then cleans up and
+    detaches); gdb is never killed, which could leave the target in the middle of a call."""
+    try:
+        gdb = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env, pass_fds=(abort_read,), start_new_session=True)
+    finally:
+        os.close(abort_read)
+    lines: list[str] = []
+    pending = b""
+    aborted = warned = False
     deadline = time.monotonic() + SAFE_POINT_TIMEOUT + GDB_MARGIN
-    aborted = False
+    output = gdb.stdout.fileno()
     while True:
         try:
-            return gdb.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            ready, _, _ = select.select([output], [], [], 0.5)
+            if ready:
+                chunk = os.read(output, 1 << 16)
+                if not chunk:
+                    break
+                *complete, pending = (pending + chunk).split(b"\n")
+                for raw in complete:
+                    lines.append(raw.decode(errors="replace"))
+                    if debug:
+                        print(f"pydtrace: gdb: {lines[-1]}", file=sys.stderr, flush=True)
+            elif not warned and time.monotonic() > deadline:
+                warned = True
+                print(f"pydtrace: gdb (PID {gdb.pid}) is still attached after {SAFE_POINT_TIMEOUT + GDB_MARGIN:g} s;"
+                      " waiting for it (killing it could leave the process in the middle of a call)",
+                      file=sys.stderr, flush=True)
         except KeyboardInterrupt:
             if not aborted:
                 aborted = True
                 os.write(abort_write, b"x")
                 print("pydtrace: giving up the injection; waiting for gdb to detach", file=sys.stderr, flush=True)
-        except subprocess.TimeoutExpired:
-            print(f"pydtrace: gdb (PID {gdb.pid}) is still attached after {SAFE_POINT_TIMEOUT + GDB_MARGIN:g} s; "
-                  "waiting for it (killing it could leave the process in the middle of a call)",
-                  file=sys.stderr, flush=True)
-            deadline = float("inf")
+    if pending:
+        lines.append(pending.decode(errors="replace"))
+    while True:
+        try:
+            gdb.wait()
+            break
+        except KeyboardInterrupt:
+            continue
+    gdb.stdout.close()
+    return gdb.returncode, lines, aborted
 
 
 def state(pid: int) -> str | None:
@@ -464,6 +507,18 @@ def state(pid: int) -> str | None:
     except OSError:
         return None
     return None
+
+
+def tracer_pid(pid: int) -> int:
+    """The process that ptrace-traces ``pid`` (a debugger), 0 for none."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _running(pid: int) -> bool:
@@ -500,7 +555,10 @@ def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> d
     paths = [outside + ".py", outside + ".report"]
     try:
         for path, text in ((paths[0], code("remote_exec", offered, inside + ".report")), (paths[1], "")):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except OSError as error:
+                raise ToolError(f"cannot write the script for process {pid} into its /tmp: {error}") from None
             try:
                 os.write(fd, text.encode())
                 os.fchown(fd, uid, gid)
