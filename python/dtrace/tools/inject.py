@@ -334,10 +334,10 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
     libc = None
     if process.libc is not None:
         try:
-            libc = pyprocess.ElfFile(process.libc)
+            libc = pyprocess.ElfFile(process.libc.readable_path(process.pid))
         except (OSError, ValueError):
             libc = None
-    bias = pyprocess._load_bias(pyprocess.mappings(process.pid), process.libc, libc) if libc else None
+    bias = pyprocess.load_bias(pyprocess.mappings(process.pid), process.libc.path, libc) if libc else None
     for name in LIBC_FUNCTIONS:
         if libc is None or bias is None or name not in libc.symbols:
             missing.append(name)

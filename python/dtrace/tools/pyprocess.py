@@ -98,8 +98,15 @@ class ElfFile:
 @dataclass
 class Mapping:
     start: int
+    end: int
     offset: int
+    #: The file's path, without the " (deleted)" the kernel adds when it was removed or replaced.
     path: str
+    deleted: bool = False
+
+    def readable_path(self, pid: int) -> str:
+        """A path that opens the mapped file, even one deleted or replaced since (root only)."""
+        return f"/proc/{pid}/map_files/{self.start:x}-{self.end:x}" if self.deleted else self.path
 
 
 def mappings(pid: int) -> list[Mapping]:
@@ -117,7 +124,12 @@ def mappings(pid: int) -> list[Mapping]:
     for line in lines:
         parts = line.split(None, 5)
         if len(parts) == 6 and parts[5].startswith("/"):
-            found.append(Mapping(int(parts[0].split("-")[0], 16), int(parts[2], 16), parts[5]))
+            start, end = (int(address, 16) for address in parts[0].split("-"))
+            path = parts[5]
+            deleted = path.endswith(" (deleted)")
+            if deleted:
+                path = path[: -len(" (deleted)")]
+            found.append(Mapping(start, end, int(parts[2], 16), path, deleted))
     return found
 
 
@@ -139,7 +151,8 @@ class PythonProcess:
     elf: ElfFile | None = None
     #: Where python_object is loaded: its addresses in the process are these plus the symbols'.
     bias: int | None = None
-    libc: str | None = None
+    #: The C library's first mapping (mmap and munmap come from there).
+    libc: Mapping | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -158,7 +171,7 @@ class PythonProcess:
         return self.bias + self.elf.symbols[name][0]
 
 
-def _load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
+def load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
     """Where ``path`` is loaded: its first mapping's start minus its first segment's address."""
     if not elf.loads:
         return None
@@ -192,16 +205,17 @@ def identify(pid: int) -> PythonProcess:
     """The Python interpreter process ``pid`` runs; ToolError when it runs none (that can be found)."""
     maps = mappings(pid)
     executable = _executable(pid)
-    candidates = [m.path for m in maps if _LIBPYTHON.search(m.path)]
     exe_path = executable[: -len(" (deleted)")] if executable.endswith(" (deleted)") else executable
-    candidates.append(exe_path)
+    # (the path, a path that opens it: a deleted file's mapping still does)
+    candidates = [(m.path, m.readable_path(pid)) for m in maps if _LIBPYTHON.search(m.path) and m.offset == 0]
+    candidates.append((exe_path, f"/proc/{pid}/exe"))
     seen: set[str] = set()
-    for path in candidates:
+    for path, readable in candidates:
         if path in seen:
             continue
         seen.add(path)
         try:
-            elf = ElfFile(path)
+            elf = ElfFile(readable)
         except (OSError, ValueError, struct.error):
             continue
         if "Py_Initialize" not in elf.symbols and "Py_Version" not in elf.symbols:
@@ -216,9 +230,9 @@ def identify(pid: int) -> PythonProcess:
             version = (0, 0)  # older than 3.11, which added Py_Version; the name says nothing
         free_threaded = any(name in elf.symbols for name in _FREE_THREADED_SYMBOLS) or bool(
             named and "t" in named.group(3))
-        libc = next((m.path for m in maps if re.search(r"/libc\.so\.6$|/libc\.musl[^/]*\.so|/ld-musl[^/]*\.so", m.path)),
-                    None)
-        return PythonProcess(pid, path, version, free_threaded, executable, elf, _load_bias(maps, path, elf), libc)
+        libc = next((m for m in maps if m.offset == 0 and re.search(
+            r"/libc\.so\.6$|/libc\.musl[^/]*\.so|/ld-musl[^/]*\.so", m.path)), None)
+        return PythonProcess(pid, path, version, free_threaded, executable, elf, load_bias(maps, path, elf), libc)
     raise ToolError(f"process {pid} ({command_name(pid)}, {executable}) is not a Python interpreter: "
                     "neither its executable nor a libpython in its maps has CPython's symbols")
 
@@ -337,8 +351,13 @@ def summary(pid: int, library: str | None) -> list[str]:
     """``list -p``'s lines about the interpreter and how the probes got there (``library``: the
     mapped probe object, None when there is none). ToolError for a process that runs no
     supported Python."""
-    process = identify(pid)
-    check_supported(process)
+    try:
+        process = identify(pid)
+        check_supported(process)
+    except ToolError as error:
+        if library is None:
+            raise
+        return [f"python: unknown ({error})", f"probes loaded: yes, {origin(pid)}"]
     lines = [f"python: {process.describe()}"]
     if library is None:
         lines.append("probes loaded: no, the program has not imported dtrace; a tool with -p asks to load them, "
