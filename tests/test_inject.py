@@ -914,3 +914,65 @@ def test_a_forked_child_of_an_injected_process_says_so():
         if child is not None:
             os.kill(child, signal.SIGKILL)
         workload.kill()
+
+
+def other_version_python() -> str | None:
+    """A CPython 3.12+ of another minor version than this one (pyenv's), without pydtrace-rs."""
+    for candidate in sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("3.1[2-9].*/bin/python3.1[2-9]")):
+        version = subprocess.run([str(candidate), "-c", "import sys; print(sys.version_info[1])"],
+                                 capture_output=True, text=True)
+        if version.returncode == 0 and int(version.stdout) != sys.version_info[1]:
+            return str(candidate)
+    return None
+
+
+def test_neither_the_process_nor_the_tool_has_a_pydtrace_rs_for_it():
+    """Another Python version, without pydtrace-rs: the tool's copy cannot serve; the message says
+    what to install where, and the process runs on without it."""
+    require_gdb()
+    python = other_version_python()
+    if python is None:
+        pytest.skip("no other CPython 3.12+ version here")
+    workload = Workload("sleep", python)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(done, f"process {workload.pid} runs CPython 3.", "which cannot import pydtrace-rs",
+                    f"this tool's copy is for Python {sys.version_info[0]}.{sys.version_info[1]}",
+                    f"{python} -m pip install pydtrace-rs")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        info = workload.phase(traced=False)
+        assert info["dtrace"] is None and info["main_added"] == [] and info["path_same"], info
+    finally:
+        workload.kill()
+
+
+#: The main thread runs a sub-interpreter's code for good (its time.sleep calls PyErr_CheckSignals
+#: there, in the sub-interpreter).
+IN_A_SUBINTERPRETER = '''
+try:
+    import _interpreters as interpreters  # 3.13
+except ImportError:
+    import _xxsubinterpreters as interpreters  # 3.12
+sub = interpreters.create()
+''' + READY + '''
+interpreters.run_string(sub, "import time\\nwhile True:\\n    time.sleep(0.01)\\n")
+'''
+
+
+def test_a_main_thread_that_runs_a_subinterpreter():
+    """pydtrace-rs cannot load into a sub-interpreter (PyO3 refuses them): its calls at the safe
+    points are let pass, and the tool gives up when the main interpreter does not come back."""
+    require_gdb()
+    workload = Workload("subinterpreter", sys.executable, body=IN_A_SUBINTERPRETER)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+        check_error(done, f"process {workload.pid}'s main thread runs a sub-interpreter's code",
+                    "nothing was run in it")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        assert workload.process.poll() is None
+    finally:
+        workload.kill()

@@ -26,7 +26,9 @@ What it does to the target (docs/injection.md says why each step is safe):
    the process runs on until one is hit, or until ``timeout`` passes: then the process is
    stopped with SIGSTOP (gdb swallows it), the breakpoints are removed, the page unmapped, and
    gdb detaches, nothing run; the queued call stays a no-op.
-5. At the breakpoint (the main thread holds the GIL there), with the breakpoints gone:
+5. At the breakpoint (the main thread holds the GIL there) if the main thread runs the main
+   interpreter (``PyInterpreterState_Get() == PyInterpreterState_Main()``; a sub-interpreter's
+   call is let pass: pydtrace-rs cannot load there), with the breakpoints gone:
    ``PyGILState_Ensure()``, put aside any exception set (``PyErr_GetRaisedException``),
    ``PyRun_String(code)`` in a new dictionary, read the report the code left there
    (``__pydtrace_report__``, bytes), drop the dictionary, restore the exception,
@@ -72,6 +74,8 @@ SIGNATURES = {
     "PyBytes_AsString": "long (*)(void *)",
     "PyBytes_Size": "long (*)(void *)",
     "Py_DecRef": "void (*)(void *)",
+    "PyInterpreterState_Get": "long (*)(void)",
+    "PyInterpreterState_Main": "long (*)(void)",
 }
 
 #: Linux's restart codes of an interrupted system call (kernel-internal errno values) that reach
@@ -319,28 +323,41 @@ def inject():
         blocked = blocked_in_cpython_call()
         if blocked:
             gdb.execute(f"set var $rax = {-EINTR}", to_string=True)  # after the last call: calls restore registers
-        anchors = [Anchor("PyCallable_Check", "pending"), Anchor("PyErr_CheckSignals", "signals")]
+        for function, kind in (("PyCallable_Check", "pending"), ("PyErr_CheckSignals", "signals")):
+            anchors.append(Anchor(function, kind))
         gdb.execute("handle SIGSTOP stop print nopass", to_string=True)
         emit("waiting", blocked=blocked)
+        main_interpreter = call("PyInterpreterState_Main")
         watchdog = Watchdog()
         watchdog.start()
         watchdog.waiting = True
         resumed = time.monotonic()
+        in_subinterpreter = False
         try:
-            gdb.execute("continue", to_string=True)
+            while True:
+                gdb.execute("continue", to_string=True)
+                if not alive():
+                    raise Exited()
+                if Anchor.hit is None:
+                    break  # given up (SIGSTOP)
+                main_thread().switch()
+                if call("PyInterpreterState_Get") == main_interpreter:
+                    break
+                # The main thread runs a sub-interpreter's code, where pydtrace-rs cannot load: wait on.
+                in_subinterpreter = True
+                Anchor.hit = None
         finally:
             watchdog.waiting = False
             watchdog.done.set()
             # A SIGSTOP sent just as the breakpoint was hit must not stop what follows.
             gdb.execute("handle SIGSTOP nostop noprint nopass", to_string=True)
-        if not alive():
-            raise Exited()
         for anchor in anchors:
             anchor.delete()
         anchors = []
         main_thread().switch()
         if Anchor.hit is None:
-            emit("no_safe_point", reason=watchdog.reason or "stopped", blocked=blocked, where=describe_main_thread())
+            emit("no_safe_point", reason=watchdog.reason or "stopped", blocked=blocked, where=describe_main_thread(),
+                 subinterpreter=in_subinterpreter)
             return  # the page is unmapped below; the queued PyCallable_Check(NULL) stays a no-op
         hit = time.monotonic()
         started = True
@@ -361,6 +378,11 @@ def inject():
         emit("exited")
     except Failure as failure:
         emit("failed", message=str(failure), started=started)
+    except gdb.error as error:
+        if alive():
+            emit("failed", message=f"gdb: {error}", started=started)
+        else:
+            emit("exited")
     finally:
         for anchor in anchors:
             try:

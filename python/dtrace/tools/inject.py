@@ -38,9 +38,10 @@ SAFE_POINT_TIMEOUT = float(os.environ.get("PYDTRACE_INJECT_TIMEOUT", "10"))
 GDB_MARGIN = 60.0
 GDB_SCRIPT = Path(__file__).resolve().parent / "gdb_inject.py"
 
-#: The code run in the target. ``ORIGIN``, ``OFFERED`` and ``REPORT_PATH`` (the lines that set them
-#: to None) are filled in by :func:`code` with Python literals. It runs once, in a namespace of its own (nothing is added to
-#: the program's), and leaves its report (bytes) in ``__pydtrace_report__``.
+#: The code run in the target. ``ORIGIN``, ``OFFERED`` and ``REPORT_PATH`` (the lines that set
+#: them to None) are filled in by :func:`code` with Python literals. It runs once, in a namespace
+#: of its own (nothing is added to the program's), and leaves its report (bytes) in
+#: ``__pydtrace_report__``.
 CODE = '''\
 # pydtrace-rs (python -m dtrace --inject) loads its probes into this process: once, in a
 # namespace of its own, with the GIL, where the interpreter runs signal handlers and pending
@@ -99,7 +100,7 @@ def load(sys, offered):
                 raise
         else:
             return dict(status="missing", found=spec.origin if spec is not None else None,
-                        offered=offered, suffixes=suffixes)
+                        offered=offered, suffixes=suffixes, executable=sys.executable)
     native_module = getattr(module, "_native", None)
     armed = bool(native_module is not None and native_module.is_armed())
     if source != "already" and armed and hasattr(native_module, "set_origin"):
@@ -286,17 +287,17 @@ def outcome(process: pyprocess.PythonProcess, report: dict, offered: str | None,
         return
     if status == "missing":
         ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        python = report.get("executable") or process.executable
+        install = f"install pydtrace-rs where the process's Python finds it ({python} -m pip install pydtrace-rs)"
         if report.get("offered") is None and offered is None:
             raise ToolError(
-                f"pydtrace-rs is not importable in process {pid} ({process.describe()}), and this tool's copy "
-                f"cannot serve there: it is for Python {ours} ({sys.executable}). Install pydtrace-rs in the "
-                f"process's environment ({process.executable} -m pip install pydtrace-rs), or run the tool with "
-                f"a Python {pyprocess.version_text(process.minor)} that has it")
+                f"process {pid} runs {process.describe()}, which cannot import pydtrace-rs, and this tool's copy "
+                f"is for Python {ours} ({sys.executable}): {install}, or run the tool with a Python "
+                f"{pyprocess.version_text(process.minor)} that has it")
         raise ToolError(
-            f"pydtrace-rs is not importable in process {pid} ({process.describe()}), and this tool's copy "
-            f"({offered}) does not fit its interpreter, which loads extension modules ending in "
-            f"{', '.join(report.get('suffixes') or [])}. Install pydtrace-rs in the process's environment "
-            f"({process.executable} -m pip install pydtrace-rs)")
+            f"process {pid} runs {process.describe()}, which cannot import pydtrace-rs, and this tool's copy "
+            f"({offered}) does not fit it (it loads extension modules ending in "
+            f"{', '.join(report.get('suffixes') or [])}): {install}")
     if status == "conflict":
         raise ToolError(f"cannot load pydtrace-rs into process {pid}: {report.get('error')}")
     if status == "interrupted":
@@ -312,6 +313,7 @@ PYTHON_FUNCTIONS = (
     "Py_IsInitialized", "Py_AddPendingCall", "PyCallable_Check", "PyErr_CheckSignals", "PyGILState_Ensure",
     "PyGILState_Release", "PyErr_GetRaisedException", "PyErr_SetRaisedException", "PyErr_Clear", "PyDict_New",
     "PyRun_String", "PyDict_GetItemString", "PyBytes_AsString", "PyBytes_Size", "Py_DecRef",
+    "PyInterpreterState_Get", "PyInterpreterState_Main",
 )
 LIBC_FUNCTIONS = ("mmap", "munmap")
 
@@ -426,6 +428,11 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
         if last.get("reason") == "aborted":
             print(f"pydtrace: nothing was run in process {pid}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
+        if last.get("subinterpreter"):
+            raise ToolError(
+                f"process {pid}'s main thread runs a sub-interpreter's code, where pydtrace-rs cannot load (PyO3 "
+                f"refuses sub-interpreters), and did not come back to the main interpreter within "
+                f"{SAFE_POINT_TIMEOUT:g} s: nothing was run in it")
         raise ToolError(
             f"process {pid}'s main thread did not reach a point where it can run Python code within "
             f"{SAFE_POINT_TIMEOUT:g} s (it is in {last.get('where')}): nothing was run in it. It must be running "
