@@ -210,6 +210,26 @@ mod _native {
         channel::layout()
     }
 
+    /// Records how the module came into this process: `"gdb"` or
+    /// `"remote_exec"` when `python -m dtrace --inject` loaded it, `""` when
+    /// the program imported it. The watcher thread's name says it, for tools
+    /// that look from outside.
+    #[pyfunction]
+    fn set_origin(origin: &str) -> PyResult<()> {
+        let tag = match origin {
+            "" => 0,
+            "gdb" => b'G',
+            "remote_exec" => b'R',
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown origin {other:?}: \"gdb\", \"remote_exec\" or \"\""
+                )))
+            }
+        };
+        watcher::set_origin(tag);
+        Ok(())
+    }
+
     /// Whether the watcher runs, i.e. the probes are armed.
     #[pyfunction]
     fn is_armed() -> bool {

@@ -31,7 +31,7 @@
 
 use std::ffi::c_void;
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -107,6 +107,51 @@ fn state() -> MutexGuard<'static, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// How this module came into the process, for tools that look from outside
+/// (`python -m dtrace list`): the watcher thread's name says it, in
+/// `/proc/PID/task/TID/comm`, which anyone may read. 0: imported by the
+/// program (or `PYDTRACE=1`), the thread is `pydtrace-watcher` (the kernel
+/// keeps 15 bytes: `pydtrace-watche`); otherwise `pydtrace-watch` and this
+/// letter: `G` loaded through gdb, `R` through `sys.remote_exec`, by
+/// `python -m dtrace --inject`. Kept across the thread's restarts (fork).
+static ORIGIN: AtomicU8 = AtomicU8::new(0);
+
+/// The watcher thread's name, from [`ORIGIN`].
+fn thread_name() -> String {
+    match ORIGIN.load(Ordering::Relaxed) {
+        0 => "pydtrace-watcher".into(),
+        tag => format!("pydtrace-watch{}", tag as char),
+    }
+}
+
+/// Records how the module came into the process (see [`ORIGIN`]) and names
+/// the running watcher thread after it, at once (a thread that has only
+/// just started names itself after [`ORIGIN`] at its next poll: the name
+/// given at its spawn may land after this one).
+pub fn set_origin(tag: u8) {
+    ORIGIN.store(tag, Ordering::Relaxed);
+    #[cfg(target_os = "linux")]
+    if let Some(running) = state().running.as_ref().filter(|r| r.pid == std::process::id()) {
+        use std::os::unix::thread::JoinHandleExt;
+        name_thread(running.handle.as_pthread_t());
+    }
+}
+
+/// Gives `thread` (a live thread of this process) the name [`ORIGIN`] says.
+#[cfg(target_os = "linux")]
+fn name_thread(thread: std::os::unix::thread::RawPthread) {
+    extern "C" {
+        fn pthread_setname_np(
+            thread: std::os::unix::thread::RawPthread,
+            name: *const std::os::raw::c_char,
+        ) -> c_int;
+    }
+    if let Ok(name) = std::ffi::CString::new(thread_name()) {
+        // SAFETY: a live thread of this process; a name of at most 15 bytes.
+        unsafe { pthread_setname_np(thread, name.as_ptr()) };
+    }
+}
+
 /// The probes armed regardless of consumers.
 pub fn forced() -> ProbeSet {
     ProbeSet::from_bits(FORCED.load(Ordering::Relaxed))
@@ -133,10 +178,11 @@ pub fn start(forced: ProbeSet) -> Result<(), Error> {
         wake: Condvar::new(),
     });
     let handle = thread::Builder::new()
-        .name("pydtrace-watcher".into())
+        .name(thread_name())
         .spawn({
             let control = Arc::clone(&control);
-            move || watch(&control)
+            let origin = ORIGIN.load(Ordering::Relaxed);
+            move || watch(&control, origin)
         })
         .map_err(Error::WatcherSpawn)?;
     state.running = Some(Running {
@@ -313,12 +359,25 @@ pub fn at_exit(py: Python<'_>) {
 }
 
 /// The thread's loop.
-fn watch(control: &Control) {
+fn watch(control: &Control, mut named: u8) {
     // What is hooked in already: nothing on a fresh start, the parent's hooks
     // in a forked child. Applying only on a difference keeps the GIL untouched.
     let mut applied = arming::live();
     loop {
         POLLS.fetch_add(1, Ordering::Relaxed);
+        let origin = ORIGIN.load(Ordering::Relaxed);
+        if origin != named {
+            // `set_origin` came while this thread started: its name is the spawn's.
+            #[cfg(target_os = "linux")]
+            {
+                extern "C" {
+                    fn pthread_self() -> std::os::unix::thread::RawPthread;
+                }
+                // SAFETY: this thread.
+                name_thread(unsafe { pthread_self() });
+            }
+            named = origin;
+        }
         let wanted = enablement::consumer_enabled().union(forced());
         let kicked = faults::take_kick();
         // A tool's scope request (or the end of its lease): applied with the GIL too.

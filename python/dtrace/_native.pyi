@@ -86,6 +86,12 @@ def hooked_classes() -> int:
 def monitoring_tool_id() -> int | None:
     """The ``sys.monitoring`` tool id the probes hold, if they have claimed one."""
 
+def set_origin(origin: str) -> None:
+    """Record how the module came into this process: ``"gdb"`` or ``"remote_exec"`` when
+    ``python -m dtrace --inject`` loaded it, ``""`` when the program imported it. The watcher
+    thread's name says it (``pydtrace-watchG``, ``pydtrace-watchR``; ``pydtrace-watche`` for an
+    import), for tools that look from outside (``python -m dtrace list -p PID``)."""
+
 def before_fork() -> None:
     """``os.register_at_fork(before=...)``: stop and join the watcher thread."""
 

@@ -70,6 +70,10 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
         target.add_argument("-p", "--pid", type=int, help=COMMON_HELP["pid"])
         target.add_argument("-c", "--command", metavar="COMMAND",
                             help=COMMON_HELP["command"] if tool.needs_target else COMMON_HELP["list-command"])
+        sub.add_argument("--inject", action="store_true",
+                         help="with -p, on a Python process that has not loaded the probes: load them without "
+                              "asking (runs `import dtrace` in it through gdb, or sys.remote_exec on 3.14+; "
+                              "see docs/injection.md)")
         sub.add_argument("-d", "--duration", type=positive, metavar="SECONDS", help=COMMON_HELP["duration"])
         if tool.intervals:
             sub.add_argument("-i", "--interval", type=positive, metavar="SECONDS",

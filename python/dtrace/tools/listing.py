@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from dtrace import _native
-from dtrace.tools import elfnotes, report, runner, scope, tracers
+from dtrace.tools import elfnotes, pyprocess, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -62,6 +62,11 @@ examples:
             out.flush()
             return self.command_status(target.process.wait())
         if args.pid is not None:
+            runner.check_running(args.pid)
+            if runner.probe_object(args.pid) is None:  # a Python process without the probes
+                out.write(f"{runner.Target(args.pid, None).describe()}\n")
+                out.write("".join(f"{line}\n" for line in pyprocess.summary(args.pid, None)))
+                return 0
             target = runner.attach(args.pid)
             self.show(target.pid, target.library, out)
             return 0
@@ -90,6 +95,7 @@ examples:
         enabled = elfnotes.semaphores(pid, ours) if pid is not None else None
         if pid is not None:
             out.write(f"{runner.Target(pid, library).describe()}\n")
+            out.write("".join(f"{line}\n" for line in pyprocess.summary(pid, library)))
             armed = runner.watcher_running(pid)
             out.write("probes armed: " + {True: "yes (its watcher thread runs)",
                                           False: "no (PYDTRACE=0?): nothing fires",

@@ -51,6 +51,8 @@ class Options:
     tracer: str | None = None
     max_keys: int | None = None
     startup_timeout: float = STARTUP_TIMEOUT
+    #: -p on a process without the probes: load them without asking (docs/injection.md).
+    inject: bool = False
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()
     scope_files: tuple[str, ...] = ()

@@ -278,14 +278,23 @@ def watcher_running(pid: int) -> bool | None:
     return False
 
 
-def attach(pid: int) -> Target:
-    """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux)."""
+def attach(pid: int, inject: bool = False) -> Target:
+    """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux). A Python
+    process that has not is offered the probes (dtrace/tools/inject.py): on a terminal the user
+    is asked; with ``inject`` they are loaded at once."""
     check_running(pid)
     if not sys.platform.startswith("linux"):
         return Target(pid, None)  # DTrace reports a process without the provider itself
     library = probe_object(pid)
     if library is None:
-        raise ToolError(f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}")
+        from dtrace.tools import inject as injection
+
+        not_loaded = (f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}; "
+                      "or pass --inject to load it into the running process now")
+        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded)
+        library = probe_object(pid)
+        if library is None:
+            raise ToolError(f"the probes were loaded into process {pid}, but its maps show no probe object")
     if watcher_running(pid) is False:
         warn(
             f"process {pid} has loaded dtrace but its probes are not armed (PYDTRACE=0 in its "

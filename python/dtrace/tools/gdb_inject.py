@@ -1,0 +1,415 @@
+"""Load pydtrace-rs into a running CPython 3.12 or 3.13: the gdb side of ``--inject``.
+
+Not imported by the package: ``python -m dtrace`` (dtrace/tools/inject.py) runs it inside gdb,
+with gdb's own Python, and reads the ``PYDTRACE-INJECT {json}`` lines it prints. Its parameters
+come in the environment variable PYDTRACE_INJECT (JSON):
+
+- ``pid``; ``code``: the Python source run in the target; ``timeout``: seconds to wait for a
+  safe point; ``abort_fd``: a pipe from the tool, where a byte or end of file gives up the wait;
+- ``functions``: the address in the process of every function called (the tool reads them from
+  the ELF symbols and /proc/PID/maps, so that gdb reads no symbols of the interpreter: a build
+  with debug information takes seconds to load, with the process stopped);
+- ``python_object``: the file that holds the interpreter (libpython or the executable).
+
+What it does to the target (docs/injection.md says why each step is safe):
+
+1. Attach (every thread stops). Check that the interpreter is initialized and not finalizing.
+2. In the main thread: map one anonymous page (``mmap``), write the code into it, and queue a
+   pending call ``Py_AddPendingCall(PyCallable_Check, NULL)``. That call does nothing (it returns
+   0); it only makes the main thread call ``PyCallable_Check(NULL)`` at its next eval-breaker
+   check, where the interpreter also runs signal handlers.
+3. If the main thread is blocked in a system call made by CPython's own code (``time.sleep``,
+   ``select``, a lock's wait...), that call returns EINTR, as it does when a signal handler
+   runs: CPython then calls ``PyErr_CheckSignals()`` (or, in a lock's wait,
+   ``Py_MakePendingCalls()``, which makes the queued call) and retries.
+4. Breakpoints on ``PyCallable_Check(NULL)`` and ``PyErr_CheckSignals()`` in the main thread;
+   the process runs on until one is hit, or until ``timeout`` passes: then the process is
+   stopped with SIGSTOP (gdb swallows it), the breakpoints are removed, the page unmapped, and
+   gdb detaches, nothing run; the queued call stays a no-op.
+5. At the breakpoint (the main thread holds the GIL there) if the main thread runs the main
+   interpreter (``PyInterpreterState_Get() == PyInterpreterState_Main()``; a sub-interpreter's
+   call is let pass: pydtrace-rs cannot load there), with the breakpoints gone:
+   ``PyGILState_Ensure()``, put aside any exception set (``PyErr_GetRaisedException``),
+   ``PyRun_String(code)`` in a new dictionary, read the report the code left there
+   (``__pydtrace_report__``, bytes), drop the dictionary, restore the exception,
+   ``PyGILState_Release()``. An exception the code lets through (only one that a signal handler
+   of the program raised while it ran) goes to the program: the function at the breakpoint
+   returns as if it had raised it.
+6. Detach.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import gdb
+
+PARAMS = json.loads(os.environ["PYDTRACE_INJECT"])
+PID = int(PARAMS["pid"])
+CODE = PARAMS["code"].encode()
+REPORT_KEY = b"__pydtrace_report__"
+TIMEOUT = float(PARAMS.get("timeout", 10.0))
+ABORT_FD = PARAMS.get("abort_fd")
+FUNCTIONS = {name: int(address) for name, address in PARAMS["functions"].items()}
+PYTHON_OBJECT = PARAMS["python_object"]
+
+#: The C types of the functions called, as gdb casts them.
+SIGNATURES = {
+    "mmap": "long (*)(void *, unsigned long, int, int, int, long)",
+    "munmap": "int (*)(void *, unsigned long)",
+    "Py_IsInitialized": "int (*)(void)",
+    "Py_IsFinalizing": "int (*)(void)",
+    "Py_AddPendingCall": "int (*)(void *, void *)",
+    "PyGILState_Ensure": "int (*)(void)",
+    "PyGILState_Release": "void (*)(int)",
+    "PyErr_GetRaisedException": "long (*)(void)",
+    "PyErr_SetRaisedException": "void (*)(void *)",
+    "PyErr_Clear": "void (*)(void)",
+    "PyDict_New": "long (*)(void)",
+    "PyRun_String": "long (*)(char *, int, void *, void *)",
+    "PyDict_GetItemString": "long (*)(void *, char *)",
+    "PyBytes_AsString": "long (*)(void *)",
+    "PyBytes_Size": "long (*)(void *)",
+    "Py_DecRef": "void (*)(void *)",
+    "PyInterpreterState_Get": "long (*)(void)",
+    "PyInterpreterState_Main": "long (*)(void)",
+}
+
+#: Linux's restart codes of an interrupted system call (kernel-internal errno values) that reach
+#: user space as EINTR when a signal handler runs: ERESTARTSYS, ERESTARTNOHAND,
+#: ERESTART_RESTARTBLOCK. ERESTARTNOINTR (-513) must never become EINTR: left alone.
+RESTARTABLE = (-512, -514, -516)
+EINTR = 4
+PROT_READ_WRITE = 3
+MAP_PRIVATE_ANONYMOUS = 0x22
+PY_FILE_INPUT = 257
+
+
+def emit(kind, **fields):
+    sys.stdout.write("PYDTRACE-INJECT " + json.dumps(dict(kind=kind, **fields)) + "\n")
+    sys.stdout.flush()
+
+
+class Failure(Exception):
+    """A step failed; the message says which, for the user."""
+
+
+class Exited(Exception):
+    """The process exited while gdb was attached."""
+
+
+def alive():
+    """Whether the process is still there (gdb may not have seen its exit yet)."""
+    if gdb.selected_inferior().pid == 0:
+        return False
+    try:
+        with open(f"/proc/{PID}/status") as status:
+            return not any(line.startswith("State:") and line.split()[1] in ("Z", "X") for line in status)
+    except OSError:
+        return False
+
+
+def evaluate(expression):
+    try:
+        return gdb.parse_and_eval(expression)
+    except gdb.error as error:
+        if not alive():
+            raise Exited() from None
+        raise Failure(f"{expression}: {error}") from None
+
+
+def call(function, *arguments):
+    """Call ``function`` in the process, in the selected thread; its result as an int (None for void)."""
+    pointer = f"(({SIGNATURES[function]}){FUNCTIONS[function]:#x})"
+    result = evaluate(f"{pointer}({', '.join(str(a) for a in arguments)})")
+    return None if SIGNATURES[function].startswith("void ") else int(result)
+
+
+def register(name):
+    return int(evaluate(f"${name}"))
+
+
+ARCH = ""
+
+
+def x86_64():
+    return ARCH in ("i386:x86-64", "x86_64")
+
+
+class Anchor(gdb.Breakpoint):
+    """A breakpoint at the entry of a function the main thread calls at a safe point."""
+
+    hit = None
+
+    def __init__(self, function, kind):
+        super().__init__(f"*{FUNCTIONS[function]:#x}", internal=True)
+        self.kind = kind
+        self.silent = True
+
+    def stop(self):
+        if Anchor.hit is not None or gdb.selected_thread().ptid[1] != PID:
+            return False  # only the main thread runs pending calls and signal handlers
+        if self.kind == "pending":
+            first_argument = "rdi" if x86_64() else "x0" if ARCH == "aarch64" else None
+            if first_argument is None or int(gdb.parse_and_eval(f"${first_argument}")) != 0:
+                return False  # PyCallable_Check(object) from other code, not the queued call
+        Anchor.hit = self.kind
+        return True
+
+
+class Watchdog:
+    """Gives up the wait for a safe point after TIMEOUT seconds, or when the tool says so (a byte
+    or end of file on ABORT_FD). The decision is taken in gdb's own thread (gdb.post_event), so
+    that it cannot cross a breakpoint hit: the process is stopped only while it still runs on."""
+
+    def __init__(self):
+        self.waiting = False
+        self.reason = None
+        self.done = threading.Event()
+
+    def start(self):
+        threading.Thread(target=self._clock, daemon=True).start()
+        if ABORT_FD is not None:
+            threading.Thread(target=self._listen, daemon=True).start()
+
+    def _clock(self):
+        if not self.done.wait(TIMEOUT):
+            self._fire("timeout")
+
+    def _listen(self):
+        try:
+            os.read(int(ABORT_FD), 1)
+        except OSError:
+            pass
+        self._fire("aborted")
+
+    def _fire(self, reason):
+        if not self.done.is_set():
+            gdb.post_event(lambda: self._stop(reason))
+
+    def _stop(self, reason):
+        if self.waiting and Anchor.hit is None and self.reason is None and alive():
+            self.reason = reason
+            os.kill(PID, signal.SIGSTOP)  # gdb stops on it and does not pass it on (nopass)
+
+
+def main_thread():
+    for thread in gdb.selected_inferior().threads():
+        if thread.ptid[1] == PID:
+            return thread
+    raise Failure("its main thread has exited (only the main thread runs the interpreter's pending calls)")
+
+
+def libc_like(path):
+    base = os.path.basename(path or "")
+    return base.startswith(("libc.so", "libpthread", "ld-musl", "libc.musl"))
+
+
+def blocked_in_cpython_call():
+    """If the main thread (selected) sits in an interrupted system call that CPython's own code
+    made (which retries after EINTR, PEP 475): the name of the libc function, else None.
+    x86-64 only: elsewhere gdb does not expose the register that says a call was interrupted."""
+    if not x86_64() or register("orig_rax") < 0 or register("rax") not in RESTARTABLE:
+        return None
+    # Unwinding out of libc needs its symbols (only those: the caller's address is enough).
+    gdb.execute("sharedlibrary libc", to_string=True)
+    frame = gdb.newest_frame()
+    name = frame.name() or "?"
+    while frame is not None and libc_like(gdb.solib_name(frame.pc())):
+        try:
+            frame = frame.older()
+        except gdb.error:
+            return None
+    if frame is None:
+        return None
+    caller = gdb.solib_name(frame.pc())
+    if caller is None:  # the executable: an interpreter linked statically
+        caller = gdb.selected_inferior().progspace.filename or ""
+    if os.path.realpath(caller) == os.path.realpath(PYTHON_OBJECT) or "/lib-dynload/" in caller:
+        return name
+    return None
+
+
+def run_code(page, key):
+    """At the anchor (main thread, GIL held, a safe point): run the code in a new namespace.
+    Returns (the report, or None; whether an exception was handed to the program)."""
+    state = call("PyGILState_Ensure")
+    saved = call("PyErr_GetRaisedException")
+    report = None
+    escaped = 0
+    namespace = call("PyDict_New")
+    if namespace:
+        result = call("PyRun_String", page, PY_FILE_INPUT, namespace, namespace)
+        if result:
+            call("Py_DecRef", result)
+        else:
+            escaped = call("PyErr_GetRaisedException")
+        item = call("PyDict_GetItemString", namespace, key)  # borrowed; sets no exception
+        if item:
+            text = call("PyBytes_AsString", item)
+            if text:
+                report = bytes(gdb.selected_inferior().read_memory(text, call("PyBytes_Size", item)))
+            else:
+                call("PyErr_Clear")
+        call("Py_DecRef", namespace)
+    else:
+        call("PyErr_Clear")  # MemoryError
+    handed = False
+    if saved:
+        call("PyErr_SetRaisedException", saved)
+        if escaped:
+            call("Py_DecRef", escaped)
+    elif escaped:
+        call("PyErr_SetRaisedException", escaped)
+        handed = True
+    call("PyGILState_Release", state)
+    return report, handed
+
+
+def describe_main_thread():
+    """Where the main thread is, for the message: its innermost frames (libraries if unnamed)."""
+    names = []
+    frame = gdb.newest_frame()
+    while frame is not None and len(names) < 4:
+        names.append(frame.name() or os.path.basename(gdb.solib_name(frame.pc()) or "??"))
+        try:
+            frame = frame.older()
+        except gdb.error:
+            break
+    return " <- ".join(names)
+
+
+def inject():
+    global ARCH
+    for setting in (
+        "set pagination off",
+        "set confirm off",
+        "set width 0",
+        # A signal that stops an inferior call unwinds it (gdb's default leaves the frame there).
+        "set unwindonsignal on",
+        # Signals reach the program as they would without gdb, and stop nothing.
+        "handle all nostop noprint pass",
+        "handle SIGINT nostop noprint pass",
+    ):
+        gdb.execute(setting, to_string=True)
+    attached = time.monotonic()  # the process stops during the attach: counted from here
+    try:
+        gdb.execute(f"attach {PID}", to_string=True)
+    except gdb.error as error:
+        emit("attach_failed", message=str(error))
+        return
+    anchors = []
+    page = size = 0
+    started = False  # whether the code was started in the process
+    try:
+        ARCH = gdb.selected_inferior().architecture().name()
+        main_thread().switch()
+        if not call("Py_IsInitialized"):
+            raise Failure("its interpreter is not initialized (yet, or any more)")
+        if call("Py_IsFinalizing"):
+            raise Failure("its interpreter is shutting down")
+        size = (len(CODE) + len(REPORT_KEY) + 2 + 4095) // 4096 * 4096
+        page = call("mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        if page in (-1, 0):
+            page = 0
+            raise Failure("mmap failed in the process")
+        gdb.selected_inferior().write_memory(page, CODE + b"\0" + REPORT_KEY + b"\0")
+        key = page + len(CODE) + 1
+        if call("Py_AddPendingCall", FUNCTIONS["PyCallable_Check"], 0) != 0:
+            raise Failure("its queue of pending calls is full")
+        blocked = blocked_in_cpython_call()
+        if blocked:
+            gdb.execute(f"set var $rax = {-EINTR}", to_string=True)  # after the last call: calls restore registers
+        for function, kind in (("PyCallable_Check", "pending"), ("PyErr_CheckSignals", "signals")):
+            anchors.append(Anchor(function, kind))
+        gdb.execute("handle SIGSTOP stop print nopass", to_string=True)
+        emit("waiting", blocked=blocked)
+        main_interpreter = call("PyInterpreterState_Main")
+        watchdog = Watchdog()
+        watchdog.start()
+        watchdog.waiting = True
+        resumed = time.monotonic()
+        in_subinterpreter = False
+        try:
+            while True:
+                gdb.execute("continue", to_string=True)
+                if not alive():
+                    raise Exited()
+                if Anchor.hit is None:
+                    break  # given up (SIGSTOP)
+                main_thread().switch()
+                if call("PyInterpreterState_Get") == main_interpreter:
+                    break
+                # The main thread runs a sub-interpreter's code, where pydtrace-rs cannot load: wait on.
+                in_subinterpreter = True
+                Anchor.hit = None
+        finally:
+            watchdog.waiting = False
+            watchdog.done.set()
+            # A SIGSTOP sent just as the breakpoint was hit must not stop what follows.
+            gdb.execute("handle SIGSTOP nostop noprint nopass", to_string=True)
+        for anchor in anchors:
+            anchor.delete()
+        anchors = []
+        main_thread().switch()
+        if Anchor.hit is None:
+            emit("no_safe_point", reason=watchdog.reason or "stopped", blocked=blocked, where=describe_main_thread(),
+                 subinterpreter=in_subinterpreter)
+            return  # the page is unmapped below; the queued PyCallable_Check(NULL) stays a no-op
+        hit = time.monotonic()
+        started = True
+        report, handed = run_code(page, key)
+        ran = time.monotonic()
+        call("munmap", page, size)  # compiled and run: nothing refers to the page any more
+        page = 0
+        if handed:
+            # The program's own exception (from its signal handler): the function raises it, as it would have.
+            gdb.execute("return (int) -1" if Anchor.hit == "signals" else "return (int) 1", to_string=True)
+        # How long the process was stopped (before it ran on to the safe point), how long it took
+        # to get there, and how long the code ran (the other threads run on meanwhile).
+        emit("ran", anchor=Anchor.hit, blocked=blocked, handed=handed,
+             report=report.decode("ascii", "replace") if report is not None else None,
+             stopped_ms=round((resumed - attached) * 1000, 1), wait_ms=round((hit - resumed) * 1000, 1),
+             code_ms=round((ran - hit) * 1000, 1))
+    except Exited:
+        emit("exited")
+    except Failure as failure:
+        emit("failed", message=str(failure), started=started)
+    except gdb.error as error:
+        if alive():
+            emit("failed", message=f"gdb: {error}", started=started)
+        else:
+            emit("exited")
+    finally:
+        for anchor in anchors:
+            try:
+                anchor.delete()
+            except (gdb.error, RuntimeError):
+                pass
+        if alive():
+            if page:
+                try:
+                    main_thread().switch()
+                    call("munmap", page, size)
+                except (Failure, Exited, gdb.error):
+                    pass
+            try:
+                gdb.execute("detach", to_string=True)
+            except gdb.error as error:
+                emit("detach_failed", message=str(error))
+        elif gdb.selected_inferior().pid != 0:
+            # It exited and gdb has not taken note yet: let it (a detach would trip over the
+            # threads that are gone). The process is gone already; SIGKILL changes nothing.
+            try:
+                gdb.execute("kill", to_string=True)
+            except gdb.error:
+                pass
+
+
+try:
+    inject()
+except Exception as error:  # gdb's Python: a report line instead of a traceback
+    emit("failed", message=f"internal error in the gdb script: {type(error).__name__}: {error}")

@@ -1,0 +1,637 @@
+"""``-p PID`` on a Python process that has not loaded the probes: load them (``--inject``).
+
+The tools trace the probes of pydtrace-rs's shared object, so the process must have imported
+``dtrace``. When it has not, the tool asks (on a terminal) or, with ``--inject``, goes ahead and
+runs ``import dtrace`` in it, under the GIL, at a point where the interpreter runs code of its
+own accord (where it runs signal handlers and pending calls):
+
+- CPython 3.14 and later: ``sys.remote_exec(pid, script)`` (PEP 768), the interpreter's own way.
+  UNTESTED here: no 3.14 on the project's machine.
+- CPython 3.12 and 3.13: gdb (batch mode), with the script ``gdb_inject.py`` beside this file,
+  which says what it does step by step.
+
+The code that runs in the target is :data:`CODE` (see :func:`code`), the same for both ways: it
+imports the target's own pydtrace-rs, or else this tool's copy when the tool's interpreter has
+the same version and ABI (checked here, and again in the target against the extension suffixes
+its import system accepts), without adding anything to ``sys.path``. It reports back what it did.
+docs/injection.md has the details, and why each step is safe.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dtrace.tools import pyprocess
+from dtrace.tools.tracers import ToolError
+
+#: Seconds to wait for the main thread of the target to reach a point where it runs code.
+SAFE_POINT_TIMEOUT = float(os.environ.get("PYDTRACE_INJECT_TIMEOUT", "10"))
+#: Seconds gdb may take beyond that (start, attach, the import itself) before the tool says so.
+GDB_MARGIN = 60.0
+GDB_SCRIPT = Path(__file__).resolve().parent / "gdb_inject.py"
+
+#: The code run in the target. ``ORIGIN``, ``OFFERED`` and ``REPORT_PATH`` (the lines that set
+#: them to None) are filled in by :func:`code` with Python literals. It runs once, in a namespace
+#: of its own (nothing is added to the program's), and leaves its report (bytes) in
+#: ``__pydtrace_report__``.
+CODE = '''\
+# pydtrace-rs (python -m dtrace --inject) loads its probes into this process: once, in a
+# namespace of its own, with the GIL, where the interpreter runs signal handlers and pending
+# calls. See docs/injection.md of pydtrace-rs.
+
+
+def load(sys, offered):
+    """Import the program's own pydtrace-rs, or else the tool's copy at ``offered``."""
+    import os
+    import _imp
+
+    suffixes = _imp.extension_suffixes()
+
+    def native(directory):
+        for suffix in suffixes:
+            if os.path.isfile(os.path.join(directory, "_native" + suffix)):
+                return os.path.join(directory, "_native" + suffix)
+        return None
+
+    def ours(directory):
+        return os.path.isfile(os.path.join(directory, "__init__.py")) and any(
+            name.startswith("_native") for name in os.listdir(directory))
+
+    module = sys.modules.get("dtrace")
+    if module is not None:
+        if getattr(module, "library_path", None) is None:
+            return dict(status="conflict", error=f"another module named dtrace is loaded: {module!r}")
+        source = "already"
+    else:
+        spec = None
+        for finder in list(sys.meta_path):
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is not None:
+                spec = find_spec("dtrace", None)
+                if spec is not None:
+                    break
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if spec is not None and not any(ours(directory) for directory in locations):
+            return dict(status="conflict", error=f"another module named dtrace is importable: {spec.origin}")
+        if any(native(directory) for directory in locations):
+            source = "program"
+            module = __import__("dtrace")
+        elif offered is not None and native(offered) is not None:
+            import importlib.util
+
+            source = "tool"
+            spec = importlib.util.spec_from_file_location(
+                "dtrace", os.path.join(offered, "__init__.py"), submodule_search_locations=[offered])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["dtrace"] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                if sys.modules.get("dtrace") is module:
+                    del sys.modules["dtrace"]
+                raise
+        else:
+            return dict(status="missing", found=spec.origin if spec is not None else None,
+                        offered=offered, suffixes=suffixes, executable=sys.executable)
+    native_module = getattr(module, "_native", None)
+    armed = bool(native_module is not None and native_module.is_armed())
+    if source != "already" and armed and hasattr(native_module, "set_origin"):
+        native_module.set_origin(ORIGIN)
+    return dict(status="loaded", source=source, library=module.library_path(),
+                version=getattr(module, "__version__", None), available=module.available,
+                reason=module.unavailable_reason, armed=armed)
+
+
+def run():
+    import sys
+
+    report = dict(origin=ORIGIN)
+    handed = None
+    try:
+        try:
+            report.update(load(sys, OFFERED))
+        except Exception as error:
+            report.update(status="error", error=f"{type(error).__name__}: {error}")
+    except BaseException as error:
+        # Raised by a signal handler of the program that ran meanwhile (KeyboardInterrupt,
+        # SystemExit): it goes on to the program.
+        report.update(status="interrupted", error=type(error).__name__)
+        handed = error
+    text = repr(report).encode("ascii", "backslashreplace")
+    if REPORT_PATH is not None:
+        with open(REPORT_PATH, "wb") as out:
+            out.write(text + b"\\n")
+    return text, handed
+
+
+ORIGIN = None
+OFFERED = None
+REPORT_PATH = None
+__pydtrace_report__, handed = run()
+if handed is not None:
+    raise handed
+'''
+
+
+def code(origin: str, offered: str | None, report_path: str | None = None) -> str:
+    """The exact source run in the target."""
+    text = CODE
+    for name, literal in (("ORIGIN", origin), ("OFFERED", offered), ("REPORT_PATH", report_path)):
+        line = f"\n{name} = None\n"
+        assert text.count(line) == 1
+        text = text.replace(line, f"\n{name} = {literal!r}\n")
+    return text
+
+
+def offered_package(process: pyprocess.PythonProcess) -> str | None:
+    """This tool's own dtrace package, if the target's interpreter can load it: same version
+    (major.minor) and neither free-threaded. The target checks the ABI again (its extension
+    suffixes) before it loads anything from there."""
+    import sysconfig
+
+    import dtrace
+
+    if dtrace.library_path() is None or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    if process.minor != sys.version_info[:2] or process.free_threaded:
+        return None
+    return str(Path(dtrace.__file__).resolve().parent)
+
+
+# --- Privileges ------------------------------------------------------------------------------
+
+YAMA = "/proc/sys/kernel/yama/ptrace_scope"
+YAMA_SCOPES = {
+    0: "0 (classic): a process of the same user, or any process with CAP_SYS_PTRACE (root)",
+    1: "1 (restricted): only a descendant of the debugger (or a process that allowed it with "
+       "prctl(PR_SET_PTRACER)), or any process with CAP_SYS_PTRACE (root)",
+    2: "2 (admin-only): only with CAP_SYS_PTRACE (root)",
+    3: "3 (no attach): no process may be attached at all, not even by root, until the next boot",
+}
+
+
+def yama_scope() -> int | None:
+    try:
+        with open(YAMA) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def ptrace_explanation(pid: int) -> str:
+    """Why attaching to ``pid`` may be refused, and what each Yama setting allows."""
+    scope = yama_scope()
+    lines = ["Injecting needs the rights to attach a debugger (ptrace) to the process, on top of "
+             "tracing's: root (CAP_SYS_PTRACE), or its owner where Yama allows it."]
+    if scope is None:
+        lines.append(f"This kernel has no Yama ({YAMA} is missing): the classic rule holds, same user or root.")
+    else:
+        lines.append(f"Here Yama's {YAMA} is {YAMA_SCOPES.get(scope, str(scope))}.")
+    lines.append("Yama's ptrace_scope values: " + "; ".join(YAMA_SCOPES.values()) + ".")
+    lines.append("In a container, root also needs CAP_SYS_PTRACE (docker run --cap-add SYS_PTRACE) "
+                 "and a seccomp profile that allows ptrace.")
+    return "\n".join(lines)
+
+
+def check_privileges(process: pyprocess.PythonProcess) -> None:
+    """Refuse early where ptrace cannot work; gdb's own refusal is explained the same way."""
+    scope = yama_scope()
+    if scope == 3:
+        raise ToolError(f"cannot inject into process {process.pid}: ptrace is disabled.\n{ptrace_explanation(process.pid)}")
+    if os.geteuid() != 0 and not _has_ptrace_capability():
+        try:
+            owner = os.stat(f"/proc/{process.pid}").st_uid
+        except OSError:
+            owner = None
+        if owner != os.geteuid() or scope in (1, 2):
+            raise ToolError(f"cannot inject into process {process.pid}: Permission denied.\n"
+                            f"{ptrace_explanation(process.pid)}")
+
+
+def _has_ptrace_capability() -> bool:
+    from dtrace.tools.tracers import _has_capabilities
+
+    return _has_capabilities(19)  # CAP_SYS_PTRACE
+
+
+# --- Consent ---------------------------------------------------------------------------------
+
+
+def ask(process: pyprocess.PythonProcess, how: str, describe: str) -> bool:
+    """On a terminal: ask the user whether to load the probes into the process."""
+    prompt = (f"pydtrace: {describe} runs {process.describe()} and has not loaded the probes.\n"
+              f"Load them now? This runs `import dtrace` in it, through {how} (see docs/injection.md). [y/N] ")
+    try:
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        answer = sys.stdin.readline()
+    except (OSError, KeyboardInterrupt):
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def method(process: pyprocess.PythonProcess) -> str:
+    """``remote_exec`` (CPython 3.14+: the interpreter's own way) or ``gdb`` (3.12, 3.13)."""
+    return "remote_exec" if process.version >= (3, 14) else "gdb"
+
+
+def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
+    """Load pydtrace-rs into process ``pid``: asked on a terminal, at once with ``inject``.
+    ``not_loaded`` is the message for a process whose owner must arm it (no terminal, no
+    --inject). Raises ToolError, with the reason, when the probes cannot or may not be loaded."""
+    process = pyprocess.identify(pid)
+    pyprocess.check_supported(process)
+    how = method(process)
+    if not inject:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise ToolError(not_loaded)
+        if not ask(process, "gdb" if how == "gdb" else "sys.remote_exec", describe):
+            raise ToolError(f"not loading the probes into process {pid}; {not_loaded.split(': ', 1)[-1]}")
+    check_privileges(process)
+    tracer = tracer_pid(pid)
+    if tracer:
+        raise ToolError(f"process {pid} is already traced by process {tracer} ({pyprocess.command_name(tracer)}): "
+                        "a process can have only one ptrace tracer (a debugger, strace); detach it first")
+    current = state(pid)
+    if current in ("T", "t"):
+        # gdb would let it run on: a process stopped by job control (or held by a debugger) stays as it is.
+        raise ToolError(f"process {pid} is stopped (Ctrl-Z, SIGSTOP, or a debugger holds it): continue it first")
+    if current in (None, "Z", "X"):
+        raise ToolError(f"no process with PID {pid} is running")
+    offered = offered_package(process)
+    report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered)
+    outcome(process, report, offered, how)
+
+
+def outcome(process: pyprocess.PythonProcess, report: dict, offered: str | None, how: str) -> None:
+    """Say what the code did in the target; ToolError unless the probes are there now."""
+    pid = process.pid
+    status = report.get("status")
+    if status == "loaded":
+        if not report.get("available"):
+            raise ToolError(f"pydtrace-rs was loaded into process {pid} but cannot work there: {report.get('reason')}")
+        where = {"program": "the program's own", "tool": "this tool's", "already": "the already loaded"}.get(
+            report.get("source"), "")
+        note = f" ({report['note']})" if report.get("note") else ""
+        print(f"pydtrace: loaded {where} pydtrace-rs {report.get('version')} into process {pid} through "
+              f"{'gdb' if how == 'gdb' else 'sys.remote_exec'}: {report.get('library')}{note}", file=sys.stderr,
+              flush=True)
+        return
+    if status == "missing":
+        ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        python = report.get("executable") or process.executable
+        install = f"install pydtrace-rs where the process's Python finds it ({python} -m pip install pydtrace-rs)"
+        if report.get("offered") is None and offered is None:
+            raise ToolError(
+                f"process {pid} runs {process.describe()}, which cannot import pydtrace-rs, and this tool's copy "
+                f"is for Python {ours} ({sys.executable}): {install}, or run the tool with a Python "
+                f"{pyprocess.version_text(process.minor)} that has it")
+        raise ToolError(
+            f"process {pid} runs {process.describe()}, which cannot import pydtrace-rs, and this tool's copy "
+            f"({offered}) does not fit it (it loads extension modules ending in "
+            f"{', '.join(report.get('suffixes') or [])}): {install}")
+    if status == "conflict":
+        raise ToolError(f"cannot load pydtrace-rs into process {pid}: {report.get('error')}")
+    if status == "interrupted":
+        raise ToolError(f"loading the probes into process {pid} was interrupted: a signal handler of the program "
+                        f"raised {report.get('error')} meanwhile (passed on to the program); try again")
+    raise ToolError(f"loading pydtrace-rs into process {pid} failed in the process: {report.get('error')}")
+
+
+# --- 3.12 and 3.13: gdb ----------------------------------------------------------------------
+
+#: The interpreter's functions the gdb script calls (or stops at), and libc's.
+PYTHON_FUNCTIONS = (
+    "Py_IsInitialized", "Py_AddPendingCall", "PyCallable_Check", "PyErr_CheckSignals", "PyGILState_Ensure",
+    "PyGILState_Release", "PyErr_GetRaisedException", "PyErr_SetRaisedException", "PyErr_Clear", "PyDict_New",
+    "PyRun_String", "PyDict_GetItemString", "PyBytes_AsString", "PyBytes_Size", "Py_DecRef",
+    "PyInterpreterState_Get", "PyInterpreterState_Main",
+)
+LIBC_FUNCTIONS = ("mmap", "munmap")
+
+
+def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
+    """Each function's address in the process; ToolError naming any that cannot be found."""
+    found = {}
+    missing = []
+    for name in PYTHON_FUNCTIONS:
+        address = process.address(name)
+        if address is None:
+            missing.append(name)
+        else:
+            found[name] = address
+    finalizing = process.address("Py_IsFinalizing") or process.address("_Py_IsFinalizing")
+    if finalizing is None:
+        missing.append("Py_IsFinalizing")
+    else:
+        found["Py_IsFinalizing"] = finalizing
+    libc = None
+    if process.libc is not None:
+        try:
+            libc = pyprocess.ElfFile(process.libc.readable_path(process.pid))
+        except (OSError, ValueError):
+            libc = None
+    bias = pyprocess.load_bias(pyprocess.mappings(process.pid), process.libc.path, libc) if libc else None
+    for name in LIBC_FUNCTIONS:
+        if libc is None or bias is None or name not in libc.symbols:
+            missing.append(name)
+        else:
+            found[name] = bias + libc.symbols[name][0]
+    if missing:
+        raise ToolError(f"cannot inject into process {process.pid}: {', '.join(missing)} not found in "
+                        f"{process.python_object} or its C library")
+    return found
+
+
+def gdb_command() -> list[str]:
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        raise ToolError("--inject needs gdb for Python 3.12 and 3.13: sudo apt-get install gdb (Debian, Ubuntu), "
+                        "sudo dnf install gdb (Fedora)")
+    return [
+        gdb, "-batch", "-nx", "-q",
+        # No symbol files beyond the minimum: the script calls functions by address.
+        "-iex", "set auto-load off",
+        "-iex", "set debuginfod enabled off",
+        "-iex", "set auto-solib-add off",
+    ]
+
+
+def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
+    """Run the code in the target through gdb; the code's report, or ToolError."""
+    pid = process.pid
+    argv = gdb_command()
+    argv += ["-ex", f"symbol-file -readnever /proc/{pid}/exe", "-x", str(GDB_SCRIPT)]
+    before = state(pid)
+    abort_read, abort_write = os.pipe()
+    parameters = {
+        "pid": pid,
+        "code": code("gdb", offered),
+        "timeout": SAFE_POINT_TIMEOUT,
+        "abort_fd": abort_read,
+        "functions": functions(process),
+        "python_object": process.python_object,
+    }
+    env = {**os.environ, "PYDTRACE_INJECT": json.dumps(parameters)}
+    debug = bool(os.environ.get("PYDTRACE_INJECT_DEBUG"))
+    if debug:
+        print(f"pydtrace: running {' '.join(argv)}", file=sys.stderr, flush=True)
+    try:
+        returncode, lines, aborted = _run_gdb(argv, env, abort_read, abort_write, debug)
+    finally:
+        os.close(abort_write)
+    records = []
+    for line in lines:
+        if line.startswith("PYDTRACE-INJECT "):
+            try:
+                records.append(json.loads(line[len("PYDTRACE-INJECT "):]))
+            except json.JSONDecodeError:
+                pass
+    _check_not_left_stopped(pid, before)
+    errors = "\n".join(line for line in lines if not line.startswith("PYDTRACE-INJECT ")).strip()
+    if returncode < 0:  # gdb itself died (an internal error aborts it)
+        import signal
+
+        crash = signal.Signals(-returncode).name
+        detail = next((line for line in errors.splitlines() if "internal-error" in line), "")
+        print(f"pydtrace: gdb died of {crash} while attached to process {pid} {detail}".rstrip(),
+              file=sys.stderr, flush=True)
+    if not records:
+        if "Python scripting is not supported" in errors:
+            raise ToolError("this gdb has no Python support, which --inject needs (Debian's gdb has it)")
+        raise ToolError(f"gdb failed (exit status {returncode}) before injecting anything into process "
+                        f"{pid}:\n{errors or '(no message)'}")
+    last = records[-1]
+    kind = last.get("kind")
+    if kind == "attach_failed":
+        message = last.get("message", "")
+        if "not permitted" in message or "denied" in message.lower():
+            raise ToolError(f"cannot attach gdb to process {pid}: {message}\n{ptrace_explanation(pid)}")
+        if not _running(pid):
+            raise ToolError(f"process {pid} exited before gdb could attach")
+        raise ToolError(f"cannot attach gdb to process {pid}: {message}")
+    if kind == "exited":
+        raise ToolError(f"process {pid} exited during the injection")
+    if kind == "failed":
+        if last.get("started"):
+            raise ToolError(f"loading the probes into process {pid} failed while its code ran: {last.get('message')}")
+        raise ToolError(f"cannot load the probes into process {pid}: {last.get('message')}; nothing was run in it")
+    if kind == "no_safe_point":
+        if last.get("reason") == "aborted":
+            print(f"pydtrace: nothing was run in process {pid}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if last.get("subinterpreter"):
+            raise ToolError(
+                f"process {pid}'s main thread runs a sub-interpreter's code, where pydtrace-rs cannot load (PyO3 "
+                f"refuses sub-interpreters), and did not come back to the main interpreter within "
+                f"{SAFE_POINT_TIMEOUT:g} s: nothing was run in it")
+        raise ToolError(
+            f"process {pid}'s main thread did not reach a point where it can run Python code within "
+            f"{SAFE_POINT_TIMEOUT:g} s (it is in {last.get('where')}): nothing was run in it. It must be running "
+            "Python code, or waiting in a call CPython can interrupt (sleep, select, a lock); try again later, "
+            "or wait longer with PYDTRACE_INJECT_TIMEOUT=SECONDS")
+    if kind != "ran":
+        raise ToolError(f"gdb stopped unexpectedly ({kind}) while injecting into process {pid}:\n{errors}")
+    if last.get("report") is None:
+        raise ToolError(f"the code run in process {pid} left no report: it was interrupted"
+                        + (" (an exception went on to the program)" if last.get("handed") else ""))
+    try:
+        report = ast.literal_eval(last["report"])
+    except (ValueError, SyntaxError):
+        raise ToolError(f"unreadable report from process {pid}: {last['report']!r}") from None
+    report["note"] = (f"the process was stopped {last.get('stopped_ms')} ms, the code ran "
+                      f"{last.get('code_ms')} ms")
+    if aborted:  # Ctrl-C came too late to keep the code from running: say what is there now
+        outcome(process, report, offered, "gdb")
+        raise KeyboardInterrupt
+    return report
+
+
+def _run_gdb(argv: list[str], env: dict[str, str], abort_read: int, abort_write: int,
+             debug: bool) -> tuple[int, list[str], bool]:
+    """Run gdb to its end: (its exit status, its output lines (stdout and stderr), whether the user
+    pressed Ctrl-C). Ctrl-C asks gdb to give up the wait for a safe point (it then cleans up and
+    detaches); gdb is never killed, which could leave the target in the middle of a call."""
+    try:
+        gdb = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env, pass_fds=(abort_read,), start_new_session=True)
+    finally:
+        os.close(abort_read)
+    lines: list[str] = []
+    pending = b""
+    aborted = warned = False
+    deadline = time.monotonic() + SAFE_POINT_TIMEOUT + GDB_MARGIN
+    output = gdb.stdout.fileno()
+    while True:
+        try:
+            ready, _, _ = select.select([output], [], [], 0.5)
+            if ready:
+                chunk = os.read(output, 1 << 16)
+                if not chunk:
+                    break
+                *complete, pending = (pending + chunk).split(b"\n")
+                for raw in complete:
+                    lines.append(raw.decode(errors="replace"))
+                    if debug:
+                        print(f"pydtrace: gdb: {lines[-1]}", file=sys.stderr, flush=True)
+            elif not warned and time.monotonic() > deadline:
+                warned = True
+                print(f"pydtrace: gdb (PID {gdb.pid}) is still attached after {SAFE_POINT_TIMEOUT + GDB_MARGIN:g} s;"
+                      " waiting for it (killing it could leave the process in the middle of a call)",
+                      file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            if not aborted:
+                aborted = True
+                os.write(abort_write, b"x")
+                print("pydtrace: giving up the injection; waiting for gdb to detach", file=sys.stderr, flush=True)
+    if pending:
+        lines.append(pending.decode(errors="replace"))
+    while True:
+        try:
+            gdb.wait()
+            break
+        except KeyboardInterrupt:
+            continue
+    gdb.stdout.close()
+    return gdb.returncode, lines, aborted
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, T...), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return line.split()[1]
+    except OSError:
+        return None
+    return None
+
+
+def tracer_pid(pid: int) -> int:
+    """The process that ptrace-traces ``pid`` (a debugger), 0 for none."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _running(pid: int) -> bool:
+    return state(pid) not in (None, "Z", "X")
+
+
+def _check_not_left_stopped(pid: int, before: str | None) -> None:
+    """A safety net: a process that was not stopped before must not stay stopped."""
+    after = state(pid)
+    if after == "T" and before != "T":
+        import signal
+
+        os.kill(pid, signal.SIGCONT)
+        print(f"pydtrace: process {pid} was left stopped by gdb; it was continued (SIGCONT)", file=sys.stderr)
+
+
+# --- 3.14 and later: sys.remote_exec (PEP 768), UNTESTED here ---------------------------------
+
+
+def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> dict:
+    """Run the code in the target with ``sys.remote_exec``; the code's report, or ToolError.
+
+    UNTESTED: the project's machine has no CPython 3.14. The script and its report live in the
+    target's /tmp (reached through /proc/PID/root, so that a process in another mount namespace
+    sees them), created by the tool, owned by the target's user, readable by no one else.
+    """
+    import secrets
+
+    pid = process.pid
+    uid, gid = _owner(pid)
+    name = f"pydtrace-inject-{os.getpid()}-{secrets.token_hex(4)}"
+    inside = f"/tmp/{name}"
+    outside = f"/proc/{pid}/root/tmp/{name}"
+    paths = [outside + ".py", outside + ".report"]
+    try:
+        for path, text in ((paths[0], code("remote_exec", offered, inside + ".report")), (paths[1], "")):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except OSError as error:
+                raise ToolError(f"cannot write the script for process {pid} into its /tmp: {error}") from None
+            try:
+                os.write(fd, text.encode())
+                os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
+        _remote_exec(process, inside + ".py")
+        deadline = time.monotonic() + SAFE_POINT_TIMEOUT
+        while time.monotonic() < deadline:
+            text = _read_report(paths[1])
+            if text is not None:
+                try:
+                    return ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    raise ToolError(f"unreadable report from process {pid}: {text!r}") from None
+            if not _running(pid):
+                raise ToolError(f"process {pid} exited during the injection")
+            select.select([], [], [], 0.02)
+        raise ToolError(f"process {pid} did not run the script within {SAFE_POINT_TIMEOUT:g} s: its main thread "
+                        "runs no Python code now (blocked in C?). It runs the script when it does: the probes "
+                        "may load later")
+    finally:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _remote_exec(process: pyprocess.PythonProcess, script: str) -> None:
+    pid = process.pid
+    if sys.version_info >= (3, 14):
+        try:
+            sys.remote_exec(pid, script)  # type: ignore[attr-defined]
+        except PermissionError as error:
+            raise ToolError(f"sys.remote_exec({pid}) was refused: {error}\n{ptrace_explanation(pid)}") from None
+        except (OSError, RuntimeError) as error:
+            raise ToolError(f"sys.remote_exec({pid}) failed: {error} (remote debugging disabled in the process, "
+                            "with -X disable_remote_debug or PYTHON_DISABLE_REMOTE_DEBUG?)") from None
+        return
+    # This tool runs on an older Python: the target's own interpreter asks for it.
+    done = subprocess.run(
+        [process.executable, "-I", "-c", "import sys; sys.remote_exec(int(sys.argv[1]), sys.argv[2])", str(pid), script],
+        capture_output=True, text=True, timeout=SAFE_POINT_TIMEOUT + GDB_MARGIN,
+    )
+    if done.returncode != 0:
+        raise ToolError(f"sys.remote_exec({pid}) through {process.executable} failed:\n{done.stderr.strip()}")
+
+
+def _owner(pid: int) -> tuple[int, int]:
+    uid = gid = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                uid = int(line.split()[1])
+            elif line.startswith("Gid:"):
+                gid = int(line.split()[1])
+    return uid, gid
+
+
+def _read_report(path: str) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(fd)
+    return data.strip() if data.endswith("\n") else None

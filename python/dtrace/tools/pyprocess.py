@@ -1,0 +1,372 @@
+"""What can be known about a Python process from outside, without stopping it (Linux).
+
+- Which interpreter it runs: the object that holds it (``libpython3.X.so`` in its maps, or the
+  executable), its version (the ``Py_Version`` constant, read from that file), whether it is a
+  free-threaded build, and where its functions are in the process (ELF dynamic symbols plus the
+  load address in ``/proc/PID/maps``): what ``--inject`` needs.
+- How pydtrace-rs got there: the watcher thread's name (``/proc/PID/task/*/comm``), which the
+  module sets when ``python -m dtrace --inject`` loaded it, else the environment the process
+  started with (``/proc/PID/environ``: ``PYDTRACE=1``, or a tool's ``-c``).
+- Which pydtrace-rs it loaded: the ``pydtrace_rs-*.dist-info`` beside the mapped package.
+
+Reading maps, environ and the files they name needs the rights to read the process's maps (its
+owner, or root); thread names need none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dtrace.tools.tracers import ToolError
+
+#: A libpython in /proc/PID/maps: libpython3.12.so.1.0, libpython3.13t.so, libpython3.12d.so...
+_LIBPYTHON = re.compile(r"(?:^|/)libpython(\d+)\.(\d+)([a-z]*)\.so(?:\.[\d.]+)?$")
+#: A Python executable's name: python3.12, python3.13t.
+_EXECUTABLE = re.compile(r"(?:^|/)python(\d+)\.(\d+)([a-z]*)$")
+#: Symbols only a free-threaded (Py_GIL_DISABLED) build exports: Py_DECREF's shared path.
+_FREE_THREADED_SYMBOLS = ("_Py_DecRefShared", "_Py_MergeZeroLocalRefcount")
+#: The oldest interpreter pydtrace-rs supports.
+OLDEST = (3, 12)
+
+
+class ElfFile:
+    """The dynamic symbols of an ELF object and a way to read its initialized data (64-bit,
+    either byte order): what is needed to find a function or read a constant."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            ident = f.read(64)
+            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2:
+                raise ValueError("not a 64-bit ELF object")
+            end = "<" if ident[5] == 1 else ">"
+            self.byte_order = end
+            e_phoff, e_shoff = struct.unpack_from(end + "QQ", ident, 0x20)
+            e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(end + "HHHHH", ident, 0x36)
+            f.seek(e_phoff)
+            headers = f.read(e_phentsize * e_phnum)
+            self.loads = []  # (vaddr, offset, filesz) of each PT_LOAD
+            for i in range(e_phnum):
+                p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(end + "IIQQQQ", headers, i * e_phentsize)
+                if p_type == 1:
+                    self.loads.append((p_vaddr, p_offset, p_filesz))
+            f.seek(e_shoff)
+            table = f.read(e_shentsize * e_shnum)
+            sections = [struct.unpack_from(end + "IIQQQQIIQQ", table, i * e_shentsize) for i in range(e_shnum)]
+            self.symbols: dict[str, tuple[int, int]] = {}
+            for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+                if kind != 11 or not entsize:  # SHT_DYNSYM
+                    continue
+                f.seek(offset)
+                data = f.read(size)
+                strings_header = sections[link]
+                f.seek(strings_header[4])
+                strings = f.read(strings_header[5])
+                for i in range(size // entsize):
+                    st_name, st_info, _other, st_shndx, st_value, st_size = struct.unpack_from(
+                        end + "IBBHQQ", data, i * entsize)
+                    if st_shndx == 0 or not st_name:  # undefined here
+                        continue
+                    name = strings[st_name : strings.index(b"\0", st_name)].decode(errors="replace")
+                    self.symbols[name] = (st_value, st_size)
+        self._sections = sections
+
+    def read(self, vaddr: int, size: int) -> bytes | None:
+        """``size`` bytes of the file's image at link-time address ``vaddr`` (from a PT_LOAD)."""
+        for start, offset, filesz in self.loads:
+            if start <= vaddr and vaddr + size <= start + filesz:
+                with open(self.path, "rb") as f:
+                    f.seek(offset + vaddr - start)
+                    return f.read(size)
+        return None
+
+    def unsigned(self, name: str) -> int | None:
+        """The value of the constant ``name`` (an unsigned integer of its symbol's size)."""
+        if name not in self.symbols:
+            return None
+        vaddr, size = self.symbols[name]
+        data = self.read(vaddr, size)
+        if data is None or size not in (4, 8):
+            return None
+        return struct.unpack(self.byte_order + ("I" if size == 4 else "Q"), data)[0]
+
+
+@dataclass
+class Mapping:
+    start: int
+    end: int
+    offset: int
+    #: The file's path, without the " (deleted)" the kernel adds when it was removed or replaced.
+    path: str
+    deleted: bool = False
+
+    def readable_path(self, pid: int) -> str:
+        """A path that opens the mapped file, even one deleted or replaced since (root only)."""
+        return f"/proc/{pid}/map_files/{self.start:x}-{self.end:x}" if self.deleted else self.path
+
+
+def mappings(pid: int) -> list[Mapping]:
+    """The file mappings of process ``pid``; ToolError if it is gone or its maps are not ours to read."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ToolError(f"no process with PID {pid} is running") from None
+    except PermissionError:
+        hint = ("another user's process, or another container's?" if os.geteuid() == 0
+                else "run as root (sudo) or as the process's owner")
+        raise ToolError(f"Permission denied reading /proc/{pid}/maps: {hint}") from None
+    found = []
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(address, 16) for address in parts[0].split("-"))
+            path = parts[5]
+            deleted = path.endswith(" (deleted)")
+            if deleted:
+                path = path[: -len(" (deleted)")]
+            found.append(Mapping(start, end, int(parts[2], 16), path, deleted))
+    return found
+
+
+def version_text(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+@dataclass
+class PythonProcess:
+    """A process that runs a CPython interpreter, as seen from outside."""
+
+    pid: int
+    #: The file that holds the interpreter: libpython, or the executable for a static build.
+    python_object: str
+    #: (major, minor, micro), from Py_Version; (major, minor) when only a file name says it.
+    version: tuple[int, ...]
+    free_threaded: bool
+    executable: str
+    elf: ElfFile | None = None
+    #: Where python_object is loaded: its addresses in the process are these plus the symbols'.
+    bias: int | None = None
+    #: The C library's first mapping (mmap and munmap come from there).
+    libc: Mapping | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def minor(self) -> tuple[int, int]:
+        return (self.version[0], self.version[1])
+
+    def describe(self) -> str:
+        """``CPython 3.12.1 (/usr/lib/libpython3.12.so.1.0)``."""
+        flavour = " free-threaded" if self.free_threaded else ""
+        return f"CPython {version_text(self.version)}{flavour} ({self.python_object})"
+
+    def address(self, name: str) -> int | None:
+        """The address of the interpreter's function ``name`` in the process."""
+        if self.elf is None or self.bias is None or name not in self.elf.symbols:
+            return None
+        return self.bias + self.elf.symbols[name][0]
+
+
+def load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
+    """Where ``path`` is loaded: its first mapping's start minus its first segment's address."""
+    if not elf.loads:
+        return None
+    vaddr, offset, _ = elf.loads[0]
+    for mapping in maps:
+        if mapping.path == path and mapping.offset == offset - offset % 4096:
+            return mapping.start - (vaddr - vaddr % 4096)
+    return None
+
+
+def _executable(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        raise ToolError(f"no process with PID {pid} is running") from None
+    except PermissionError:
+        raise ToolError(f"Permission denied reading /proc/{pid}/exe: run as root (sudo) or as the process's owner") from None
+    except OSError as error:  # a kernel thread has no executable
+        raise ToolError(f"process {pid} is not a Python interpreter (it has no executable: {error.strerror})") from None
+
+
+def command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def identify(pid: int) -> PythonProcess:
+    """The Python interpreter process ``pid`` runs; ToolError when it runs none (that can be found)."""
+    maps = mappings(pid)
+    executable = _executable(pid)
+    exe_path = executable[: -len(" (deleted)")] if executable.endswith(" (deleted)") else executable
+    # (the path, a path that opens it: a deleted file's mapping still does)
+    candidates = [(m.path, m.readable_path(pid)) for m in maps if _LIBPYTHON.search(m.path) and m.offset == 0]
+    candidates.append((exe_path, f"/proc/{pid}/exe"))
+    seen: set[str] = set()
+    for path, readable in candidates:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            elf = ElfFile(readable)
+        except (OSError, ValueError, struct.error):
+            continue
+        if "Py_Initialize" not in elf.symbols and "Py_Version" not in elf.symbols:
+            continue
+        named = _LIBPYTHON.search(path) or _EXECUTABLE.search(path)
+        packed = elf.unsigned("Py_Version")
+        if packed is not None:
+            version: tuple[int, ...] = (packed >> 24, packed >> 16 & 0xFF, packed >> 8 & 0xFF)
+        elif named:
+            version = (int(named.group(1)), int(named.group(2)))
+        else:
+            version = (0, 0)  # older than 3.11, which added Py_Version; the name says nothing
+        free_threaded = any(name in elf.symbols for name in _FREE_THREADED_SYMBOLS) or bool(
+            named and "t" in named.group(3))
+        libc = next((m for m in maps if m.offset == 0 and re.search(
+            r"/libc\.so\.6$|/libc\.musl[^/]*\.so|/ld-musl[^/]*\.so", m.path)), None)
+        return PythonProcess(pid, path, version, free_threaded, executable, elf, load_bias(maps, path, elf), libc)
+    raise ToolError(f"process {pid} ({command_name(pid)}, {executable}) is not a Python interpreter: "
+                    "neither its executable nor a libpython in its maps has CPython's symbols")
+
+
+def check_supported(process: PythonProcess) -> None:
+    """ToolError unless pydtrace-rs can work in this interpreter (3.12+, with the GIL)."""
+    pid = process.pid
+    if process.version < OLDEST:
+        known = version_text(process.version) if process.version != (0, 0) else "older than 3.11"
+        raise ToolError(f"process {pid} runs Python {known} ({process.python_object}): pydtrace-rs needs "
+                        f"CPython {version_text(OLDEST)} or later")
+    if process.free_threaded:
+        raise ToolError(f"process {pid} runs a free-threaded build, {process.describe()}: pydtrace-rs needs a "
+                        "build with the GIL")
+
+
+# --- How pydtrace-rs got into a process, and which one ----------------------------------------
+
+#: The watcher thread's name (the kernel keeps 15 bytes) and how the module came in.
+WATCHER_NAMES = {
+    "pydtrace-watche": "imported",
+    "pydtrace-watchG": "gdb",
+    "pydtrace-watchR": "remote_exec",
+}
+
+
+def watcher_names(pid: int) -> list[str]:
+    """The names of the probes' watcher threads in ``pid`` (one, or none when the probes are not armed)."""
+    names = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("pydtrace-watch"):
+            names.append(name)
+    return names
+
+
+def start_environment(pid: int) -> dict[str, str] | None:
+    """The environment process ``pid`` started with (changes it made since do not show); None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    environment = {}
+    for entry in data.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep:
+            environment[name.decode(errors="replace")] = value.decode(errors="replace")
+    return environment
+
+
+def origin(pid: int) -> str:
+    """How the probes got into ``pid`` (which has the probe object mapped), in words."""
+    names = watcher_names(pid)
+    how = WATCHER_NAMES.get(names[0]) if names else None
+    if how == "gdb":
+        return "injected by python -m dtrace --inject, through gdb"
+    if how == "remote_exec":
+        return "injected by python -m dtrace --inject, through sys.remote_exec"
+    environment = start_environment(pid)
+    if environment is None:
+        return "imported (how: unknown, its environment is not readable here)"
+    if environment.get("PYDTRACE_STARTUP"):
+        return "started by a dtrace tool (-c), armed through PYDTRACE=1"
+    if environment.get("PYDTRACE", "").strip() == "1":
+        return "PYDTRACE=1 in its environment: pydtrace-rs.pth imported dtrace at start-up"
+    if environment.get("PYDTRACE", "").strip() == "0":
+        return "imported by the program, disarmed by PYDTRACE=0 in its environment"
+    return "imported by the program (import dtrace)"
+
+
+def package_version(library: str) -> tuple[str | None, str | None]:
+    """(version, where it was read) of the pydtrace-rs whose probe object is ``library``: the
+    ``pydtrace_rs-*.dist-info`` beside the package whose RECORD lists the object (any one if
+    none lists it); (None, None) for a build that was not installed from a wheel."""
+    package = Path(library).parent
+    site = package.parent
+    try:
+        infos = sorted(site.glob("pydtrace_rs-*.dist-info"))
+    except OSError:
+        return None, None
+    relative = f"{package.name}/{Path(library).name}"
+    chosen = None
+    for info in infos:
+        try:
+            record = (info / "RECORD").read_text(errors="replace")
+        except OSError:
+            record = ""
+        if relative in record:
+            chosen = info
+            break
+    if chosen is None and len(infos) == 1:
+        chosen = infos[0]
+    if chosen is None:
+        return None, None
+    try:
+        for line in (chosen / "METADATA").read_text(errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip(), str(chosen)
+            if not line.strip():
+                break
+    except OSError:
+        pass
+    return None, str(chosen)
+
+
+def summary(pid: int, library: str | None) -> list[str]:
+    """``list -p``'s lines about the interpreter and how the probes got there (``library``: the
+    mapped probe object, None when there is none). ToolError for a process that runs no
+    supported Python."""
+    try:
+        process = identify(pid)
+        check_supported(process)
+    except ToolError as error:
+        if library is None:
+            raise
+        return [f"python: unknown ({error})", f"probes loaded: yes, {origin(pid)}"]
+    lines = [f"python: {process.describe()}"]
+    if library is None:
+        lines.append("probes loaded: no, the program has not imported dtrace; a tool with -p asks to load them, "
+                     "--inject loads them at once (see docs/injection.md)")
+        return lines
+    lines.append(f"probes loaded: yes, {origin(pid)}")
+    version, where = package_version(library)
+    if version is not None:
+        lines.append(f"pydtrace-rs: {version} ({where})")
+    else:
+        lines.append("pydtrace-rs: version unknown (no pydtrace_rs-*.dist-info beside the package: a development build?)")
+    return lines

@@ -1,0 +1,978 @@
+"""``-p PID --inject``: loading the probes into a Python process that never imported dtrace.
+
+Each workload here runs without pydtrace-rs loaded, in one of the shapes a user finds a process
+in: busy in Python with threads, blocked in C (``time.sleep`` in the main thread), the main thread
+waiting on a lock while threads run, an idle asyncio server. The test runs the real tool,
+``python -m dtrace calls -p PID --inject``, which injects ``import dtrace`` through gdb (3.12,
+3.13) and traces; once its "Tracing ..." line is out, the workload is asked for a marked phase,
+which first waits until the probes are live in it (``dtrace.wait_for_consumer``, from the module
+the tool loaded) and then calls ``marked()`` a known number of times: the tool's count must be
+exact. The workload also reports what the injection must not have changed (its ``__main__``
+names, ``sys.path``, ``sys.last_exc``), and shows that it keeps running correctly after: sleeps
+last as long as asked, threads keep computing right, the server keeps answering.
+
+Then the failures: not Python, too old, free-threaded, ptrace refused, no terminal, a main thread
+that never reaches a safe point, a process that exits during the injection, a signal handler
+that raises while the code runs. Each gives a one-line reason and exit status 1, and leaves no
+gdb and no stopped or traced process behind.
+
+Tests that need root, bpftrace or gdb skip where they are missing, and fail under
+PYDTRACE_REQUIRE_TRACER=1 (tests/tracing.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import dtrace
+from dtrace.tools import inject
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, _Lines, require_tracer, run_tool, tool_command
+
+#: How many calls of marked() the phase makes.
+MARKED_CALLS = 1500
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_gdb() -> None:
+    """Skip where injection cannot run (no root, bpftrace or gdb); fail under PYDTRACE_REQUIRE_TRACER=1."""
+    require_tracer()
+    if shutil.which("gdb") is None:
+        reason = "gdb is not installed (Debian: apt-get install gdb)"
+        if REQUIRE_TRACER:
+            pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
+        pytest.skip(reason)
+
+
+def base_interpreter() -> str:
+    """The interpreter this virtual environment was made from: it has no pydtrace-rs of its own."""
+    return getattr(sys, "_base_executable", sys.executable)
+
+
+def clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYDTRACE", "PYTHONPATH"))}
+
+
+COMMON = '''
+import json, os, signal, sys, threading, time
+
+requested = threading.Event()
+counts = [0, 0, 0]
+PATH0 = list(sys.path)
+said = threading.Lock()
+
+
+def say(*words):
+    """One whole line, from any thread (print() writes its words one by one)."""
+    with said:
+        sys.stdout.write(" ".join(str(word) for word in words) + "\\n")
+        sys.stdout.flush()
+
+
+def spin(n):
+    return n + 1
+
+
+def marked(n):
+    return n * 2
+
+
+def phase(traced):
+    """Once the probes the tool loaded are live (if ``traced``): the marked calls, and what must
+    be unchanged."""
+    module = sys.modules.get("dtrace")
+    live = traced and module is not None and module.wait_for_consumer("function-entry", timeout=60)
+    for i in range({calls}):
+        marked(i)
+    import __main__
+    return dict(
+        live=live,
+        dtrace=getattr(module, "__file__", None),
+        main_added=sorted(set(vars(__main__)) - BASELINE),
+        path_same=sys.path == PATH0,
+        last_exc=repr(getattr(sys, "last_exc", None)),
+        counts=list(counts),
+    )
+
+
+def on_signal(signum, frame):
+    # SIGUSR1: the phase under the tool; SIGUSR2: the same, after the tool left.
+    traced.append(signum == signal.SIGUSR1)
+    requested.set()
+
+
+traced = []
+signal.signal(signal.SIGUSR1, on_signal)
+signal.signal(signal.SIGUSR2, on_signal)
+BASELINE = None
+'''
+
+READY = '''
+BASELINE = frozenset(vars()) | {"BASELINE"}
+print("READY", os.getpid(), flush=True)
+'''
+
+SHAPES = {
+    # The main thread and two more run Python without end; each checks its own arithmetic.
+    "busy-threads": '''
+def worker(me):
+    while True:
+        n = counts[me]
+        if spin(n) != n + 1:
+            say("WRONG", me)
+        counts[me] = n + 1
+
+for me in (1, 2):
+    threading.Thread(target=worker, args=(me,), daemon=True).start()
+''' + READY + '''
+while True:
+    counts[0] = spin(counts[0])
+    if requested.is_set():
+        requested.clear()
+        say("DONE", json.dumps(phase(traced.pop(0))))
+''',
+    # The main thread sleeps in C, in time.sleep; a thread waits to run the phase. Every sleep
+    # must last as long as asked, injection or not.
+    "sleep": '''
+def worker():
+    while True:
+        requested.wait()
+        requested.clear()
+        say("DONE", json.dumps(phase(traced.pop(0))))
+
+threading.Thread(target=worker, daemon=True).start()
+started = None
+''' + READY + '''
+while True:
+    started = time.monotonic()
+    time.sleep(0.7)
+    counts[0] += 1
+    say("SLEPT", time.monotonic() - started)
+''',
+    # The main thread waits on a lock for good; two threads run Python.
+    "lock-wait": '''
+def worker(me):
+    while True:
+        counts[me] = spin(counts[me])
+        if me == 1 and requested.is_set():
+            requested.clear()
+            say("DONE", json.dumps(phase(traced.pop(0))))
+
+for me in (1, 2):
+    threading.Thread(target=worker, args=(me,), daemon=True).start()
+''' + READY + '''
+threading.Event().wait()
+''',
+    # An idle asyncio server (its loop blocked in epoll_wait): an echo, and the phase on request.
+    "asyncio-server": '''
+import asyncio
+
+async def handle(reader, writer):
+    while line := await reader.readline():
+        counts[0] += 1
+        if line in (b"phase\\n", b"status\\n"):
+            writer.write(("DONE " + json.dumps(phase(line == b"phase\\n")) + "\\n").encode())
+        else:
+            writer.write(b"echo " + line)
+        await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    global BASELINE
+    BASELINE = frozenset(vars(sys.modules["__main__"])) | {"BASELINE"}
+    print("READY", os.getpid(), server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+''',
+}
+
+
+class Workload:
+    """A Python process in one of SHAPES, without pydtrace-rs loaded; its stdout, line by line."""
+
+    def __init__(self, shape: str, python: str, preamble: str = "", body: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        source = preamble + COMMON.format(calls=MARKED_CALLS) + (SHAPES[shape] if body is None else body)
+        self.shape = shape
+        self.process = subprocess.Popen([python, "-c", source], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env={**clean_environment(), **(env or {})})
+        self.stdout = _Lines(self.process.stdout, f"the {shape} workload")
+        self.stderr = _Lines(self.process.stderr, f"the {shape} workload's stderr")
+        self.slept: list[float] = []
+        words = self.expect("READY").split()
+        self.pid = int(words[1])
+        self.port = int(words[2]) if len(words) > 2 else None
+        self.client: socket.socket | None = None
+
+    def expect(self, word: str) -> str:
+        """The next line that starts with ``word`` (SLEPT lines are kept aside)."""
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            line = self.stdout.next(max(0.0, deadline - time.monotonic()))
+            assert line is not None, f"the workload ended: {self.stderr.rest(5)}"
+            if line.startswith("SLEPT "):
+                self.slept.append(float(line.split()[1]))
+                if word != "SLEPT":
+                    continue
+            assert line.startswith(word), (line, self.stderr.available())
+            return line
+
+    def request(self, text: str) -> str:
+        """A line to the asyncio server, and its answer."""
+        if self.client is None:
+            self.client = socket.create_connection(("127.0.0.1", self.port), timeout=STEP_TIMEOUT)
+            self.reader = self.client.makefile("r")
+        self.client.sendall(text.encode() + b"\n")
+        return self.reader.readline().rstrip("\n")
+
+    def phase(self, traced: bool = True) -> dict:
+        """Run the marked phase (waiting until the probes are live, if ``traced``) and return what
+        the workload reported."""
+        if self.shape == "asyncio-server":
+            line = self.request("phase" if traced else "status")
+            assert line.startswith("DONE "), line
+        else:
+            self.process.send_signal(signal.SIGUSR1 if traced else signal.SIGUSR2)
+            line = self.expect("DONE")
+        return json.loads(line.split(" ", 1)[1])
+
+    def kill(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+#: Seconds the tool gets to end after Ctrl-C before it gets a second one.
+TOOL_SIGINT_GRACE = 15.0
+
+
+def stop(tool: ToolRun) -> None:
+    """ToolRun.stop, with a second Ctrl-C if the first did not end the trace: bpftrace 0.17 misses
+    about one SIGINT in 26, and the tool passes its tracer one per Ctrl-C."""
+    if tool.process.poll() is None:
+        tool.process.send_signal(signal.SIGINT)
+    try:
+        while tool.out.next(TOOL_SIGINT_GRACE) is not None:
+            pass
+    except TimeoutError:
+        if tool.process.poll() is None:
+            tool.process.send_signal(signal.SIGINT)
+        tool.out.rest()
+    tool.stdout = "\n".join(tool.out.seen) + "\n"
+    tool.err.rest()
+    tool.stderr = "\n".join(tool.err.seen)
+    tool.code = tool.process.wait(STEP_TIMEOUT)
+
+
+def rows(text: str, column: int, value: str) -> list[list[str]]:
+    return [words for words in (line.split() for line in text.splitlines()) if len(words) > column
+            and words[column] == value]
+
+
+def gdb_processes_for(pid: int) -> list[str]:
+    """Command lines of gdb processes started for ``pid`` (the tool names /proc/PID/exe to them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"gdb" and f"/proc/{pid}/exe".encode() in argv:
+            found.append(" ".join(a.decode(errors="replace") for a in argv))
+    return found
+
+
+def assert_nothing_left(pid: int) -> None:
+    """No gdb for ``pid``; if it still runs, it is neither stopped nor traced."""
+    assert not gdb_processes_for(pid)
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return
+    assert re.search(r"^State:\s+(\S)", status, re.M).group(1) not in ("T", "t"), status
+    assert re.search(r"^TracerPid:\s+(\d+)", status, re.M).group(1) == "0", status
+
+
+def probe_object_mapped(pid: int) -> bool:
+    return "dtrace/_native" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def check_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    for phrase in phrases:
+        assert phrase in done.stderr, done.stderr
+
+
+# --- Inject, then trace: exact counts, and the process keeps running correctly -------------------
+
+SOURCES = {
+    # The workload's interpreter has pydtrace-rs installed (this virtual environment).
+    "own": lambda: sys.executable,
+    # It has none: the tool offers its own copy (same version and ABI).
+    "tool's copy": base_interpreter,
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
+    require_gdb()
+    python = SOURCES[source]()
+    if source == "tool's copy":
+        probe = subprocess.run([python, "-c", "import dtrace"], capture_output=True, env=clean_environment())
+        assert probe.returncode != 0, f"{python} has pydtrace-rs of its own: the tool's copy would not be used"
+    workload = Workload(shape, python)
+    try:
+        if shape == "asyncio-server":
+            assert workload.request("before") == "echo before"
+        assert not probe_object_mapped(workload.pid)
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            loaded = [line for line in tool.err.seen if line.startswith("pydtrace: loaded ")]
+            where = "the program's own" if source == "own" else "this tool's"
+            assert loaded and f"loaded {where} pydtrace-rs {dtrace.__version__} into process {workload.pid} through gdb" \
+                in loaded[0], tool.err.seen
+            info = workload.phase()
+            stop(tool)
+        finally:
+            tool.kill()
+        assert tool.code == 0, tool.stderr
+        assert rows(tool.stdout, 1, "marked") and rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), \
+            tool.stdout
+        # What the injection must leave as it was.
+        assert info["live"] is True
+        assert info["main_added"] == [], info
+        assert info["path_same"] is True, info
+        assert info["last_exc"] == "None", info
+        if source == "own":
+            assert info["dtrace"] == dtrace.__file__
+        else:
+            assert info["dtrace"] == str(Path(dtrace.__file__).resolve())
+        assert_nothing_left(workload.pid)
+        # list -p says how the probes got there, and which pydtrace-rs.
+        listing = run_tool("list", "-p", str(workload.pid))
+        assert listing.returncode == 0, listing.stderr
+        assert "probes loaded: yes, injected by python -m dtrace --inject, through gdb" in listing.stdout, listing.stdout
+        assert f"pydtrace-rs: {dtrace.__version__} (" in listing.stdout, listing.stdout
+        # The process runs on, correctly, after the tool left.
+        again = workload.phase(traced=False)
+        if shape != "sleep":  # there the SLEPT lines show it (below)
+            assert all(after > before for after, before in zip(again["counts"], info["counts"]) if before), \
+                (info, again)
+        if shape == "asyncio-server":
+            assert workload.request("after") == "echo after"
+        if shape == "sleep":
+            workload.expect("SLEPT")  # one more sleep ends after the tool left
+            assert workload.slept and all(s >= 0.7 for s in workload.slept), workload.slept
+        assert workload.process.poll() is None, workload.stderr.available()
+        assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
+        assert "Traceback" not in "\n".join(workload.stderr.available())
+    finally:
+        workload.kill()
+
+
+def test_an_interpreter_deleted_on_disk_since_the_process_started(workload_dir):
+    """An upgrade replaced the interpreter's library under a running process: its symbols are
+    read from the mapping itself (/proc/PID/map_files)."""
+    require_gdb()
+    python = base_interpreter()
+    library = next((line.split()[2] for line in subprocess.run(["ldd", python], capture_output=True, text=True)
+                    .stdout.splitlines() if "libpython" in line and "=>" in line), None)
+    if library is None:
+        pytest.skip(f"{python} is linked statically: no libpython to delete")
+    shutil.copy(library, workload_dir)
+    workload = Workload("busy-threads", python, env={"LD_LIBRARY_PATH": str(workload_dir)})
+    try:
+        copy = workload_dir / Path(library).name
+        assert str(copy) in Path(f"/proc/{workload.pid}/maps").read_text()
+        copy.unlink()
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            workload.phase()
+            stop(tool)
+        finally:
+            tool.kill()
+        assert tool.code == 0, tool.stderr
+        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+def test_a_second_tool_finds_the_probes_already_loaded():
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    try:
+        for attempt in range(2):
+            tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+            try:
+                tool.start()
+                workload.phase()
+                stop(tool)
+            finally:
+                tool.kill()
+            assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS)
+            injected = any(line.startswith("pydtrace: loaded ") for line in tool.err.seen)
+            assert injected == (attempt == 0), tool.err.seen  # the second run traces what is there
+        assert [name for name in os.listdir(f"/proc/{workload.pid}/task")
+                if Path(f"/proc/{workload.pid}/task/{name}/comm").read_text().startswith("pydtrace-watch")] != []
+    finally:
+        workload.kill()
+
+
+# --- A signal handler of the program that raises while the code runs: the program gets it -------
+
+#: An audit hook that raises SIGINT once, while the injected code imports dtrace: the program's
+#: handler (KeyboardInterrupt) runs inside the injected code.
+INTERRUPT_ONCE = '''
+import os, signal, sys
+_interrupted = []
+def _hook(event, args):
+    if event == "import" and args[0] == "dtrace" and not _interrupted:
+        _interrupted.append(1)
+        signal.raise_signal(signal.SIGINT)
+sys.addaudithook(_hook)
+'''
+
+INTERRUPTED_SHAPES = {
+    "busy": '''
+x = 0
+''' + READY + '''
+while True:
+    try:
+        while True:
+            x = spin(x)
+            if requested.is_set():
+                requested.clear()
+                say("DONE", json.dumps(phase(traced.pop(0))))
+    except KeyboardInterrupt:
+        say("GOT KeyboardInterrupt")
+''',
+    "sleep": '''
+def worker():
+    while True:
+        requested.wait()
+        requested.clear()
+        say("DONE", json.dumps(phase(traced.pop(0))))
+
+threading.Thread(target=worker, daemon=True).start()
+''' + READY + '''
+while True:
+    try:
+        time.sleep(3600)
+    except KeyboardInterrupt:
+        say("GOT KeyboardInterrupt")
+''',
+}
+
+
+@pytest.mark.parametrize("shape", sorted(INTERRUPTED_SHAPES))
+def test_an_exception_from_a_signal_handler_during_the_injection_goes_to_the_program(shape):
+    require_gdb()
+    workload = Workload(shape, sys.executable, preamble=INTERRUPT_ONCE, body=INTERRUPTED_SHAPES[shape])
+    try:
+        first = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(first, f"loading the probes into process {workload.pid} was interrupted",
+                    "raised KeyboardInterrupt")
+        workload.expect("GOT KeyboardInterrupt")  # where the program was: its own handler's exception
+        assert_nothing_left(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        # The hook raised once: the next try loads the probes, and the program runs on.
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            info = workload.phase()
+            stop(tool)
+        finally:
+            tool.kill()
+        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
+        assert info["live"] and info["main_added"] == [], info
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+# --- Failures: a reason, exit status 1, and nothing left behind ---------------------------------
+
+
+def test_refused_without_a_terminal_and_without_inject():
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid))  # stdin is no terminal here
+        check_error(done, f"process {workload.pid} has not loaded the dtrace module", "--inject", "import dtrace",
+                    "PYDTRACE=1")
+        assert not probe_object_mapped(workload.pid)
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+def test_a_process_that_is_not_python():
+    require_gdb()
+    sleeper = subprocess.Popen(["sleep", "100"])
+    try:
+        done = run_tool("calls", "-p", str(sleeper.pid), "--inject")
+        check_error(done, f"process {sleeper.pid} (sleep, ", "is not a Python interpreter")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def older_python(minor: str) -> str | None:
+    """A CPython 3.``minor`` here: Debian's, or pyenv's."""
+    candidates = [f"/usr/bin/python3.{minor}",
+                  *sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob(f"3.{minor}.*/bin/python3.{minor}"))]
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+@pytest.mark.parametrize("minor", ["11", "10"])
+def test_a_python_older_than_3_12(minor):
+    """3.11 says its version in Py_Version; older ones only in their file names."""
+    require_gdb()
+    python = older_python(minor)
+    if python is None:
+        pytest.skip(f"no Python 3.{minor} here (/usr/bin/python3.{minor} or pyenv's 3.{minor}.*)")
+    old = subprocess.Popen([python, "-c", "import sys, time; print('up', flush=True); time.sleep(100)"],
+                           stdout=subprocess.PIPE, text=True, env=clean_environment())
+    try:
+        assert old.stdout.readline() == "up\n"
+        done = run_tool("calls", "-p", str(old.pid), "--inject")
+        check_error(done, f"process {old.pid} runs Python 3.{minor}", "pydtrace-rs needs CPython 3.12 or later")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(old.pid)
+        listing = run_tool("list", "-p", str(old.pid))
+        check_error(listing, "pydtrace-rs needs CPython 3.12 or later")
+    finally:
+        old.kill()
+        old.wait()
+
+
+FAKE_LIBPYTHON = """
+const unsigned long Py_Version = 0x030D00F0;  /* 3.13.0 final */
+void Py_Initialize(void) {}
+void _Py_DecRefShared(void *object) { (void)object; }  /* exported by free-threaded builds only */
+"""
+FAKE_MAIN = """
+#include <unistd.h>
+extern void Py_Initialize(void);
+int main(void) { Py_Initialize(); write(1, "up\\n", 3); pause(); return 0; }
+"""
+
+
+def test_a_free_threaded_build(workload_dir):
+    """No free-threaded CPython here: a stand-in that looks like one from outside (libpython3.13t
+    with the symbols such a build exports) shows the check, which runs before anything touches it."""
+    require_gdb()
+    compiler = shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler for the free-threaded stand-in")
+    (workload_dir / "lib.c").write_text(FAKE_LIBPYTHON)
+    (workload_dir / "main.c").write_text(FAKE_MAIN)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(workload_dir / "libpython3.13t.so"),
+                    str(workload_dir / "lib.c")], check=True)
+    subprocess.run([compiler, "-o", str(workload_dir / "python3.13t"), str(workload_dir / "main.c"),
+                    f"-L{workload_dir}", "-lpython3.13t", f"-Wl,-rpath,{workload_dir}"], check=True)
+    fake = subprocess.Popen([str(workload_dir / "python3.13t")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline() == "up\n"
+        done = run_tool("calls", "-p", str(fake.pid), "--inject")
+        check_error(done, f"process {fake.pid} runs a free-threaded build, CPython 3.13.0 free-threaded",
+                    "pydtrace-rs needs a build with the GIL")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(fake.pid)
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_a_process_that_exits_during_the_injection():
+    """The program's audit hook ends it (os._exit(7)) as the injected code imports dtrace."""
+    require_gdb()
+    preamble = ('import os, sys\n'
+                'sys.addaudithook(lambda event, args: os._exit(7) if event == "import" and args[0] == "dtrace" '
+                'else None)\n')
+    workload = Workload("sleep", sys.executable, preamble=preamble)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(done, f"process {workload.pid} exited during the injection")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert workload.process.wait(STEP_TIMEOUT) == 7
+        assert_nothing_left(workload.pid)
+    finally:
+        workload.kill()
+
+
+#: The main thread blocks in C holding the GIL (read() through ctypes.PyDLL, which keeps it)
+#: until the test writes a byte: no Python code runs in the process meanwhile.
+HOLDS_THE_GIL = '''
+import ctypes, os, sys, time
+read_end, write_end = os.pipe()
+print("READY", os.getpid(), write_end, flush=True)
+buffer = ctypes.create_string_buffer(1)
+ctypes.PyDLL(None).read(read_end, buffer, 1)
+for i in range(100000):  # Python code again: a pending call left queued runs here
+    pass
+print("AFTER", json.dumps({"dtrace": "dtrace" in sys.modules, "maps": "dtrace/_native" in open("/proc/self/maps").read()}),
+      flush=True)
+time.sleep(100)
+'''
+
+
+def test_no_safe_point_in_time_leaves_the_process_untouched():
+    require_gdb()
+    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
+    stdout = _Lines(process.stdout, "the blocked workload")
+    try:
+        _, pid, write_end = stdout.next().split()
+        pid = int(pid)
+        done = run_tool("calls", "-p", str(pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+        check_error(done, f"process {pid}'s main thread did not reach a point where it can run Python code "
+                          "within 2 s", "nothing was run in it")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(pid)
+        assert not probe_object_mapped(pid)
+        # Released, it runs on as if nothing had happened: nothing of the tool's is loaded.
+        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
+            pipe.write("x")
+        line = stdout.next()
+        assert line is not None and line.startswith("AFTER "), (line, process.stderr)
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_process_another_debugger_traces():
+    """ptrace allows one tracer: with another debugger attached (the process runs on under it),
+    the tool says so instead of trying."""
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    holder = None
+    try:
+        holder = subprocess.Popen(["gdb", "-batch", "-nx", "-p", str(workload.pid), "-ex", "echo attached\\n",
+                                   "-ex", "continue"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        said = _Lines(holder.stdout, "the other debugger")
+        while True:
+            line = said.next()
+            assert line is not None, "the other debugger did not attach"
+            if line == "attached":
+                break
+        done = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(done, f"process {workload.pid} is already traced by process {holder.pid} (gdb)",
+                    "only one ptrace tracer")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not probe_object_mapped(workload.pid)
+        assert not gdb_processes_for(workload.pid)
+    finally:
+        if holder is not None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+        workload.kill()
+
+
+def test_without_ptrace_rights_the_message_explains_yama():
+    """Not root, not the owner: refused before gdb runs, with what ptrace needs and Yama's values."""
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    try:
+        code = ("import os, sys\n"
+                "from dtrace.tools import inject, pyprocess\n"
+                "from dtrace.tools.tracers import ToolError\n"
+                f"process = pyprocess.identify({workload.pid})\n"
+                "os.seteuid(65534)\n"
+                "try:\n"
+                "    inject.check_privileges(process)\n"
+                "except ToolError as error:\n"
+                "    print(error)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        assert f"cannot inject into process {workload.pid}: Permission denied" in done.stdout, done.stdout
+        for phrase in ("CAP_SYS_PTRACE", "ptrace_scope", "0 (classic)", "1 (restricted)", "2 (admin-only)",
+                       "3 (no attach)"):
+            assert phrase in done.stdout or phrase in inject.ptrace_explanation(workload.pid), phrase
+        assert "ptrace" in done.stdout
+    finally:
+        workload.kill()
+
+
+# --- list -p: loaded or not, how, and which version -----------------------------------------------
+
+
+def test_list_says_the_probes_are_not_loaded():
+    require_gdb()
+    workload = Workload("sleep", sys.executable)
+    try:
+        done = run_tool("list", "-p", str(workload.pid))
+        assert done.returncode == 0, done.stderr
+        assert f"python: CPython {sys.version.split()[0]} (" in done.stdout, done.stdout
+        assert "probes loaded: no, the program has not imported dtrace" in done.stdout, done.stdout
+        assert not probe_object_mapped(workload.pid)
+    finally:
+        workload.kill()
+
+
+@pytest.mark.parametrize("how", ["import dtrace", "PYDTRACE=1"])
+def test_list_says_how_the_probes_got_there(how):
+    require_tracer()
+    code = "import dtrace, sys; print('up', flush=True); sys.stdin.read()"
+    environment = clean_environment()
+    if how == "PYDTRACE=1":
+        environment["PYDTRACE"] = "1"
+        code = "import sys; print('up', flush=True); sys.stdin.read()"
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env=environment)
+    try:
+        assert process.stdout.readline() == "up\n"
+        done = run_tool("list", "-p", str(process.pid))
+    finally:
+        process.kill()
+        process.wait()
+    assert done.returncode == 0, done.stderr
+    expected = ("probes loaded: yes, imported by the program (import dtrace)" if how == "import dtrace" else
+                "probes loaded: yes, PYDTRACE=1 in its environment: pydtrace-rs.pth imported dtrace at start-up")
+    assert expected in done.stdout, done.stdout
+    version = re.search(r"^pydtrace-rs: (\S+) \((.*)\)$", done.stdout, re.M)
+    assert version and version.group(1) == dtrace.__version__, done.stdout
+    assert Path(version.group(2)).name == f"pydtrace_rs-{dtrace.__version__}.dist-info"
+
+
+# --- What runs in the target is what the documentation shows -------------------------------------
+
+
+def test_the_documentation_shows_the_code_run_in_the_target():
+    text = (ROOT / "docs" / "injection.md").read_text()
+    assert inject.CODE in text
+    compile(inject.code("gdb", "/somewhere/dtrace"), "<injected>", "exec")
+
+
+def test_the_gdb_script_is_shipped_beside_the_tool():
+    assert inject.GDB_SCRIPT.is_file()
+    compile(inject.GDB_SCRIPT.read_text(), str(inject.GDB_SCRIPT), "exec")
+
+
+# --- Asked on a terminal; Ctrl-C while waiting; a forked child says where its probes came from -----
+
+
+class Terminal:
+    """A pseudo-terminal as the tool's stdin and stderr, as when a user runs it."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        self.seen = ""
+
+    def read_until(self, text: str) -> str:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while text not in self.seen:
+            ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {text!r} on the terminal; so far: {self.seen!r}"
+            try:
+                self.seen += os.read(self.master, 4096).decode(errors="replace")
+            except OSError:  # the other end closed
+                assert text in self.seen, f"no {text!r} on the terminal: {self.seen!r}"
+        return self.seen
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_on_a_terminal_the_tool_asks_first(answer):
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable)
+    terminal = Terminal()
+    tool = subprocess.Popen(tool_command("calls", "-n", "0", "-p", str(workload.pid)), stdin=terminal.slave,
+                            stdout=subprocess.PIPE, stderr=terminal.slave, text=True)
+    try:
+        prompt = terminal.read_until("[y/N] ")
+        assert f"PID {workload.pid} (" in prompt and "has not loaded the probes" in prompt, prompt
+        assert "runs `import dtrace` in it, through gdb" in prompt, prompt
+        assert not probe_object_mapped(workload.pid)  # nothing before the answer
+        os.write(terminal.master, f"{answer}\n".encode())
+        if answer == "n":
+            assert tool.wait(STEP_TIMEOUT) == 1
+            assert f"not loading the probes into process {workload.pid}" in terminal.read_until("--inject")
+            assert not probe_object_mapped(workload.pid)
+        else:
+            terminal.read_until("Tracing ")
+            workload.phase()
+            tool.send_signal(signal.SIGINT)
+            out, _ = tool.communicate(timeout=STEP_TIMEOUT)
+            assert tool.returncode == 0, terminal.seen
+            assert rows(out, 1, "marked")[0][0] == str(MARKED_CALLS), out
+        assert_nothing_left(workload.pid)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+        terminal.close()
+        workload.kill()
+
+
+def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
+    """The tool says when gdb waits for the safe point (PYDTRACE_INJECT_DEBUG shows gdb's lines);
+    Ctrl-C then makes gdb give up at once, long before its time is up."""
+    require_gdb()
+    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
+    stdout = _Lines(process.stdout, "the blocked workload")
+    tool = None
+    try:
+        _, pid, write_end = stdout.next().split()
+        pid = int(pid)
+        tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "600"})
+        said = _Lines(tool.stderr, "the tool's stderr")
+        while True:
+            line = said.next()
+            assert line is not None, said.seen
+            if '"kind": "waiting"' in line:
+                break
+        assert not probe_object_mapped(pid)
+        tool.send_signal(signal.SIGINT)
+        assert tool.wait(STEP_TIMEOUT) == 130, said.seen
+        said.rest()
+        assert "pydtrace: nothing was run in process" in "\n".join(said.seen), said.seen
+        assert_nothing_left(pid)
+        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
+            pipe.write("x")
+        line = stdout.next()
+        assert line is not None and line.startswith("AFTER "), line
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+    finally:
+        if tool is not None and tool.poll() is None:
+            tool.kill()
+            tool.wait()
+        process.kill()
+        process.wait()
+
+
+#: SIGHUP makes the main thread fork a child that prints its PID and sleeps.
+FORKS_ON_SIGHUP = '''
+def fork_child(signum, frame):
+    child = os.fork()
+    if child == 0:
+        print("CHILD", os.getpid(), flush=True)
+        time.sleep(100)
+        os._exit(0)
+
+signal.signal(signal.SIGHUP, fork_child)
+'''
+
+
+def test_a_forked_child_of_an_injected_process_says_so():
+    require_gdb()
+    workload = Workload("sleep", sys.executable, body=FORKS_ON_SIGHUP + SHAPES["sleep"])
+    child = None
+    try:
+        injected = run_tool("calls", "-p", str(workload.pid), "--inject", "-d", "1")
+        assert injected.returncode == 0, injected.stderr
+        workload.process.send_signal(signal.SIGHUP)
+        child = int(workload.expect("CHILD").split()[1])
+        listing = run_tool("list", "-p", str(child))
+        assert listing.returncode == 0, listing.stderr
+        assert "probes loaded: yes, injected by python -m dtrace --inject, through gdb" in listing.stdout, \
+            listing.stdout
+        assert "probes armed: yes" in listing.stdout
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        workload.kill()
+
+
+def other_version_python() -> str | None:
+    """A CPython 3.12+ of another minor version than this one (pyenv's), without pydtrace-rs."""
+    for candidate in sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("3.1[2-9].*/bin/python3.1[2-9]")):
+        version = subprocess.run([str(candidate), "-c", "import sys; print(sys.version_info[1])"],
+                                 capture_output=True, text=True)
+        if version.returncode == 0 and int(version.stdout) != sys.version_info[1]:
+            return str(candidate)
+    return None
+
+
+def test_neither_the_process_nor_the_tool_has_a_pydtrace_rs_for_it():
+    """Another Python version, without pydtrace-rs: the tool's copy cannot serve; the message says
+    what to install where, and the process runs on without it."""
+    require_gdb()
+    python = other_version_python()
+    if python is None:
+        pytest.skip("no other CPython 3.12+ version here")
+    workload = Workload("sleep", python)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject")
+        check_error(done, f"process {workload.pid} runs CPython 3.", "which cannot import pydtrace-rs",
+                    f"this tool's copy is for Python {sys.version_info[0]}.{sys.version_info[1]}",
+                    f"{python} -m pip install pydtrace-rs")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        info = workload.phase(traced=False)
+        assert info["dtrace"] is None and info["main_added"] == [] and info["path_same"], info
+    finally:
+        workload.kill()
+
+
+#: The main thread runs a sub-interpreter's code for good (its time.sleep calls PyErr_CheckSignals
+#: there, in the sub-interpreter).
+IN_A_SUBINTERPRETER = '''
+try:
+    import _interpreters as interpreters  # 3.13
+except ImportError:
+    import _xxsubinterpreters as interpreters  # 3.12
+sub = interpreters.create()
+''' + READY + '''
+interpreters.run_string(sub, "import time\\nwhile True:\\n    time.sleep(0.01)\\n")
+'''
+
+
+def test_a_main_thread_that_runs_a_subinterpreter():
+    """pydtrace-rs cannot load into a sub-interpreter (PyO3 refuses them): its calls at the safe
+    points are let pass, and the tool gives up when the main interpreter does not come back."""
+    require_gdb()
+    workload = Workload("subinterpreter", sys.executable, body=IN_A_SUBINTERPRETER)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+        check_error(done, f"process {workload.pid}'s main thread runs a sub-interpreter's code",
+                    "nothing was run in it")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        assert workload.process.poll() is None
+    finally:
+        workload.kill()
