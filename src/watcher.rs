@@ -131,7 +131,11 @@ fn thread_name() -> String {
 pub fn set_origin(tag: u8) {
     ORIGIN.store(tag, Ordering::Relaxed);
     #[cfg(target_os = "linux")]
-    if let Some(running) = state().running.as_ref().filter(|r| r.pid == std::process::id()) {
+    if let Some(running) = state()
+        .running
+        .as_ref()
+        .filter(|r| r.pid == std::process::id())
+    {
         use std::os::unix::thread::JoinHandleExt;
         name_thread(running.handle.as_pthread_t());
     }
