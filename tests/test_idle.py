@@ -340,8 +340,9 @@ def test_idle_again_after_a_cfunction_consumer_detaches(workload_dir):
     assert live["hooks_added"] == 0 and live["find_and_load_original"], live
     assert not [c for c in live["gc_callbacks"] if c.startswith("pydtrace")], live
     assert live["slots"]["patched_deallocs"] == 0, live["slots"]
-    # (A C call in progress at detach, such as the driver's readline, has no return counted.)
-    assert maps.get("@entry", 0) > 10 and 0 <= maps["@entry"] - maps.get("@return", 0) <= 2, maps
+    # A C call in progress at detach (the driver's readline) has no return counted; one in progress
+    # when the events went live (the driver's wait, its readline) has no entry counted.
+    assert maps.get("@entry", 0) > 10 and -3 <= maps["@entry"] - maps.get("@return", 0) <= 2, maps
     assert_idle(after, tool_claimed=True)
     assert after["last"]["cfunction_cache"] == 0, after
 
