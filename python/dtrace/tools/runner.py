@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from dtrace.tools import pyprocess
 from dtrace.tools.options import STARTUP_TIMEOUT
 from dtrace.tools.tracers import DTrace, Event, ToolError, Tracer
 
@@ -235,30 +236,14 @@ def probe_object(pid: int) -> str | None:
     Raises ToolError when the maps cannot be read, or when the object was
     replaced on disk after the process loaded it.
     """
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise ToolError(f"no process with PID {pid} is running") from None
-    except PermissionError:
-        hint = ("another user's process, or another container's?" if os.geteuid() == 0
-                else "run as root (sudo) or as the process's owner")
-        raise ToolError(f"Permission denied reading /proc/{pid}/maps: {hint}") from None
-    for line in lines:
-        parts = line.split(None, 5)
-        if len(parts) < 6:
-            continue
-        path = parts[5]
-        deleted = path.endswith(" (deleted)")
-        if deleted:
-            path = path[: -len(" (deleted)")]
-        if _PROBE_OBJECT.search(path):
-            if deleted:
+    for mapping in pyprocess.mappings(pid):
+        if _PROBE_OBJECT.search(mapping.path):
+            if mapping.deleted:
                 raise ToolError(
-                    f"process {pid} loaded {path}, which has since been deleted or replaced "
+                    f"process {pid} loaded {mapping.path}, which has since been deleted or replaced "
                     "(pydtrace-rs reinstalled?): the tracer cannot read its probes; restart the process"
                 )
-            return path
+            return mapping.path
     return None
 
 
