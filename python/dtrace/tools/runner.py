@@ -249,18 +249,9 @@ def probe_object(pid: int) -> str | None:
 
 def watcher_running(pid: int) -> bool | None:
     """Whether the probes' watcher thread runs in ``pid`` (the probes are armed); None if unknown."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    if not os.path.isdir(f"/proc/{pid}/task"):
         return None
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/comm") as f:
-                if f.read().strip().startswith("pydtrace-watch"):
-                    return True
-        except OSError:
-            continue
-    return False
+    return bool(pyprocess.watcher_names(pid))
 
 
 def attach(pid: int, inject: bool = False) -> Target:
