@@ -1,6 +1,6 @@
 """perf (Debian's linux-perf) on the probes, as the README's recipe runs it: exact counts.
 
-The recipe: ``perf buildid-cache --add LIB``, ``perf probe -x LIB -a
+The recipe: ``perf buildid-cache --update LIB``, ``perf probe -x LIB -a
 sdt_python:function__entry``, ``perf record -e sdt_python:function__entry -p
 PID``, ``perf report`` / ``perf script``, and ``perf probe -d 'sdt_python:*'``,
 since a perf probe event is defined system-wide (in tracefs) until removed.
@@ -130,10 +130,10 @@ def test_perf_probe_record_report_script_count_exactly(workload_dir):
         recorder.pid = workload.pid
         # A leftover event of an earlier run that was killed would make `perf probe -a` fail.
         perf("probe", "-q", "-d", "sdt_python:*", check=False)
-        # The README's recipe. An object rebuilt in place leaves perf's cache entry for its path
-        # pointing at the old build, and `perf probe -a` then fails: purge it first.
-        perf("buildid-cache", "--purge", library, check=False)
-        perf("buildid-cache", "--add", library)
+        # The README's recipe. `--update`, because `--add` keeps an older entry: the same build
+        # under another path (another venv, another checkout) or an older build at this path,
+        # and `perf probe -a` then fails. test_perf_recipe_survives_a_second_install checks that.
+        perf("buildid-cache", "--update", library)
         added = perf("probe", "-x", library, "-a", EVENT)
         assert EVENT in added.stderr + added.stdout, added
         assert perf_events_defined(), "perf probe -a defined no event"
@@ -171,3 +171,28 @@ def test_perf_probe_record_report_script_count_exactly(workload_dir):
     assert int(count.group(1)) == len(events), report[:2000]
     assert f"of event '{EVENT}'" in report
     assert "Total Lost Samples: 0" in report
+
+
+def test_perf_recipe_survives_a_second_install(tmp_path):
+    """The same wheel in two environments: both copies carry one build ID, and perf's cache
+    keeps one path per build ID. ``--add`` leaves the first path there and ``perf probe -a``
+    on the second fails ("Failed to add events"); ``--update`` re-points it. This is what made
+    the README's first recipe fail on a machine where the project was checked out twice."""
+    require_perf()
+    import dtrace
+
+    library = dtrace.library_path()
+    other = tmp_path / Path(library).name
+    shutil.copy2(library, other)
+    perf("probe", "-q", "-d", "sdt_python:*", check=False)
+    try:
+        perf("buildid-cache", "--update", str(other))  # the first install
+        perf("buildid-cache", "--update", library)  # the README's recipe on the second
+        added = perf("probe", "-x", library, "-a", EVENT)
+        assert EVENT in added.stderr + added.stdout, added
+        assert perf_events_defined(), "perf probe -a defined no event"
+    finally:
+        perf("probe", "-q", "-d", "sdt_python:*", check=False)
+        perf("buildid-cache", "--remove", str(other), check=False)
+        perf("buildid-cache", "--update", library, check=False)
+    assert perf_events_defined() == []
