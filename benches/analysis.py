@@ -6,7 +6,7 @@ median over paired rounds; the spread given with it is the interquartile
 range, and a ratio of two medians carries the range of the ratio of their
 quartiles (``[q1_a / q3_b, q3_a / q1_b]``), which is wide on purpose: where
 that range holds the target's bound, the timing cannot decide, and the
-deterministic (callgrind) figure does (DECISIONS.md, 11).
+deterministic (callgrind) figure does (docs/decisions.md, 11).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, Iterable
 
 #: The floor loop that fires the probes each workload counts.
 FLOOR_OF = {("function-entry",): "floor-entry", ("line",): "floor-line", ("gc-start", "gc-done"): "floor-gc",
-            ("instance-new-start", "instance-new-done", "instance-delete-start", "instance-delete-done"): "floor-instance"}
+            ("instance-new-start", "instance-new-done", "instance-delete-start", "instance-delete-done"): "floor-instance",
+            ("cfunction-entry", "cfunction-return"): "floor-cfunction"}
 
 
 @dataclass

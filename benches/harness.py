@@ -112,8 +112,8 @@ class Proc:
         self.process = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
-        self.stdout = tracing._Lines(self.process.stdout, name)
-        self.stderr = tracing._Lines(self.process.stderr, name + "'s stderr")
+        self.stdout = tracing.Lines(self.process.stdout, name)
+        self.stderr = tracing.Lines(self.process.stderr, name + "'s stderr")
         ready = self.expect("READY")
         self.pid: int = ready["pid"]
         self.library: str | None = ready.get("library")
@@ -207,7 +207,7 @@ class FloorUnavailable(Exception):
 
 #: The C floor's probe loop for each probe set a workload counts.
 FLOOR_KIND = {("function-entry",): "entry", ("line",): "line", ("gc-start", "gc-done"): "gc",
-              workloads.INSTANCE_PROBES: "instance"}
+              workloads.INSTANCE_PROBES: "instance", workloads.CFUNCTION_PROBES: "cfunction"}
 
 
 def floor_child(kind: str, traced: bool, variant: str = "nop") -> Proc:

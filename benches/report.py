@@ -31,6 +31,7 @@ sys.path.insert(0, str(BENCHES))
 
 import analysis  # noqa: E402
 import callgrind  # noqa: E402
+import scope  # noqa: E402
 import workloads  # noqa: E402
 
 #: The issue's targets.
@@ -101,7 +102,7 @@ def measure(python: str, results: Path, quick: bool, with_callgrind: bool, with_
         return info
     timing = results / f"timing-{tag}.json"
     argv = [python, "-m", "pytest", str(BENCHES), "--benchmark-only", "-q", "-p", "no:cacheprovider",
-            f"--benchmark-json={timing}"]
+            f"--benchmark-json={timing}", f"--ignore={BENCHES / 'test_scope.py'}"]  # benches/scope.py runs that
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
     if quick:
         env["PYDTRACE_BENCH_QUICK"] = "1"
@@ -170,7 +171,7 @@ def targets_section(runs: list[Run]) -> list[str]:
     out = ["## Targets", "",
            "Each cell: the figure, its verdict. Timing figures are medians over paired rounds with "
            "their interquartile range in brackets; where that range straddles the bound, the "
-           "timing cannot decide and the instruction count (callgrind) does (DECISIONS.md, 11).", ""]
+           "timing cannot decide and the instruction count (callgrind) does (docs/decisions.md, 11).", ""]
     header = "| target | " + " | ".join(f"Python {r.tag}" for r in runs) + " |"
     out += [header, "|---" * (len(runs) + 1) + "|"]
 
@@ -339,6 +340,7 @@ def workload_section(run: Run) -> list[str]:
             label = name.removeprefix("floor-")
             label = {"entry": "function__entry, `nop` (sys/sdt.h, as pydtrace emits it)",
                      "line": "line, `nop`", "gc": "gc__start + gc__done, `nop`",
+                     "cfunction": "cfunction__entry + cfunction__return, `nop`",
                      "entry-nop5": "function__entry, 5-byte `nop` (optimizable uprobe)"}.get(label, label)
             out.append(f"| {label} | {fmt_ns(pe)} | {'n/a' if wall is None else f'{wall.median:.1f}'} |")
         out.append("")
@@ -489,6 +491,31 @@ def findings_section(runs: list[Run]) -> list[str]:
     return out
 
 
+def display_path(path: str | None) -> str:
+    """A path as the report shows it: relative to the checkout where it is inside (no machine's
+    own folders in a committed report)."""
+    if not path:
+        return "?"
+    try:
+        return str(Path(path).relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
+
+
+#: The C function probes' section of BENCHMARKS.md (measured apart, written by hand): kept as it is.
+CFUNCTION_SECTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")
+
+
+def kept_section(output: Path, begin: str, end: str) -> list[str]:
+    """The part of ``output`` from ``begin`` to ``end`` as it is now, for the report to keep."""
+    if not output.exists():
+        return []
+    text = output.read_text()
+    start = text.find(begin)
+    stop = text.find(end, start)
+    return text[start:stop + len(end)].splitlines() + [""] if start >= 0 and stop >= 0 else []
+
+
 def write_report(results: Path, output: Path) -> None:
     machine = json.loads((results / "machine.json").read_text())
     tags = sorted(p.stem.removeprefix("python-") for p in results.glob("python-*.json"))
@@ -503,7 +530,7 @@ def write_report(results: Path, output: Path) -> None:
              f"- Tools: {machine['bpftrace']}; {machine['valgrind']}",
              ]
     for r in runs:
-        lines.append(f"- Python {r.tag} ({r.info.get('executable')}): pydtrace-rs {r.info.get('pydtrace')}, "
+        lines.append(f"- Python {r.tag} ({display_path(r.info.get('executable'))}): pydtrace-rs {r.info.get('pydtrace')}, "
                      f"pyusdt {r.info.get('pyusdt') or 'not installed'}; timings took "
                      f"{r.info.get('timing_minutes', 0):.1f} min")
     lines.append("")
@@ -535,12 +562,16 @@ def write_report(results: Path, output: Path) -> None:
         lines += workload_section(r)
     lines += callgrind_section(runs)
     lines += findings_section(runs)
+    lines += scope.kept_section(output)  # written by benches/scope.py, kept as it is
+    lines += kept_section(output, *CFUNCTION_SECTION)
     lines += ["## Rerunning", "",
               "```",
               "python benches/report.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python",
               "python benches/report.py --quick          # fewer, shorter rounds",
               "pytest benches --benchmark-only          # the timings only, with a summary table at the end",
               "python benches/callgrind.py              # the instruction counts only",
+              "python benches/scope.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python"
+              "   # the Scoped tracing section",
               "```", "",
               "Needs root and bpftrace for the attached modes (they skip otherwise), a C compiler and "
               "`sys/sdt.h` (Debian: systemtap-sdt-dev) for the floor, valgrind for the instruction counts, "

@@ -14,7 +14,7 @@ import tracing
 import workloads
 
 KINDS = {"entry": ("function-entry",), "line": ("line",), "gc": ("gc-start", "gc-done"),
-         "instance": workloads.INSTANCE_PROBES}
+         "instance": workloads.INSTANCE_PROBES, "cfunction": workloads.CFUNCTION_PROBES}
 EVENTS = 100_000
 #: (kind, probe-site variant): every kind as sys/sdt.h writes it, and function-entry with a 5-byte nop.
 CASES = [(kind, "nop") for kind in KINDS] + [("entry", "nop5")]

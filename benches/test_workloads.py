@@ -24,7 +24,7 @@ TRACED_MODES = {"attached", "attached-gc", "pyusdt-attached"}
 def cases():
     for name, workload in workloads.WORKLOADS.items():
         for mode in QUIET_MODES:
-            if mode == "builtin" and workload.probes == workloads.INSTANCE_PROBES:
+            if mode == "builtin" and workload.probes in (workloads.INSTANCE_PROBES, workloads.CFUNCTION_PROBES):
                 continue  # CALL passes four arguments: operator.is_ takes two
             yield name, mode
         yield name, "attached"

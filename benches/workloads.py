@@ -41,6 +41,19 @@ def calls(n):
     return n
 
 
+# -- C-call-heavy: builtin functions and methods called in a tight loop ------------------------
+
+def cfuncs(n):
+    xs = [0]
+    append, pop = xs.append, xs.pop
+    for i in range(n):
+        len(xs)
+        abs(i)
+        append(i)
+        pop()
+    return n
+
+
 # -- objects: Python class instances created and freed by reference counting -------------------
 
 class _Point:
@@ -272,6 +285,8 @@ class Workload:
 
 #: What a consumer of object creation and destruction attaches.
 INSTANCE_PROBES = ("instance-new-start", "instance-new-done", "instance-delete-start", "instance-delete-done")
+#: What a consumer of C function calls attaches.
+CFUNCTION_PROBES = ("cfunction-entry", "cfunction-return")
 
 WORKLOADS = {
     w.name: w
@@ -291,6 +306,12 @@ WORKLOADS = {
             n_callgrind=15_000, events_per_n=12,
             description="create and free 3 instances of Python classes per iteration (2 with __init__); "
                         "each fires the 4 instance probes",
+        ),
+        Workload(
+            "cfunc", cfuncs, CFUNCTION_PROBES, n_quiet=250_000, n_traced=12_500,
+            n_callgrind=25_000, events_per_n=8,
+            description="a loop calling 4 C functions per iteration (len, abs, a bound list.append and "
+                        "list.pop); each fires cfunction-entry and cfunction-return",
         ),
         Workload(
             "gc", gc_heavy, ("gc-start", "gc-done"), n_quiet=120_000, n_traced=120_000,
@@ -314,5 +335,7 @@ PROBE_EVENTS = {
     "line": ("LINE",),
     "instance-new-start": ("CALL", "C_RETURN", "C_RAISE"),
     "instance-new-done": ("CALL", "C_RETURN", "C_RAISE"),
+    "cfunction-entry": ("CALL", "C_RETURN", "C_RAISE"),
+    "cfunction-return": ("CALL", "C_RETURN", "C_RAISE"),
 }
 GC_PROBES = ("gc-start", "gc-done")

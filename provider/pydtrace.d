@@ -50,4 +50,19 @@ provider python {
 	probe import__find__load__done(char *, int32_t);
 	/* (event, args): an audit event; args is the address of its tuple. */
 	probe audit(char *, uintptr_t);
+	/*
+	 * (filename, funcname, lineno, qualname): Python code calls a C
+	 * function (a builtin function, a method descriptor, a builtin type,
+	 * any callable that is not Python code). filename and lineno are the
+	 * calling frame's co_filename and the calling line; funcname is the C
+	 * function's __name__, qualname its qualified name (`len`, `math.sqrt`,
+	 * `list.append`; docs/cfunction-probes.md). This provider's addition:
+	 * CPython has no such probe.
+	 */
+	probe cfunction__entry(char *, char *, int32_t, char *);
+	/*
+	 * (filename, funcname, lineno, qualname): that C function returned or
+	 * raised; the same arguments as its entry.
+	 */
+	probe cfunction__return(char *, char *, int32_t, char *);
 };

@@ -7,13 +7,14 @@
 //! | function-return                 | sys.monitoring PY_RETURN, PY_YIELD, PY_UNWIND  |
 //! | line                            | sys.monitoring LINE                            |
 //! | instance-new-start, -done       | sys.monitoring CALL, C_RETURN, C_RAISE         |
+//! | cfunction-entry, -return        | sys.monitoring CALL, C_RETURN, C_RAISE         |
 //! | instance-delete-start, -done    | our dealloc in every Python class (`instances`) |
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
 //! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
 //!
 //! Where the interpreter was built `--with-dtrace` and fires a probe itself,
-//! that probe is left to the interpreter (DECISIONS.md, 6).
+//! that probe is left to the interpreter (docs/decisions.md, 6).
 //!
 //! Before the first consumer: no tool id, no event, no callback of ours.
 //! Once a code probe was wanted the tool id stays claimed (with no events
@@ -30,10 +31,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
 use crate::callbacks::{self, Hook};
+use crate::cfunctions;
 use crate::error::Error;
-use crate::instances;
 use crate::faults::{self, warn};
+use crate::instances;
 use crate::probes::{self, ProbeSet};
+use crate::scope;
 
 /// The name our `sys.monitoring` tool id goes by.
 const TOOL_NAME: &str = "pydtrace";
@@ -48,7 +51,19 @@ const CODE_PROBES: ProbeSet = ProbeSet::of(&[
     probes::LINE,
     probes::INSTANCE_NEW_START,
     probes::INSTANCE_NEW_DONE,
+    probes::CFUNCTION_ENTRY,
+    probes::CFUNCTION_RETURN,
 ]);
+/// Probes served by CALL, C_RETURN and C_RAISE.
+const CALL_PROBES: ProbeSet = ProbeSet::of(&[
+    probes::INSTANCE_NEW_START,
+    probes::INSTANCE_NEW_DONE,
+    probes::CFUNCTION_ENTRY,
+    probes::CFUNCTION_RETURN,
+]);
+/// The C function probes.
+const CFUNCTION_PROBES: ProbeSet =
+    ProbeSet::of(&[probes::CFUNCTION_ENTRY, probes::CFUNCTION_RETURN]);
 /// Probes that the class deallocation hook serves.
 const DELETE_PROBES: ProbeSet =
     ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
@@ -71,6 +86,14 @@ pub const ARMABLE: ProbeSet = CODE_PROBES
     } else {
         ProbeSet::EMPTY
     });
+
+/// The probes this build never arms, each with the reason (the complement of [`ARMABLE`]).
+pub fn unsupported() -> impl Iterator<Item = (&'static str, &'static str)> {
+    DELETE_PROBES
+        .difference(ARMABLE)
+        .dtrace_names()
+        .map(|name| (name, instances::DELETE_UNSUPPORTED_REASON))
+}
 
 /// The probes a `--with-dtrace` interpreter fires itself, worked out once
 /// when the module is initialised ([`detect_interpreter_probes`]).
@@ -103,7 +126,10 @@ pub fn detect_interpreter_probes(py: Python<'_>) {
     let own = if !with_dtrace {
         ProbeSet::EMPTY
     } else if py.version_info() >= (3, 15) {
-        INTERPRETER_OWN.union(ProbeSet::of(&[probes::FUNCTION_ENTRY, probes::FUNCTION_RETURN]))
+        INTERPRETER_OWN.union(ProbeSet::of(&[
+            probes::FUNCTION_ENTRY,
+            probes::FUNCTION_RETURN,
+        ]))
     } else {
         INTERPRETER_OWN
     };
@@ -116,15 +142,21 @@ const INTERPRETER_OWN: ProbeSet = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PRO
 /// Whether the process (the interpreter and what it loaded) exports `symbol`.
 fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
     extern "C" {
-        fn dlsym(handle: *mut std::ffi::c_void, symbol: *const std::os::raw::c_char)
-            -> *mut std::ffi::c_void;
+        fn dlsym(
+            handle: *mut std::ffi::c_void,
+            symbol: *const std::os::raw::c_char,
+        ) -> *mut std::ffi::c_void;
     }
     // SAFETY: RTLD_DEFAULT (null on Linux) searches the global scope; the
     // symbol is a NUL-terminated string.
     unsafe { !dlsym(std::ptr::null_mut(), symbol.as_ptr()).is_null() }
 }
 
-/// The probes that are live now: wanted by a consumer and hooked in.
+/// The probes that are live now: wanted by a consumer and hooked in. Bit
+/// `i` for probe index `i` (the provider file's order). Exported under a
+/// fixed name so that a process's state can be read from outside, by a
+/// tool with the tracer's privileges, through `/proc/PID/mem`.
+#[export_name = "pydtrace_live_probes"]
 static LIVE: AtomicU32 = AtomicU32::new(0);
 
 /// The probes that are live now.
@@ -143,9 +175,52 @@ struct MonitoringCallbacks {
     start: Py<PyAny>,
     resume: Py<PyAny>,
     leave: Py<PyAny>,
+    unwind: Py<PyAny>,
     line: Py<PyAny>,
     call: Py<PyAny>,
     call_end: Py<PyAny>,
+    cfunction_call: Py<PyAny>,
+    cfunction_call_end: Py<PyAny>,
+    call_both: Py<PyAny>,
+    call_end_both: Py<PyAny>,
+}
+
+impl MonitoringCallbacks {
+    /// The callable of one of the CALL, C_RETURN and C_RAISE hooks.
+    fn call_hook(&self, hook: Hook) -> &Py<PyAny> {
+        match hook {
+            Hook::CallEnd => &self.call_end,
+            Hook::CFunctionCall => &self.cfunction_call,
+            Hook::CFunctionCallEnd => &self.cfunction_call_end,
+            Hook::CallBoth => &self.call_both,
+            Hook::CallEndBoth => &self.call_end_both,
+            _ => &self.call,
+        }
+    }
+}
+
+/// The callbacks for CALL and for C_RETURN and C_RAISE (None: none of ours),
+/// chosen by which of the probes they serve are wanted, so that each
+/// callback does only the work of those: the instance-new probes alone keep
+/// the callbacks they had before the C function probes existed.
+type CallHooks = (Option<Hook>, Option<Hook>);
+
+fn call_hooks(wanted: ProbeSet) -> CallHooks {
+    let instance =
+        wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE);
+    let entry = wanted.contains(probes::CFUNCTION_ENTRY);
+    let exit = wanted.contains(probes::CFUNCTION_RETURN);
+    match (instance, entry || exit) {
+        (true, true) => (Some(Hook::CallBoth), Some(Hook::CallEndBoth)),
+        (true, false) => (Some(Hook::Call), Some(Hook::CallEnd)),
+        // C_RETURN and C_RAISE come whenever CALL is on: a probe not wanted
+        // gets no callback at all.
+        (false, true) => (
+            entry.then_some(Hook::CFunctionCall),
+            exit.then_some(Hook::CFunctionCallEnd),
+        ),
+        (false, false) => (Some(Hook::Call), Some(Hook::CallEnd)),
+    }
 }
 
 /// Our tool id and the event numbers of this interpreter.
@@ -198,8 +273,9 @@ impl EventBits {
         if probes.contains(probes::LINE) {
             events |= self.line;
         }
-        if probes.contains(probes::INSTANCE_NEW_START) || probes.contains(probes::INSTANCE_NEW_DONE)
-        {
+        // C_RETURN and C_RAISE come only with CALL (sys.monitoring refuses
+        // them alone), and the C function probes' pairing needs all three.
+        if !probes.intersection(CALL_PROBES).is_empty() {
             events |= self.call | self.c_return | self.c_raise;
         }
         events
@@ -212,6 +288,8 @@ struct State {
     callbacks: Option<MonitoringCallbacks>,
     /// Our `sys.monitoring` events now, and the code probes they serve.
     code_events: u32,
+    /// The callbacks registered for CALL, and for C_RETURN and C_RAISE.
+    call_hooks: CallHooks,
     code_live: ProbeSet,
     gc_callback: Option<Py<PyAny>>,
     /// The gc probes served while our callback is in `gc.callbacks`.
@@ -231,6 +309,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     monitoring: None,
     callbacks: None,
     code_events: 0,
+    call_hooks: (Some(Hook::Call), Some(Hook::CallEnd)),
     code_live: ProbeSet::EMPTY,
     gc_callback: None,
     gc_live: ProbeSet::EMPTY,
@@ -345,9 +424,14 @@ impl State {
                     start: callable(py, Hook::Start)?,
                     resume: callable(py, Hook::Resume)?,
                     leave: callable(py, Hook::Leave)?,
+                    unwind: callable(py, Hook::Unwind)?,
                     line: callable(py, Hook::Line)?,
                     call: callable(py, Hook::Call)?,
                     call_end: callable(py, Hook::CallEnd)?,
+                    cfunction_call: callable(py, Hook::CFunctionCall)?,
+                    cfunction_call_end: callable(py, Hook::CFunctionCallEnd)?,
+                    call_both: callable(py, Hook::CallBoth)?,
+                    call_end_both: callable(py, Hook::CallEndBoth)?,
                 },
             };
             let register = monitoring.getattr("register_callback")?;
@@ -357,7 +441,7 @@ impl State {
                 (events.py_throw, &callbacks.resume),
                 (events.py_return, &callbacks.leave),
                 (events.py_yield, &callbacks.leave),
-                (events.py_unwind, &callbacks.leave),
+                (events.py_unwind, &callbacks.unwind),
                 (events.line, &callbacks.line),
                 (events.call, &callbacks.call),
                 (events.c_return, &callbacks.call_end),
@@ -366,6 +450,7 @@ impl State {
                 register.call1((tool, event, callback))?;
             }
             self.callbacks = Some(callbacks);
+            self.call_hooks = (Some(Hook::Call), Some(Hook::CallEnd));
             self.monitoring = Some(Monitoring { tool, events });
         }
         Ok(self.monitoring.as_ref().expect("set above"))
@@ -379,9 +464,13 @@ impl State {
         if wanted == self.code_live {
             return Ok(());
         }
-        if wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE)
-        {
+        if !wanted.intersection(CALL_PROBES).is_empty() {
+            // Telling Python classes apart needs CPython's subtype_dealloc (also
+            // for the C function probes, which leave Python classes alone).
             instances::ensure_init(py)?;
+        }
+        if !wanted.intersection(CFUNCTION_PROBES).is_empty() {
+            cfunctions::check_layout();
         }
         let (tool, events) = match self.monitoring(py) {
             Ok(m) => (m.tool, m.events.for_probes(wanted)),
@@ -394,11 +483,47 @@ impl State {
             }
             Err(err) => return Err(err),
         };
+        // The callbacks for what is wanted, before the events flow.
+        let hooks = call_hooks(wanted);
+        if hooks != self.call_hooks {
+            let monitoring = py.import("sys")?.getattr("monitoring")?;
+            let events_of = self
+                .monitoring
+                .as_ref()
+                .map(|m| m.events)
+                .expect("claimed above");
+            let registered = self
+                .callbacks
+                .as_ref()
+                .expect("registered with the tool id");
+            let none = py.None();
+            let callable_of =
+                |hook: Option<Hook>| hook.map_or(&none, |hook| registered.call_hook(hook));
+            for (event, hook) in [
+                (events_of.call, hooks.0),
+                (events_of.c_return, hooks.1),
+                (events_of.c_raise, hooks.1),
+            ] {
+                monitoring.call_method1("register_callback", (tool, event, callable_of(hook)))?;
+            }
+            // The C function probes' own CALL callback disabled the C calls out
+            // of the scope; the instance probes, not scoped, must see them again.
+            let instance_wanted = wanted.contains(probes::INSTANCE_NEW_START)
+                || wanted.contains(probes::INSTANCE_NEW_DONE);
+            if self.call_hooks.0 == Some(Hook::CFunctionCall) && instance_wanted {
+                scope::restart_if_disabled(py);
+            }
+            self.call_hooks = hooks;
+        }
         if events != self.code_events {
             py.import("sys")?
                 .getattr("monitoring")?
                 .call_method1("set_events", (tool, events))?;
             self.code_events = events;
+        }
+        if wanted.intersection(CFUNCTION_PROBES).is_empty() {
+            // Nothing is kept alive for the C function probes while they are off.
+            cfunctions::clear();
         }
         self.code_live = wanted;
         Ok(())
@@ -408,7 +533,7 @@ impl State {
     /// and takes it out when none is.
     fn set_gc_callback(&mut self, py: Python<'_>, wanted: ProbeSet) -> Result<(), Error> {
         let on = !wanted.is_empty();
-        if on != !self.gc_live.is_empty() {
+        if on == self.gc_live.is_empty() {
             let callbacks = py
                 .import("gc")?
                 .getattr("callbacks")?

@@ -5,9 +5,10 @@
 //! array, and each one does no more than look up the code object's cached
 //! names, read an offset or line, and fire its probe. Nothing here
 //! allocates per event, waits for a lock, or can raise into the traced program:
-//! every callback returns `None`, and a failure to work out a probe's
-//! arguments is reported once through `faults::report_internal_error`,
-//! which switches that probe off.
+//! every callback returns `None` (or, for code outside the scope and an
+//! event that can be disabled, `sys.monitoring.DISABLE`: see `scope`), and
+//! a failure to work out a probe's arguments is reported once through
+//! `faults::report_internal_error`, which switches that probe off.
 
 use std::os::raw::c_char;
 use std::ptr::addr_of_mut;
@@ -16,10 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::cfunctions;
 use crate::faults;
 use crate::instances;
 use crate::names::{self, CodeNames};
 use crate::probes::{self, fire};
+use crate::scope;
 
 type FastCallArgs = *mut *mut ffi::PyObject;
 
@@ -78,8 +81,16 @@ unsafe extern "C" fn on_start(
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    if let Some((_, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
-        fire::function_entry(names.filename(), names.name(), names.entry_line(), names.qualname());
+    if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+        if !scope::allows_names(code, names) {
+            return scope::disable();
+        }
+        fire::function_entry(
+            names.filename(),
+            names.name(),
+            names.entry_line(),
+            names.qualname(),
+        );
     }
     none()
 }
@@ -92,22 +103,47 @@ unsafe extern "C" fn on_resume(
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_ENTRY) {
+        if !scope::allows_names(code, names) {
+            // PY_THROW (three arguments) cannot be disabled: CPython would raise.
+            let resume = ffi::PyVectorcall_NARGS(nargs as usize) == 2;
+            return if resume { scope::disable() } else { none() };
+        }
         let line = names.line_at(code, int_arg(args, nargs, 1));
         fire::function_entry(names.filename(), names.name(), line, names.qualname());
     }
     none()
 }
 
-/// PY_RETURN, PY_YIELD and PY_UNWIND(code, offset, value): the frame leaves,
-/// at the line of the instruction that returned, yielded or raised.
+/// PY_RETURN and PY_YIELD(code, offset, value): the frame leaves, at the
+/// line of the instruction that returned or yielded.
 unsafe extern "C" fn on_leave(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
+        if !scope::allows_names(code, names) {
+            return scope::disable();
+        }
         let line = names.line_at(code, int_arg(args, nargs, 1));
         fire::function_return(names.filename(), names.name(), line, names.qualname());
+    }
+    none()
+}
+
+/// PY_UNWIND(code, offset, exception): the frame leaves with an exception,
+/// at the line that raised. Cannot be disabled (CPython would raise), so
+/// out-of-scope code calls back here once per unwound frame, for nothing.
+unsafe extern "C" fn on_unwind(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
+        if scope::allows_names(code, names) {
+            let line = names.line_at(code, int_arg(args, nargs, 1));
+            fire::function_return(names.filename(), names.name(), line, names.qualname());
+        }
     }
     none()
 }
@@ -118,7 +154,10 @@ unsafe extern "C" fn on_line(
     args: FastCallArgs,
     nargs: ffi::Py_ssize_t,
 ) -> *mut ffi::PyObject {
-    if let Some((_, names)) = code_names(args, nargs, probes::LINE) {
+    if let Some((code, names)) = code_names(args, nargs, probes::LINE) {
+        if !scope::allows_names(code, names) {
+            return scope::disable();
+        }
         fire::line(
             names.filename(),
             names.name(),
@@ -130,7 +169,8 @@ unsafe extern "C" fn on_line(
 }
 
 /// CALL(code, offset, callable, arg0): Python code calls something; for a
-/// Python class, instance-new-start.
+/// Python class, instance-new-start. (While only the instance-new probes
+/// are wanted; see [`on_call_both`].)
 unsafe extern "C" fn on_call(
     _: *mut ffi::PyObject,
     args: FastCallArgs,
@@ -151,6 +191,75 @@ unsafe extern "C" fn on_call_end(
 ) -> *mut ffi::PyObject {
     if let Some(class) = instances::called_class(arg(args, nargs, 2)) {
         instances::new_done(class);
+    }
+    none()
+}
+
+/// CALL while only the C function probes are wanted: for a C callable,
+/// cfunction-entry. A call of C code out of the scope is disabled at its
+/// location: no CALL there any more, and so no C_RETURN or C_RAISE either.
+unsafe extern "C" fn on_cfunction_call(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    let in_scope = cfunctions::entry(
+        arg(args, nargs, 0),
+        arg(args, nargs, 1),
+        arg(args, nargs, 2),
+    );
+    if in_scope {
+        none()
+    } else {
+        scope::disable()
+    }
+}
+
+/// C_RETURN and C_RAISE while only the C function probes are wanted: for a
+/// C callable, cfunction-return.
+unsafe extern "C" fn on_cfunction_call_end(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    cfunctions::exit(
+        arg(args, nargs, 0),
+        arg(args, nargs, 1),
+        arg(args, nargs, 2),
+    );
+    none()
+}
+
+/// CALL while the instance-new and the C function probes are wanted: a
+/// Python class fires instance-new-start, a C callable cfunction-entry (the
+/// two never both: a Python class is no C callable). Nothing is disabled:
+/// the instance probes are not scoped.
+unsafe extern "C" fn on_call_both(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    let callable = arg(args, nargs, 2);
+    match instances::called_class(callable) {
+        Some(class) => instances::new_start(class),
+        None => {
+            cfunctions::entry(arg(args, nargs, 0), arg(args, nargs, 1), callable);
+        }
+    }
+    none()
+}
+
+/// C_RETURN and C_RAISE while both kinds are wanted: instance-new-done or
+/// cfunction-return.
+unsafe extern "C" fn on_call_end_both(
+    _: *mut ffi::PyObject,
+    args: FastCallArgs,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    let callable = arg(args, nargs, 2);
+    match instances::called_class(callable) {
+        Some(class) => instances::new_done(class),
+        None => cfunctions::exit(arg(args, nargs, 0), arg(args, nargs, 1), callable),
     }
     none()
 }
@@ -343,28 +452,45 @@ impl Callback {
 static mut ON_START: Callback = Callback::new(c"pydtrace_py_start", on_start);
 static mut ON_RESUME: Callback = Callback::new(c"pydtrace_py_resume", on_resume);
 static mut ON_LEAVE: Callback = Callback::new(c"pydtrace_py_leave", on_leave);
+static mut ON_UNWIND: Callback = Callback::new(c"pydtrace_py_unwind", on_unwind);
 static mut ON_LINE: Callback = Callback::new(c"pydtrace_line", on_line);
 static mut ON_GC: Callback = Callback::new(c"pydtrace_gc", on_gc);
 static mut ON_CALL: Callback = Callback::new(c"pydtrace_call", on_call);
 static mut ON_CALL_END: Callback = Callback::new(c"pydtrace_call_end", on_call_end);
+static mut ON_CFUNCTION_CALL: Callback =
+    Callback::new(c"pydtrace_cfunction_call", on_cfunction_call);
+static mut ON_CFUNCTION_CALL_END: Callback =
+    Callback::new(c"pydtrace_cfunction_call_end", on_cfunction_call_end);
+static mut ON_CALL_BOTH: Callback = Callback::new(c"pydtrace_call_both", on_call_both);
+static mut ON_CALL_END_BOTH: Callback = Callback::new(c"pydtrace_call_end_both", on_call_end_both);
 static mut NOOP: Callback = Callback::new(c"pydtrace_noop", noop);
 static mut FIND_AND_LOAD: Callback = Callback::with_keywords(c"_find_and_load", on_find_and_load);
 
 /// Which callback serves a `sys.monitoring` event or `gc.callbacks`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// PY_START.
     Start,
     /// PY_RESUME and PY_THROW.
     Resume,
-    /// PY_RETURN, PY_YIELD and PY_UNWIND.
+    /// PY_RETURN and PY_YIELD.
     Leave,
+    /// PY_UNWIND.
+    Unwind,
     /// LINE.
     Line,
     /// CALL.
     Call,
     /// C_RETURN and C_RAISE.
     CallEnd,
+    /// CALL, for the C function probes alone.
+    CFunctionCall,
+    /// C_RETURN and C_RAISE, for the C function probes alone.
+    CFunctionCallEnd,
+    /// CALL, for the instance-new and the C function probes together.
+    CallBoth,
+    /// C_RETURN and C_RAISE, for both together.
+    CallEndBoth,
     /// gc.callbacks.
     Gc,
     /// Nothing: a benchmark's reference callback.
@@ -386,9 +512,14 @@ pub fn callable(
             Hook::Start => addr_of_mut!(ON_START.def),
             Hook::Resume => addr_of_mut!(ON_RESUME.def),
             Hook::Leave => addr_of_mut!(ON_LEAVE.def),
+            Hook::Unwind => addr_of_mut!(ON_UNWIND.def),
             Hook::Line => addr_of_mut!(ON_LINE.def),
             Hook::Call => addr_of_mut!(ON_CALL.def),
             Hook::CallEnd => addr_of_mut!(ON_CALL_END.def),
+            Hook::CFunctionCall => addr_of_mut!(ON_CFUNCTION_CALL.def),
+            Hook::CFunctionCallEnd => addr_of_mut!(ON_CFUNCTION_CALL_END.def),
+            Hook::CallBoth => addr_of_mut!(ON_CALL_BOTH.def),
+            Hook::CallEndBoth => addr_of_mut!(ON_CALL_END_BOTH.def),
             Hook::Gc => addr_of_mut!(ON_GC.def),
             Hook::Noop => addr_of_mut!(NOOP.def),
             Hook::FindAndLoad => addr_of_mut!(FIND_AND_LOAD.def),

@@ -69,7 +69,9 @@ pub fn report_arming_error(py: Python<'_>, what: &str) {
     if !ARMING_WARNED.swap(true, Ordering::Relaxed) {
         warn(
             py,
-            &format!("arming the probes failed (retried when a consumer attaches or leaves): {what}"),
+            &format!(
+                "arming the probes failed (retried when a consumer attaches or leaves): {what}"
+            ),
         );
     }
 }

@@ -6,27 +6,38 @@
 //! hooks those probes need: `sys.monitoring` events, a `gc.callbacks` entry,
 //! an import wrapper, an audit hook, the classes' deallocator (`instances`).
 //! The native callbacks (`callbacks`) fire the probes with the names cached
-//! per code object (`names`). While no consumer is attached, nothing of this
-//! runs but a thread that reads twelve counters every 20 ms.
+//! per code object (`names`), and per C callable for the C function probes
+//! (`cfunctions`), for code in the scope in force (`scope`, set by
+//! `PYDTRACE_SCOPE` or by a tool through the `channel`). While no consumer
+//! is attached, nothing of this runs but a thread that reads one counter per
+//! probe (and the channel's doorbell) every 20 ms.
 //!
 //! This module is the thin PyO3 layer over that; the public API is the
 //! Python package `dtrace`, which documents it.
 
 mod arming;
 mod callbacks;
+mod cfunctions;
+mod channel;
 mod enablement;
 mod error;
 mod faults;
 mod instances;
 mod names;
 mod probes;
+mod scope;
 mod watcher;
+
+/// build.rs's code generation, compiled here only for its unit tests.
+#[cfg(test)]
+#[path = "../build/codegen.rs"]
+mod codegen;
 
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyFrozenSet;
+use pyo3::types::{IntoPyDict, PyFrozenSet};
 
 use crate::probes::{ProbeSet, PROBE_DTRACE_NAMES};
 
@@ -56,10 +67,16 @@ mod _native {
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         probes::register();
         names::init()?;
+        crate::scope::init(m.py());
         arming::detect_interpreter_probes(m.py());
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
+        m.add("PROBE_ARGUMENTS", probes::PROBE_ARGUMENTS.to_vec())?;
         m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
+        m.add(
+            "UNSUPPORTED_PROBES",
+            arming::unsupported().into_py_dict(m.py())?,
+        )?;
         Ok(())
     }
 
@@ -138,15 +155,59 @@ mod _native {
     }
 
     /// Starts watching for consumers; `force` names probes to arm without
-    /// one (for measuring the shim's own cost).
+    /// one (for measuring the shim's own cost); `scope` is the base scope
+    /// (`PYDTRACE_SCOPE`), which when malformed is ignored with one warning.
     #[pyfunction]
-    #[pyo3(signature = (force=Vec::new()))]
-    fn arm(force: Vec<String>) -> PyResult<()> {
+    #[pyo3(signature = (force=Vec::new(), scope=None))]
+    fn arm(py: Python<'_>, force: Vec<String>, scope: Option<&str>) -> PyResult<()> {
         let forced = ProbeSet::from_names(&force)?;
+        if let Some(text) = scope {
+            crate::scope::set_base(py, text);
+        }
         if probes::backend_available() {
             watcher::start(forced)?;
         }
         Ok(())
+    }
+
+    /// The scope in force: (module names, file globs, PIDs of the tools
+    /// whose leases make it), or None while every code object fires.
+    #[pyfunction]
+    fn scope() -> Option<(Vec<String>, Vec<String>, Vec<u32>)> {
+        crate::scope::in_force()
+    }
+
+    /// Parses a scope as `PYDTRACE_SCOPE` and the tools' channel do:
+    /// (module names, file globs); ValueError if it is malformed.
+    #[pyfunction]
+    fn parse_scope(text: &str) -> PyResult<(Vec<String>, Vec<String>)> {
+        let parsed =
+            crate::scope::Scope::parse(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok((
+            parsed.modules().to_vec(),
+            parsed.files().map(str::to_owned).collect(),
+        ))
+    }
+
+    /// Whether the scope `text` covers code run under module names
+    /// `modules` from file `filename` (for tests of the scope rule).
+    #[pyfunction]
+    fn scope_covers(text: &str, modules: Vec<String>, filename: &str) -> PyResult<bool> {
+        let parsed =
+            crate::scope::Scope::parse(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(parsed.covers(&modules, filename))
+    }
+
+    /// (scope verdicts decided, `sys.monitoring.DISABLE`s returned) in this process.
+    #[pyfunction]
+    fn scope_stats() -> (u64, u64) {
+        crate::scope::stats()
+    }
+
+    /// The scope channel's layout (offsets and sizes), for tests of the tool side.
+    #[pyfunction]
+    fn scope_channel_layout() -> Vec<(&'static str, usize)> {
+        channel::layout()
     }
 
     /// Records how the module came into this process: `"gdb"` or
@@ -204,6 +265,13 @@ mod _native {
     #[pyfunction]
     fn name_cache_entries() -> isize {
         names::live_entries()
+    }
+
+    /// (entries in the C function probes' name cache now, names worked out
+    /// for it so far).
+    #[pyfunction]
+    fn cfunction_cache_stats() -> (isize, usize) {
+        cfunctions::cache_stats()
     }
 
     /// How many classes carry the instance-delete hook now.

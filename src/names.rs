@@ -199,6 +199,8 @@ pub struct CodeNames {
     entry_line: i32,
     /// Built on the first event that needs an offset's line.
     lines: OnceCell<Option<LineTable>>,
+    /// Whether the code is in the scope in force (`scope`), and under which generation.
+    scope: crate::scope::Verdict,
 }
 
 impl CodeNames {
@@ -218,6 +220,12 @@ impl CodeNames {
     #[inline]
     pub fn qualname(&self) -> *const c_char {
         self.qualname
+    }
+
+    /// The cached scope verdict (see `scope::allows_names`).
+    #[inline(always)]
+    pub fn scope_verdict(&self) -> &crate::scope::Verdict {
+        &self.scope
     }
 
     /// The line of the code's first instruction, as CPython 3.15 passes it
@@ -252,27 +260,29 @@ impl CodeNames {
         let name = ffi::PyObject_GetAttrString(code, c"co_name".as_ptr());
         let qualname = ffi::PyObject_GetAttrString(code, c"co_qualname".as_ptr());
         let first_line = ffi::PyObject_GetAttrString(code, c"co_firstlineno".as_ptr());
-        let names = if filename.is_null() || name.is_null() || qualname.is_null() || first_line.is_null() {
-            None
-        } else {
-            // The attributes are the code object's own (immutable) fields, so
-            // the borrowed UTF-8 buffers live as long as the code object.
-            let held = [
-                ProbeString::from_str_object(filename),
-                ProbeString::from_str_object(name),
-                ProbeString::from_str_object(qualname),
-            ];
-            let first_line = ffi::PyLong_AsLong(first_line) as i32;
-            Some(CodeNames {
-                filename: held[0].as_ptr(),
-                name: held[1].as_ptr(),
-                qualname: held[2].as_ptr(),
-                _held: held,
-                first_line,
-                entry_line: first_instruction_line(code).unwrap_or(first_line),
-                lines: OnceCell::new(),
-            })
-        };
+        let names =
+            if filename.is_null() || name.is_null() || qualname.is_null() || first_line.is_null() {
+                None
+            } else {
+                // The attributes are the code object's own (immutable) fields, so
+                // the borrowed UTF-8 buffers live as long as the code object.
+                let held = [
+                    ProbeString::from_str_object(filename),
+                    ProbeString::from_str_object(name),
+                    ProbeString::from_str_object(qualname),
+                ];
+                let first_line = ffi::PyLong_AsLong(first_line) as i32;
+                Some(CodeNames {
+                    filename: held[0].as_ptr(),
+                    name: held[1].as_ptr(),
+                    qualname: held[2].as_ptr(),
+                    _held: held,
+                    first_line,
+                    entry_line: first_instruction_line(code).unwrap_or(first_line),
+                    lines: OnceCell::new(),
+                    scope: crate::scope::Verdict::new(),
+                })
+            };
         for obj in [filename, name, qualname, first_line] {
             if !obj.is_null() {
                 ffi::Py_DECREF(obj);
@@ -366,5 +376,32 @@ unsafe extern "C" fn free_code_names(extra: *mut c_void) {
     if !extra.is_null() {
         drop(Box::from_raw(extra as *mut CodeNames));
         LIVE_ENTRIES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineTable;
+
+    #[test]
+    fn offsets_map_to_the_line_of_their_range() {
+        // Ranges as co_lines() gives them, after merging runs of one line: offsets 0-1 have
+        // no line, 2-9 are line 5, 10-13 line 6, 14 on line 5 again.
+        let table = LineTable {
+            starts: vec![0, 2, 10, 14],
+            lines: vec![0, 5, 6, 5],
+        };
+        assert_eq!(table.line_at(0), 0);
+        assert_eq!(table.line_at(1), 0);
+        assert_eq!(table.line_at(2), 5);
+        assert_eq!(table.line_at(9), 5);
+        assert_eq!(table.line_at(10), 6);
+        assert_eq!(table.line_at(14), 5);
+        assert_eq!(table.line_at(1000), 5);
+        let empty = LineTable {
+            starts: vec![],
+            lines: vec![],
+        };
+        assert_eq!(empty.line_at(4), 0);
     }
 }

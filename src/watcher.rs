@@ -13,7 +13,8 @@
 //! within microseconds while it runs Python. Only when that has not happened
 //! within one poll (the main thread is blocked in C) does this thread take
 //! the GIL itself. Either way the GIL is taken once per change, and arming
-//! does no import or I/O under it.
+//! does no import or I/O under it. A change of the scope that a tool asks
+//! for through the channel (`channel`, `scope`) is handed over the same way.
 //!
 //! Two moments need the thread out of the way:
 //! - `os.fork()`: Python 3.12+ warns when a process with other OS threads
@@ -39,11 +40,13 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::arming;
+use crate::channel;
 use crate::enablement;
 use crate::error::Error;
 use crate::faults;
 use crate::names::interpreter_finalizing;
 use crate::probes::ProbeSet;
+use crate::scope;
 
 /// How often the semaphores are read: a consumer's probes are live, or
 /// switched off after it leaves, within about this long.
@@ -128,7 +131,11 @@ fn thread_name() -> String {
 pub fn set_origin(tag: u8) {
     ORIGIN.store(tag, Ordering::Relaxed);
     #[cfg(target_os = "linux")]
-    if let Some(running) = state().running.as_ref().filter(|r| r.pid == std::process::id()) {
+    if let Some(running) = state()
+        .running
+        .as_ref()
+        .filter(|r| r.pid == std::process::id())
+    {
         use std::os::unix::thread::JoinHandleExt;
         name_thread(running.handle.as_pthread_t());
     }
@@ -187,6 +194,7 @@ pub fn start(forced: ProbeSet) -> Result<(), Error> {
         control,
         pid: std::process::id(),
     });
+    channel::set_watcher_running(true);
     Ok(())
 }
 
@@ -207,6 +215,7 @@ pub fn stop(py: Python<'_>) -> bool {
     if running.pid != std::process::id() {
         return false;
     }
+    channel::set_watcher_running(false);
     *running
         .control
         .stop
@@ -223,7 +232,11 @@ pub fn stop(py: Python<'_>) -> bool {
 pub fn before_fork(py: Python<'_>) {
     let was_running = stop(py);
     // A restart still waiting from the previous fork counts as running.
-    let restart_waiting = FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()).take().is_some();
+    let restart_waiting = FORK_RESTART
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .is_some();
     state().resume_after_fork = was_running || restart_waiting;
 }
 
@@ -233,6 +246,7 @@ pub fn before_fork(py: Python<'_>) {
 /// parent sees the parent's semaphores until its first probe hit, then the
 /// kernel drops them and the child goes idle).
 pub fn after_fork_child() -> Result<(), Error> {
+    channel::after_fork_child();
     if std::mem::take(&mut state().resume_after_fork) {
         start(forced())?;
     }
@@ -264,7 +278,10 @@ pub fn after_fork_parent(py: Python<'_>) -> Result<(), Error> {
     });
     // SAFETY: a static function; callable with the GIL held.
     if unsafe { ffi::Py_AddPendingCall(Some(restart_after_fork), std::ptr::null_mut()) } != 0 {
-        FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()).take();
+        FORK_RESTART
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         return start(forced()); // the queue is full: better a warning than no probes
     }
     Ok(())
@@ -325,7 +342,11 @@ unsafe fn fork_caller_below_top(caller: &ForkCaller) -> bool {
     let mut frame = ffi::PyFrame_GetBack(top); // a new reference
     while !frame.is_null() {
         let found = frame as usize == caller.frame && ffi::PyFrame_GetLasti(frame) == caller.lasti;
-        let back = if found { std::ptr::null_mut() } else { ffi::PyFrame_GetBack(frame) };
+        let back = if found {
+            std::ptr::null_mut()
+        } else {
+            ffi::PyFrame_GetBack(frame)
+        };
         ffi::Py_DECREF(frame.cast());
         if found {
             return true;
@@ -363,7 +384,9 @@ fn watch(control: &Control, mut named: u8) {
         }
         let wanted = enablement::consumer_enabled().union(forced());
         let kicked = faults::take_kick();
-        if applied != wanted || kicked {
+        // A tool's scope request (or the end of its lease): applied with the GIL too.
+        let scope_changed = channel::poll();
+        if applied != wanted || kicked || scope_changed {
             if !apply_with_gil(wanted) {
                 return; // the interpreter is going away
             }
@@ -470,6 +493,7 @@ fn apply_requested(py: Python<'_>) -> bool {
         }
         (handoff.wanted, handoff.requested)
     };
+    scope::apply(py);
     if let Err(err) = arming::apply(py, wanted) {
         faults::report_arming_error(py, &err.to_string());
     }

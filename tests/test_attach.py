@@ -26,7 +26,7 @@ import textwrap
 
 import pytest
 
-from tracing import STEP_TIMEOUT, _Lines, parse_json_line, require_tracer, stop_with_sigint
+from tracing import STEP_TIMEOUT, Lines, parse_json_line, require_tracer, stop_with_sigint
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1234
@@ -151,8 +151,8 @@ class BusyProcess:
             [sys.executable, "-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=environment,
         )
-        self.stdout = _Lines(self.process.stdout, "the busy workload")
-        self.stderr = _Lines(self.process.stderr, "the busy workload's stderr")
+        self.stdout = Lines(self.process.stdout, "the busy workload")
+        self.stderr = Lines(self.process.stderr, "the busy workload's stderr")
         ready = self.stdout.next()
         assert ready and ready.startswith("READY "), (ready, self.stderr.rest(5))
         _, pid, self.library = ready.split(" ", 2)
@@ -177,8 +177,8 @@ def attach_and_count(workload: BusyProcess) -> dict[str, int]:
         ["bpftrace", "-f", "json", "-p", str(workload.pid), "-e", program],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="backslashreplace",
     )
-    out = _Lines(tracer.stdout, "bpftrace")
-    err = _Lines(tracer.stderr, "bpftrace's stderr")
+    out = Lines(tracer.stdout, "bpftrace")
+    err = Lines(tracer.stderr, "bpftrace's stderr")
     try:
         while True:  # the first event: the probes went live without the workload's help
             line = out.next()

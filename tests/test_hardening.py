@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -404,7 +403,7 @@ def test_sub_interpreters_get_available_false_and_do_not_crash():
 
 
 def test_the_child_of_a_traced_parent_goes_idle_by_itself(workload_dir):
-    # DECISIONS.md, 8: the child inherits the parent's raised semaphores until its first
+    # docs/decisions.md, 8: the child inherits the parent's raised semaphores until its first
     # probe hit, when the kernel drops them; then it must switch its hooks off.
     body = """
         import json, os, time, dtrace

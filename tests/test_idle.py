@@ -1,4 +1,4 @@
-"""Idle means idle: the deterministic guards behind the benchmarks' cost model (DECISIONS.md, 4).
+"""Idle means idle: the deterministic guards behind the benchmarks' cost model (docs/decisions.md, 4).
 
 While no consumer is attached, nothing of ours is hooked into the interpreter:
 no ``sys.monitoring`` event for any tool, no tool id before a code probe was
@@ -109,6 +109,7 @@ def snapshot():
         "find_and_load_original": bootstrap._find_and_load is ORIGINAL_FIND_AND_LOAD,
         "slots": type_slots(),
         "watcher": list(native.watcher_stats()),
+        "cfunction_cache": native.cfunction_cache_stats()[0],
     }
 
 def after_polls(count):
@@ -179,8 +180,8 @@ class IdleRun:
         env["IDLE_TIMEOUT"] = str(tracing.STEP_TIMEOUT)
         self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.stdout = tracing._Lines(self.process.stdout, "the idle driver")
-        self.stderr = tracing._Lines(self.process.stderr, "the idle driver's stderr")
+        self.stdout = tracing.Lines(self.process.stdout, "the idle driver")
+        self.stderr = tracing.Lines(self.process.stderr, "the idle driver's stderr")
         self.ready = self.expect("READY")
 
     def expect(self, tag: str) -> Any:
@@ -317,6 +318,35 @@ def test_idle_again_after_an_instance_consumer_detaches(workload_dir):
     assert_idle(after, tool_claimed=True)
 
 
+CFUNCTION_PROGRAM = """
+usdt:{lib}:python:cfunction__entry { @entry = count(); }
+usdt:{lib}:python:cfunction__return { @return = count(); }
+"""
+
+
+def test_idle_again_after_a_cfunction_consumer_detaches(workload_dir):
+    """The C function probes switch on CALL (sys.monitoring keeps C_RETURN and C_RAISE with it)
+    and nothing else; after the consumer leaves, no event, and their name cache is empty."""
+    import dtrace
+
+    if "cfunction-entry" not in dtrace._native.ARMABLE_PROBES:
+        pytest.skip("the C function probes are not armable in this build")
+    _, before, live, after, maps = attached_run(
+        workload_dir, CFUNCTION_PROGRAM, ["cfunction-entry", "cfunction-return"])
+    assert_idle(before, tool_claimed=False)
+    assert sorted(live["enabled"]) == ["cfunction-entry", "cfunction-return"], live
+    call = 16  # sys.monitoring.events.CALL: get_events() shows C_RETURN and C_RAISE folded into it
+    assert live["tool"] is not None and live["events"][live["tool"]] == call, live
+    assert live["hooks_added"] == 0 and live["find_and_load_original"], live
+    assert not [c for c in live["gc_callbacks"] if c.startswith("pydtrace")], live
+    assert live["slots"]["patched_deallocs"] == 0, live["slots"]
+    # A C call in progress at detach (the driver's readline) has no return counted; one in progress
+    # when the events went live (the driver's wait, its readline) has no entry counted.
+    assert maps.get("@entry", 0) > 10 and -3 <= maps["@entry"] - maps.get("@return", 0) <= 2, maps
+    assert_idle(after, tool_claimed=True)
+    assert after["last"]["cfunction_cache"] == 0, after
+
+
 IMPORT_PROGRAM = """
 usdt:{lib}:python:import__find__load__start { @start = count(); }
 """
@@ -336,7 +366,7 @@ def test_idle_again_after_an_import_consumer_detaches(workload_dir):
 
 def test_an_audit_hook_is_added_only_for_an_audit_consumer(workload_dir):
     """The positive side of the audit guard: the hook appears exactly when a consumer enables
-    ``audit`` (once: it cannot be removed, DECISIONS.md, 4), and the detector sees it."""
+    ``audit`` (once: it cannot be removed, docs/decisions.md, 4), and the detector sees it."""
     import dtrace
 
     if "audit" not in dtrace._native.ARMABLE_PROBES:

@@ -39,7 +39,7 @@ import pytest
 
 import dtrace
 from dtrace.tools import inject
-from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, _Lines, require_tracer, run_tool, tool_command
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1500
@@ -211,8 +211,8 @@ class Workload:
         self.shape = shape
         self.process = subprocess.Popen([python, "-c", source], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, env={**clean_environment(), **(env or {})})
-        self.stdout = _Lines(self.process.stdout, f"the {shape} workload")
-        self.stderr = _Lines(self.process.stderr, f"the {shape} workload's stderr")
+        self.stdout = Lines(self.process.stdout, f"the {shape} workload")
+        self.stderr = Lines(self.process.stderr, f"the {shape} workload's stderr")
         self.slept: list[float] = []
         words = self.expect("READY").split()
         self.pid = int(words[1])
@@ -650,7 +650,7 @@ def test_no_safe_point_in_time_leaves_the_process_untouched():
     require_gdb()
     process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=clean_environment())
-    stdout = _Lines(process.stdout, "the blocked workload")
+    stdout = Lines(process.stdout, "the blocked workload")
     try:
         _, pid, write_end = stdout.next().split()
         pid = int(pid)
@@ -682,7 +682,7 @@ def test_a_process_another_debugger_traces():
         holder = subprocess.Popen(["gdb", "-batch", "-nx", "-p", str(workload.pid), "-ex", "echo attached\\n",
                                    "-ex", "continue"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        said = _Lines(holder.stdout, "the other debugger")
+        said = Lines(holder.stdout, "the other debugger")
         while True:
             line = said.next()
             assert line is not None, "the other debugger did not attach"
@@ -849,7 +849,7 @@ def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
     require_gdb()
     process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=clean_environment())
-    stdout = _Lines(process.stdout, "the blocked workload")
+    stdout = Lines(process.stdout, "the blocked workload")
     tool = None
     try:
         _, pid, write_end = stdout.next().split()
@@ -857,7 +857,7 @@ def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
         tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "600"})
-        said = _Lines(tool.stderr, "the tool's stderr")
+        said = Lines(tool.stderr, "the tool's stderr")
         while True:
             line = said.next()
             assert line is not None, said.seen

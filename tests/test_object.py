@@ -1,4 +1,4 @@
-"""The built shared object: twelve probes of provider python, as readelf sees them."""
+"""The built shared object: fourteen probes of provider python, as readelf sees them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import dtrace
 PROVIDER_FILE = Path(__file__).resolve().parent.parent / "provider" / "pydtrace.d"
 
 # CPython's argument layout (Include/pydtrace.d), as the SDT notes spell the sizes, then this
-# provider's additions: co_qualname after the function and line probes' three.
+# provider's additions: co_qualname after the function and line probes' three, and the C function
+# probes, laid out as the function probes are.
 EXPECTED_ARGUMENT_SIZES = {
     "function__entry": ["8", "8", "-4", "8"],
     "function__return": ["8", "8", "-4", "8"],
@@ -28,6 +29,8 @@ EXPECTED_ARGUMENT_SIZES = {
     "import__find__load__start": ["8"],
     "import__find__load__done": ["8", "-4"],
     "audit": ["8", "8"],
+    "cfunction__entry": ["8", "8", "-4", "8"],
+    "cfunction__return": ["8", "8", "-4", "8"],
 }
 
 NOTE = re.compile(
@@ -57,10 +60,10 @@ def sections() -> dict[str, tuple[int, int, int]]:
     return found
 
 
-def test_twelve_probes_in_provider_python():
+def test_fourteen_probes_in_provider_python():
     notes = probe_notes()
     assert sorted(n["name"] for n in notes if n["provider"] == "python") == sorted(EXPECTED_ARGUMENT_SIZES)
-    assert len(notes) == 12, "each probe has exactly one site"
+    assert len(notes) == 14, "each probe has exactly one site"
 
 
 def test_probe_names_follow_the_provider_file():

@@ -3,6 +3,7 @@ the bundled scripts under bpftrace's own check; the errors, with their messages 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,7 +17,8 @@ import pytest
 
 import dtrace
 from dtrace.tools import TOOLS
-from tracing import STEP_TIMEOUT, Bpftrace, Workload, require_tracer, run_tool, trace_with_tool
+from dtrace.tools.flame import TIMES as FLAME_TIMES
+from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -41,6 +43,8 @@ def traced_command(directory: Path, *args: str, body: str) -> subprocess.Complet
     # Neither the tool nor the traced command failed (the tool reports the command's status).
     assert "Traceback" not in done.stderr, done.stderr
     assert "the command exited with status" not in done.stderr, done.stderr
+    # Nor did the tracer complain (a helper error, a warning about the program).
+    assert not re.search(r"helper errors|WARNING|ERROR", done.stderr), done.stderr
     return done
 
 
@@ -123,7 +127,8 @@ def test_generated_variants_pass_bpftrace_check_and_keep_to_the_file(args):
 
 
 def test_script_is_the_file_when_no_option_changes_it():
-    for name in ("gc", "lines", "objnew", "flame", "flow"):
+    # (calls, flame and flow have optional parts: --latency, --native.)
+    for name in ("gc", "lines", "objnew"):
         done = run_tool(name, "--script")
         assert done.stdout == (SCRIPTS / f"{TOOLS[name].script}.bt").read_text(), name
 
@@ -318,6 +323,47 @@ def test_objnew_through_c_and_p_counts_the_instances_of_a_class(workload_dir):
     assert rows(tool.stdout, 1, "Widget")[0][:3] == ["123", "Widget", str(workload.path)], tool.stdout
 
 
+ENUMS = """
+    import copy
+    import enum
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Widget:
+        pass
+
+    class Single:
+        _it = None
+
+        def __new__(cls):
+            if cls._it is None:
+                cls._it = super().__new__(cls)
+            return cls._it
+
+    def run(result):
+        for _ in range(5):
+            Color(1)  # a lookup: no new instance
+        widgets = [Widget() for _ in range(4)]
+        copies = [copy.copy(widgets[0]) for _ in range(3)]  # made by C code: not seen
+        for _ in range(6):
+            Single()  # one instance, five times the same one
+        result["distinct"] = len({id(Single()) for _ in range(2)})
+"""
+
+
+@pytest.mark.skipif(not INSTANCES_NEW, reason=NOT_ARMABLE)
+def test_objnew_counts_calls_of_python_classes_from_python_code_not_new_instances(workload_dir):
+    """What objnew counts, pinned: instance__new__start fires at each call of a Python class from
+    Python code (CALL, before __new__), whatever __new__ or the metaclass returns. An Enum lookup
+    or a cached instance counts each call; an instance made by C code (copy.copy) does not count."""
+    workload, tool = trace_with_tool(ENUMS, ["objnew", "-n", "0"], ["instance-new-start"], workload_dir)
+    assert tool.code == 0, tool.stderr
+    counts = {row[1]: row[0] for row in (line.split() for line in tool.stdout.splitlines()[1:]) if len(row) == 3}
+    assert counts["Color"] == "5" and counts["Widget"] == "4" and counts["Single"] == "8", tool.stdout
+    assert workload.result["distinct"] == 1
+
+
 TREES = """
     class Node:
         def __init__(self, children=()):
@@ -435,6 +481,52 @@ def test_where_connect_through_p_counts_the_stacks(workload_dir):
     check_where(tool.stdout, str(workload.path), workload.path)
 
 
+MODULE_LEVEL = """\
+import os, socket, sys
+import dtrace
+print(os.getpid(), flush=True)
+sys.stdin.readline()  # the tool is attached
+dtrace.wait_for_consumer("function-entry", "function-return", "line", timeout=60)
+for port in (9, 7):
+    s = socket.socket()
+    s.connect_ex(("127.0.0.1", port))  # connect at module level
+    s.close()
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(workload_dir):
+    """Code at module level, attached with -p: its <module> frame was entered long before tracing
+    began; the line probe's file and function (arg0, arg3) show it, marked as such."""
+    require_tracer()
+    script = write(workload_dir, MODULE_LEVEL, "module_level.py")
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    tool = None
+    try:
+        pid = int(process.stdout.readline())
+        tool = ToolRun(["where", "connect"], pid)
+        tool.start()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "done\n"
+        tool.stop()
+    finally:
+        if tool is not None:
+            tool.kill()
+        process.kill()
+        process.wait()
+    assert tool.code == 0, tool.stderr
+    place = f"{script}:{line_of(script, '# connect at module level')}"
+    assert tool.stdout.splitlines()[:3] == [
+        "connect(): 2 calls from 1 Python stacks, innermost frame first",
+        "",
+        f"      2  {place}  <module>  (running since before tracing began; its callers are not known)",
+    ], tool.stdout
+    assert rows(tool.stdout, 1, "<module>")[-1] == ["2", "<module>", place], tool.stdout
+
+
 # --- flame --------------------------------------------------------------------------------------
 
 
@@ -442,6 +534,7 @@ def test_flame_through_c_writes_an_svg_and_folded_stacks(workload_dir):
     body = as_script(NESTED)
     done = traced_command(workload_dir, "flame", "-o", "out.svg", body=body)
     assert "wrote out.svg" in done.stdout
+    assert FLAME_TIMES in done.stdout  # wall time, callees included, and how it differs from sampling
     svg = ElementTree.parse(workload_dir / "out.svg").getroot()
     titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
     leaf = [t for t in titles if t.startswith("leaf (workload.py)")]
@@ -467,6 +560,33 @@ def test_flame_through_p_folds_the_stacks_entered_after_attaching(workload_dir):
     assert not [key for key in stacks if key.startswith("<module>")], stacks
 
 
+def test_flame_through_c_writes_speedscope_and_folded_files_and_says_what_the_times_are(workload_dir):
+    body = as_script(NESTED)
+    done = traced_command(workload_dir, "flame", "-o", "app.speedscope.json", body=body)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("wrote app.speedscope.json: ") and lines[0].endswith(
+        "open it at https://www.speedscope.app"), done.stdout
+    assert lines[1] == FLAME_TIMES, done.stdout
+    profile = json.loads((workload_dir / "app.speedscope.json").read_text())
+    names = [frame["name"] for frame in profile["shared"]["frames"]]
+    (sampled,) = profile["profiles"]
+    assert sampled["type"] == "sampled" and sampled["unit"] == "nanoseconds"
+    stacks = {tuple(names[i] for i in sample): weight for sample, weight in zip(sampled["samples"], sampled["weights"])}
+    assert stacks[("<module>", "run", "outer", "outer.<locals>.<genexpr>", "inner", "leaf")] > 0, stacks
+    assert sampled["endValue"] == sum(sampled["weights"])
+
+    done = traced_command(workload_dir, "flame", "--format", "folded", "-o", "app.folded", body=body)
+    assert done.stdout.splitlines()[0].startswith("wrote app.folded: folded stacks, ")
+    stacks = dict(line.rsplit(" ", 1) for line in (workload_dir / "app.folded").read_text().splitlines())
+    f = "(workload.py)"
+    assert int(stacks[f"<module> {f};run {f};outer {f};outer.<locals>.<genexpr> {f};inner {f};leaf {f}"]) > 0
+
+    # Folded stacks on standard output: the note goes to stderr, the output stays pure.
+    done = traced_command(workload_dir, "flame", "--folded", body=body)
+    assert f"pydtrace: {FLAME_TIMES}" in done.stderr
+    assert all(re.fullmatch(r".+ \d+", line) for line in done.stdout.splitlines()), done.stdout
+
+
 # --- list ---------------------------------------------------------------------------------------
 
 
@@ -477,7 +597,7 @@ def test_list_without_a_target_prints_the_probe_object():
     from dtrace.tools.listing import ARGUMENTS
 
     listed = [line.split()[0] for line in done.stdout.splitlines() if line.split()[:1] and line.split()[0] in ARGUMENTS]
-    assert listed == list(ARGUMENTS)  # all twelve, in the provider file's order
+    assert listed == list(ARGUMENTS)  # all fourteen, in the provider file's order
 
 
 def test_list_through_p_shows_which_probes_are_enabled(workload_dir):
@@ -507,11 +627,11 @@ def test_list_through_c_lists_and_lets_the_command_run(workload_dir):
     assert done.stdout.rstrip().endswith("ran")
 
 
-# --- errors: a message and exit code 1, never a traceback ---------------------------------------
+# --- errors: a message and exit code 1 (2 for usage errors), never a traceback ------------------
 
 
-def check_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+def check_error(done: subprocess.CompletedProcess, *phrases: str, code: int = 1) -> None:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     for phrase in phrases:
         assert phrase in done.stderr, done.stderr
@@ -574,7 +694,7 @@ def test_error_command_that_never_loads_dtrace():
 
 
 def test_error_usage_without_a_target():
-    check_error(run_tool("calls"), "give -p PID or -c COMMAND")
+    check_error(run_tool("calls"), "give -p PID or -c COMMAND", code=2)
 
 
 def test_ctrl_c_during_c_prints_what_was_gathered(workload_dir):

@@ -4,8 +4,8 @@ The one fixture module for tests that need a tracer. A test writes a
 workload module (a ``run(result)`` function), and a bpftrace program; then:
 
 1. :class:`Workload` starts the module under this interpreter. The driver
-   imports ``dtrace`` (arming the probes), reports its PID and probe object,
-   and waits.
+   imports ``dtrace`` (arming the probes) and the workload module, reports
+   its PID and probe object, and waits.
 2. :class:`Bpftrace` attaches with ``-p PID`` and waits for the program's
    ``BEGIN`` line, printed only once every probe of the program is attached.
 3. The workload is told to go; it waits in ``dtrace.wait_for_consumer`` until
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from dtrace.tools.runner import Stopper
+from dtrace.tools.tracers import decode_json_line
 
 #: Seconds any one handshake step may take before the test fails.
 STEP_TIMEOUT = 60.0
@@ -56,9 +58,9 @@ def tracer_missing_reason() -> str | None:
     return None
 
 
-def require_tracer() -> None:
-    """Skip the calling test where bpftrace cannot attach; fail under PYDTRACE_REQUIRE_TRACER=1."""
-    reason = tracer_missing_reason()
+def require(reason: str | None) -> None:
+    """Skip the calling test for ``reason`` (a consumer that cannot attach here), or fail under
+    PYDTRACE_REQUIRE_TRACER=1; nothing when ``reason`` is None."""
     if reason is None:
         return
     if REQUIRE_TRACER:
@@ -66,7 +68,12 @@ def require_tracer() -> None:
     pytest.skip(reason)
 
 
-class _Lines:
+def require_tracer() -> None:
+    """Skip the calling test where bpftrace cannot attach; fail under PYDTRACE_REQUIRE_TRACER=1."""
+    require(tracer_missing_reason())
+
+
+class Lines:
     """The lines of a pipe, read by a thread, taken with a timeout."""
 
     def __init__(self, stream, name: str) -> None:
@@ -122,13 +129,15 @@ def send(tag, data):
 
 def main():
     import dtrace
+    # Imported before the tracer is told the PID: a consumer that attached while the module's
+    # frame ran would see that frame return without having seen it enter.
+    import workload
     if FORK_FIRST:  # the traced process is a forked child of the one started
         child = os.fork()
         if child:
             _, status = os.waitpid(child, 0)
             sys.exit(os.waitstatus_to_exitcode(status))
     send("LOADED", {"pid": os.getpid(), "library": dtrace.library_path(), "armed": dtrace._native.is_armed()})
-    import workload
     if sys.stdin.readline().strip() != "go":
         sys.exit(2)
     if not dtrace.wait_for_consumer(*PROBES, timeout=TIMEOUT):
@@ -152,6 +161,8 @@ def main():
         "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
         "find_and_load": type(sys.modules["_frozen_importlib"]._find_and_load).__name__,
         "hooked_classes": dtrace._native.hooked_classes(),
+        "scope": dtrace._native.scope(),
+        "cfunction_cache": dtrace._native.cfunction_cache_stats()[0],
     })
 
 
@@ -202,8 +213,8 @@ class Workload:
             text=True,
             env=env,
         )
-        self.stdout = _Lines(self.process.stdout, "the workload")
-        self.stderr = _Lines(self.process.stderr, "the workload's stderr")
+        self.stdout = Lines(self.process.stdout, "the workload")
+        self.stderr = Lines(self.process.stderr, "the workload's stderr")
         loaded = self._expect("LOADED")
         self.pid, self.library = loaded["pid"], loaded["library"]
         assert loaded["armed"], "importing dtrace did not arm the probes"
@@ -245,51 +256,27 @@ class Workload:
             self.process.wait()
 
 
-_SIGN_EXTENDED_BYTE = re.compile(r"\\uffffff([0-9a-f]{2})")
-
-
-def _bytes_to_text(value: Any) -> Any:
-    """Strings of a decoded bpftrace JSON event back to text (see :func:`parse_json_line`)."""
-    if isinstance(value, str):
-        return value.encode("latin-1").decode("utf-8", "backslashreplace")
-    if isinstance(value, dict):
-        return {_bytes_to_text(k): _bytes_to_text(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_bytes_to_text(v) for v in value]
-    return value
-
-
 def parse_json_line(line: str) -> Any:
-    """One line of ``bpftrace -f json`` output.
-
-    bpftrace 0.17 escapes each byte >= 0x80 of a string as ``\\uffffffXX`` (a sign-extended
-    char); those bytes are put back and the strings decoded as UTF-8.
-    """
-    return _bytes_to_text(json.loads(_SIGN_EXTENDED_BYTE.sub(r"\\u00\1", line)))
+    """One line of ``bpftrace -f json`` output, decoded as the tools decode it (bpftrace 0.17's
+    escaped bytes put back: see :func:`dtrace.tools.tracers.decode_json_line`)."""
+    return decode_json_line(line)
 
 
-#: Seconds bpftrace gets to end after a SIGINT before it is sent another: bpftrace 0.17 misses
-#: about one SIGINT in 26 (a second one has always worked).
-SIGINT_GRACE = 5.0
-
-
-def stop_with_sigint(process: subprocess.Popen, stdout: _Lines, diagnosis=lambda: "") -> list[str]:
-    """Stop a consumer as a user does (SIGINT), send SIGINT again if it missed the first, and
-    return the rest of its output; the test fails (after a kill) if it ignores both."""
-    lines: list[str] = []
-    for attempt, wait in enumerate((SIGINT_GRACE, STEP_TIMEOUT)):
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            while (line := stdout.next(wait)) is not None:
-                lines.append(line)
-            return lines
-        except TimeoutError as error:
-            if attempt == 1:
-                facts = diagnosis()
-                process.kill()
-                raise AssertionError(f"the consumer did not end after two SIGINTs: {error}; {facts}") from None
-    return lines
+def stop_with_sigint(process: subprocess.Popen, stdout: Lines, diagnosis=lambda: "") -> list[str]:
+    """Stop a bpftrace as a user (and the tools) do: SIGINT, again if it missed the first, and
+    only then SIGKILL (a failure here); returns the output it printed from now on."""
+    mark = len(stdout.seen)
+    # bpftrace prints blank lines once it has left its event loop: a second SIGINT after
+    # that would kill it while it prints its maps.
+    stopper = Stopper(process, lambda: any(not line.strip() for line in stdout.available()[mark:]))
+    stopper.wait()
+    if stopper.killed:
+        raise AssertionError(f"bpftrace did not end after two SIGINTs and was killed; {diagnosis()}")
+    try:
+        stdout.rest()
+    except TimeoutError as error:
+        raise AssertionError(f"bpftrace's output did not end: {error}; {diagnosis()}") from None
+    return stdout.seen[mark:]
 
 
 @dataclass
@@ -315,8 +302,8 @@ class Bpftrace:
             # Strings as long as bpftrace reads them (paths of test files exceed the default 64).
             env={**os.environ, "BPFTRACE_STRLEN": "200", **self.env},
         )
-        self.stdout = _Lines(self.process.stdout, "bpftrace")
-        self.stderr = _Lines(self.process.stderr, "bpftrace's stderr")
+        self.stdout = Lines(self.process.stdout, "bpftrace")
+        self.stderr = Lines(self.process.stderr, "bpftrace's stderr")
         while True:
             line = self.stdout.next()
             if line is None:
@@ -336,9 +323,9 @@ class Bpftrace:
         return "; ".join(facts) + f"; stderr: {self.stderr.available()}"
 
     def stop(self) -> dict[str, Any]:
-        """Detach (SIGINT, again if bpftrace missed it) and return the maps it printed, by name."""
-        lines = stop_with_sigint(self.process, self.stdout, self._diagnosis)
-        for line in lines:
+        """Detach (SIGINT, again if bpftrace misses it, as the tools stop it) and return the maps
+        bpftrace printed, by name."""
+        for line in stop_with_sigint(self.process, self.stdout, self._diagnosis):
             if not line.strip():
                 continue
             event = parse_json_line(line)
@@ -429,6 +416,11 @@ class ToolRun:
     stdout: str = ""
     stderr: str = ""
     code: int | None = None
+    #: Signal sent by stop(): SIGINT as Ctrl-C, or SIGTERM, SIGHUP, SIGKILL; None when something
+    #: else ends the tool (its terminal closing).
+    stop_signal: int | None = signal.SIGINT
+    #: Further keyword arguments for Popen (a terminal of its own, say).
+    popen: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -436,9 +428,10 @@ class ToolRun:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            **self.popen,
         )
-        self.out = _Lines(self.process.stdout, "the tool")
-        self.err = _Lines(self.process.stderr, "the tool's stderr")
+        self.out = Lines(self.process.stdout, "the tool")
+        self.err = Lines(self.process.stderr, "the tool's stderr")
         while True:
             line = self.err.next()
             if line is None:
@@ -446,10 +439,14 @@ class ToolRun:
             if line.startswith("Tracing "):
                 return
 
+    def tracer_pid(self) -> int:
+        """The PID of the tool's bpftrace (its child), from /proc."""
+        return tracer_of(self.process.pid)
+
     def stop(self) -> None:
-        """Ctrl-C: the tool prints what it gathered and exits."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+        """Ctrl-C (or ``stop_signal``): the tool prints what it gathered and exits."""
+        if self.stop_signal is not None and self.process.poll() is None:
+            self.process.send_signal(self.stop_signal)
         self.stdout = "\n".join(self.out.rest()) + "\n"
         self.err.rest()  # every line ends up in self.err.seen
         self.stderr = "\n".join(self.err.seen)
@@ -459,6 +456,55 @@ class ToolRun:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux's /proc/PID/task/TID/children)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(child) for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tracer_of(pid: int) -> int:
+    """The PID of the bpftrace that process ``pid`` (a tool) started."""
+    for child in children(pid):
+        try:
+            if Path(f"/proc/{child}/comm").read_text().strip() == "bpftrace":
+                return child
+        except OSError:
+            continue
+    raise AssertionError(f"process {pid} has no bpftrace child: {children(pid)}")
+
+
+def wait_gone(pid: int, timeout: float = STEP_TIMEOUT) -> bool:
+    """Wait until process ``pid`` (not necessarily a child) has exited, through a pidfd that becomes
+    readable when it does; True if it has, False if ``timeout`` passed first."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
+def uprobe_events_of(library: str) -> list[str]:
+    """The kernel's uprobe events (tracefs uprobe_events) that name ``library``."""
+    for path in ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events"):
+        if os.path.exists(path):
+            return [line for line in Path(path).read_text().splitlines() if library in line]
+    reason = "tracefs is not mounted: no uprobe_events to check (mount -t tracefs nodev /sys/kernel/tracing)"
+    if REQUIRE_TRACER:
+        pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
+    pytest.skip(reason)
 
 
 def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Path,

@@ -4,13 +4,14 @@
  * so that a consumer counting it under the same bpftrace program as a Python
  * workload measures what a uprobe hit costs by itself.
  *
- *   probe_floor entry|line|gc|instance [--wait]
+ *   probe_floor entry|line|gc|instance|cfunction [--wait]
  *
  * Speaks the benchmark harness's line protocol on stdin/stdout (see
  * benches/child.py): READY {"pid", "library"}; "go" -> waits until a consumer
  * raised the probe's semaphore (the other side of the tracer's BEGIN
  * handshake) when started with --wait, then LIVE {}; "run N" -> N events (for gc: N/2 start and done pairs; for
- * instance: N/4 rounds of new-start, new-done, delete-start, delete-done),
+ * instance: N/4 rounds of new-start, new-done, delete-start, delete-done; for
+ * cfunction: N/2 entry and return pairs),
  * DONE {"ns", "cpu", "gc": 0} (wall-clock and thread CPU nanoseconds).
  *
  * The probe sites come from <sys/sdt.h> (Debian: systemtap-sdt-dev) with
@@ -45,9 +46,11 @@ SEMAPHORE(instance__new__start);
 SEMAPHORE(instance__new__done);
 SEMAPHORE(instance__delete__start);
 SEMAPHORE(instance__delete__done);
+SEMAPHORE(cfunction__entry);
+SEMAPHORE(cfunction__return);
 
 /* The strings live on the heap, like the UTF-8 buffers of CPython's str objects. */
-static char *filename, *funcname;
+static char *filename, *funcname, *cname, *cqualname;
 
 static uint64_t clock_ns(clockid_t clock) {
     struct timespec ts;
@@ -88,24 +91,37 @@ __attribute__((noinline)) static void fire_instance_delete_done(const char *cls,
     STAP_PROBE2(python, instance__delete__done, cls, file);
 }
 
+__attribute__((noinline)) static void fire_cfunction_entry(const char *file, const char *name, int32_t line,
+                                                           const char *qualname) {
+    STAP_PROBE4(python, cfunction__entry, file, name, line, qualname);
+}
+__attribute__((noinline)) static void fire_cfunction_return(const char *file, const char *name, int32_t line,
+                                                            const char *qualname) {
+    STAP_PROBE4(python, cfunction__return, file, name, line, qualname);
+}
+
 static int enabled(const char *kind) {
     if (!strcmp(kind, "entry")) return python_function__entry_semaphore != 0;
     if (!strcmp(kind, "line")) return python_line_semaphore != 0;
     if (!strcmp(kind, "instance"))
         return python_instance__new__start_semaphore && python_instance__new__done_semaphore &&
                python_instance__delete__start_semaphore && python_instance__delete__done_semaphore;
+    if (!strcmp(kind, "cfunction"))
+        return python_cfunction__entry_semaphore && python_cfunction__return_semaphore;
     return python_gc__start_semaphore != 0 && python_gc__done_semaphore != 0;
 }
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s entry|line|gc|instance [--wait]\n", argv[0]);
+        fprintf(stderr, "usage: %s entry|line|gc|instance|cfunction [--wait]\n", argv[0]);
         return 2;
     }
     const char *kind = argv[1];
     int wait = argc > 2 && !strcmp(argv[2], "--wait");
     filename = strdup("/work/main/benches/workloads.py");
     funcname = strdup("calls.<locals>.leaf");
+    cname = strdup("append");
+    cqualname = strdup("list.append");
     char exe[4096];
     ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
     exe[len > 0 ? len : 0] = 0;
@@ -139,6 +155,11 @@ int main(int argc, char **argv) {
                     fire_instance_new_done(funcname, filename);
                     fire_instance_delete_start(funcname, filename);
                     fire_instance_delete_done(funcname, filename);
+                }
+            } else if (!strcmp(kind, "cfunction")) {
+                for (long i = 0; i < n; i += 2) {
+                    fire_cfunction_entry(filename, cname, (int32_t)i, cqualname);
+                    fire_cfunction_return(filename, cname, (int32_t)i, cqualname);
                 }
             } else if (!strcmp(kind, "line")) {
                 for (long i = 0; i < n; i++) fire_line(filename, funcname, (int32_t)i);

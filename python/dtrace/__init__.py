@@ -9,12 +9,16 @@ about 20 ms, and switched off again when it leaves.
 
 With ``PYDTRACE=1`` in the environment every interpreter of the environment
 arms the probes at start-up, without code changes; ``PYDTRACE=0`` keeps them
-disarmed even where this module is imported.
+disarmed even where this module is imported. ``PYDTRACE_SCOPE=app,*/jobs/*.py``
+limits the function and line probes to some modules and files (see
+:func:`scope`); the tools set a scope for their session with ``--module`` and
+``--file``.
 """
 
 # No `from __future__ import annotations`: it imports the __future__ module at run time,
 # and `import dtrace` is kept cheap (see BENCHMARKS.md). The annotations are valid as they are.
 import os as _os
+import sys as _sys
 
 __all__ = [
     "available",
@@ -23,15 +27,25 @@ __all__ = [
     "probe_names",
     "library_path",
     "unavailable_reason",
+    "scope",
+    "Scope",
 ]
 
-try:
-    from dtrace import _native
-except ImportError as _error:  # a sub-interpreter (PyO3 refuses them), or a broken install
+unavailable_reason: str | None
+if "t" in getattr(_sys, "abiflags", ""):
+    # A free-threaded build (3.14t and later; PyO3 builds for no earlier one). The native module
+    # declares that it needs the GIL, and loading it would switch the GIL back on for the whole
+    # process; its hooks are neither built nor tested for free threading. So it is not loaded.
     _native = None
-    unavailable_reason: str | None = f"the native module cannot be loaded here: {_error}"
+    unavailable_reason = "free-threaded Python builds are not supported yet (the probes need the GIL)"
 else:
-    unavailable_reason = None if _native.backend_available() else "this platform has no USDT/DTrace probe mechanism"
+    try:
+        from dtrace import _native
+    except ImportError as _error:  # a sub-interpreter (PyO3 refuses them), or a broken install
+        _native = None
+        unavailable_reason = f"the native module cannot be loaded here: {_error}"
+    else:
+        unavailable_reason = None if _native.backend_available() else "this platform has no USDT/DTrace probe mechanism"
 
 #: True when probes can work in this interpreter: the native module loaded and
 #: the platform has a probe mechanism (Linux SDT, or DTrace on macOS and
@@ -81,6 +95,51 @@ def wait_for_consumer(*names: str, timeout: float | None = None) -> bool:
     return _native.wait_for_consumer(list(names), timeout)
 
 
+class Scope:
+    """The scope in force: which code fires the function and line probes.
+
+    ``modules``: module names (each covers its submodules); ``files``: file path
+    globs matched against ``co_filename``; ``tools``: the PIDs of the tools whose
+    sessions set it (empty when it comes from ``PYDTRACE_SCOPE``).
+    """
+
+    __slots__ = ("modules", "files", "tools")
+
+    def __init__(self, modules: tuple[str, ...], files: tuple[str, ...], tools: tuple[int, ...] = ()) -> None:
+        self.modules = tuple(modules)
+        self.files = tuple(files)
+        self.tools = tuple(tools)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Scope):
+            return NotImplemented
+        return (self.modules, self.files, self.tools) == (other.modules, other.files, other.tools)
+
+    def __hash__(self) -> int:
+        return hash((self.modules, self.files, self.tools))
+
+    def __repr__(self) -> str:
+        return f"Scope(modules={self.modules!r}, files={self.files!r}, tools={self.tools!r})"
+
+
+def scope() -> Scope | None:
+    """The scope in force, or None while every piece of code fires the probes.
+
+    Code is in scope when the module that runs it (its frame's ``__name__``;
+    for ``__main__`` also ``__spec__.name``) is one of ``modules`` or a submodule
+    of one, or when its ``co_filename`` matches one of the ``files`` globs. Code
+    out of scope fires no ``function__entry``, ``function__return`` or ``line``
+    probe, and after its first event costs nothing. The gc, import, audit and
+    instance probes are not scoped. The scope comes from ``PYDTRACE_SCOPE`` at
+    start, or, while tools run with ``--module``/``--file``, from them (the union
+    of their scopes), and goes back when they leave.
+    """
+    if _native is None:
+        return None
+    in_force = _native.scope()
+    return None if in_force is None else Scope(*in_force)
+
+
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
     if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
@@ -90,13 +149,16 @@ def _arm_from_environment() -> None:
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
     # without a consumer, to measure the shim's own cost.
     forced = [name for name in _os.environ.get("PYDTRACE_FORCE", "").replace(" ", "").split(",") if name]
+    # PYDTRACE_SCOPE=app,*/jobs/*.py: only that code fires the function and line probes
+    # (a malformed scope is ignored with a RuntimeWarning: the program never sees an error).
+    base_scope = _os.environ.get("PYDTRACE_SCOPE")
     try:
-        _native.arm(forced)
+        _native.arm(forced, base_scope)
     except ValueError as error:
         import warnings  # only here: importing it costs more than the rest of `import dtrace`
 
         warnings.warn(f"pydtrace: PYDTRACE_FORCE ignored: {error}", RuntimeWarning, stacklevel=3)
-        _native.arm([])
+        _native.arm([], base_scope)
     except RuntimeError as error:
         import warnings
 
@@ -112,6 +174,15 @@ def _arm_from_environment() -> None:
     atexit.register(_native.at_exit)
     if _os.environ.get(_STARTUP_VARIABLE):
         _wait_for_tool()
+    elif _native.consumer_probes():
+        # A consumer attached before this process loaded the probe object (bpftrace by the
+        # object's path, without -p: system-wide; the kernel raises the semaphores of every
+        # process that maps the object, also of one that maps it later): the import returns
+        # once those probes are live (one poll of the watcher, about 20 ms; at most 2 s), so
+        # the program is traced from the line after it. Nothing is waited for otherwise.
+        wanted = _native.consumer_probes() & (_native.ARMABLE_PROBES - _native.interpreter_probes())
+        if wanted:
+            _native.wait_for_consumer(sorted(wanted), 2.0)
 
 
 #: Set by ``python -m dtrace TOOL -c COMMAND`` for the command it starts: the
@@ -124,7 +195,7 @@ _STARTUP_TIMEOUT = 30.0
 def _wait_for_tool() -> None:
     """The first interpreter of a command started by a dtrace tool reports to the tool and
     waits until the tool's consumer is attached (its ``BEGIN`` ran) and the probes it asked
-    for are live, so that the command is traced from its first line (DECISIONS.md, 9).
+    for are live, so that the command is traced from its first line (docs/decisions.md, 9).
 
     The variable is removed first, so the command's own children do not wait. Protocol:
     this process writes ``"PID LIBRARY\\n"``; the tool answers ``"go NAME,NAME\\n"`` once

@@ -6,8 +6,12 @@ Use the :mod:`dtrace` package; this module is its implementation and may change.
 __version__: str
 #: All probes, as DTrace spells them (``"function-entry"``), in the provider file's order.
 PROBE_NAMES: list[str]
+#: Each probe's arguments as CPython's provider declares them (``"char *filename, ..."``), in the same order.
+PROBE_ARGUMENTS: list[str]
 #: The probes this build can hook into the interpreter.
 ARMABLE_PROBES: frozenset[str]
+#: The probes this build never arms in this interpreter version (DTrace spelling), each with the reason.
+UNSUPPORTED_PROBES: dict[str, str]
 
 def backend_available() -> bool:
     """Whether this build has a probe mechanism (Linux SDT notes, or DTrace)."""
@@ -29,8 +33,31 @@ def wait_for_consumer(names: list[str], timeout: float | None = None) -> bool:
     ValueError for an unknown name or a negative timeout.
     """
 
-def arm(force: list[str] = ...) -> None:
-    """Start the watcher thread; ``force`` names probes to arm without a consumer (benchmarks only)."""
+def arm(force: list[str] = ..., scope: str | None = None) -> None:
+    """Start the watcher thread; ``force`` names probes to arm without a consumer (benchmarks only);
+    ``scope`` is the base scope (``PYDTRACE_SCOPE``): when malformed, it is ignored with one
+    RuntimeWarning."""
+
+def scope() -> tuple[list[str], list[str], list[int]] | None:
+    """The scope in force: (module names, file globs, PIDs of the tools whose leases make it), or
+    None while every code object fires the function and line probes."""
+
+def parse_scope(text: str) -> tuple[list[str], list[str]]:
+    """Parse a scope as ``PYDTRACE_SCOPE`` and the tools' channel do: (module names, file globs).
+    Entries are separated by commas or newlines: ``module:NAME``, ``file:GLOB``, or unprefixed (a
+    file glob when it holds ``/ * ? [ \\ <``, else a module name). ValueError if malformed."""
+
+def scope_covers(text: str, modules: list[str], filename: str) -> bool:
+    """Whether scope ``text`` covers code run under the module names ``modules`` (``__name__``, and
+    ``__spec__.name`` for ``__main__``) from file ``filename`` (tests of the scope rule)."""
+
+def scope_stats() -> tuple[int, int]:
+    """(scope verdicts decided, ``sys.monitoring.DISABLE``s returned) in this process: code out of
+    scope calls back once per code location, then not again until the scope changes."""
+
+def scope_channel_layout() -> list[tuple[str, int]]:
+    """Offsets and sizes of the scope channel (the ``pydtrace_scope_channel`` symbol), for the tests
+    that check the tools' side (``dtrace.tools.scope``) against it."""
 
 def is_armed() -> bool:
     """Whether the watcher thread runs in this process."""
@@ -49,6 +76,9 @@ def report_internal_error(name: str, what: str) -> None:
 
 def name_cache_entries() -> int:
     """How many code objects carry a name-cache entry now (entries go with their code objects)."""
+
+def cfunction_cache_stats() -> tuple[int, int]:
+    """(entries in the C function probes' name cache now, names worked out for it so far)."""
 
 def hooked_classes() -> int:
     """How many classes carry the instance-delete hook now (0 while no delete probe is live)."""

@@ -6,7 +6,7 @@
 //! cost a `nop` while no consumer is attached. The emission backend behind
 //! `fire` is chosen by `build.rs` and named by `cfg(probe_backend)`:
 //! SystemTap SDT notes on Linux, the usdt crate on macOS and illumos
-//! (docs/decisions.md), none elsewhere. Every backend's code is generated
+//! (docs/decisions.md, 1), none elsewhere. Every backend's code is generated
 //! from the provider file.
 
 include!(concat!(env!("OUT_DIR"), "/provider.rs"));
@@ -143,5 +143,43 @@ impl ProbeSet {
                 .map(|index| set.with(index))
                 .ok_or_else(|| UnknownProbe(name.to_owned()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_combine_by_index() {
+        let gc = ProbeSet::of(&[GC_START, GC_DONE]);
+        let entry = ProbeSet::EMPTY.with(FUNCTION_ENTRY);
+        let both = gc.union(entry);
+        assert!(both.contains(GC_DONE) && both.contains(FUNCTION_ENTRY) && !both.contains(LINE));
+        assert!(both.is_superset(gc) && !gc.is_superset(both));
+        assert_eq!(both.intersection(gc), gc);
+        assert_eq!(both.difference(gc), entry);
+        assert_eq!(
+            both.indices().collect::<Vec<_>>(),
+            vec![FUNCTION_ENTRY, GC_START, GC_DONE]
+        );
+        assert_eq!(ProbeSet::from_bits(u32::MAX), ProbeSet::ALL);
+        assert_eq!(ProbeSet::ALL.indices().count(), PROBE_COUNT);
+    }
+
+    #[test]
+    fn names_are_taken_in_either_spelling_and_unknown_ones_refused() {
+        let set = ProbeSet::from_names(&["gc-start", "function__entry"]).expect("known names");
+        assert_eq!(set, ProbeSet::of(&[GC_START, FUNCTION_ENTRY]));
+        assert_eq!(
+            set.dtrace_names().collect::<Vec<_>>(),
+            vec!["function-entry", "gc-start"]
+        );
+        let err = ProbeSet::from_names(&["gc-start", "nope"]).expect_err("unknown name");
+        assert_eq!(err.0, "nope");
+        assert_eq!(
+            ProbeSet::from_names::<&str>(&[]).ok(),
+            Some(ProbeSet::EMPTY)
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! same `provider/pydtrace.d` (macOS: DOF made by the linker; illumos: DOF
 //! registered with the kernel when the module loads).
 //!
-//! Written to build on macOS and illumos and untested there (docs/decisions.md); `cargo check --features usdt-backend` type-checks it on Linux.
+//! Written to build on macOS and illumos and untested there (docs/decisions.md, 10);
+//! `cargo check --features usdt-backend` type-checks it on Linux.
 //!
 //! Differences from the Linux backend, both from the usdt crate: each
 //! string argument is copied into a NUL-terminated buffer per firing, and

@@ -10,7 +10,9 @@
  * PYDTRACE=1 in its environment. `python -m dtrace calls` runs this program
  * for you, can start a command traced from its first line (-c), and prints
  * a sorted table; it keeps the parts between "begin latency" and "end
- * latency" only with --latency.
+ * latency" only with --latency, those between "begin native" and "end
+ * native" only with --native, and those between "begin native_latency" and
+ * "end native_latency" only with both.
  *
  * @calls counts entries per (file, function); a generator or coroutine counts
  * once per resume, since every resume is an entry. @time_ns sums the time from
@@ -22,6 +24,10 @@
  * enabling it, so an entry is pushed only once a return has been seen (live),
  * and a return pops only a frame of its own function. Frames entered before
  * tracing began return at depth 0 and are skipped.
+ *
+ * C functions (--native), as in calls.bt: @ccalls per (calling file, C
+ * function's qualified name, calling line), @ctime_ns their time; the C
+ * calls of a thread balance, so a return pops the top of their own stack.
  *
  * Output, for the tool: "@map<TAB>key...<TAB>value" lines at the end.
  */
@@ -38,6 +44,13 @@ python$target:::function-entry
 {
 	@calls[copyinstr(arg0), copyinstr(arg3)] = count();
 }
+
+/* begin native */
+python$target:::cfunction-entry
+{
+	@ccalls[copyinstr(arg0), copyinstr(arg3), arg2] = count();
+}
+/* end native */
 
 /* begin latency */
 python$target:::function-return
@@ -64,10 +77,39 @@ python$target:::function-entry
 }
 /* end latency */
 
+/* begin native_latency */
+python$target:::cfunction-return
+/self->cdepth > 0/
+{
+	@ctime_ns[copyinstr(arg0), copyinstr(arg3), arg2] = sum(timestamp - self->cstart[self->cdepth]);
+	self->cstart[self->cdepth] = 0;
+	self->cdepth--;
+}
+
+python$target:::cfunction-return
+/self->cdepth == 0/
+{
+	clive = 1;
+}
+
+python$target:::cfunction-entry
+/clive/
+{
+	self->cdepth++;
+	self->cstart[self->cdepth] = timestamp;
+}
+/* end native_latency */
+
 dtrace:::END
 {
 	printa("@calls\t%s\t%s\t%@d\n", @calls);
 /* begin latency */
 	printa("@time_ns\t%s\t%s\t%@d\n", @time_ns);
 /* end latency */
+/* begin native */
+	printa("@ccalls\t%s\t%s\t%d\t%@d\n", @ccalls);
+/* end native */
+/* begin native_latency */
+	printa("@ctime_ns\t%s\t%s\t%d\t%@d\n", @ctime_ns);
+/* end native_latency */
 }

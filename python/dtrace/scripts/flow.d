@@ -9,12 +9,15 @@
  *
  * The process must have the probes armed: `import dtrace` in the program, or
  * PYDTRACE=1 in its environment. `python -m dtrace flow` runs this program
- * for you and indents each line by its depth.
+ * for you and indents each line by its depth; it keeps the parts between
+ * "begin native" and "end native" only with --native.
  *
  * Columns: microseconds since tracing began, thread id, call depth, -> for an
  * entry (a call, or a generator or coroutine resuming) and <- for a return
  * (or a yield, or unwinding by an exception), the function (co_qualname), and
- * its file and line. A return of a frame entered before tracing began shows
+ * its file and line. With the native parts, calls of C functions show too,
+ * marked [C], with the file and line that called them, as in flow.bt. A
+ * return of a frame entered before tracing began shows
  * at depth 0. Entries show only once a return has been seen (live): the
  * process switches each probe on within about 20 ms of DTrace enabling it.
  * Output is per CPU buffer: lines of different threads may come out of order
@@ -40,6 +43,16 @@ python$target:::function-return
 	self->depth -= self->depth > 0 ? 1 : 0;
 }
 
+/* begin native */
+python$target:::cfunction-return
+{
+	live = 1;
+	printf("%-12d %-7d %5d  <- %s [C] (%s:%d)\n", (timestamp - began) / 1000, tid, self->depth,
+	    copyinstr(arg3), copyinstr(arg0), arg2);
+	self->depth -= self->depth > 0 ? 1 : 0;
+}
+/* end native */
+
 python$target:::function-entry
 /live/
 {
@@ -47,3 +60,13 @@ python$target:::function-entry
 	printf("%-12d %-7d %5d  -> %s (%s:%d)\n", (timestamp - began) / 1000, tid, self->depth,
 	    copyinstr(arg3), copyinstr(arg0), arg2);
 }
+
+/* begin native */
+python$target:::cfunction-entry
+/live/
+{
+	self->depth++;
+	printf("%-12d %-7d %5d  -> %s [C] (%s:%d)\n", (timestamp - began) / 1000, tid, self->depth,
+	    copyinstr(arg3), copyinstr(arg0), arg2);
+}
+/* end native */

@@ -20,7 +20,8 @@
  * process switches each probe on within about 20 ms of DTrace enabling it.
  * At each call of NATIVE the stack is printed, innermost frame first, at most
  * 100 frames: one clause per frame, since D has no loops (hence -C, the C
- * preprocessor).
+ * preprocessor). Below them, the frame that was running before tracing began
+ * (known from a line event at depth 0) is printed as a "base" frame.
  */
 
 #pragma D option quiet
@@ -44,6 +45,7 @@ python$target:::function-return
 /self->depth == 0/
 {
 	live = 1;
+	self->basefunc = 0;
 }
 
 python$target:::function-entry
@@ -60,6 +62,14 @@ python$target:::line
 /self->depth > 0/
 {
 	self->line[self->depth] = arg2;
+}
+
+python$target:::line
+/self->depth == 0/
+{
+	self->basefile = arg0;
+	self->basefunc = arg3;
+	self->baseline = arg2;
 }
 /* end lines */
 
@@ -87,3 +97,13 @@ NATIVE \
 
 TEN_FRAMES TEN_FRAMES TEN_FRAMES TEN_FRAMES TEN_FRAMES
 TEN_FRAMES TEN_FRAMES TEN_FRAMES TEN_FRAMES TEN_FRAMES
+
+/* begin lines */
+NATIVE
+/pid == $target && self->i == 0 && self->basefunc != 0/
+{
+	printf("base %d %d %d %s\n", tid, self->calls, self->baseline,
+	    copyinstr(self->basefile));
+	printf("basefunc %d %d %s\n", tid, self->calls, copyinstr(self->basefunc));
+}
+/* end lines */

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import report, runner, tracers
+from dtrace.tools import interpreter, report, runner, scope, tracers
+from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
 
@@ -63,23 +64,25 @@ class Tool:
     hists: frozenset[str] = frozenset()
     #: Whether -i/--interval makes sense for this tool.
     intervals = True
+    #: Whether the tool needs a target (-p or -c) to run.
+    needs_target = True
 
     # --- the command line
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The tool's own options."""
 
-    def sections(self, args: argparse.Namespace) -> set[str]:
+    def sections(self, args: Options) -> set[str]:
         """The optional script sections these options keep."""
         return set()
 
-    def customize(self, program: str, args: argparse.Namespace, dialect: str) -> str:
+    def customize(self, program: str, args: Options, dialect: str) -> str:
         """The program, with what the options change beyond sections (e.g. a probe)."""
         return program
 
     # --- the program
 
-    def program(self, args: argparse.Namespace, dialect: str) -> str:
+    def program(self, args: Options, dialect: str) -> str:
         """The exact program the tracer runs for these options."""
         text = keep_sections(script_text(self.script, dialect), self.sections(args))
         text = self.customize(text, args, dialect)
@@ -95,7 +98,7 @@ class Tool:
         return text
 
     @staticmethod
-    def ticks(args: argparse.Namespace) -> int:
+    def ticks(args: Options) -> int:
         """With -i and -d: after how many intervals the trace ends (0: at Ctrl-C or the process's exit)."""
         interval = getattr(args, "interval", None)
         return -(-args.duration // interval) if interval and args.duration else 0
@@ -143,7 +146,7 @@ class Tool:
 
     # --- the run
 
-    def start(self, args: argparse.Namespace, target: runner.Target, out: TextIO) -> None:
+    def start(self, args: Options, target: runner.Target, out: TextIO) -> None:
         """Called once the tracer is attached, before any event."""
 
     def on_printf(self, text: str, out: TextIO) -> None:
@@ -152,44 +155,59 @@ class Tool:
     def on_lost(self, count: int, out: TextIO) -> None:
         """The tracer lost ``count`` events here (its output buffer was full)."""
 
-    def report(self, maps: dict[str, dict[tuple[str, ...], Any]], args: argparse.Namespace,
+    def report(self, maps: dict[str, dict[tuple[str, ...], Any]], args: Options,
                out: TextIO, label: str | None, session: runner.Session) -> None:
         """Print what the maps say: at the end, or at each interval (``label`` is its time)."""
 
-    def finish(self, args: argparse.Namespace, out: TextIO, session: runner.Session) -> None:
+    def finish(self, args: Options, out: TextIO, session: runner.Session) -> None:
         """Called after the last report."""
 
-    def run(self, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-        tracer = tracers.choose_tracer(args.tracer)
-        if not args.script:
+    def check(self, options: Options, tracer: tracers.Tracer) -> None:
+        """Before anything starts: UsageError for options that cannot work here (e.g. a function
+        that resolves to no probe)."""
+
+    def run(self, options: Options, out: TextIO = sys.stdout) -> int:
+        """One run: the tracer's program on the target, and the report. Returns the exit status."""
+        scope_text = scope.requested(options)  # --module/--file, checked before anything starts
+        tracer = tracers.choose_tracer(options.tracer)
+        if not options.script:
             tracer.executable()
             tracer.check_privileges()
-        program = self.program(args, tracer.dialect)
-        if args.script:
+        program = self.program(options, tracer.dialect)
+        if options.script:
             out.write(program)
             return 0
+        self.check(options, tracer)
         probes = self.fired(self.probes(program))
-        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid, args.inject)
-        env = tracer.environment(self.strlen, args.max_keys or self.max_keys, self.streaming)
+        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject)
+        # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
+        program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
+        # In force before the tracer attaches, so no out-of-scope event reaches it.
+        lease = scope.open_session(options, target, scope_text)
+        env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.getsignal(sig) for sig in stops}
         try:
             session.start()
-            for sig in previous:
-                signal.signal(sig, lambda *_: session.interrupt())
-            return self._collect(args, target, session, probes, out)
+            for sig in stops:
+                signal.signal(sig, lambda signum, frame: session.interrupt(signum))
+            return self._collect(options, target, session, probes, out)
         except BaseException:
-            if getattr(session, "process", None) is not None:
-                session.stop()
-            if target.held:
-                target.stop()  # the trace never began: the command is not left waiting
+            if getattr(session, "process", None) is not None and session.process.poll() is None:
+                session.process.kill()  # nothing more is read: the kernel detaches its probes
+                session.wait()
+            if target.process is not None:
+                target.stop()  # a command started for the trace does not outlive it
             raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if lease is not None:
+                lease.release()  # the scope goes back to what it was
 
-    def _collect(self, args, target, session, probes, out) -> int:
+    def _collect(self, options, target, session, probes, out) -> int:
         # The program's BEGIN prints "Tracing ..." once every probe is attached. Another CPU's
         # output may come first: keep it for after.
         early, ready = [], None
@@ -201,16 +219,16 @@ class Tool:
                 early.append(event)
         except TimeoutError:
             raise ToolError(f"{session.tracer.name} did not attach within {runner.ATTACH_TIMEOUT:g} s") from None
-        if ready is None or session.interrupted:
-            code = session.wait()
+        if ready is None:
+            code = session.stop()
             if target.process is not None:
                 target.stop()
-            if session.interrupted:
-                return 130
+            if session.signals:  # stopped before tracing began: the status says by what
+                return 128 + session.signals[0]
             raise session.failure(f"failed (exit status {code})")
         target.release(probes)
         print(f"{ready.data.rstrip()}  [{target.describe()}]", file=sys.stderr, flush=True)
-        self.start(args, target, out)
+        self.start(options, target, out)
         maps: dict[str, dict] = {}
         intervals = 0
         for event in itertools.chain(early, session.events()):
@@ -221,33 +239,56 @@ class Tool:
             elif event.kind == "map":
                 maps.setdefault(event.name, {}).update(event.data)
             elif event.kind == "time":
-                self.report(maps, args, out, event.data, session)
+                self.report(maps, options, out, event.data, session)
                 out.flush()
                 maps, intervals = {}, intervals + 1
         code = session.wait()
-        if code != 0 and not maps and not session.interrupted:
+        # Whether the command ended by itself, before anything stopped the trace: only then is
+        # its exit status its own (after Ctrl-C, the terminal's SIGINT reached it too).
+        command_ended = target.process is not None and target.process.poll() is not None
+        if code != 0 and not maps and not session.stop_requested and not session.killed:
+            if target.process is not None:
+                target.stop()
             raise session.failure(f"exited with status {code}")
         # With -i, what came after the last interval is reported, unless -d ended the trace
         # with that interval.
-        ended_by_duration = intervals and intervals == self.ticks(args)
+        ended_by_duration = intervals and intervals == self.ticks(options)
         if not intervals or (any(maps.get(name) for name in self.maps) and not ended_by_duration):
-            self.report(maps, args, out, "at exit" if intervals else None, session)
-        self.finish(args, out, session)
+            self.report(maps, options, out, "at exit" if intervals else None, session)
+        self.finish(options, out, session)
         out.flush()
-        self.warn_incomplete(session, args)
-        if target.process is not None:
-            self.wait_for_command(target.process)
+        self.warn_incomplete(session, options)
+        if target.process is None:
+            return 0
+        if not command_ended:
+            return self.stop_command(target)
+        if session.stop_requested:
+            return 0
+        return self.command_status(target.process.returncode)
+
+    @staticmethod
+    def stop_command(target: runner.Target) -> int:
+        """The trace ended (-d, a stop signal, the tracer) while the command it started runs: the
+        command is stopped with it (SIGTERM, then SIGKILL after COMMAND_GRACE seconds)."""
+        runner.warn(f"the trace has ended: stopping the command (PID {target.pid}) with SIGTERM")
+        target.stop()
         return 0
 
     @staticmethod
-    def wait_for_command(process) -> None:
-        """After the trace of -c: the command's end, and its status when it failed."""
-        if process.poll() is None:
-            runner.warn("the trace has ended; the command runs on, untraced (Ctrl-C stops it)")
-        if process.wait():
-            status = process.returncode
-            killed = f" (killed by {signal.Signals(-status).name})" if status < 0 else ""
-            runner.warn(f"the command exited with status {status}{killed}")
+    def command_status(status: int) -> int:
+        """The tool's exit status for a command that ended by itself: 0, its status, or 128 + N
+        when signal N killed it; said on stderr when it failed."""
+        if status == 0:
+            return 0
+        if status < 0:
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:
+                name = f"signal {-status}"
+            runner.warn(f"the command was killed by {name}")
+            return 128 - status
+        runner.warn(f"the command exited with status {status}")
+        return status
 
     def fired(self, probes: list[str]) -> list[str]:
         """The probes of ``probes`` that this build of pydtrace-rs fires; warns about the others
@@ -264,8 +305,13 @@ class Tool:
             )
         return [p for p in probes if p in _native.ARMABLE_PROBES]
 
-    def warn_incomplete(self, session: runner.Session, args: argparse.Namespace) -> None:
+    def warn_incomplete(self, session: runner.Session, args: Options) -> None:
         """Never a silently wrong table: say what the tracer lost."""
+        if session.killed:
+            runner.warn(
+                f"{session.tracer.name} did not stop after two SIGINTs and was killed: "
+                "what it gathered last is lost"
+            )
         if session.lost:
             runner.warn(
                 f"{session.lost} events were lost (the tracer's output buffer overflowed): "

@@ -14,7 +14,9 @@ class Calls(Tool):
         "Count Python function calls per file and function (co_qualname), most called first. "
         "With --latency, also the total and average time from entry to return, callees included "
         "(a recursive function counts its nested calls again), sorted by total time. "
-        "A generator or coroutine counts once per resume."
+        "A generator or coroutine counts once per resume. With --native, also the calls of C "
+        "functions (builtin functions, methods of builtin types, any callable that is not Python "
+        "code) per caller, the file and line that called them, timed too with --latency."
     )
     examples = """\
 examples:
@@ -22,9 +24,10 @@ examples:
   python -m dtrace calls -c "python3 app.py"     trace a command from its first line
   python -m dtrace calls -L -n 10 -d 5 -p 4711   top 10 by time, for 5 seconds
   python -m dtrace calls -i 1 -p 4711            a table per second
+  python -m dtrace calls --native -L -p 4711     with the C functions and their callers, timed
   python -m dtrace calls --script                print the bpftrace program
 """
-    maps = {"@calls": "ss", "@time_ns": "ss"}
+    maps = {"@calls": "ss", "@time_ns": "ss", "@ccalls": "ssd", "@ctime_ns": "ssd"}
 
     def add_arguments(self, parser):
         parser.add_argument("-L", "--latency", action="store_true",
@@ -32,18 +35,33 @@ examples:
         parser.add_argument("-n", "--top", type=int, default=20, metavar="N",
                             help="show the N most called (or, with --latency, slowest) functions; 0 for all "
                                  "(default: %(default)s)")
+        parser.add_argument("--native", action="store_true",
+                            help="also count (and with --latency time) the C functions Python code calls, "
+                                 "per calling line")
 
     def sections(self, args):
-        return {"latency"} if args.latency else set()
+        keep = {"latency"} if args.latency else set()
+        if args.native:
+            keep |= {"native", "native_latency"} if args.latency else {"native"}
+        return keep
 
     def report(self, maps, args, out, label, session):
-        calls = maps.get("@calls", {})
-        times = maps.get("@time_ns", {})
         if label:
             out.write(f"\n{label}\n")
+        names = self.report_python(maps, args, out)
+        if args.native:
+            names += self.report_native(maps, args, out)
+        note = cut_note(names, self.strlen)
+        if note:
+            out.write(note + "\n")
+
+    def report_python(self, maps, args, out) -> list[str]:
+        """The Python functions; returns the names shown, for the cut note."""
+        calls = maps.get("@calls", {})
+        times = maps.get("@time_ns", {})
         if not calls:
             out.write("no Python function calls seen\n")
-            return
+            return []
         keys = sorted(calls, key=lambda k: (-times.get(k, 0), -calls[k], k) if args.latency else (-calls[k], k))
         shown, hidden = report.top(keys, args.top)
         if args.latency:
@@ -61,6 +79,31 @@ examples:
         total = sum(calls.values())
         out.write(f"{total} calls of {len(calls)} functions")
         out.write(f"; {hidden} functions not shown (-n 0 shows all)\n" if hidden else "\n")
-        note = cut_note([part for k in calls for part in k], self.strlen)
-        if note:
-            out.write(note + "\n")
+        return [part for k in calls for part in k]
+
+    def report_native(self, maps, args, out) -> list[str]:
+        """The C functions, per calling line; returns the names shown, for the cut note."""
+        calls = maps.get("@ccalls", {})
+        times = maps.get("@ctime_ns", {})
+        out.write("\n")
+        if not calls:
+            out.write("no C function calls seen\n")
+            return []
+        keys = sorted(calls, key=lambda k: (-times.get(k, 0), -calls[k], k) if args.latency else (-calls[k], k))
+        shown, hidden = report.top(keys, args.top)
+
+        def caller(k):
+            return f"{report.path(report.name(k[0], self.strlen))}:{k[2]}"
+
+        if args.latency:
+            headers = ["CALLS", "TOTAL", "AVERAGE", "C FUNCTION", "CALLED FROM"]
+            rows = [[calls[k], report.duration(times.get(k, 0)), report.duration(times.get(k, 0) / calls[k]),
+                     report.name(k[1], self.strlen), caller(k)] for k in shown]
+        else:
+            headers = ["CALLS", "C FUNCTION", "CALLED FROM"]
+            rows = [[calls[k], report.name(k[1], self.strlen), caller(k)] for k in shown]
+        report.table(out, headers, rows, left=["C FUNCTION", "CALLED FROM"])
+        functions = len({k[1] for k in calls})
+        out.write(f"{sum(calls.values())} calls of {functions} C functions from {len(calls)} lines")
+        out.write(f"; {hidden} not shown (-n 0 shows all)\n" if hidden else "\n")
+        return [part for k in calls for part in k[:2]]

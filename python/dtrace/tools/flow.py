@@ -7,8 +7,9 @@ import re
 from dtrace.tools import report
 from dtrace.tools.base import Tool
 
-#: A line of flow.bt/flow.d: TIME(us) TID DEPTH -> FUNCTION (FILE:LINE)
-EVENT = re.compile(r"^\s*(\d+)\s+(\d+)\s+(-?\d+)\s+(->|<-) (\S+) \((.*):(-?\d+)\)$")
+#: A line of flow.bt/flow.d: TIME(us) TID DEPTH -> FUNCTION [C] (FILE:LINE); [C] marks a C function
+#: (--native), whose FILE:LINE is the line that called it.
+EVENT = re.compile(r"^\s*(\d+)\s+(\d+)\s+(-?\d+)\s+(->|<-) (\S+)( \[C\])? \((.*):(-?\d+)\)$")
 
 
 class Flow(Tool):
@@ -21,39 +22,51 @@ class Flow(Tool):
     description = (
         "Print each Python function entry (->) and return (<-) as it happens, indented by the "
         "thread's call depth, with the time since tracing began and the thread id. A generator "
-        "or coroutine enters at each resume and returns at each yield. Every event passes through "
-        "the tracer's output buffer: a busy program outruns it, and lost events are reported."
+        "or coroutine enters at each resume and returns at each yield. With --native, calls of C "
+        "functions show too, marked [C], with the line that called them, indented below their caller. "
+        "Every event passes through the tracer's output buffer: a busy program outruns it, and lost "
+        "events are reported."
     )
     examples = """\
 examples:
   python -m dtrace flow -c "python3 app.py"      trace a command from its first line
   python -m dtrace flow -p 4711 -d 1             one second of a running process
   python -m dtrace flow -c "python3 app.py" > flow.txt
+  python -m dtrace flow --native -p 4711 -d 1    with the C functions called, marked [C]
 """
+
+    def add_arguments(self, parser):
+        parser.add_argument("--native", action="store_true",
+                            help="also show the calls of C functions (marked [C], with the calling line)")
+
+    def sections(self, args):
+        return {"native"} if args.native else set()
 
     def start(self, args, target, out):
         self.first = None
-        self.entries = self.returns = 0
+        self.entries = self.returns = self.native_entries = 0
         out.write(f"{'TIME(ms)':>10}  {'TID':<7}  FUNCTION\n")
 
     def on_printf(self, text, out):
         match = EVENT.match(text.rstrip("\n"))
         if match is None:
             return  # the program's column header
-        us, tid, depth, arrow, function, file, line = match.groups()
+        us, tid, depth, arrow, function, native, file, line = match.groups()
         if self.first is None:
             self.first = int(us)
         if arrow == "->":
             self.entries += 1
+            self.native_entries += bool(native)
         else:
             self.returns += 1
         indent = "  " * max(int(depth) - 1, 0)
         ms = (int(us) - self.first) / 1000
-        out.write(f"{ms:10.3f}  {tid:<7}  {indent}{arrow} {report.name(function, self.strlen)} "
+        out.write(f"{ms:10.3f}  {tid:<7}  {indent}{arrow} {report.name(function, self.strlen)}{native or ''} "
                   f"({report.path(report.name(file, self.strlen))}:{line})\n")
 
     def on_lost(self, count, out):
         out.write(f"{'':10}  {'':7}  [{count} events lost here]\n")
 
     def finish(self, args, out, session):
-        out.write(f"{self.entries} entries, {self.returns} returns\n")
+        native = f" ({self.native_entries} of them calls of C functions)" if args.native else ""
+        out.write(f"{self.entries} entries, {self.returns} returns{native}\n")

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import sys
 
-from dtrace.tools import elfnotes, pyprocess, report, runner, tracers
+from dtrace import _native
+from dtrace.tools import elfnotes, pyprocess, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
-#: The arguments of each probe, from the provider's contract (provider/pydtrace.d).
-ARGUMENTS = {
-    "function__entry": "char *filename, char *funcname, int lineno",
-    "function__return": "char *filename, char *funcname, int lineno",
-    "line": "char *filename, char *funcname, int lineno",
-    "gc__start": "int generation",
-    "gc__done": "long collected",
-    "instance__new__start": "char *classname, char *filename",
-    "instance__new__done": "char *classname, char *filename",
-    "instance__delete__start": "char *classname, char *filename",
-    "instance__delete__done": "char *classname, char *filename",
-    "import__find__load__start": "char *modulename",
-    "import__find__load__done": "char *modulename, int found",
-    "audit": "char *event, void *args",
-}
+#: The arguments of each probe, from the provider's contract (provider/pydtrace.d, compiled in).
+ARGUMENTS = dict(zip((name.replace("-", "__") for name in _native.PROBE_NAMES), _native.PROBE_ARGUMENTS))
+
+
+def unsupported(library: str | None) -> dict[str, str]:
+    """The probes the build of pydtrace-rs at ``library`` never fires, with why; known only for this
+    Python's own build (another process may run another Python version)."""
+    import dtrace
+
+    if dtrace._native is None or library != dtrace.library_path():
+        return {}
+    return dict(getattr(dtrace._native, "UNSUPPORTED_PROBES", {}))
 
 
 class List(Tool):
@@ -43,6 +41,7 @@ examples:
   python -m dtrace list -c "python3 app.py"      start a command, list, and let it run untraced
 """
     intervals = False
+    needs_target = False
 
     def run(self, args, out=sys.stdout) -> int:
         if args.script:
@@ -52,16 +51,16 @@ examples:
             return 0
         if not sys.platform.startswith("linux"):
             return self.run_dtrace(args, out)
-        if args.command:
-            target = runner.start(args.command, args.startup_timeout)
+        if args.argv:
+            target = runner.start(args.argv, args.startup_timeout)
             try:
                 self.show(target.pid, target.library, out)
-            finally:
-                target.abandon()  # the command runs on untraced
-            code = target.process.wait()
-            if code:
-                runner.warn(f"the command exited with status {code}")
-            return 0
+            except BaseException:
+                target.stop()
+                raise
+            target.abandon()  # the command runs on untraced
+            out.flush()
+            return self.command_status(target.process.wait())
         if args.pid is not None:
             runner.check_running(args.pid)
             if runner.probe_object(args.pid) is None:  # a Python process without the probes
@@ -101,6 +100,9 @@ examples:
             out.write("probes armed: " + {True: "yes (its watcher thread runs)",
                                           False: "no (PYDTRACE=0?): nothing fires",
                                           None: "unknown"}[armed] + "\n")
+            in_force = scope.describe(pid, library)
+            if in_force is not None:
+                out.write(f"scope: {in_force}\n")
         out.write(f"probe object: {library}\n\n")
         rows = []
         order = list(ARGUMENTS)
@@ -123,6 +125,10 @@ examples:
             out.write("\n(whether probes are enabled needs the rights to read the process's memory: run with sudo)\n")
         elif pid is not None:
             out.write("\nENABLED: whether a consumer enables the probe now, and how many.\n")
+        off = unsupported(library)
+        for reason in sorted(set(off.values())):
+            names = ", ".join(name.replace("-", "__") for name, why in sorted(off.items()) if why == reason)
+            out.write(f"\nnever fired by this build (Python {sys.version_info[0]}.{sys.version_info[1]}): {names}: {reason}\n")
         if interpreter:
             out.write("FIRED BY interpreter: this Python was built --with-dtrace and fires the probe itself; "
                       "pydtrace-rs does not fire it a second time.\n")
@@ -131,9 +137,9 @@ examples:
     def run_dtrace(self, args, out) -> int:
         """macOS and illumos (UNTESTED): DTrace lists the probes of a process itself."""
         tracer = tracers.DTrace()
-        if args.pid is None and not args.command:
+        if args.pid is None and not args.argv:
             raise ToolError("on this platform, list needs -p PID or -c COMMAND")
-        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid)
         import subprocess
 
         try:

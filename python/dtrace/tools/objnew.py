@@ -9,8 +9,17 @@ from dtrace.tools.base import Tool, cut_note
 class ObjNew(Tool):
     name = "objnew"
     script = "objnew"
-    summary = "instances created per class and file"
-    description = "Count the instances of Python classes created, per class and the file that defines it."
+    summary = "instances created per class and file (calls of Python classes from Python code)"
+    description = (
+        "Count the instances of Python classes created, per class and the file that defines it. "
+        "Precisely, it counts instance__new__start: each call of a Python class (one made by a "
+        "class statement or type()) from Python code, Cls(...), before __new__ runs. For an ordinary "
+        "class that is one new instance per call. A call that returns an existing object counts too, "
+        "although no instance is made: an Enum lookup such as Color(1), a class whose __new__ or "
+        "metaclass __call__ returns a cached instance. Instances made by C code (copy.copy, pickle, "
+        "map(Cls, items), functools.partial(Cls)()) are not counted, nor are instances of builtin and "
+        "extension types."
+    )
     examples = """\
 examples:
   python -m dtrace objnew -p 4711                count instances until Ctrl-C

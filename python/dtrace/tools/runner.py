@@ -13,35 +13,139 @@ The steps, for ``python -m dtrace TOOL``:
    prints the "Tracing ..." line once every probe is attached.
 4. For ``-c``, the command is then told ``go PROBES``: it waits until those
    probes are live in it and runs, traced from its first line.
-5. The tracer's output is read until it exits: at Ctrl-C (forwarded to it as
-   SIGINT), at the end of ``--duration``, or when the process exits.
+5. The tracer's output is read until it exits: at Ctrl-C, SIGTERM or SIGHUP
+   (forwarded to it as SIGINT, see :class:`Stopper`), at the end of
+   ``--duration``, or when the process exits.
+
+The tracer dies with the tool: it is started with ``PR_SET_PDEATHSIG`` set to
+SIGKILL, so that even a tool killed with SIGKILL leaves no consumer attached
+(the kernel then detaches its uprobes and lowers the probes' semaphores as it
+closes the tracer's perf events; SIGINT would let bpftrace detach by itself,
+but bpftrace 0.17 misses a SIGINT now and then, and a dead tool cannot send a
+second). A command started by ``-c`` gets SIGTERM when the tool dies.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
+from dtrace.tools.options import STARTUP_TIMEOUT
 from dtrace.tools.tracers import DTrace, Event, ToolError, Tracer
 
-#: Seconds a started command may take to load dtrace and report, by default.
-STARTUP_TIMEOUT = 30.0
 #: Seconds the tracer may take to attach every probe (its BEGIN line).
 ATTACH_TIMEOUT = 60.0
 #: After Ctrl-C, the tracer is stopped once its output has been quiet this many seconds...
 DRAIN_QUIET = 0.05
 #: ... or this many seconds have passed.
 DRAIN_LIMIT = 1.0
+#: Seconds a tracer has, after SIGINT, to exit or to begin leaving before it is sent SIGINT
+#: again (bpftrace 0.17 misses one now and then) ...
+RESEND_AFTER = 1.0
+#: ... and then to do so before it is killed.
+KILL_AFTER = 5.0
+#: Seconds a tracer that has begun leaving has to print its maps and exit before it is killed.
+EXIT_LIMIT = 60.0
+#: Seconds a started command has to exit after SIGTERM before it gets SIGKILL.
+COMMAND_GRACE = 5.0
+
+
+# --- processes that die with the tool -------------------------------------------------------
+
+
+def die_with_parent(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the child sent ``sig`` when the tool dies, however it dies
+    (Linux's PR_SET_PDEATHSIG; nothing elsewhere). Call it, and start the child, from the
+    main thread: the signal follows the death of the thread that started the child."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the tool died before the request took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+class Stopper:
+    """Stops a tracer, surviving one that misses a SIGINT.
+
+    SIGINT first: the tracer detaches, prints what it gathered and exits. If it
+    has neither exited nor begun to leave (``leaving()``: for bpftrace, the blank
+    lines it prints once it left its event loop) within RESEND_AFTER seconds,
+    SIGINT again; if still not, SIGKILL after KILL_AFTER more. (A second SIGINT
+    after bpftrace began to leave would kill it while it prints its maps: hence
+    the wait for the sign.) One that has begun to leave gets EXIT_LIMIT seconds.
+
+    :meth:`step` does what is due without blocking; :meth:`wait` steps until the
+    tracer has exited.
+    """
+
+    def __init__(self, process: subprocess.Popen, leaving: Callable[[], bool] = lambda: False) -> None:
+        self.process = process
+        self.leaving = leaving
+        self.sent: list[int] = []
+        self._sent_at = 0.0
+        self._leaving_since: float | None = None
+
+    @property
+    def killed(self) -> bool:
+        return signal.SIGKILL in self.sent
+
+    def step(self, hurry: bool = False) -> None:
+        """Send what is due now; ``hurry``: the next signal at once (a user's repeated Ctrl-C)."""
+        if self.process.poll() is not None:
+            return
+        now = time.monotonic()
+        if self._leaving_since is None and self.sent and self.leaving():
+            self._leaving_since = now
+        if not self.sent:
+            self._send(signal.SIGINT, now)
+        elif self.killed:
+            return
+        elif self._leaving_since is not None:
+            if now - self._leaving_since >= EXIT_LIMIT or hurry:
+                self._send(signal.SIGKILL, now)
+        elif len(self.sent) == 1 and (hurry or now - self._sent_at >= RESEND_AFTER):
+            self._send(signal.SIGINT, now)
+        elif len(self.sent) >= 2 and (hurry or now - self._sent_at >= KILL_AFTER):
+            self._send(signal.SIGKILL, now)
+
+    def _send(self, sig: int, now: float) -> None:
+        try:
+            self.process.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        self.sent.append(sig)
+        self._sent_at = now
+
+    def wait(self) -> int:
+        """Stop the tracer; its exit status."""
+        while True:
+            self.step()
+            try:
+                return self.process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                continue
 
 
 # --- the target ------------------------------------------------------------------------------
@@ -86,12 +190,12 @@ class Target:
         self._close()
 
     def stop(self) -> None:
-        """Stop a started command (after a failed start of the tracer)."""
+        """Stop a started command: SIGTERM, then SIGKILL after COMMAND_GRACE seconds."""
         self._close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(5)
+                self.process.wait(COMMAND_GRACE)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -200,16 +304,18 @@ def attach(pid: int, inject: bool = False) -> Target:
     return Target(pid, library)
 
 
-def start(command: str, timeout: float = STARTUP_TIMEOUT) -> Target:
-    """Start ``command`` (split like a shell would, run without one) held at start-up, see the module doc."""
-    argv = shlex.split(command)
+def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT) -> Target:
+    """Start ``command`` (an argument list, or a string split like a shell would split it; run
+    without a shell) held at start-up, see the module doc. It gets SIGTERM if the tool dies."""
+    argv = shlex.split(command) if isinstance(command, str) else list(command)
     if not argv:
         raise ToolError("-c needs a command, e.g. -c \"python3 app.py\"")
     from_child, child_writes = os.pipe()
     child_reads, to_child = os.pipe()
     env = {**os.environ, "PYDTRACE": "1", "PYDTRACE_STARTUP": f"{child_writes},{child_reads}"}
     try:
-        process = subprocess.Popen(argv, env=env, pass_fds=(child_writes, child_reads))
+        process = subprocess.Popen(argv, env=env, pass_fds=(child_writes, child_reads),
+                                   preexec_fn=die_with_parent(signal.SIGTERM))
     except FileNotFoundError:
         _close_all(from_child, child_writes, child_reads, to_child)
         raise ToolError(f"command not found: {argv[0]}") from None
@@ -225,11 +331,8 @@ def start(command: str, timeout: float = STARTUP_TIMEOUT) -> Target:
         raise
     finally:
         os.close(from_child)
-    hint = (
-        "is it a Python 3.12+ with pydtrace-rs installed (the environment's python, e.g. "
-        f"{sys.executable})?"
-    )
     if report is None:
+        hint = startup_hint(argv)
         try:
             code = process.wait(timeout=1)  # it closed the pipe (exited), or the time is up
         except subprocess.TimeoutExpired:
@@ -246,6 +349,90 @@ def start(command: str, timeout: float = STARTUP_TIMEOUT) -> Target:
         raise ToolError(f"unexpected start-up report from the command: {report!r}") from None
     target.library = library if library != "None" else None
     return target
+
+
+#: What an interpreter says about itself, for :func:`startup_hint`: its version, where it
+#: would import dtrace from, and which of its site directories hold pydtrace-rs.pth.
+_INTERPRETER_FACTS = """\
+import importlib.util, json, os, site, sys
+spec = importlib.util.find_spec("dtrace")
+sites = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+print(json.dumps({"version": list(sys.version_info[:2]), "dtrace": spec and spec.origin, "sites": sites,
+                  "pth": [d for d in sites if any(os.path.exists(os.path.join(d, name))
+                                                  for name in ("pydtrace-rs.pth", "pydtrace_rs_arm.pth"))]}))
+"""
+_PYTHON_NAME = re.compile(r"python[\d.]*")
+
+
+def command_python(argv: Sequence[str]) -> str | None:
+    """The Python interpreter a command runs: its first word when that is a Python, or the
+    interpreter named by the ``#!`` line of the script it runs; None when neither."""
+    exe = shutil.which(argv[0]) or argv[0]
+    if _PYTHON_NAME.fullmatch(os.path.basename(exe)):
+        return exe
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    if words and os.path.basename(words[0]) == "env":
+        words = [w for w in words[1:] if not w.startswith("-")]
+    if words and _PYTHON_NAME.fullmatch(os.path.basename(words[0])):
+        return shutil.which(words[0]) or words[0]
+    return None
+
+
+def interpreter_facts(python: str) -> dict | None:
+    """What ``python`` says about itself (see _INTERPRETER_FACTS), or None if it cannot say."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
+    try:
+        done = subprocess.run([python, "-c", _INTERPRETER_FACTS], capture_output=True, text=True, env=env,
+                              timeout=10)
+        return json.loads(done.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+#: The name the one extra step gives pydtrace-rs.pth: site loads .pth files in name order, and this
+#: name sorts after maturin's editable pydtrace_rs.pth, which puts the checkout on sys.path first.
+PTH_AFTER_EDITABLE = "pydtrace_rs_arm.pth"
+
+
+def missing_pth_fix(python: str, facts: dict) -> str:
+    """The one step that makes PYDTRACE=1 work in an environment without pydtrace-rs.pth."""
+    site = facts["sites"][0] if facts["sites"] else "its site-packages"
+    source = "pydtrace-rs.pth"
+    if facts["dtrace"]:  # an editable install (maturin develop) imports dtrace from the checkout
+        checkout = Path(facts["dtrace"]).resolve().parents[2]
+        if (checkout / "pydtrace-rs.pth").exists():
+            source = str(checkout / "pydtrace-rs.pth")
+    return (f"PYDTRACE=1 does nothing in {python}: pydtrace-rs.pth is missing from {site} (`maturin develop` "
+            f"leaves it out); add it: cp {source} {site}/{PTH_AFTER_EDITABLE} (or install with `pip install .`)")
+
+
+def startup_hint(argv: Sequence[str]) -> str:
+    """What to do about a command that never loaded dtrace: its Python, as far as it can be told."""
+    generic = ("is it a Python 3.12+ with pydtrace-rs installed (the environment's python, e.g. "
+               f"{sys.executable})?")
+    python = command_python(argv)
+    facts = interpreter_facts(python) if python else None
+    if facts is None:
+        # Not a Python the tool can ask: say whether this environment's own Python would work.
+        own = interpreter_facts(sys.executable)
+        if own and own["dtrace"] and not own["pth"]:
+            return f"{generic} Note: {missing_pth_fix(sys.executable, own)}"
+        return generic
+    version = ".".join(map(str, facts["version"]))
+    if tuple(facts["version"]) < (3, 12):
+        return (f"{python} is Python {version}: pydtrace-rs needs CPython 3.12 or later; run the command with "
+                f"a Python that has pydtrace-rs, e.g. {sys.executable}")
+    if not facts["dtrace"]:
+        return (f"pydtrace-rs is not installed in {python}: install it there, or run the command with a Python "
+                f"that has it, e.g. {sys.executable}")
+    if not facts["pth"]:
+        return missing_pth_fix(python, facts)
+    return f"{python} has pydtrace-rs and PYDTRACE=1 works there: does the command start it, and without -S (which skips .pth files)?"
 
 
 def _read_line(fd: int, timeout: float, process: subprocess.Popen) -> str | None:
@@ -300,6 +487,8 @@ class Session:
     helper_errors: dict[str, int] = field(default_factory=dict)
     stderr_lines: list[str] = field(default_factory=list)
     interrupted: int = 0
+    #: The stop signals the tool received while tracing, in order.
+    signals: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -312,10 +501,13 @@ class Session:
             errors="replace",
             env=self.env,
             start_new_session=True,  # Ctrl-C reaches it once, through interrupt()
+            preexec_fn=die_with_parent(signal.SIGKILL),  # see the module doc
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._last_line = time.monotonic()
-        self._interrupt_at: float | None = None
+        self._stop_requested_at: float | None = None
+        self._leaving = False
+        self.stopper: Stopper | None = None
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=self._read_stderr, daemon=True),
@@ -323,43 +515,63 @@ class Session:
         for thread in self._threads:
             thread.start()
 
+    @property
+    def pid(self) -> int:
+        """The tracer's process ID."""
+        return self.process.pid
+
     def _read_stdout(self) -> None:
         for line in self.process.stdout:
+            line = line.rstrip("\n")
             self._last_line = time.monotonic()
-            self._lines.put(line.rstrip("\n"))
+            if self.tracer.leaving(line, signalled=self.stopper is not None):
+                self._leaving = True
+            self._lines.put(line)
         self._lines.put(None)
 
     def _read_stderr(self) -> None:
         for line in self.process.stderr:
             self.stderr_lines.append(line.rstrip("\n"))
 
-    def interrupt(self) -> None:
-        """Ctrl-C (from a signal handler). The tracer is sent SIGINT once its output has been
-        quiet for a moment (see events()): bpftrace stops reading its buffers at SIGINT, so what
-        the program printed just before would be lost. A second Ctrl-C sends SIGINT at once, a
-        third kills the tracer."""
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP to the tool (from a signal handler): stop the tracer, which
+        prints what it gathered. It is sent SIGINT once its output has been quiet for a moment
+        (see events()): bpftrace stops reading its buffers at SIGINT, so what the program
+        printed just before would be lost; then the :class:`Stopper` sees it through. Each
+        further signal hurries it: the next step at once (SIGINT again, then SIGKILL)."""
         self.interrupted += 1
-        if self.interrupted == 1:
-            self._interrupt_at = time.monotonic()
+        self.signals.append(signum)
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+        elif self.stopper is None:
+            self._begin_stop()
         else:
-            self._signal(signal.SIGINT if self.interrupted == 2 else signal.SIGKILL)
+            self.stopper.step(hurry=True)
 
-    def _forward_interrupt(self) -> None:
-        """SIGINT to the tracer after Ctrl-C, once its output is quiet or DRAIN_LIMIT has passed."""
-        requested, now = self._interrupt_at, time.monotonic()
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested_at is not None
+
+    def _begin_stop(self) -> None:
+        if self.stopper is None:
+            self.stopper = Stopper(self.process, lambda: self._leaving)
+        self.stopper.step()
+
+    def _advance_stop(self) -> None:
+        """The stop's next step, when one is due: the first SIGINT once the output is quiet or
+        DRAIN_LIMIT has passed, then the Stopper's."""
+        if self.stopper is not None:
+            self.stopper.step()
+            return
+        requested, now = self._stop_requested_at, time.monotonic()
         if requested is not None and (now - self._last_line >= DRAIN_QUIET or now - requested >= DRAIN_LIMIT):
-            self._signal(signal.SIGINT)
-
-    def _signal(self, sig: int) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        self._interrupt_at = None
+            self._begin_stop()
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """The tracer's events up to its exit; TimeoutError if a line takes longer than ``timeout``."""
         waited = 0.0
         while True:
-            self._forward_interrupt()
+            self._advance_stop()
             try:
                 line = self._lines.get(timeout=DRAIN_QUIET)
             except queue.Empty:
@@ -384,15 +596,29 @@ class Session:
                     yield event
 
     def wait(self) -> int:
-        code = self.process.wait()
+        """The tracer's exit status, once it exits (stopping it first if a stop was requested)."""
+        if self.stop_requested:
+            self._begin_stop()
+            code = self.stopper.wait()
+        else:
+            code = self.process.wait()
         for thread in self._threads:
             thread.join(5)
+        for stream in (self.process.stdout, self.process.stderr):
+            if not any(thread.is_alive() for thread in self._threads):
+                stream.close()
         return code
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.wait()
+    def stop(self) -> int:
+        """Stop the tracer now (SIGINT, again if missed, then SIGKILL) and wait for it."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+        return self.wait()
+
+    @property
+    def killed(self) -> bool:
+        """Whether the tracer had to be killed (its last output is lost)."""
+        return self.stopper is not None and self.stopper.killed
 
     def errors(self) -> str:
         """The tracer's stderr, without its harmless noise."""

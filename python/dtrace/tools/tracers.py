@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +18,19 @@ from typing import Any, Iterator
 
 class ToolError(Exception):
     """A problem the user can act on: printed as ``pydtrace: MESSAGE``, exit code 1."""
+
+
+def decode_json_line(line: str) -> Any:
+    """One line of ``bpftrace -f json`` output, decoded (json.JSONDecodeError if it is no JSON).
+
+    bpftrace 0.17 writes each byte >= 0x80 of a string as ``\\uffffffXX`` (a sign-extended
+    char): those bytes are put back and the strings decoded as UTF-8, what cannot be
+    decoded (a name cut in the middle of a character) replaced by U+FFFD. The tests read
+    bpftrace's output with this function too.
+    """
+    if "\\uffffff" not in line:
+        return json.loads(line)
+    return _fix_bytes(json.loads(_HIGH_BYTE.sub(r"\\u00\1", line)))
 
 
 @dataclass
@@ -62,6 +76,16 @@ class Tracer:
     def events(self, line: str, keys: dict[str, int], hists: frozenset[str]) -> Iterator[Event]:
         """The events in one line of the tracer's output; ``keys`` gives each map's key arity."""
         raise NotImplementedError
+
+    def list_probes(self, probe: str, pid: int | None) -> list[str] | None:
+        """The probes that ``probe`` names (in process ``pid``'s libraries, if given); None
+        when the tracer cannot tell."""
+        return None
+
+    def leaving(self, line: str, signalled: bool) -> bool:
+        """Whether this output line shows that the tracer has left its event loop (after a
+        stop signal, if ``signalled``): a second SIGINT then would cut its last output short."""
+        return signalled
 
 
 def _has_capabilities(*bits: int) -> bool:
@@ -109,20 +133,32 @@ class Bpftrace(Tracer):
             env.setdefault("BPFTRACE_PERF_RB_PAGES", "1024")  # 4 MiB per CPU between bursts and the reader
         return env
 
+    def list_probes(self, probe: str, pid: int | None) -> list[str] | None:
+        argv = [self.executable(), "-l", probe] + (["-p", str(pid)] if pid is not None else [])
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        kind = probe.split(":", 1)[0] + ":"
+        return [line for line in done.stdout.splitlines() if line.startswith(kind)]
+
+    def leaving(self, line: str, signalled: bool) -> bool:
+        # In JSON mode bpftrace prints two blank lines once it has left its event loop (its
+        # probes detached, END run), before its maps; nothing else prints a blank line.
+        return not line.strip()
+
     def events(self, line: str, keys: dict[str, int], hists: frozenset[str]) -> Iterator[Event]:
         if not line.strip():
             return
-        high = "\\uffffff" in line
-        if high:
-            line = _HIGH_BYTE.sub(r"\\u00\1", line)
         try:
-            event = json.loads(line)
+            event = decode_json_line(line)
         except json.JSONDecodeError:
             yield Event("printf", data=line + "\n")
             return
+        if not isinstance(event, dict):
+            yield Event("printf", data=line + "\n")
+            return
         kind, data = event.get("type"), event.get("data")
-        if high:
-            data = _fix_bytes(data)
         if kind == "printf":
             yield Event("printf", data=data)
         elif kind in ("map", "hist", "stats"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from dtrace.tools import report
+from dtrace.tools import report, runner
 from dtrace.tools.base import Tool, cut_note
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.options import UsageError
 
 #: The bundled scripts' native probe and how they name it.
 SCRIPT_PROBE = {"bt": "uprobe:libc:connect", "d": "pid$target::connect:entry"}
@@ -15,12 +15,17 @@ PROBE_TYPES = ("uprobe:", "uretprobe:", "usdt:", "kprobe:", "kretprobe:", "kfunc
                "rawtracepoint:", "pid", "syscall:", "fbt:")
 #: The most frames the scripts print per stack.
 MAX_FRAMES = 100
+#: How a frame that was already running when tracing began is marked.
+RUNNING_BEFORE = "(running since before tracing began; its callers are not known)"
+#: Probe types that attach to nothing, silently, when the function does not exist (bpftrace 0.17).
+SILENT_TYPES = ("uprobe:", "uretprobe:")
 
 
 def native_probe(function: str, dialect: str) -> str:
     """FUNC as the dialect's probe: ``connect`` (in libc), ``LIBRARY:FUNCTION``, or a probe as is."""
     if not re.fullmatch(r"[\w$.:/+@*-]+", function):
-        raise ToolError(f"not a function or probe: {function!r}")
+        raise UsageError(f"{function!r} is not a function or probe: give a libc function (connect), "
+                         "LIBRARY:FUNCTION, or a tracer probe (uprobe:..., kprobe:...)")
     if function.startswith(PROBE_TYPES):
         return function
     if ":" in function:
@@ -40,8 +45,9 @@ class Where(Tool):
         "function is called: FUNC in libc (connect, open, write, ...), LIBRARY:FUNCTION for another "
         "library, or a whole tracer probe (uprobe:..., kprobe:..., tracepoint:...). bpftrace has no "
         "Python stack walker, so the program keeps each thread's Python stack from the entry, return "
-        "and line probes, and prints it when FUNC is called. Frames entered before tracing began (-p) "
-        "are missing from the bottom."
+        "and line probes, and prints it when FUNC is called. Of the frames entered before tracing "
+        "began (-p), the one running below the others is shown, marked, from its line events "
+        "(not with --no-lines); its callers are not known."
     )
     examples = """\
 examples:
@@ -69,6 +75,24 @@ examples:
         program = program.replace(SCRIPT_PROBE[dialect], probe)
         return program.replace("that call connect()", f"that call {self.what}")
 
+    def check(self, options, tracer):
+        # bpftrace 0.17 attaches a uprobe to a function that does not exist to nothing, and
+        # runs: the trace would say "not called". Ask it first (in the process's libraries
+        # with -p; in this system's with -c).
+        probe = native_probe(options.function, tracer.dialect)
+        if not probe.startswith(SILENT_TYPES):
+            return
+        if options.pid is not None:
+            runner.check_running(options.pid)  # before asking about its libraries
+        listed = tracer.list_probes(probe, options.pid)
+        if listed is not None and not listed:
+            where = f"process {options.pid}" if options.pid is not None else "this system"
+            raise UsageError(
+                f"{options.function} resolves to no probe in {where} ({probe}): give a function of libc "
+                f"(connect, write, ...), LIBRARY:FUNCTION, or a probe; `bpftrace -l '{probe.rsplit(':', 1)[0]}:*'` "
+                "lists them"
+            )
+
     def arguments(self, target):
         return [str(target.pid)]
 
@@ -89,6 +113,11 @@ examples:
             self.stacks[key]["frames"][int(words[3])] = (words[5], words[4])
         elif kind == "func" and key in self.stacks:
             self.stacks[key]["funcs"][int(words[3])] = text.rstrip("\n").split(" ", 4)[4]
+        elif kind == "base" and key in self.stacks:
+            # base TID CALL LINE FILE: the frame below, running since before tracing began
+            self.stacks[key]["base"] = text.rstrip("\n").split(" ", 4)[4], words[3]
+        elif kind == "basefunc" and key in self.stacks:
+            self.stacks[key]["basefunc"] = text.rstrip("\n").split(" ", 3)[3]
 
     def report(self, maps, args, out, label, session):
         counted: Counter[tuple] = Counter()
@@ -100,32 +129,42 @@ examples:
             if any(i not in stack["frames"] or i not in stack["funcs"] for i in range(shown)):
                 incomplete += 1
                 continue
+            if ("base" in stack) != ("basefunc" in stack):
+                incomplete += 1
+                continue
             frames = tuple((stack["frames"][i][0], stack["frames"][i][1], stack["funcs"][i]) for i in range(shown))
-            names += [part for frame in frames for part in (frame[0], frame[2])]
-            counted[(frames, stack["depth"] - shown)] += 1
+            base = (*stack["base"], stack["basefunc"]) if "base" in stack else None
+            names += [part for frame in frames + ((base,) if base else ()) for part in (frame[0], frame[2])]
+            counted[(frames, stack["depth"] - shown, base)] += 1
         total = sum(counted.values())
         if not total:
             out.write(f"{self.what} was not called from Python\n" if not incomplete else "")
         else:
             out.write(f"{self.what}: {total} calls from {len(counted)} Python stacks, innermost frame first\n")
             shown_stacks, hidden = report.top(counted.most_common(), args.top)
-            for (frames, more), count in shown_stacks:
+            for (frames, more, base), count in shown_stacks:
                 out.write(f"\n{count:>7}  ")
-                if not frames:
-                    out.write("(no Python frame entered since tracing began)\n")
+                if not frames and not base:
+                    out.write("(no Python frame known: the code runs in a frame entered before tracing began"
+                              + ("; without --no-lines its line events show it)\n" if args.no_lines else ")\n"))
                     continue
                 places = [f"{report.path(report.name(file, self.strlen))}:{line}" for file, line, _ in frames]
+                if base:
+                    places.append(f"{report.path(report.name(base[0], self.strlen))}:{base[1]}")
                 width = max(len(place) for place in places)
-                lines = [f"{place.ljust(width)}  {report.name(func, self.strlen)}"
-                         for place, (_, _, func) in zip(places, frames)]
-                out.write(("\n" + " " * 9).join(lines) + "\n")
+                funcs = [report.name(func, self.strlen) for _, _, func in frames]
+                lines = [f"{place.ljust(width)}  {func}" for place, func in zip(places, funcs)]
                 if more:
-                    out.write(" " * 9 + f"... {more} more frames\n")
+                    lines.append(f"... {more} more frames")
+                if base:
+                    lines.append(f"{places[-1].ljust(width)}  {report.name(base[2], self.strlen)}  {RUNNING_BEFORE}")
+                out.write(("\n" + " " * 9).join(lines) + "\n")
             if hidden:
                 out.write(f"\n{hidden} less frequent stacks not shown (-n 0 shows all)\n")
             callers: Counter[tuple] = Counter()
-            for (frames, _), count in counted.items():
-                callers[frames[0] if frames else ("", "", "(no Python frame entered since tracing began)")] += count
+            for (frames, _, base), count in counted.items():
+                innermost = frames[0] if frames else base if base else ("", "", "(no Python frame known)")
+                callers[innermost] += count
             out.write("\nby innermost Python function:\n")
             report.table(out, ["CALLS", "FUNCTION", "LINE"], [
                 [count, func, f"{report.path(file)}:{line}" if file else ""]

@@ -1,0 +1,169 @@
+"""The options of one run of a tool: one typed object, made and checked when the command line is parsed.
+
+:meth:`Options.from_args` turns argparse's namespace into :class:`Options` and
+checks everything that can be checked before anything starts: a command that
+splits into nothing or does not split (``-c ""``, an unclosed quote), a target
+that is missing, an output file that cannot be written. What it finds wrong is
+a :class:`UsageError`: the command line prints the tool's usage and the one
+line, and exits with status 2, argparse's convention for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+#: Exit status of a usage error (argparse's convention) and of a failure the user can act on.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+#: Seconds a started command may take to load dtrace and report, by default.
+STARTUP_TIMEOUT = 30.0
+
+#: flame's output formats, and the file each writes when -o is not given (None: standard output).
+FLAME_FORMATS = {"svg": "flame.svg", "speedscope": "flame.speedscope.json", "folded": None}
+
+
+class UsageError(Exception):
+    """A bad command line: printed after the tool's usage, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything one run of a tool was asked to do, typed.
+
+    Fields every tool has come first; then the options some tools take (their
+    defaults are the tool's, from its parser). Options a tool adds that have no
+    field here are kept in ``extra`` and read as attributes too.
+    """
+
+    tool: str
+    pid: int | None = None
+    #: -c as given, and split like a shell would split it (never empty when given).
+    command: str | None = None
+    argv: tuple[str, ...] = ()
+    duration: int | None = None
+    interval: int | None = None
+    script: bool = False
+    tracer: str | None = None
+    max_keys: int | None = None
+    startup_timeout: float = STARTUP_TIMEOUT
+    #: -p on a process without the probes: load them without asking (docs/injection.md).
+    inject: bool = False
+    #: --module and --file: the session's scope (docs/scope.md), as given.
+    scope_modules: tuple[str, ...] = ()
+    scope_files: tuple[str, ...] = ()
+    # calls, lines, objnew, where
+    top: int = 20
+    # calls
+    latency: bool = False
+    # calls, flow, flame: C functions too (the cfunction probes)
+    native: bool = False
+    # where
+    function: str | None = None
+    no_lines: bool = False
+    # flame: the file to write (None: standard output) and its format
+    output: str | None = None
+    format: str = "svg"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: a tool's own options.
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__!s} has no option {name!r}")
+
+    @property
+    def target_given(self) -> bool:
+        return self.pid is not None or bool(self.argv)
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace, needs_target: bool = True) -> Options:
+        """The options of a parsed command line; UsageError for what cannot work."""
+        values = dict(vars(namespace))
+        names = {f.name for f in fields(cls)} - {"extra", "argv", "format"}
+        known = {name: values.pop(name) for name in list(values) if name in names}
+        for name in ("scope_modules", "scope_files"):
+            known[name] = tuple(known.get(name) or ())
+        folded = values.pop("folded", False)
+        chosen_format = values.pop("format", None)
+        options = cls(**known, extra=values)
+
+        argv: tuple[str, ...] = ()
+        if options.command is not None:
+            argv = split_command(options.command)
+        if options.pid is not None and options.pid <= 0:
+            raise UsageError(f"-p {options.pid} is not a process ID: give the PID of a running process")
+        if needs_target and not options.script and options.pid is None and not argv:
+            raise UsageError("give -p PID or -c COMMAND (or --script)")
+        if options.startup_timeout <= 0:
+            raise UsageError(f"--startup-timeout must be more than 0 seconds, not {options.startup_timeout:g}")
+        if options.top < 0:
+            raise UsageError(f"-n must be 0 (show all) or more, not {options.top}")
+
+        output, fmt = options.output, "svg"
+        if options.tool == "flame":
+            fmt, output = flame_output(options.output, chosen_format, folded)
+            if output is not None and not options.script:
+                check_writable(output)
+        return replace(options, argv=argv, output=output, format=fmt)
+
+
+def split_command(command: str) -> tuple[str, ...]:
+    """-c COMMAND split like a shell would split it; UsageError when it is empty or does not split."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as error:  # "No closing quotation", "No escaped character"
+        raise UsageError(
+            f"-c cannot split {command!r} like a shell: {str(error).lower()}; quote it as a shell would, "
+            "e.g. -c \"python3 app.py 'two words'\""
+        ) from None
+    if not argv:
+        raise UsageError("-c needs a command, e.g. -c \"python3 app.py\"")
+    return tuple(argv)
+
+
+def flame_output(output: str | None, chosen: str | None, folded: bool) -> tuple[str, str | None]:
+    """flame's format and output file: --format, --folded, or the suffix of -o (.json: speedscope,
+    .folded: folded stacks, anything else: SVG); without -o, the format's default file."""
+    if folded and chosen not in (None, "folded"):
+        raise UsageError(f"--folded and --format {chosen} disagree: give one of them")
+    fmt = "folded" if folded else chosen
+    if fmt is None:
+        name = (output or "").lower()
+        fmt = "speedscope" if name.endswith(".json") else "folded" if name.endswith(".folded") else "svg"
+    return fmt, output if output is not None else FLAME_FORMATS[fmt]
+
+
+def check_writable(path: str) -> None:
+    """UsageError unless a file can be written at ``path`` (checked before tracing starts, so
+    that no trace is lost to a typo)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"-o {path} is a directory: give a file name, e.g. -o {target / 'flame.svg'}")
+    directory = target.parent
+    if not directory.is_dir():
+        raise UsageError(f"-o {path}: there is no directory {directory}: create it, or write elsewhere")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as error:
+        raise UsageError(f"-o {path}: cannot write it ({error.strerror}): write elsewhere") from None
+    if not existed:
+        target.unlink()
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value

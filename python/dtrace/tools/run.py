@@ -1,0 +1,428 @@
+"""``run``: your own bpftrace program (a D script on the DTrace platforms), with the tools' start-up handshake.
+
+``python -m dtrace run PROGRAM_FILE -c COMMAND`` (or ``-e PROGRAM``, or
+``-p PID``) runs the program as it is, with what the other tools do around
+theirs (see ``runner``): a command is started held at start-up with
+``PYDTRACE=1``, and let run once the tracer has attached every probe and the
+program's probes are live in it, so that it is traced from its first line.
+
+What the tool adds to the program, and nothing else:
+
+- two lines printed from ``BEGIN``, which bpftrace runs once every probe is
+  attached: first and last in the program's own ``BEGIN`` (bpftrace 0.17
+  takes one), or in a ``BEGIN`` of the tool's; the tool takes them out of the
+  output, and lets a started command run after the last, so that whatever the
+  program's ``BEGIN`` prints comes before anything the command does;
+- ``@TARGET@`` (CPython's test_dtrace placeholder) in an attach point names
+  the probe object, and the interpreter too where it declares that probe
+  itself (built ``--with-dtrace``); ``usdt:*:python:NAME`` and
+  ``usdt::python:NAME`` stay as written: with ``-p``, bpftrace finds them in
+  every object of the process;
+- with ``-d``, a clause that ends the trace.
+
+The program's output goes to stdout as bpftrace prints it, the maps it prints
+at exit included; bpftrace's "Attaching N probes..." line is left out, and
+the tool says on stderr when the trace has begun ("Tracing ...").
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from dtrace.tools import interpreter, programs, runner, tracers
+from dtrace.tools.base import Tool
+from dtrace.tools.tracers import ToolError
+
+#: The exit status for a program the tool refuses (no probe of provider python, and the like).
+BAD_PROGRAM = 2
+#: Seconds after a SIGINT to the tracer, with its output quiet, before it is sent another
+#: (bpftrace 0.17 misses one now and then).
+RESEND_AFTER = 3.0
+#: Seconds of quiet after the first line of BEGIN, without its last, after which BEGIN is taken
+#: to have returned early (a `return` in it), and the command is let run.
+BEGIN_QUIET = 1.0
+#: bpftrace's own line before its probes are attached.
+_ATTACHING = re.compile(r"^Attaching \d+ probes?\.\.\.$")
+#: bpftrace's stderr lines that say nothing to the user.
+_NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")
+
+
+class ProgramError(Exception):
+    """A program the tool will not run: printed as ``pydtrace: MESSAGE``, exit status 2."""
+
+
+class Run(Tool):
+    name = "run"
+    summary = "run your own bpftrace program (D script on DTrace platforms); -c traces from the first line"
+    description = (
+        "Run your own bpftrace program (a D script on macOS and illumos) on a process (-p) or on a command "
+        "started for it (-c), which is traced from its first line: it is held at start-up until every probe "
+        "of the program is attached and live. Probes may be written usdt:*:python:NAME, usdt::python:NAME, "
+        "or usdt:@TARGET@:python:NAME, where the tool puts the probe object's path for @TARGET@ (as CPython's "
+        "test_dtrace does with the interpreter's). The program's output goes to stdout as it comes, the maps "
+        "printed at exit included. A program that names no probe of provider python is refused (exit 2); one "
+        "that bpftrace rejects gives bpftrace's message and its exit status, and a command started for it is "
+        "ended."
+    )
+    examples = """\
+examples:
+  python -m dtrace run calls.bt -c "python3 app.py"
+  python -m dtrace run -e 'usdt:*:python:function__entry { @[str(arg1)] = count(); }' -p 4711
+  python -m dtrace run -e 'usdt:@TARGET@:python:gc__done { @collected = sum(arg0); }' -c "python3 app.py"
+  python -m dtrace run calls.bt --script         the program as the tool runs it
+"""
+    intervals = False
+
+    def add_arguments(self, parser):
+        parser.add_argument("program_file", nargs="?", metavar="PROGRAM_FILE",
+                            help="the program: a bpftrace file (a D script on macOS and illumos)")
+        parser.add_argument("-e", dest="program_text", metavar="PROGRAM", help="the program itself, instead of a file")
+
+    # --- the program
+
+    def source(self, args) -> tuple[str, str]:
+        """(the program's text, what to call it)."""
+        if args.program_file and args.program_text is not None:
+            raise ProgramError("give the program as a file or with -e, not both")
+        if args.program_text is not None:
+            return args.program_text, "the program"
+        if not args.program_file:
+            raise ProgramError("give a program: a file (python -m dtrace run PROGRAM_FILE ...) or -e PROGRAM")
+        try:
+            with open(args.program_file, encoding="utf-8") as f:
+                return f.read(), args.program_file
+        except OSError as error:
+            raise ProgramError(f"cannot read {args.program_file}: {error.strerror or error}") from None
+
+    def prepare(self, text: str, dialect: str, library: str | None, interpreter_probes: dict[str, str],
+                marker: str, duration: int | None) -> tuple[str, list[str]]:
+        """The program as the tracer runs it, and the probes it uses (DTrace's spelling). It prints
+        ``MARKER-attached`` first in its ``BEGIN`` and ``MARKER-begun`` last."""
+        if dialect == "d":
+            return self._prepare_d(text, marker, duration)
+        clauses = programs.clauses(text)
+        names = [name.replace("-", "__") for name in _probe_names()]
+        used: set[str] = set()
+        edits: list[tuple[int, int, str]] = []
+        begin = None
+        for clause in clauses:
+            for point in clause.attach_points:
+                if point.kind == "BEGIN" and begin is None:
+                    begin = clause
+                probe = programs.usdt(point)
+                if probe is None or not _is_python(probe):
+                    continue
+                matched = programs.names_matching(probe.name, names)
+                if not matched:
+                    raise ProgramError(
+                        f"{point.text}: provider python has no probe {probe.name!r}; its probes: {', '.join(names)}"
+                    )
+                used.update(matched)
+                if probe.path == "@TARGET@":
+                    if library is None:
+                        raise ProgramError("@TARGET@: the process reported no probe object")
+                    provider = f":{probe.provider}" if probe.provider else ""
+                    points = [f"usdt:{library}{provider}:{probe.name}"]
+                    points += [f"usdt:{path}{provider}:{probe.name}" for path in
+                               sorted({interpreter_probes[n] for n in matched if n in interpreter_probes})]
+                    edits.append((point.start, point.end, ", ".join(points)))
+        if not used:
+            if not any(p.kind not in ("BEGIN", "END") for c in clauses for p in c.attach_points):
+                raise ProgramError("the program names no probe at all; trace Python with usdt:*:python:PROBE "
+                                   f"(probes: {', '.join(names)})")
+            raise ProgramError("the program names no probe of provider python, e.g. usdt:*:python:function__entry "
+                               f"(probes: {', '.join(names)})")
+        attached, begun = f'printf("{marker}-attached\\n"); ', f'printf("{marker}-begun\\n"); '
+        # A program that leaves a brace open is passed on as it is, for bpftrace to say so.
+        complete = all(clause.closed(text) for clause in clauses)
+        if begin is not None and complete:
+            # On the body's lines, so that bpftrace's messages keep the user's line numbers.
+            # bpftrace 0.17 wants a ';' after an expression, and takes none after a block.
+            last = programs.mask(text)[begin.brace + 1:begin.end - 1].rstrip()[-1:]
+            edits.append((begin.brace + 1, begin.brace + 1, attached))
+            edits.append((begin.end - 1, begin.end - 1, (" " if last in ("", ";", "}") else "; ") + begun))
+        program = programs.replace_spans(text, edits)
+        if begin is None and complete:
+            program += f"\n\nBEGIN\n{{\n\t{begun.strip()}\n}}\n"
+        if duration and complete:
+            program += f"\ninterval:s:{duration}\n{{\n\texit();\n}}\n"
+        # A command is not held for probes its interpreter fires itself: they go live without us.
+        waited = sorted(name.replace("__", "-") for name in used if name not in interpreter_probes)
+        return program, waited
+
+    def _prepare_d(self, text: str, marker: str, duration: int | None) -> tuple[str, list[str]]:
+        """A D script (UNTESTED: DTrace cannot be run here): python$target:::NAME probes."""
+        code = programs.mask(text)
+        names = _probe_names()
+        used: set[str] = set()
+        for match in re.finditer(r"\bpython(?:\$target|\$\d+|\d+|\*)?:[^:\s]*:[^:\s]*:([\w*?-]*)", code):
+            pattern = match.group(1) or "*"
+            matched = programs.names_matching(pattern.replace("__", "-"), names)
+            if not matched:
+                raise ProgramError(f"{match.group()}: provider python has no probe {pattern!r}")
+            used.update(matched)
+        if not used:
+            raise ProgramError("the program names no probe of provider python, e.g. python$target:::function-entry")
+        # D runs every BEGIN clause, in order: the program's first.
+        program = text.rstrip("\n") + f'\n\nBEGIN\n{{\n\tprintf("{marker}-begun\\n");\n}}\n'
+        if duration:
+            program += f"\ntick-{duration}s\n{{\n\texit(0);\n}}\n"
+        return program, sorted(used)
+
+    # --- the run
+
+    def run(self, args, out=sys.stdout) -> int:
+        try:
+            return self._run(args, out)
+        except ProgramError as error:
+            print(f"pydtrace: {error}", file=sys.stderr)
+            return BAD_PROGRAM
+
+    def _run(self, args, out) -> int:
+        text, label = self.source(args)
+        tracer = tracers.choose_tracer(args.tracer)
+        marker = f"pydtrace-run-{secrets.token_hex(6)}"
+        if args.script:
+            import dtrace
+
+            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), {}, marker, args.duration)
+            out.write(program)
+            return 0
+        # The program is checked before anything is started.
+        self.prepare(text, tracer.dialect, "/probe-object", {}, marker, args.duration)
+        tracer.executable()
+        tracer.check_privileges()
+        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        try:
+            declared = interpreter.declared(target.pid, target.library) if tracer.dialect == "bt" else {}
+            program, probes = self.prepare(text, tracer.dialect, target.library, declared, marker, args.duration)
+            probes = self.fired(probes)
+        except BaseException:
+            if target.held:
+                target.stop()
+            raise
+        return Trace(tracer, program, probes, target, marker, label, args, out).run()
+
+
+def _probe_names() -> list[str]:
+    import dtrace
+
+    return list(dtrace.probe_names()) or [
+        "function-entry", "function-return", "line", "gc-start", "gc-done", "instance-new-start",
+        "instance-new-done", "instance-delete-start", "instance-delete-done", "import-find-load-start",
+        "import-find-load-done", "audit",
+    ]
+
+
+def _is_python(probe: programs.UsdtProbe) -> bool:
+    """Whether a usdt attach point names provider python (a provider-less one in the probe object)."""
+    if probe.provider:
+        return programs.names_matching(probe.provider, ["python"]) == ["python"]
+    return probe.path == "@TARGET@" or bool(runner._PROBE_OBJECT.search(probe.path))
+
+
+class Trace:
+    """One run of the tracer on the user's program: output passed through, the handshake,
+    Ctrl-C, the end."""
+
+    def __init__(self, tracer, program, probes, target, marker, label, args, out) -> None:
+        self.tracer, self.program, self.probes, self.target = tracer, program, probes, target
+        self.label, self.args, self.out = label, args, out
+        self.attached_line = f"{marker}-attached\n".encode()
+        self.begun_line = f"{marker}-begun\n".encode()
+        self.chunks: queue.Queue[bytes | None] = queue.Queue()
+        self.interrupts = 0
+        self.interrupt_at: float | None = None
+        self.sigint_sent_at: float | None = None
+        self.last_output = time.monotonic()
+
+    def argv(self) -> list[str]:
+        if self.tracer.dialect == "d":
+            path = tracers._program_file(self.program, ".d")
+            return [self.tracer.executable(), "-q", "-p", str(self.target.pid), "-s", path]
+        return [self.tracer.executable(), "-p", str(self.target.pid), "-e", self.program]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.args.max_keys or "BPFTRACE_MAP_KEYS_MAX" not in env:
+            env["BPFTRACE_MAP_KEYS_MAX"] = str(self.args.max_keys or Run.max_keys)
+        return env
+
+    def run(self) -> int:
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self.process = None
+        try:
+            self.process = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self.environment(), start_new_session=True,  # Ctrl-C reaches it through interrupt()
+                preexec_fn=runner.die_with_parent(signal.SIGKILL),  # nothing outlives the tool
+            )
+            threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                       threading.Thread(target=self._read_stderr, daemon=True)]
+            for thread in threads:
+                thread.start()
+            for sig in previous:
+                signal.signal(sig, lambda *_: self.interrupt())
+            state = self._pass_output()
+            code = self.process.wait()
+            for thread in threads:
+                thread.join(5)
+        except BaseException:
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self.target.held:
+                self.target.stop()
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.out.flush()
+        if state != "begun":
+            ended = ""
+            if self.target.process is not None:
+                self.target.stop()  # the trace never began: the command is not left waiting
+                ended = "; the command was ended"
+            if self.interrupts:
+                return 130
+            if state == "attached" and code == 0:
+                runner.warn(f"{self.label} ended in its BEGIN, before the trace began{ended}")
+                return 0
+            runner.warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
+            return code or 1
+        if self.target.process is not None:
+            # As the other tools: a command that outlives the trace (-d, exit() in the program, a
+            # stop signal) is stopped with it; one that ended by itself gives its status.
+            if self.target.process.poll() is None:
+                return Tool.stop_command(self.target)
+            if not self.interrupts and (status := Tool.command_status(self.target.process.returncode)):
+                return status
+        if code:
+            runner.warn(f"{self.tracer.name} exited with status {code}")
+        return code
+
+    # --- output
+
+    def _read_stdout(self) -> None:
+        stream = self.process.stdout
+        while chunk := os.read(stream.fileno(), 65536):
+            self.last_output = time.monotonic()
+            self.chunks.put(chunk)
+        self.chunks.put(None)
+
+    def _read_stderr(self) -> None:
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace")
+            if any(noise in line for noise in _NOISE) or not line.strip():
+                continue
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        buffer = getattr(self.out, "buffer", None)
+        if buffer is not None:
+            self.out.flush()
+            buffer.write(data)
+            buffer.flush()
+        else:
+            self.out.write(data.decode(errors="replace"))
+            self.out.flush()
+
+    def _pass_output(self) -> str:
+        """Pass the tracer's output through until it ends, and let a started command run once the
+        program's BEGIN is done. Returns how far the tracer came: "begun" (BEGIN done: the trace
+        ran), "attached" (every probe attached, but BEGIN ended early: exit() there), or ""."""
+        markers = (self.attached_line, self.begun_line)
+        pending = b""  # output held back: until BEGIN is done, or a line that may be a marker
+        state = ""
+        deadline = time.monotonic() + runner.ATTACH_TIMEOUT
+        while True:
+            self._forward_interrupt()
+            try:
+                chunk = self.chunks.get(timeout=runner.DRAIN_QUIET)
+            except queue.Empty:
+                if state == "attached" and time.monotonic() - self.last_output > BEGIN_QUIET:
+                    state = self._begun(pending)  # BEGIN returned early, without its last line
+                    pending = b""
+                elif not state and time.monotonic() > deadline:
+                    raise ToolError(f"{self.tracer.name} did not attach within {runner.ATTACH_TIMEOUT:g} s")
+                continue
+            if chunk is None:
+                self._write(self._clean(pending, markers))
+                return state
+            pending += chunk
+            if state != "begun":
+                if not state and _line_at(pending, self.attached_line) >= 0:
+                    state = "attached"
+                at = _line_at(pending, self.begun_line)
+                if at < 0:
+                    continue
+                state = self._begun(pending[:at])
+                pending = pending[at + len(self.begun_line):]
+            # Complete lines go out at once (but a marker again, from a BEGIN that shares its
+            # clause); so does a partial line that cannot become a marker.
+            cut = pending.rfind(b"\n") + 1
+            done, pending = pending[:cut], pending[cut:]
+            self._write(self._clean(done, markers))
+            if pending and not any(marker.startswith(pending) for marker in markers):
+                self._write(pending)
+                pending = b""
+
+    def _begun(self, before: bytes) -> str:
+        """BEGIN is done: what it printed goes out, then the command runs."""
+        self._write(self._clean(before, (self.attached_line, self.begun_line)))
+        self.target.release(self.probes)
+        print(f"Tracing with {self.label}... Hit Ctrl-C to end.  [{self.target.describe()}]",
+              file=sys.stderr, flush=True)
+        return "begun"
+
+    @staticmethod
+    def _clean(data: bytes, markers: tuple[bytes, ...]) -> bytes:
+        """``data`` without the markers' lines and bpftrace's "Attaching N probes..." line."""
+        return b"".join(line for line in data.splitlines(keepends=True)
+                        if line not in markers and not _ATTACHING.match(line.decode(errors="replace").rstrip("\n")))
+
+    # --- Ctrl-C
+
+    def interrupt(self) -> None:
+        """Ctrl-C (from a signal handler): the tracer gets SIGINT once its output has been quiet
+        for a moment (bpftrace stops reading its buffers at SIGINT); a second Ctrl-C sends it at
+        once, a third kills the tracer."""
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.interrupt_at = time.monotonic()
+        else:
+            self._signal(signal.SIGINT if self.interrupts == 2 else signal.SIGKILL)
+
+    def _forward_interrupt(self) -> None:
+        now = time.monotonic()
+        if self.interrupt_at is not None and (now - self.last_output >= runner.DRAIN_QUIET
+                                              or now - self.interrupt_at >= runner.DRAIN_LIMIT):
+            self._signal(signal.SIGINT)
+        elif (self.sigint_sent_at is not None and now - self.sigint_sent_at >= RESEND_AFTER
+              and now - self.last_output >= RESEND_AFTER):
+            self._signal(signal.SIGINT)  # missed: bpftrace 0.17 ignores one SIGINT now and then
+
+    def _signal(self, sig: int) -> None:
+        self.interrupt_at = None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.sigint_sent_at = time.monotonic() if sig == signal.SIGINT else None
+
+
+def _line_at(data: bytes, line: bytes) -> int:
+    """Where ``line`` (ending in a newline) stands as a whole line in ``data``, or -1."""
+    at = data.find(line)
+    while at > 0 and data[at - 1:at] != b"\n":
+        at = data.find(line, at + 1)
+    return at
