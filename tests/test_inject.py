@@ -32,7 +32,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -948,16 +947,17 @@ def test_neither_the_process_nor_the_tool_has_a_pydtrace_rs_for_it():
         workload.kill()
 
 
-#: The main thread runs a sub-interpreter's code for good (its time.sleep calls PyErr_CheckSignals
-#: there, in the sub-interpreter).
+#: The main thread runs a sub-interpreter's code for good: it sleeps there (so the tool finds it
+#: blocked in a call CPython retries, whose PyErr_CheckSignals comes in the sub-interpreter); the
+#: sub-interpreter says READY, so the main thread is in it.
 IN_A_SUBINTERPRETER = '''
 try:
     import _interpreters as interpreters  # 3.13
 except ImportError:
     import _xxsubinterpreters as interpreters  # 3.12
 sub = interpreters.create()
-''' + READY + '''
-interpreters.run_string(sub, "import time\\nwhile True:\\n    time.sleep(0.01)\\n")
+interpreters.run_string(sub, "import os, time\\nprint('READY', os.getpid(), flush=True)\\n"
+                             "while True:\\n    time.sleep(3600)\\n")
 '''
 
 

@@ -29,7 +29,8 @@ examples:
   python -m dtrace gc --script                   print the bpftrace program of a tool
 
 The process must have the probes armed: `import dtrace` in it, or PYDTRACE=1 in its
-environment; -c arms the command it starts. Tracing needs root (sudo).
+environment; -c arms the command it starts; -p --inject loads them into a running Python
+(docs/injection.md). Tracing needs root (sudo).
 
 exit status: 0 once the trace ended and its report was printed (also after Ctrl-C,
 SIGTERM or SIGHUP); 1 for a problem the message explains; 2 for a usage error; the

@@ -15,26 +15,26 @@ What it does to the target (docs/injection.md says why each step is safe):
 
 1. Attach (every thread stops). Check that the interpreter is initialized and not finalizing.
 2. In the main thread: map one anonymous page (``mmap``), write the code into it, and queue a
-   pending call ``Py_AddPendingCall(PyCallable_Check, NULL)``. That call does nothing (it returns
-   0); it only makes the main thread call ``PyCallable_Check(NULL)`` at its next eval-breaker
-   check, where the interpreter also runs signal handlers.
+   pending call ``Py_AddPendingCall(PyErr_CheckSignals, NULL)``: at its next eval-breaker check
+   the main thread calls ``PyErr_CheckSignals()``, which runs the handlers of signals that came
+   (there were none: the interpreter has just run them) and returns 0.
 3. If the main thread is blocked in a system call made by CPython's own code (``time.sleep``,
    ``select``, a lock's wait...), that call returns EINTR, as it does when a signal handler
    runs: CPython then calls ``PyErr_CheckSignals()`` (or, in a lock's wait,
    ``Py_MakePendingCalls()``, which makes the queued call) and retries.
-4. Breakpoints on ``PyCallable_Check(NULL)`` and ``PyErr_CheckSignals()`` in the main thread;
-   the process runs on until one is hit, or until ``timeout`` passes: then the process is
-   stopped with SIGSTOP (gdb swallows it), the breakpoints are removed, the page unmapped, and
-   gdb detaches, nothing run; the queued call stays a no-op.
+4. A breakpoint on ``PyErr_CheckSignals()``, for the main thread; the process runs on until it
+   is hit there, or until ``timeout`` passes: then the process is
+   stopped with SIGSTOP (gdb swallows it), the breakpoint is removed, the page unmapped, and
+   gdb detaches, nothing run; the queued call stays as harmless as a signal check.
 5. At the breakpoint (the main thread holds the GIL there) if the main thread runs the main
    interpreter (``PyInterpreterState_Get() == PyInterpreterState_Main()``; a sub-interpreter's
-   call is let pass: pydtrace-rs cannot load there), with the breakpoints gone:
+   call is let pass: pydtrace-rs cannot load there), with the breakpoint gone:
    ``PyGILState_Ensure()``, put aside any exception set (``PyErr_GetRaisedException``),
    ``PyRun_String(code)`` in a new dictionary, read the report the code left there
    (``__pydtrace_report__``, bytes), drop the dictionary, restore the exception,
    ``PyGILState_Release()``. An exception the code lets through (only one that a signal handler
-   of the program raised while it ran) goes to the program: the function at the breakpoint
-   returns as if it had raised it.
+   of the program raised while it ran) goes to the program: ``PyErr_CheckSignals`` returns -1
+   with it set, as when a handler raises there.
 6. Detach.
 """
 
@@ -76,6 +76,8 @@ SIGNATURES = {
     "Py_DecRef": "void (*)(void *)",
     "PyInterpreterState_Get": "long (*)(void)",
     "PyInterpreterState_Main": "long (*)(void)",
+    "PyThreadState_GetUnchecked": "long (*)(void)",
+    "PyThreadState_GetInterpreter": "long (*)(void *)",
 }
 
 #: Linux's restart codes of an interrupted system call (kernel-internal errno values) that reach
@@ -140,23 +142,20 @@ def x86_64():
 
 
 class Anchor(gdb.Breakpoint):
-    """A breakpoint at the entry of a function the main thread calls at a safe point."""
+    """A breakpoint at the entry of ``PyErr_CheckSignals``, for the main thread: where the
+    interpreter runs signal handlers, at its own safe points (the eval breaker, the retry of a
+    system call that a signal interrupted)."""
 
-    hit = None
+    hit = False
 
-    def __init__(self, function, kind):
-        super().__init__(f"*{FUNCTIONS[function]:#x}", internal=True)
-        self.kind = kind
+    def __init__(self):
+        super().__init__(f"*{FUNCTIONS['PyErr_CheckSignals']:#x}", internal=True)
         self.silent = True
 
     def stop(self):
-        if Anchor.hit is not None or gdb.selected_thread().ptid[1] != PID:
-            return False  # only the main thread runs pending calls and signal handlers
-        if self.kind == "pending":
-            first_argument = "rdi" if x86_64() else "x0" if ARCH == "aarch64" else None
-            if first_argument is None or int(gdb.parse_and_eval(f"${first_argument}")) != 0:
-                return False  # PyCallable_Check(object) from other code, not the queued call
-        Anchor.hit = self.kind
+        if Anchor.hit or gdb.selected_thread().ptid[1] != PID:
+            return False  # only the main thread runs signal handlers and pending calls
+        Anchor.hit = True
         return True
 
 
@@ -191,7 +190,7 @@ class Watchdog:
             gdb.post_event(lambda: self._stop(reason))
 
     def _stop(self, reason):
-        if self.waiting and Anchor.hit is None and self.reason is None and alive():
+        if self.waiting and not Anchor.hit and self.reason is None and alive():
             self.reason = reason
             os.kill(PID, signal.SIGSTOP)  # gdb stops on it and does not pass it on (nopass)
 
@@ -318,34 +317,36 @@ def inject():
             raise Failure("mmap failed in the process")
         gdb.selected_inferior().write_memory(page, CODE + b"\0" + REPORT_KEY + b"\0")
         key = page + len(CODE) + 1
-        if call("Py_AddPendingCall", FUNCTIONS["PyCallable_Check"], 0) != 0:
+        if call("Py_AddPendingCall", FUNCTIONS["PyErr_CheckSignals"], 0) != 0:
             raise Failure("its queue of pending calls is full")
         blocked = blocked_in_cpython_call()
         if blocked:
             gdb.execute(f"set var $rax = {-EINTR}", to_string=True)  # after the last call: calls restore registers
-        for function, kind in (("PyCallable_Check", "pending"), ("PyErr_CheckSignals", "signals")):
-            anchors.append(Anchor(function, kind))
+        anchors.append(Anchor())
         gdb.execute("handle SIGSTOP stop print nopass", to_string=True)
         emit("waiting", blocked=blocked)
         main_interpreter = call("PyInterpreterState_Main")
+        # Running a sub-interpreter's bytecode now? (Its thread state, if it has one attached: a TLS
+        # read, safe anywhere.) Then the main interpreter's pending call waits for it to come back.
+        current = call("PyThreadState_GetUnchecked")
+        in_subinterpreter = bool(current) and call("PyThreadState_GetInterpreter", current) != main_interpreter
         watchdog = Watchdog()
         watchdog.start()
         watchdog.waiting = True
         resumed = time.monotonic()
-        in_subinterpreter = False
         try:
             while True:
                 gdb.execute("continue", to_string=True)
                 if not alive():
                     raise Exited()
-                if Anchor.hit is None:
+                if not Anchor.hit:
                     break  # given up (SIGSTOP)
                 main_thread().switch()
                 if call("PyInterpreterState_Get") == main_interpreter:
                     break
                 # The main thread runs a sub-interpreter's code, where pydtrace-rs cannot load: wait on.
                 in_subinterpreter = True
-                Anchor.hit = None
+                Anchor.hit = False
         finally:
             watchdog.waiting = False
             watchdog.done.set()
@@ -355,10 +356,10 @@ def inject():
             anchor.delete()
         anchors = []
         main_thread().switch()
-        if Anchor.hit is None:
+        if not Anchor.hit:
             emit("no_safe_point", reason=watchdog.reason or "stopped", blocked=blocked, where=describe_main_thread(),
                  subinterpreter=in_subinterpreter)
-            return  # the page is unmapped below; the queued PyCallable_Check(NULL) stays a no-op
+            return  # the page is unmapped below; the queued call stays a mere signal check
         hit = time.monotonic()
         started = True
         report, handed = run_code(page, key)
@@ -367,10 +368,10 @@ def inject():
         page = 0
         if handed:
             # The program's own exception (from its signal handler): the function raises it, as it would have.
-            gdb.execute("return (int) -1" if Anchor.hit == "signals" else "return (int) 1", to_string=True)
+            gdb.execute("return (int) -1", to_string=True)
         # How long the process was stopped (before it ran on to the safe point), how long it took
         # to get there, and how long the code ran (the other threads run on meanwhile).
-        emit("ran", anchor=Anchor.hit, blocked=blocked, handed=handed,
+        emit("ran", blocked=blocked, handed=handed,
              report=report.decode("ascii", "replace") if report is not None else None,
              stopped_ms=round((resumed - attached) * 1000, 1), wait_ms=round((hit - resumed) * 1000, 1),
              code_ms=round((ran - hit) * 1000, 1))

@@ -310,10 +310,10 @@ def outcome(process: pyprocess.PythonProcess, report: dict, offered: str | None,
 
 #: The interpreter's functions the gdb script calls (or stops at), and libc's.
 PYTHON_FUNCTIONS = (
-    "Py_IsInitialized", "Py_AddPendingCall", "PyCallable_Check", "PyErr_CheckSignals", "PyGILState_Ensure",
+    "Py_IsInitialized", "Py_AddPendingCall", "PyErr_CheckSignals", "PyGILState_Ensure",
     "PyGILState_Release", "PyErr_GetRaisedException", "PyErr_SetRaisedException", "PyErr_Clear", "PyDict_New",
     "PyRun_String", "PyDict_GetItemString", "PyBytes_AsString", "PyBytes_Size", "Py_DecRef",
-    "PyInterpreterState_Get", "PyInterpreterState_Main",
+    "PyInterpreterState_Get", "PyInterpreterState_Main", "PyThreadState_GetInterpreter",
 )
 LIBC_FUNCTIONS = ("mmap", "munmap")
 
@@ -328,11 +328,14 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
             missing.append(name)
         else:
             found[name] = address
-    finalizing = process.address("Py_IsFinalizing") or process.address("_Py_IsFinalizing")
-    if finalizing is None:
-        missing.append("Py_IsFinalizing")
-    else:
-        found["Py_IsFinalizing"] = finalizing
+    # Public from 3.13, underscored in 3.12.
+    for name in ("Py_IsFinalizing", "PyThreadState_GetUnchecked"):
+        address = process.address(name) or process.address({"Py_IsFinalizing": "_Py_IsFinalizing",
+                                                              "PyThreadState_GetUnchecked": "_PyThreadState_UncheckedGet"}[name])
+        if address is None:
+            missing.append(name)
+        else:
+            found[name] = address
     libc = None
     if process.libc is not None:
         try:
