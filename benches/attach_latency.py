@@ -34,13 +34,13 @@ import threading
 import time
 from pathlib import Path
 
+import sections  # benches/, beside this script
+
 BOUND_MS = 100.0
 #: A first event that takes longer than this counts as never (the figure says so).
 GIVE_UP_S = 30.0
 
-#: Markers around the section this script owns in BENCHMARKS.md.
-BEGIN_MARK = "<!-- attach-latency: written by benches/attach_latency.py -->"
-END_MARK = "<!-- /attach-latency -->"
+BEGIN_MARK, END_MARK = sections.ATTACH_LATENCY  # the section this script owns in BENCHMARKS.md
 
 PRELUDE = """
 import os, sys, threading, time
@@ -253,18 +253,6 @@ def table(results: dict[str, dict[str, dict[str, list[float | None]]]]) -> list[
     return lines
 
 
-def write_section(path: Path, lines: list[str]) -> None:
-    text = path.read_text() if path.exists() else ""
-    section = "\n".join(lines)
-    if BEGIN_MARK in text and END_MARK in text:
-        before, rest = text.split(BEGIN_MARK, 1)
-        after = rest.split(END_MARK, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", action="append", help="an interpreter with pydtrace-rs installed (repeatable)")
@@ -290,7 +278,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2))
     lines = table(results)
     if args.write:
-        write_section(Path(args.write), lines)
+        sections.splice(Path(args.write), sections.ATTACH_LATENCY, lines)
     else:
         print("\n".join(lines))
 

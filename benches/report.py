@@ -31,7 +31,7 @@ sys.path.insert(0, str(BENCHES))
 
 import analysis  # noqa: E402
 import callgrind  # noqa: E402
-import scope  # noqa: E402
+import sections  # noqa: E402
 import workloads  # noqa: E402
 
 #: The issue's targets.
@@ -502,20 +502,6 @@ def display_path(path: str | None) -> str:
         return Path(path).name
 
 
-#: The C function probes' section of BENCHMARKS.md (measured apart, written by hand): kept as it is.
-CFUNCTION_SECTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")
-
-
-def kept_section(output: Path, begin: str, end: str) -> list[str]:
-    """The part of ``output`` from ``begin`` to ``end`` as it is now, for the report to keep."""
-    if not output.exists():
-        return []
-    text = output.read_text()
-    start = text.find(begin)
-    stop = text.find(end, start)
-    return text[start:stop + len(end)].splitlines() + [""] if start >= 0 and stop >= 0 else []
-
-
 def write_report(results: Path, output: Path) -> None:
     machine = json.loads((results / "machine.json").read_text())
     tags = sorted(p.stem.removeprefix("python-") for p in results.glob("python-*.json"))
@@ -562,8 +548,8 @@ def write_report(results: Path, output: Path) -> None:
         lines += workload_section(r)
     lines += callgrind_section(runs)
     lines += findings_section(runs)
-    lines += scope.kept_section(output)  # written by benches/scope.py, kept as it is
-    lines += kept_section(output, *CFUNCTION_SECTION)
+    for markers in sections.OWNED:  # measured apart: kept as they are
+        lines += sections.kept(output, markers)
     lines += ["## Rerunning", "",
               "```",
               "python benches/report.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python",

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,13 @@ ROOT = BENCHES.parent
 sys.path.insert(0, str(BENCHES))
 
 import callgrind  # noqa: E402
+import sections  # noqa: E402
 import workloads  # noqa: E402
 
 ELSEWHERE = "pydtrace_bench_elsewhere"
 INSIDE = "workloads"
 BOUND = 1.05
-BEGIN, END = "<!-- scope:begin -->", "<!-- scope:end -->"
+BEGIN, END = sections.SCOPE
 WORKLOADS = ("call", "line")
 
 
@@ -201,27 +201,6 @@ def section(results: Path) -> list[str]:
     return lines
 
 
-def splice(output: Path, lines: list[str]) -> None:
-    text = output.read_text() if output.exists() else ""
-    block = "\n".join(lines)
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    elif "\n## Rerunning" in text:
-        before, after = text.split("\n## Rerunning", 1)
-        text = before.rstrip("\n") + "\n\n" + block + "\n\n## Rerunning" + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    output.write_text(text)
-
-
-def kept_section(output: Path) -> list[str]:
-    """The section as BENCHMARKS.md has it now (for report.py, which rewrites the rest)."""
-    if not output.exists():
-        return []
-    match = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), output.read_text(), flags=re.S)
-    return match.group(0).splitlines() + [""] if match else []
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", action="append", help="an interpreter with pydtrace-rs installed (repeatable)")
@@ -239,7 +218,7 @@ def main() -> None:
         for python in args.python or [sys.executable]:
             measure(python, results, args.quick, not args.no_callgrind)
         print(f"==> raw results in {results}")
-    splice(Path(args.output), section(results))
+    sections.splice(Path(args.output), sections.SCOPE, section(results))
     print(f"==> wrote the scoped tracing section of {args.output}")
 
 

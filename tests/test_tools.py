@@ -105,6 +105,9 @@ VARIANTS = [
     ["calls"], ["calls", "--latency", "-i", "2", "-d", "5"], ["lines", "-i", "1"], ["gc", "-i", "1", "-d", "3"],
     ["objnew", "-i", "2"], ["objdel", "-d", "2"], ["flow", "-d", "1"], ["flame", "-d", "2"],
     ["where", "connect"], ["where", "--no-lines", "write", "-d", "4"],
+    # --native (tests/test_tools_native.py traces with them)
+    ["calls", "--native"], ["calls", "--native", "-L", "-i", "1", "-d", "3"], ["flow", "--native", "-d", "1"],
+    ["flame", "--native"],
 ]
 
 
@@ -114,6 +117,8 @@ def test_generated_variants_pass_bpftrace_check_and_keep_to_the_file(args):
     assert done.returncode == 0, done.stderr
     tool = TOOLS[args[0]]
     bpftrace_check(done.stdout, str(os.getpid()), strlen=tool.strlen)
+    if "--native" in args:
+        assert "cfunction__entry" in done.stdout and ("-L" not in args or "cfunction__return" in done.stdout)
     # Apart from the appended interval and duration clauses (and a probe named on the
     # command line), the program is the file's lines, in the file's order.
     shipped = iter((SCRIPTS / f"{tool.script}.bt").read_text().splitlines())

@@ -3,31 +3,13 @@ under a real bpftrace, through -c and -p, with known answers."""
 
 from __future__ import annotations
 
-import os
 import re
 
-import pytest
-
-from dtrace.tools import TOOLS
-from test_tools import SCRIPTS, as_script, bpftrace_check, rows, traced_command
+from test_tools import as_script, rows, traced_command
 from tracing import run_tool, trace_with_tool
 
-NATIVE_VARIANTS = [
-    ["calls", "--native"], ["calls", "--native", "-L", "-i", "1", "-d", "3"], ["flow", "--native", "-d", "1"],
-    ["flame", "--native"],
-]
 
-
-@pytest.mark.parametrize("args", NATIVE_VARIANTS, ids=" ".join)
-def test_native_variants_pass_bpftrace_check_and_keep_to_the_file(args):
-    done = run_tool(*args, "--script")
-    assert done.returncode == 0, done.stderr
-    tool = TOOLS[args[0]]
-    bpftrace_check(done.stdout, str(os.getpid()), strlen=tool.strlen)
-    assert "cfunction__entry" in done.stdout and ("-L" not in args or "cfunction__return" in done.stdout)
-    shipped = iter((SCRIPTS / f"{tool.script}.bt").read_text().splitlines())
-    for line in done.stdout.split("\ninterval:")[0].splitlines():
-        assert any(line == candidate for candidate in shipped), line
+# The generated programs with --native pass bpftrace's check in test_tools.py (VARIANTS).
 
 
 def test_without_native_no_cfunction_probe_is_used():

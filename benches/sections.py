@@ -1,0 +1,43 @@
+"""The sections of BENCHMARKS.md that one script each writes, found by their markers.
+
+benches/report.py rewrites the page from its own results; the sections measured apart
+(scoped tracing, C function probes, attach latency) sit between markers, and each script
+replaces only its own. This module is the one place that finds, keeps and replaces them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Markers of each owned section, by the script (or hand) that writes it.
+SCOPE = ("<!-- scope:begin -->", "<!-- scope:end -->")  # benches/scope.py
+CFUNCTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")  # measured apart, written by hand
+ATTACH_LATENCY = ("<!-- attach-latency: written by benches/attach_latency.py -->", "<!-- /attach-latency -->")
+
+#: Every owned section, in the order report.py keeps them.
+OWNED = (SCOPE, CFUNCTION, ATTACH_LATENCY)
+
+
+def kept(output: Path, markers: tuple[str, str]) -> list[str]:
+    """The section between ``markers`` as ``output`` has it now (with a blank line after it),
+    or nothing when it has none."""
+    begin, end = markers
+    text = output.read_text() if output.exists() else ""
+    start = text.find(begin)
+    stop = text.find(end, start) if start >= 0 else -1
+    return text[start:stop + len(end)].splitlines() + [""] if stop >= 0 else []
+
+
+def splice(output: Path, markers: tuple[str, str], lines: list[str]) -> None:
+    """Replace the section between ``markers`` with ``lines`` (which carry the markers), or
+    add it at the end of ``output`` when it has none yet."""
+    begin, end = markers
+    text = output.read_text() if output.exists() else ""
+    block = "\n".join(lines)
+    start = text.find(begin)
+    stop = text.find(end, start) if start >= 0 else -1
+    if stop >= 0:
+        text = text[:start] + block + text[stop + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    output.write_text(text)
