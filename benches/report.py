@@ -13,7 +13,6 @@ from kept results without measuring.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -567,13 +566,7 @@ def write_report(results: Path, output: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--python", action="append", help="an interpreter with pydtrace-rs installed (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
-    parser.add_argument("--no-callgrind", action="store_true", help="skip the instruction counts")
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--results", help="keep the raw results in this directory")
-    parser.add_argument("--from", dest="from_dir", help="write the report from results kept earlier")
+    parser = sections.run_arguments(__doc__, "the report")
     parser.add_argument("--only-callgrind", action="store_true",
                         help="measure the instruction counts again into --results, keeping its timings")
     args = parser.parse_args()

@@ -21,7 +21,6 @@ as in ``benches/callgrind.py``), per workload, after a warm-up run in the same p
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -202,13 +201,7 @@ def section(results: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--python", action="append", help="an interpreter with pydtrace-rs installed (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
-    parser.add_argument("--no-callgrind", action="store_true", help="skip the instruction counts")
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--results", help="keep the raw results in this directory")
-    parser.add_argument("--from", dest="from_dir", help="write the section from results kept earlier")
+    parser = sections.run_arguments(__doc__, "the section")
     args = parser.parse_args()
     if args.from_dir:
         results = Path(args.from_dir)

@@ -7,7 +7,10 @@ replaces only its own. This module is the one place that finds, keeps and replac
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 #: Markers of each owned section, by the script (or hand) that writes it.
 SCOPE = ("<!-- scope:begin -->", "<!-- scope:end -->")  # benches/scope.py
@@ -41,3 +44,16 @@ def splice(output: Path, markers: tuple[str, str], lines: list[str]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     output.write_text(text)
+
+
+def run_arguments(doc: str, written: str) -> argparse.ArgumentParser:
+    """The options of a script that measures into a results directory and writes ``written``
+    of BENCHMARKS.md from it (report.py: the report; scope.py: its section)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--python", action="append", help="an interpreter with pydtrace-rs installed (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
+    parser.add_argument("--no-callgrind", action="store_true", help="skip the instruction counts")
+    parser.add_argument("--output", default=str(BENCHMARKS))
+    parser.add_argument("--results", help="keep the raw results in this directory")
+    parser.add_argument("--from", dest="from_dir", help=f"write {written} from results kept earlier")
+    return parser
