@@ -211,7 +211,16 @@ fn call_hooks(wanted: ProbeSet) -> CallHooks {
     let entry = wanted.contains(probes::CFUNCTION_ENTRY);
     let exit = wanted.contains(probes::CFUNCTION_RETURN);
     match (instance, entry || exit) {
-        (true, true) => (Some(Hook::CallBoth), Some(Hook::CallEndBoth)),
+        // Each event gets the shared callback only if its C function probe
+        // is wanted: cfunction-return alone leaves CALL to the instances.
+        (true, true) => (
+            Some(if entry { Hook::CallBoth } else { Hook::Call }),
+            Some(if exit {
+                Hook::CallEndBoth
+            } else {
+                Hook::CallEnd
+            }),
+        ),
         (true, false) => (Some(Hook::Call), Some(Hook::CallEnd)),
         // C_RETURN and C_RAISE come whenever CALL is on: a probe not wanted
         // gets no callback at all.

@@ -40,7 +40,7 @@ unsafe fn arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> *mut ffi:
     }
 }
 
-/// The names of the code object in argument 0; on failure the probe is
+/// The code object in argument 0 and its names; on failure the probe is
 /// reported and `None` returned.
 unsafe fn code_names<'a>(
     args: FastCallArgs,
@@ -48,30 +48,12 @@ unsafe fn code_names<'a>(
     probe: usize,
 ) -> Option<(*mut ffi::PyObject, &'a CodeNames)> {
     let code = arg(args, nargs, 0);
-    if code.is_null() {
-        faults::report_internal_error(probe, "the interpreter passed no code object");
-        return None;
-    }
-    match names::of_code(code) {
-        Some(names) => Some((code, names)),
-        None => {
-            faults::report_internal_error(probe, "cannot read the code object's names");
-            None
-        }
-    }
+    names::of_event_code(code, probe).map(|names| (code, names))
 }
 
 /// Argument `i` as a C integer (an instruction offset or a line number).
 unsafe fn int_arg(args: FastCallArgs, nargs: ffi::Py_ssize_t, i: isize) -> ffi::Py_ssize_t {
-    let obj = arg(args, nargs, i);
-    if obj.is_null() {
-        return -1;
-    }
-    let value = ffi::PyLong_AsSsize_t(obj);
-    if value == -1 && !ffi::PyErr_Occurred().is_null() {
-        ffi::PyErr_Clear();
-    }
-    value
+    names::event_int(arg(args, nargs, i))
 }
 
 /// PY_START(code, offset): a fresh call; its entry line is that of the

@@ -56,7 +56,6 @@ use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
 use pyo3::ffi;
 
-use crate::faults;
 use crate::instances;
 use crate::names::{self, ProbeString};
 use crate::probes::{self, fire};
@@ -708,20 +707,13 @@ pub unsafe fn entry(
     offset: *mut ffi::PyObject,
     callable: *mut ffi::PyObject,
 ) -> bool {
-    let Some(callable) = classify(callable) else {
-        return true;
-    };
-    let Some(caller) = caller(code, probes::CFUNCTION_ENTRY) else {
-        return true;
-    };
-    if !scope::allows_names(code, caller) {
-        return false;
-    }
-    let line = caller.line_at(code, offset_of(offset));
-    with_names(callable, |names| {
-        fire::cfunction_entry(caller.filename(), names.name, line, names.qualname);
-    });
-    true
+    fire_for_c_call(
+        code,
+        offset,
+        callable,
+        probes::CFUNCTION_ENTRY,
+        fire::cfunction_entry,
+    )
 }
 
 /// C_RETURN or C_RAISE(code, offset, callable): `cfunction__return` if
@@ -736,44 +728,38 @@ pub unsafe fn exit(
     offset: *mut ffi::PyObject,
     callable: *mut ffi::PyObject,
 ) {
+    fire_for_c_call(
+        code,
+        offset,
+        callable,
+        probes::CFUNCTION_RETURN,
+        fire::cfunction_return,
+    );
+}
+
+/// The rule [`entry`] and [`exit`] share: `fire` with the caller's file and
+/// line and the callable's names if `callable` is C and the calling code in
+/// scope. False only for a C call out of the scope.
+#[inline(always)]
+unsafe fn fire_for_c_call(
+    code: *mut ffi::PyObject,
+    offset: *mut ffi::PyObject,
+    callable: *mut ffi::PyObject,
+    probe: usize,
+    fire: impl FnOnce(*const c_char, *const c_char, i32, *const c_char),
+) -> bool {
     let Some(callable) = classify(callable) else {
-        return;
+        return true;
     };
-    let Some(caller) = caller(code, probes::CFUNCTION_RETURN) else {
-        return;
+    let Some(caller) = names::of_event_code(code, probe) else {
+        return true;
     };
     if !scope::allows_names(code, caller) {
-        return;
+        return false;
     }
-    let line = caller.line_at(code, offset_of(offset));
+    let line = caller.line_at(code, names::event_int(offset));
     with_names(callable, |names| {
-        fire::cfunction_return(caller.filename(), names.name, line, names.qualname);
+        fire(caller.filename(), names.name, line, names.qualname);
     });
-}
-
-/// An instruction offset as `sys.monitoring` passes it (-1 if it is not one).
-#[inline]
-unsafe fn offset_of(offset: *mut ffi::PyObject) -> ffi::Py_ssize_t {
-    if offset.is_null() {
-        return -1;
-    }
-    let value = ffi::PyLong_AsSsize_t(offset);
-    if value == -1 && !ffi::PyErr_Occurred().is_null() {
-        ffi::PyErr_Clear();
-    }
-    value
-}
-
-/// The calling code's cached names; on failure the probe is reported.
-#[inline]
-unsafe fn caller<'a>(code: *mut ffi::PyObject, probe: usize) -> Option<&'a names::CodeNames> {
-    if code.is_null() {
-        faults::report_internal_error(probe, "the interpreter passed no code object");
-        return None;
-    }
-    let found = names::of_code(code);
-    if found.is_none() {
-        faults::report_internal_error(probe, "cannot read the calling code object's names");
-    }
-    found
+    true
 }

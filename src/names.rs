@@ -353,6 +353,41 @@ pub unsafe fn of_code<'a>(code: *mut ffi::PyObject) -> Option<&'a CodeNames> {
     Some(&*(extra as *const CodeNames))
 }
 
+/// The names of `code`, argument 0 of a `sys.monitoring` event; on failure
+/// `probe` is reported (once, as an internal error) and `None` returned.
+///
+/// # Safety
+/// As [`of_code`], except that `code` may be null.
+#[inline(always)]
+pub unsafe fn of_event_code<'a>(code: *mut ffi::PyObject, probe: usize) -> Option<&'a CodeNames> {
+    if code.is_null() {
+        crate::faults::report_internal_error(probe, "the interpreter passed no code object");
+        return None;
+    }
+    let found = of_code(code);
+    if found.is_none() {
+        crate::faults::report_internal_error(probe, "cannot read the code object's names");
+    }
+    found
+}
+
+/// An integer argument of a `sys.monitoring` event (an instruction offset or
+/// a line number) as a C integer; -1 if it is null or no integer.
+///
+/// # Safety
+/// GIL held; `obj` null or a live object.
+#[inline]
+pub unsafe fn event_int(obj: *mut ffi::PyObject) -> ffi::Py_ssize_t {
+    if obj.is_null() {
+        return -1;
+    }
+    let value = ffi::PyLong_AsSsize_t(obj);
+    if value == -1 && !ffi::PyErr_Occurred().is_null() {
+        ffi::PyErr_Clear();
+    }
+    value
+}
+
 /// The first event of a code object: works its names out and stores them in
 /// its extra slot. Kept out of line so that the per-event path stays small.
 #[cold]

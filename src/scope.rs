@@ -54,10 +54,10 @@ pub use glob::{Glob, GlobError};
 
 use crate::channel;
 use crate::faults;
-use crate::names::{self, CodeNames};
+use crate::names::CodeNames;
 
 /// A scope: module names and file globs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Scope {
     modules: Vec<String>,
     globs: Vec<Glob>,
@@ -320,17 +320,14 @@ pub fn warn_malformed(py: Python<'_>, what: &str) {
 fn install(py: Python<'_>, scope: Option<Arc<Scope>>, tools: Vec<u32>) {
     let changed = {
         let mut in_force = lock(&IN_FORCE);
-        let text = |s: &Option<Arc<Scope>>| s.as_ref().map(|s| s.text());
-        let changed = text(&in_force.scope) != text(&scope);
+        let changed = in_force.scope != scope;
         in_force.scope = scope.clone();
         in_force.tools = tools.clone();
         changed
     };
     if changed {
         GENERATION.fetch_add(1, Ordering::AcqRel);
-        if DISABLED_SINCE_RESTART.swap(false, Ordering::AcqRel) {
-            restart_events(py);
-        }
+        restart_if_disabled(py);
     }
     channel::publish(scope.as_deref(), &tools, GENERATION.load(Ordering::Acquire));
 }
@@ -469,24 +466,6 @@ pub unsafe fn allows_names(code: *mut ffi::PyObject, names: &CodeNames) -> bool 
         return verdict.allowed.get();
     }
     decide(code, names, generation)
-}
-
-/// The hook for other callbacks of code events: whether `code` (argument 0
-/// of the event) is in scope. (The C function probes, which have the
-/// calling code's names at hand, use [`allows_names`].) A callback that serves only scoped probes may return
-/// [`disable`] for CALL when this is false; C_RETURN and C_RAISE cannot be
-/// disabled and must return None. (CALL also serves the instance probes,
-/// which are not scoped: while those are live, CALL must not be disabled.)
-///
-/// # Safety
-/// GIL held, in a `sys.monitoring` callback of `code` (its frame runs).
-#[allow(dead_code)] // the hook the cfunction probes call
-#[inline]
-pub unsafe fn allows(code: *mut ffi::PyObject) -> bool {
-    match names::of_code(code) {
-        Some(names) => allows_names(code, names),
-        None => true, // no name cache: the probe reports its own failure
-    }
 }
 
 /// A new reference to `sys.monitoring.DISABLE` (None if it could not be
