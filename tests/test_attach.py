@@ -6,7 +6,7 @@ while threads run, or in an event loop, when ``bpftrace -p PID`` attaches. Here 
 only imports dtrace and runs; the consumer prints one line at its first event, and only then
 does the test ask (SIGUSR1) for a marked phase whose events must be counted exactly. The bound
 on that first event is generous (seconds): this is not a timing test, the latency benchmark
-(benches/test_attach_latency.py) holds the target.
+(benches/attach_latency.py) holds the target.
 
 Then fork: CPython 3.12+ warns when a process with other OS threads forks, and 3.13.0 counts the
 threads after the after-fork hooks have run. The watcher must be gone at that moment and still

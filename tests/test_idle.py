@@ -370,7 +370,7 @@ def test_an_audit_hook_is_added_only_for_an_audit_consumer(workload_dir):
     import dtrace
 
     if "audit" not in dtrace._native.ARMABLE_PROBES:
-        pytest.skip("the audit probe is not armable in this build yet: nothing adds an audit hook")
+        pytest.skip("the audit probe is not armable in this build: nothing adds an audit hook")
     _, before, live, after, maps = attached_run(workload_dir, AUDIT_PROGRAM, ["audit"])
     assert_idle(before, tool_claimed=False)
     assert live["hooks_added"] == 1, f"enabling audit should add exactly one audit hook: {live}"

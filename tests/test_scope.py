@@ -572,6 +572,22 @@ def test_tool_file_glob_through_c_counts_exactly(workload_dir):
     assert counts == {**EXPECTED, "<module>": 1, "K": 1}, done.stdout
 
 
+def test_run_takes_the_scope_too(workload_dir):
+    """``run --module``: the user's own program sees only the scope's events, as the tools do."""
+    require_tracer()
+    (workload_dir / "inscope.py").write_text(INSCOPE)
+    script = workload_dir / "main.py"
+    script.write_text(textwrap.dedent(WORKLOAD).replace("range(N)", f"range({N})") + "\nrun({})\n")
+    program = 'usdt:*:python:function__entry { @[str(arg3)] = count(); }'
+    done = run_tool("run", "-e", program, "--module", "inscope", "-c", f"{sys.executable} {script}",
+                    cwd=workload_dir)
+    assert done.returncode == 0, done.stderr
+    counts = {line.split("[", 1)[1].split("]")[0]: int(line.rsplit(":", 1)[1])
+              for line in done.stdout.splitlines() if line.startswith("@[")}
+    # Traced from its first line: the import of inscope runs its module body and class body too.
+    assert counts == {**EXPECTED, "<module>": 1, "K": 1}, done.stdout
+
+
 def tool_children(pid: int) -> list[int]:
     children = []
     for task in os.listdir(f"/proc/{pid}/task"):

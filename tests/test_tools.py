@@ -18,7 +18,7 @@ import pytest
 import dtrace
 from dtrace.tools import TOOLS
 from dtrace.tools.flame import TIMES as FLAME_TIMES
-from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require_tracer, run_tool, trace_with_tool
+from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -660,7 +660,7 @@ def test_error_not_enough_privileges():
     else:
         done = run_tool("calls", "-p", str(os.getpid()))
     if "is not installed" in done.stderr:
-        pytest.skip("bpftrace is not installed")
+        require("bpftrace is not installed")
     check_error(done, "Permission denied", "sudo ")
 
 

@@ -22,7 +22,7 @@ import sys
 import dtrace
 from dtrace.tools import listing
 
-#: The interpreter versions the instance-delete probes were checked against (src/instances.rs).
+#: The interpreter versions the instance-delete probes were checked against (src/instances/mod.rs).
 DELETE_CHECKED = {(3, 12), (3, 13)}
 DELETE_PROBES = {"instance-delete-start", "instance-delete-done"}
 

@@ -118,7 +118,7 @@ int main(int argc, char **argv) {
     }
     const char *kind = argv[1];
     int wait = argc > 2 && !strcmp(argv[2], "--wait");
-    filename = strdup("/work/main/benches/workloads.py");
+    filename = strdup("/srv/checkout/benches/workloads.py"); /* a path of a checkout's length */
     funcname = strdup("calls.<locals>.leaf");
     cname = strdup("append");
     cqualname = strdup("list.append");

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from dtrace.tools import interpreter, programs, runner, tracers
+from dtrace.tools import interpreter, programs, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -188,6 +188,7 @@ examples:
 
     def _run(self, args, out) -> int:
         text, label = self.source(args)
+        scope_text = scope.requested(args)  # --module/--file, checked before anything starts
         tracer = tracers.choose_tracer(args.tracer)
         marker = f"pydtrace-run-{secrets.token_hex(6)}"
         if args.script:
@@ -200,7 +201,7 @@ examples:
         self.prepare(text, tracer.dialect, "/probe-object", {}, marker, args.duration)
         tracer.executable()
         tracer.check_privileges()
-        target = runner.start(args.command, args.startup_timeout) if args.command else runner.attach(args.pid)
+        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid, args.inject)
         try:
             declared = interpreter.declared(target.pid, target.library) if tracer.dialect == "bt" else {}
             program, probes = self.prepare(text, tracer.dialect, target.library, declared, marker, args.duration)
@@ -209,7 +210,13 @@ examples:
             if target.held:
                 target.stop()
             raise
-        return Trace(tracer, program, probes, target, marker, label, args, out).run()
+        # In force before the tracer attaches, as for the other tools (base.Tool.run).
+        lease = scope.open_session(args, target, scope_text)
+        try:
+            return Trace(tracer, program, probes, target, marker, label, args, out).run()
+        finally:
+            if lease is not None:
+                lease.release()  # the scope goes back to what it was
 
 
 def _probe_names() -> list[str]:
