@@ -141,15 +141,9 @@ const INTERPRETER_OWN: ProbeSet = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PRO
 
 /// Whether the process (the interpreter and what it loaded) exports `symbol`.
 fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
-    extern "C" {
-        fn dlsym(
-            handle: *mut std::ffi::c_void,
-            symbol: *const std::os::raw::c_char,
-        ) -> *mut std::ffi::c_void;
-    }
-    // SAFETY: RTLD_DEFAULT (null on Linux) searches the global scope; the
-    // symbol is a NUL-terminated string.
-    unsafe { !dlsym(std::ptr::null_mut(), symbol.as_ptr()).is_null() }
+    // SAFETY: RTLD_DEFAULT searches the global scope (it is null on Linux,
+    // not on macOS); the symbol is a NUL-terminated string.
+    unsafe { !libc::dlsym(libc::RTLD_DEFAULT, symbol.as_ptr()).is_null() }
 }
 
 /// The probes that are live now: wanted by a consumer and hooked in. Bit
@@ -379,9 +373,7 @@ fn lock_state(_py: Python<'_>) -> Option<StateGuard> {
             // taken back before anything else touches Python.
             unsafe {
                 let thread = pyo3::ffi::PyEval_SaveThread();
-                let guard = STATE
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let guard = faults::lock(&STATE);
                 pyo3::ffi::PyEval_RestoreThread(thread);
                 guard
             }

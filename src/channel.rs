@@ -52,6 +52,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::faults;
 use crate::scope::{self, Proposal, Scope};
 
 pub const SLOTS: usize = 4;
@@ -252,7 +253,7 @@ static TRACKING: AtomicBool = AtomicBool::new(false);
 static LEASES: AtomicBool = AtomicBool::new(false);
 
 fn watch() -> MutexGuard<'static, Watch> {
-    WATCH.lock().unwrap_or_else(|p| p.into_inner())
+    faults::lock(&WATCH)
 }
 
 /// Whether any tool's lease is in force.

@@ -9,6 +9,7 @@
 //! one attaches again ([`forget_failures_except`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 
@@ -89,4 +90,13 @@ pub fn warn(py: Python<'_>, message: &str) {
         unsafe { pyo3::ffi::PyErr_Clear() };
         eprintln!("{message}");
     }
+}
+
+/// Locks `mutex` even if a panic poisoned it. Nothing here unwinds into the
+/// traced program, and every guarded state is whole between statements, so
+/// a poisoned lock is still the best state there is.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

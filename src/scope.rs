@@ -45,7 +45,7 @@ use std::cell::Cell;
 use std::ffi::CStr;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -53,7 +53,7 @@ use pyo3::prelude::*;
 pub use glob::{Glob, GlobError};
 
 use crate::channel;
-use crate::faults;
+use crate::faults::{self, lock};
 use crate::names::CodeNames;
 
 /// A scope: module names and file globs.
@@ -254,12 +254,6 @@ pub fn stats() -> (u64, u64) {
 static WARNED: AtomicBool = AtomicBool::new(false);
 /// `sys.monitoring.DISABLE`, kept for the life of the process.
 static DISABLE: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Takes `sys.monitoring.DISABLE`; at module initialisation, with the GIL.
 pub fn init(py: Python<'_>) {

@@ -102,9 +102,7 @@ static STATE: Mutex<State> = Mutex::new(State {
 });
 
 fn state() -> MutexGuard<'static, State> {
-    STATE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    faults::lock(&STATE)
 }
 
 /// How this module came into the process, for tools that look from outside
@@ -144,15 +142,9 @@ pub fn set_origin(tag: u8) {
 /// Gives `thread` (a live thread of this process) the name [`ORIGIN`] says.
 #[cfg(target_os = "linux")]
 fn name_thread(thread: std::os::unix::thread::RawPthread) {
-    extern "C" {
-        fn pthread_setname_np(
-            thread: std::os::unix::thread::RawPthread,
-            name: *const std::os::raw::c_char,
-        ) -> c_int;
-    }
     if let Ok(name) = std::ffi::CString::new(thread_name()) {
         // SAFETY: a live thread of this process; a name of at most 15 bytes.
-        unsafe { pthread_setname_np(thread, name.as_ptr()) };
+        unsafe { libc::pthread_setname_np(thread, name.as_ptr()) };
     }
 }
 
@@ -216,11 +208,7 @@ pub fn stop(py: Python<'_>) -> bool {
         return false;
     }
     channel::set_watcher_running(false);
-    *running
-        .control
-        .stop
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = true;
+    *faults::lock(&running.control.stop) = true;
     running.control.wake.notify_all();
     py.detach(|| {
         let _ = running.handle.join();
@@ -232,11 +220,7 @@ pub fn stop(py: Python<'_>) -> bool {
 pub fn before_fork(py: Python<'_>) {
     let was_running = stop(py);
     // A restart still waiting from the previous fork counts as running.
-    let restart_waiting = FORK_RESTART
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .is_some();
+    let restart_waiting = faults::lock(&FORK_RESTART).take().is_some();
     state().resume_after_fork = was_running || restart_waiting;
 }
 
@@ -271,17 +255,14 @@ pub fn after_fork_parent(py: Python<'_>) -> Result<(), Error> {
     }
     // SAFETY: `caller` is a live frame object.
     let lasti = unsafe { ffi::PyFrame_GetLasti(caller) };
-    *FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner()) = Some(ForkCaller {
+    *faults::lock(&FORK_RESTART) = Some(ForkCaller {
         frame: caller as usize,
         lasti,
         tries: 0,
     });
     // SAFETY: a static function; callable with the GIL held.
     if unsafe { ffi::Py_AddPendingCall(Some(restart_after_fork), std::ptr::null_mut()) } != 0 {
-        FORK_RESTART
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        faults::lock(&FORK_RESTART).take();
         return start(forced()); // the queue is full: better a warning than no probes
     }
     Ok(())
@@ -307,7 +288,7 @@ const FORK_RESTART_TRIES: u32 = 100_000;
 /// (logging's, for one), while the thread count is still to come: there the
 /// caller's frame is on the stack, below the hook's, at the same offset.
 extern "C" fn restart_after_fork(_: *mut c_void) -> c_int {
-    let mut waiting = FORK_RESTART.lock().unwrap_or_else(|p| p.into_inner());
+    let mut waiting = faults::lock(&FORK_RESTART);
     let Some(caller) = waiting.as_mut() else {
         return 0; // already restarted, or a fork came in between
     };
@@ -373,13 +354,8 @@ fn watch(control: &Control, mut named: u8) {
         if origin != named {
             // `set_origin` came while this thread started: its name is the spawn's.
             #[cfg(target_os = "linux")]
-            {
-                extern "C" {
-                    fn pthread_self() -> std::os::unix::thread::RawPthread;
-                }
-                // SAFETY: this thread.
-                name_thread(unsafe { pthread_self() });
-            }
+            // SAFETY: this thread.
+            name_thread(unsafe { libc::pthread_self() });
             named = origin;
         }
         let wanted = enablement::consumer_enabled().union(forced());
@@ -393,7 +369,7 @@ fn watch(control: &Control, mut named: u8) {
             // Also after a failure: retried when the enabled set changes again.
             applied = wanted;
         }
-        let stop = control.stop.lock().unwrap_or_else(|p| p.into_inner());
+        let stop = faults::lock(&control.stop);
         if *stop {
             return;
         }
@@ -430,7 +406,7 @@ static HANDOFF_DONE: Condvar = Condvar::new();
 static PENDING_QUEUED: AtomicBool = AtomicBool::new(false);
 
 fn handoff() -> MutexGuard<'static, Handoff> {
-    HANDOFF.lock().unwrap_or_else(|p| p.into_inner())
+    faults::lock(&HANDOFF)
 }
 
 /// Has `wanted` applied with the GIL: by the main thread in a pending call,
