@@ -44,26 +44,21 @@ const TOOL_NAME: &str = "pydtrace";
 /// debuggers, coverage and profilers (cProfile takes 2) and 5 to optimizers.
 const TOOL_IDS: [u8; 2] = [4, 3];
 
+/// The instance-new probes.
+const INSTANCE_NEW_PROBES: ProbeSet =
+    ProbeSet::of(&[probes::INSTANCE_NEW_START, probes::INSTANCE_NEW_DONE]);
+/// The C function probes.
+const CFUNCTION_PROBES: ProbeSet =
+    ProbeSet::of(&[probes::CFUNCTION_ENTRY, probes::CFUNCTION_RETURN]);
+/// Probes served by CALL, C_RETURN and C_RAISE.
+const CALL_PROBES: ProbeSet = INSTANCE_NEW_PROBES.union(CFUNCTION_PROBES);
 /// Probes that `sys.monitoring` serves.
 const CODE_PROBES: ProbeSet = ProbeSet::of(&[
     probes::FUNCTION_ENTRY,
     probes::FUNCTION_RETURN,
     probes::LINE,
-    probes::INSTANCE_NEW_START,
-    probes::INSTANCE_NEW_DONE,
-    probes::CFUNCTION_ENTRY,
-    probes::CFUNCTION_RETURN,
-]);
-/// Probes served by CALL, C_RETURN and C_RAISE.
-const CALL_PROBES: ProbeSet = ProbeSet::of(&[
-    probes::INSTANCE_NEW_START,
-    probes::INSTANCE_NEW_DONE,
-    probes::CFUNCTION_ENTRY,
-    probes::CFUNCTION_RETURN,
-]);
-/// The C function probes.
-const CFUNCTION_PROBES: ProbeSet =
-    ProbeSet::of(&[probes::CFUNCTION_ENTRY, probes::CFUNCTION_RETURN]);
+])
+.union(CALL_PROBES);
 /// Probes that the class deallocation hook serves.
 const DELETE_PROBES: ProbeSet =
     ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
@@ -200,8 +195,7 @@ impl MonitoringCallbacks {
 type CallHooks = (Option<Hook>, Option<Hook>);
 
 fn call_hooks(wanted: ProbeSet) -> CallHooks {
-    let instance =
-        wanted.contains(probes::INSTANCE_NEW_START) || wanted.contains(probes::INSTANCE_NEW_DONE);
+    let instance = !wanted.intersection(INSTANCE_NEW_PROBES).is_empty();
     let entry = wanted.contains(probes::CFUNCTION_ENTRY);
     let exit = wanted.contains(probes::CFUNCTION_RETURN);
     match (instance, entry || exit) {
@@ -408,16 +402,19 @@ extern "C" {
 impl State {
     /// Claims a tool id and registers the callbacks, once, and again if
     /// another tool freed or took our id meanwhile.
-    fn monitoring(&mut self, py: Python<'_>) -> Result<&Monitoring, Error> {
-        let monitoring = py.import("sys")?.getattr("monitoring")?;
+    fn monitoring(
+        &mut self,
+        py: Python<'_>,
+        monitoring: &Bound<'_, PyAny>,
+    ) -> Result<&Monitoring, Error> {
         if let Some(current) = &self.monitoring {
-            if !holds_tool_id(&monitoring, current.tool)? {
+            if !holds_tool_id(monitoring, current.tool)? {
                 self.monitoring = None;
                 self.code_events = 0;
             }
         }
         if self.monitoring.is_none() {
-            let tool = claim_tool_id(&monitoring)?;
+            let tool = claim_tool_id(monitoring)?;
             let events = EventBits::read(&monitoring.getattr("events")?)?;
             let callbacks = match self.callbacks.take() {
                 Some(callbacks) => callbacks,
@@ -473,8 +470,9 @@ impl State {
         if !wanted.intersection(CFUNCTION_PROBES).is_empty() {
             cfunctions::check_layout();
         }
-        let (tool, events) = match self.monitoring(py) {
-            Ok(m) => (m.tool, m.events.for_probes(wanted)),
+        let monitoring = py.import("sys")?.getattr("monitoring")?;
+        let (tool, events_of, events) = match self.monitoring(py, &monitoring) {
+            Ok(m) => (m.tool, m.events, m.events.for_probes(wanted)),
             Err(Error::NoFreeToolId) => {
                 if !self.warned_no_tool {
                     self.warned_no_tool = true;
@@ -487,12 +485,6 @@ impl State {
         // The callbacks for what is wanted, before the events flow.
         let hooks = call_hooks(wanted);
         if hooks != self.call_hooks {
-            let monitoring = py.import("sys")?.getattr("monitoring")?;
-            let events_of = self
-                .monitoring
-                .as_ref()
-                .map(|m| m.events)
-                .expect("claimed above");
             let registered = self
                 .callbacks
                 .as_ref()
@@ -509,17 +501,14 @@ impl State {
             }
             // The C function probes' own CALL callback disabled the C calls out
             // of the scope; the instance probes, not scoped, must see them again.
-            let instance_wanted = wanted.contains(probes::INSTANCE_NEW_START)
-                || wanted.contains(probes::INSTANCE_NEW_DONE);
+            let instance_wanted = !wanted.intersection(INSTANCE_NEW_PROBES).is_empty();
             if self.call_hooks.0 == Some(Hook::CFunctionCall) && instance_wanted {
                 scope::restart_if_disabled(py);
             }
             self.call_hooks = hooks;
         }
         if events != self.code_events {
-            py.import("sys")?
-                .getattr("monitoring")?
-                .call_method1("set_events", (tool, events))?;
+            monitoring.call_method1("set_events", (tool, events))?;
             self.code_events = events;
         }
         if wanted.intersection(CFUNCTION_PROBES).is_empty() {

@@ -3,7 +3,7 @@
 //! Errors reach Python only through the public API (`wait_for_consumer`,
 //! `arm`, ...). Nothing on a probe's path raises into the traced program:
 //! the callbacks turn an internal failure into a warning and switch the
-//! probe off (see `arming::report_internal_error`).
+//! probe off (see `faults::report_internal_error`).
 
 use std::fmt;
 

@@ -85,9 +85,9 @@ pub fn warn(py: Python<'_>, message: &str) {
     let Ok(c_message) = std::ffi::CString::new(message.clone()) else {
         return;
     };
+    // Warnings are errors: the PyErr returned was fetched (nothing is left
+    // set in the interpreter) and is dropped here.
     if PyErr::warn(py, &category, &c_message, 1).is_err() {
-        // SAFETY: GIL held; the warning raised (warnings are errors): drop it.
-        unsafe { pyo3::ffi::PyErr_Clear() };
         eprintln!("{message}");
     }
 }
