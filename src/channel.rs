@@ -269,29 +269,22 @@ pub struct Ack {
     hash: u64,
 }
 
-/// Writes slot `slot`'s acknowledgement: status and message first, the
+/// Writes `ack`'s slot's acknowledgement: status and message first, the
 /// request number last (the tool waits for its PID and request).
-fn write_ack(slot: usize, pid: u32, request: u32, hash: u64, status: u32, message: &str) {
-    let slot = &channel().slots[slot];
+fn write_ack(ack: &Ack, status: u32, message: &str) {
+    let slot = &channel().slots[ack.slot];
     slot.ack_status.store(status, Ordering::Relaxed);
     let len = write_bytes(&slot.ack_message, message.as_bytes());
     slot.ack_message_len.store(len as u32, Ordering::Relaxed);
-    slot.ack_hash.store(hash, Ordering::Relaxed);
-    slot.ack_pid.store(pid, Ordering::Release);
-    slot.ack_request.store(request, Ordering::Release);
+    slot.ack_hash.store(ack.hash, Ordering::Relaxed);
+    slot.ack_pid.store(ack.pid, Ordering::Release);
+    slot.ack_request.store(ack.request, Ordering::Release);
 }
 
 /// Acknowledges leases whose change is in force now (with the GIL, from `scope::apply`).
 pub fn acknowledge(acks: &[Ack]) {
     for ack in acks {
-        write_ack(
-            ack.slot,
-            ack.pid,
-            ack.request,
-            ack.hash,
-            STATUS_IN_FORCE,
-            "",
-        );
+        write_ack(ack, STATUS_IN_FORCE, "");
     }
 }
 
@@ -381,52 +374,43 @@ pub fn poll() -> bool {
         let Some((text, hash)) = read_slot_text(slot, request) else {
             continue; // being written: read at the next ring (the tool rings again)
         };
+        let ack = Ack {
+            slot: index,
+            pid,
+            request,
+            hash,
+        };
         let start = slot.lease_start.load(Ordering::Relaxed);
         let holder = match Holder::check(pid, start) {
             Ok(holder) => holder,
             Err((why, gone)) => {
-                write_ack(index, pid, request, hash, STATUS_REFUSED, &why);
+                write_ack(&ack, STATUS_REFUSED, &why);
                 if gone {
                     slot.lease_pid.store(0, Ordering::Release); // nobody will release it
                 }
                 continue;
             }
         };
-        match parse_lease(&text) {
+        // A refused scope is tracked too, so that the slot is freed if its
+        // tool dies without clearing it.
+        let scope = match parse_lease(text) {
             Ok(scope) => {
-                watch.slots[index] = Some(Tracked {
-                    pid,
-                    request,
-                    holder,
-                    scope: Some(Arc::new(scope)),
-                });
-                acks.push(Ack {
-                    slot: index,
-                    pid,
-                    request,
-                    hash,
-                });
+                acks.push(ack);
                 changed = true;
+                Some(Arc::new(scope))
             }
             Err(err) => {
-                write_ack(
-                    index,
-                    pid,
-                    request,
-                    hash,
-                    STATUS_REFUSED,
-                    &format!("refused: {err}"),
-                );
+                write_ack(&ack, STATUS_REFUSED, &format!("refused: {err}"));
                 warning = Some(format!("the scope from tool {pid}: {err}"));
-                // Tracked, so that the slot is freed if its tool dies without clearing it.
-                watch.slots[index] = Some(Tracked {
-                    pid,
-                    request,
-                    holder,
-                    scope: None,
-                });
+                None
             }
-        }
+        };
+        watch.slots[index] = Some(Tracked {
+            pid,
+            request,
+            holder,
+            scope,
+        });
     }
     TRACKING.store(watch.slots.iter().any(Option::is_some), Ordering::Relaxed);
     LEASES.store(
@@ -488,8 +472,8 @@ fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, scope::Sc
 }
 
 /// A lease's scope: well formed and not empty.
-fn parse_lease(text: &Result<String, scope::ScopeError>) -> Result<Scope, scope::ScopeError> {
-    let scope = Scope::parse(text.as_ref().map_err(Clone::clone)?)?;
+fn parse_lease(text: Result<String, scope::ScopeError>) -> Result<Scope, scope::ScopeError> {
+    let scope = Scope::parse(&text?)?;
     if scope.is_empty() {
         return Err(scope::ScopeError::Empty);
     }

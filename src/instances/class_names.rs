@@ -14,14 +14,14 @@ use super::*;
 // Names: (classname, filename) of a class.
 
 /// What the instance probes pass for one class: its `__qualname__` and file.
-pub(super) struct ClassStrings {
+struct ClassStrings {
     qualname: CString,
     filename: CString,
 }
 
 /// Slots of the class cache; a class whose slot another class took is
 /// worked out again (correct, only slower).
-pub(super) const CLASS_CACHE_SLOTS: usize = 1024;
+const CLASS_CACHE_SLOTS: usize = 1024;
 
 /// The strings of recently seen classes, direct-mapped by type address and
 /// checked against the type's version tag when they were worked out: a new
@@ -29,13 +29,13 @@ pub(super) const CLASS_CACHE_SLOTS: usize = 1024;
 /// set, say), has another tag and misses. Locked only with the GIL held, so
 /// never contended; a re-entered lookup (a deallocation that a lookup caused)
 /// works the strings out without the cache.
-pub(super) static CLASS_CACHE: Mutex<[Option<CachedClass>; CLASS_CACHE_SLOTS]> =
+static CLASS_CACHE: Mutex<[Option<CachedClass>; CLASS_CACHE_SLOTS]> =
     Mutex::new([const { None }; CLASS_CACHE_SLOTS]);
 
 /// A class cache entry: the type's address, its version tag, its strings.
-pub(super) type CachedClass = (usize, u32, Arc<ClassStrings>);
+type CachedClass = (usize, u32, Arc<ClassStrings>);
 
-pub(super) fn class_cache_slot(tp: *mut ffi::PyTypeObject) -> usize {
+fn class_cache_slot(tp: *mut ffi::PyTypeObject) -> usize {
     // Fibonacci hashing of the address: types are a few hundred bytes apart.
     ((tp as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize % CLASS_CACHE_SLOTS
 }
@@ -111,7 +111,7 @@ impl ClassNames {
 /// `sys.modules[cls.__module__].__file__`, else the file of a function the
 /// class body defined, else `<unknown>`. Dictionary reads only: no Python
 /// code runs.
-pub(super) unsafe fn class_filename(tp: *mut ffi::PyTypeObject) -> CString {
+unsafe fn class_filename(tp: *mut ffi::PyTypeObject) -> CString {
     let as_cstring = |text: *mut ffi::PyObject| -> Option<CString> {
         if text.is_null() || ffi::PyUnicode_Check(text) == 0 {
             return None;

@@ -16,14 +16,14 @@ use super::*;
 /// "trashcan", which `subtype_dealloc` uses and a different `tp_dealloc`
 /// does not get): they are deallocated when the outermost frame ends, so
 /// that tearing down a long chain of objects cannot overflow the C stack.
-pub(super) const DEALLOC_NESTING_LIMIT: u32 = 50;
+const DEALLOC_NESTING_LIMIT: u32 = 50;
 thread_local! {
     static NESTING: Cell<u32> = const { Cell::new(0) };
     static DEFERRED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The nearest base of `tp` whose deallocation is not a subtype's.
-pub(super) unsafe fn real_base(tp: *mut ffi::PyTypeObject) -> *mut ffi::PyTypeObject {
+unsafe fn real_base(tp: *mut ffi::PyTypeObject) -> *mut ffi::PyTypeObject {
     let mut base = tp;
     while walks_like_subtype(base) {
         base = (*base).tp_base;
@@ -32,7 +32,7 @@ pub(super) unsafe fn real_base(tp: *mut ffi::PyTypeObject) -> *mut ffi::PyTypeOb
 }
 
 /// Clears the `__slots__` of `tp` (not of its bases) in `obj`.
-pub(super) unsafe fn clear_slots(tp: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
+unsafe fn clear_slots(tp: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
     let count = ffi::Py_SIZE(tp as *mut ffi::PyObject);
     let members = (*tp).tp_members;
     if count <= 0 || members.is_null() {
@@ -52,10 +52,7 @@ pub(super) unsafe fn clear_slots(tp: *mut ffi::PyTypeObject, obj: *mut ffi::PyOb
 
 /// Clears weak references to `obj` without calling their callbacks (those
 /// made by a finalizer after the callbacks ran).
-pub(super) unsafe fn clear_weakrefs_without_callbacks(
-    tp: *mut ffi::PyTypeObject,
-    obj: *mut ffi::PyObject,
-) {
+unsafe fn clear_weakrefs_without_callbacks(tp: *mut ffi::PyTypeObject, obj: *mut ffi::PyObject) {
     extern "C" {
         fn _PyWeakref_ClearRef(weakref: *mut ffi::PyObject);
     }
@@ -67,7 +64,7 @@ pub(super) unsafe fn clear_weakrefs_without_callbacks(
 
 /// Drops `obj`'s instance `__dict__`, managed (inline values or dict) or at
 /// a dict offset the base does not own.
-pub(super) unsafe fn clear_dict(
+unsafe fn clear_dict(
     tp: *mut ffi::PyTypeObject,
     base: *mut ffi::PyTypeObject,
     obj: *mut ffi::PyObject,
@@ -122,7 +119,7 @@ pub(super) unsafe extern "C" fn dealloc(obj: *mut ffi::PyObject) {
 }
 
 /// The body of [`dealloc`], following `subtype_dealloc` step by step.
-pub(super) unsafe fn deallocate(obj: *mut ffi::PyObject, tp: *mut ffi::PyTypeObject, is_gc: bool) {
+unsafe fn deallocate(obj: *mut ffi::PyObject, tp: *mut ffi::PyTypeObject, is_gc: bool) {
     let base = real_base(tp);
     let has_finalizer = (*tp).tp_finalize.is_some() || (*tp).tp_del.is_some();
     // Finalizer (__del__) first, outside the pair; a resurrected object fires nothing.

@@ -42,8 +42,8 @@ mod dealloc;
 mod patching;
 
 pub use class_names::ClassNames;
-use dealloc::*;
-use patching::*;
+use dealloc::dealloc;
+use patching::{in_main_interpreter, patch_class};
 pub use patching::{patched_count, set_delete_hooks};
 
 /// Whether this interpreter version's deallocation is one [`dealloc`] reproduces.

@@ -26,7 +26,7 @@ pub(super) unsafe fn patch_class(tp: *mut ffi::PyTypeObject) {
 }
 
 /// Puts `subtype_dealloc` back into `tp` if it has ours.
-pub(super) unsafe fn unpatch_class(tp: *mut ffi::PyTypeObject) {
+unsafe fn unpatch_class(tp: *mut ffi::PyTypeObject) {
     if dealloc_address(tp) == our_dealloc() {
         (*tp).tp_dealloc = subtype_dealloc();
     }
@@ -39,7 +39,7 @@ pub(super) unsafe fn in_main_interpreter() -> bool {
 }
 
 /// `type.__init__` while delete probes are armed: patches each new class.
-pub(super) unsafe extern "C" fn type_init_hook(
+unsafe extern "C" fn type_init_hook(
     cls: *mut ffi::PyObject,
     args: *mut ffi::PyObject,
     kwds: *mut ffi::PyObject,
@@ -59,7 +59,7 @@ pub(super) unsafe extern "C" fn type_init_hook(
 }
 
 /// Every class: `object` and its subclasses, transitively.
-pub(super) fn all_classes(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyAny>>> {
+fn all_classes(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyAny>>> {
     let mut found = Vec::new();
     let mut pending = vec![py.get_type::<pyo3::types::PyAny>().into_any()];
     let mut seen = std::collections::HashSet::new();
