@@ -20,6 +20,7 @@ docs/injection.md has the details, and why each step is safe.
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import select
@@ -509,26 +510,21 @@ def _run_gdb(argv: list[str], env: dict[str, str], abort_read: int, abort_write:
 
 def state(pid: int) -> str | None:
     """The process's state letter (R, S, T...), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return line.split()[1]
-    except OSError:
+    fields = pyprocess.status(pid)
+    if fields is None or "State" not in fields:
         return None
-    return None
+    return fields["State"].split()[0]
 
 
 def tracer_pid(pid: int) -> int:
     """The process that ptrace-traces ``pid`` (a debugger), 0 for none."""
+    fields = pyprocess.status(pid)
+    if fields is None or "TracerPid" not in fields:
+        return 0
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+        return int(fields["TracerPid"].split()[0])
+    except ValueError:
+        return 0
 
 
 def _running(pid: int) -> bool:
@@ -618,13 +614,11 @@ def _remote_exec(process: pyprocess.PythonProcess, script: str) -> None:
 
 
 def _owner(pid: int) -> tuple[int, int]:
-    uid = gid = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                uid = int(line.split()[1])
-            elif line.startswith("Gid:"):
-                gid = int(line.split()[1])
+    fields = pyprocess.status(pid)
+    if fields is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), f"/proc/{pid}/status")
+    uid = int(fields["Uid"].split()[0]) if "Uid" in fields else 0
+    gid = int(fields["Gid"].split()[0]) if "Gid" in fields else 0
     return uid, gid
 
 

@@ -193,6 +193,22 @@ def _executable(pid: int) -> str:
         raise ToolError(f"process {pid} is not a Python interpreter (it has no executable: {error.strerror})") from None
 
 
+def status(pid: int) -> dict[str, str] | None:
+    """The fields of ``/proc/PID/status`` (``"State": "S (sleeping)"``); None when it cannot be
+    read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", errors="replace") as f:  # Name: is any bytes the process chose
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name] = value.strip()
+    return fields
+
+
 def command_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
