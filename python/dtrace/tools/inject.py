@@ -266,7 +266,7 @@ def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
         # gdb would let it run on: a process stopped by job control (or held by a debugger) stays as it is.
         raise ToolError(f"process {pid} is stopped (Ctrl-Z, SIGSTOP, or a debugger holds it): continue it first")
     if current in (None, "Z", "X"):
-        raise ToolError(f"no process with PID {pid} is running")
+        raise pyprocess.gone(pid)
     offered = offered_package(process)
     report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered)
     outcome(process, report, offered, how)

@@ -109,13 +109,18 @@ class Mapping:
         return f"/proc/{pid}/map_files/{self.start:x}-{self.end:x}" if self.deleted else self.path
 
 
+def gone(pid: int) -> ToolError:
+    """The error for a PID that no process has (any more)."""
+    return ToolError(f"no process with PID {pid} is running")
+
+
 def mappings(pid: int) -> list[Mapping]:
     """The file mappings of process ``pid``; ToolError if it is gone or its maps are not ours to read."""
     try:
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        raise ToolError(f"no process with PID {pid} is running") from None
+        raise gone(pid) from None
     except PermissionError:
         hint = ("another user's process, or another container's?" if os.geteuid() == 0
                 else "run as root (sudo) or as the process's owner")
@@ -186,7 +191,7 @@ def _executable(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")
     except FileNotFoundError:
-        raise ToolError(f"no process with PID {pid} is running") from None
+        raise gone(pid) from None
     except PermissionError:
         raise ToolError(f"Permission denied reading /proc/{pid}/exe: run as root (sudo) or as the process's owner") from None
     except OSError as error:  # a kernel thread has no executable

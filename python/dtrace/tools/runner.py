@@ -226,7 +226,7 @@ def check_running(pid: int) -> None:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        raise ToolError(f"no process with PID {pid} is running") from None
+        raise pyprocess.gone(pid) from None
     except PermissionError:
         pass  # it runs; whether we may trace it is the tracer's question
 

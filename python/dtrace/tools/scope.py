@@ -177,7 +177,7 @@ class Channel:
         try:
             self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ToolError(f"no process with PID {pid} is running") from None
+            raise pyprocess.gone(pid) from None
         except PermissionError:
             raise ToolError(
                 f"cannot open /proc/{pid}/mem to set the scope: permission denied. The scope channel needs "
