@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dtrace.tools.tracers import ToolError
@@ -73,7 +73,6 @@ class ElfFile:
                         continue
                     name = strings[st_name : strings.index(b"\0", st_name)].decode(errors="replace")
                     self.symbols[name] = (st_value, st_size)
-        self._sections = sections
 
     def read(self, vaddr: int, size: int) -> bytes | None:
         """``size`` bytes of the file's image at link-time address ``vaddr`` (from a PT_LOAD)."""
@@ -158,7 +157,6 @@ class PythonProcess:
     bias: int | None = None
     #: The C library's first mapping (mmap and munmap come from there).
     libc: Mapping | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def minor(self) -> tuple[int, int]:

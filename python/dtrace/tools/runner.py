@@ -491,11 +491,6 @@ class Session:
         for thread in self._threads:
             thread.start()
 
-    @property
-    def pid(self) -> int:
-        """The tracer's process ID."""
-        return self.process.pid
-
     def _read_stdout(self) -> None:
         for line in self.process.stdout:
             line = line.rstrip("\n")

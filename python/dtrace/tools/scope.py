@@ -159,7 +159,6 @@ class Published:
 
     entries: list[str]  # "module:NAME" / "file:GLOB"
     tools: list[int]  # the tools whose leases make it; empty: PYDTRACE_SCOPE
-    generation: int
 
     def describe(self) -> str:
         text = ", ".join(e.replace(":", " ", 1) for e in self.entries)
@@ -284,10 +283,9 @@ class Channel:
                 length = self.u32(LAYOUT["published_len"])
                 tools = struct.unpack("=4I", self.read(LAYOUT["published_tools"], 16))
                 text = self.read(LAYOUT["published"], min(length, LAYOUT["published_capacity"]))
-                generation = self.u32(LAYOUT["generation"])
                 if self.u32(LAYOUT["published_seq"]) == seq:
                     entries = [e for e in text.decode(errors="replace").split("\n") if e]
-                    return Published(entries, [t for t in tools if t], generation)
+                    return Published(entries, [t for t in tools if t])
             time.sleep(ACK_POLL)
         raise ToolError(f"the scope channel of process {self.pid} keeps changing: cannot read the scope in force")
 
