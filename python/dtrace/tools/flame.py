@@ -111,10 +111,6 @@ examples:
         self.names = [part for (node,), func in names.items() for part in (func, maps.get("@file", {}).get((node,), ""))]
         return root
 
-    def folded(self, root: flamegraph.Frame) -> list[str]:
-        """Folded stacks: ``frame;frame;frame SELF_NANOSECONDS``, one line per stack with time of its own."""
-        return flamegraph.folded(root)
-
     def report(self, maps, args, out, label, session):
         root = self.tree(maps)
         if not root.children:
@@ -122,7 +118,7 @@ examples:
             return
         total = report.duration(root.value)
         if args.format == "folded":
-            text = "\n".join(self.folded(root)) + "\n"
+            text = "\n".join(flamegraph.folded(root)) + "\n"
             if args.output is None:
                 out.write(text)
             else:
