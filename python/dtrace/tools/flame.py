@@ -77,17 +77,18 @@ examples:
         for (node,), func in names.items():
             file = maps.get("@file", {}).get((node,), "?")
             label = report.name(func, self.strlen)
+            value = maps.get("@time_ns", {}).get((node,), 0)
+            calls = maps.get("@calls", {}).get((node,), 0)
             if (node,) in native:  # a C function: no file of its own
                 frames[node] = flamegraph.Frame(
-                    label=f"{label} [C]", title=f"{label} [C]", name=f"{label} [C]",
-                    value=maps.get("@time_ns", {}).get((node,), 0), calls=maps.get("@calls", {}).get((node,), 0),
+                    label=f"{label} [C]", title=f"{label} [C]", name=f"{label} [C]", value=value, calls=calls,
                 )
                 continue
             frames[node] = flamegraph.Frame(
                 label=label,
                 title=f"{label} ({report.path(report.name(file, self.strlen))})",
-                value=maps.get("@time_ns", {}).get((node,), 0),
-                calls=maps.get("@calls", {}).get((node,), 0),
+                value=value,
+                calls=calls,
                 name=label,
                 file=report.name(file, self.strlen),
             )
