@@ -156,11 +156,9 @@ def offered_package(process: pyprocess.PythonProcess) -> str | None:
     """This tool's own dtrace package, if the target's interpreter can load it: same version
     (major.minor) and neither free-threaded. The target checks the ABI again (its extension
     suffixes) before it loads anything from there."""
-    import sysconfig
-
     import dtrace
 
-    if dtrace.library_path() is None or sysconfig.get_config_var("Py_GIL_DISABLED"):
+    if dtrace.library_path() is None:  # also on a free-threaded build: dtrace does not load _native there
         return None
     if process.minor != sys.version_info[:2] or process.free_threaded:
         return None
