@@ -450,20 +450,25 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     return lease
 
 
+def _read_published(pid: int, library: str | None) -> Published | None:
+    """The scope in force in process ``pid``; None where the channel cannot be read."""
+    try:
+        channel = Channel(pid, library)
+    except (ToolError, OSError):
+        return None
+    try:
+        return channel.published()
+    except (ToolError, OSError):
+        return None
+    finally:
+        channel.close()
+
+
 def _note_scope_in_force(target: runner.Target) -> None:
     if not sys.platform.startswith("linux") or not target.pid:
         return
-    try:
-        channel = Channel(target.pid, target.library)
-    except (ToolError, OSError):
-        return
-    try:
-        published = channel.published()
-    except (ToolError, OSError):
-        return
-    finally:
-        channel.close()
-    if published.entries:
+    published = _read_published(target.pid, target.library)
+    if published is not None and published.entries:
         source = (f"by tools {', '.join(map(str, published.tools))}" if published.tools
                   else "by PYDTRACE_SCOPE in its environment")
         runner.warn(f"process {target.pid} has a scope set {source}: only {published.describe()} fire the "
@@ -472,16 +477,9 @@ def _note_scope_in_force(target: runner.Target) -> None:
 
 def describe(pid: int, library: str | None) -> str | None:
     """The scope in force in process ``pid``, in words, for ``list``; None where it cannot be read."""
-    try:
-        channel = Channel(pid, library)
-    except (ToolError, OSError):
+    published = _read_published(pid, library)
+    if published is None:
         return None
-    try:
-        published = channel.published()
-    except (ToolError, OSError):
-        return None
-    finally:
-        channel.close()
     if not published.entries:
         return "none (every code object fires the function and line probes)"
     source = (f"set by tools {', '.join(map(str, published.tools))}" if published.tools
