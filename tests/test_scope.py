@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import dtrace
+from dtrace.tools import pyprocess
 from dtrace.tools import scope as tool_scope
 from dtrace.tools.tracers import ToolError
 from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
@@ -104,7 +105,7 @@ def test_the_tools_read_the_channel_the_module_writes():
     layout = dict(native.scope_channel_layout())
     assert layout.pop("size") == layout["slots"] + layout["slot_count"] * layout["slot_size"]
     assert layout == tool_scope.LAYOUT
-    assert tool_scope.dynamic_symbol(dtrace.library_path(), tool_scope.SYMBOL) is not None
+    assert pyprocess.ElfFile(dtrace.library_path()).symbols.get(tool_scope.SYMBOL) is not None
 
 
 # --- a scoped process, driven line by line ----------------------------------------------------

@@ -174,13 +174,13 @@ def _arm_from_environment() -> None:
     atexit.register(_native.at_exit)
     if _os.environ.get(_STARTUP_VARIABLE):
         _wait_for_tool()
-    elif _native.consumer_probes():
+    elif consumer := _native.consumer_probes():
         # A consumer attached before this process loaded the probe object (bpftrace by the
         # object's path, without -p: system-wide; the kernel raises the semaphores of every
         # process that maps the object, also of one that maps it later): the import returns
         # once those probes are live (one poll of the watcher, about 20 ms; at most 2 s), so
         # the program is traced from the line after it. Nothing is waited for otherwise.
-        wanted = _native.consumer_probes() & (_native.ARMABLE_PROBES - _native.interpreter_probes())
+        wanted = consumer & (_native.ARMABLE_PROBES - _native.interpreter_probes())
         if wanted:
             _native.wait_for_consumer(sorted(wanted), 2.0)
 

@@ -58,24 +58,11 @@ examples:
     def report_python(self, maps, args, out) -> list[str]:
         """The Python functions; returns the names shown, for the cut note."""
         calls = maps.get("@calls", {})
-        times = maps.get("@time_ns", {})
         if not calls:
             out.write("no Python function calls seen\n")
             return []
-        keys = sorted(calls, key=lambda k: (-times.get(k, 0), -calls[k], k) if args.latency else (-calls[k], k))
-        shown, hidden = report.top(keys, args.top)
-        if args.latency:
-            headers = ["CALLS", "TOTAL", "AVERAGE", "FUNCTION", "FILE"]
-            rows = [
-                [calls[k], report.duration(times.get(k, 0)), report.duration(times.get(k, 0) / calls[k]),
-                 report.name(k[1], self.strlen), report.path(report.name(k[0], self.strlen))]
-                for k in shown
-            ]
-        else:
-            headers = ["CALLS", "FUNCTION", "FILE"]
-            rows = [[calls[k], report.name(k[1], self.strlen), report.path(report.name(k[0], self.strlen))]
-                    for k in shown]
-        report.table(out, headers, rows, left=["FUNCTION", "FILE"])
+        hidden = self._table(out, args, calls, maps.get("@time_ns", {}), ["FUNCTION", "FILE"],
+                             lambda k: report.path(report.name(k[0], self.strlen)))
         total = sum(calls.values())
         out.write(f"{total} calls of {len(calls)} functions")
         out.write(f"; {hidden} functions not shown (-n 0 shows all)\n" if hidden else "\n")
@@ -84,26 +71,28 @@ examples:
     def report_native(self, maps, args, out) -> list[str]:
         """The C functions, per calling line; returns the names shown, for the cut note."""
         calls = maps.get("@ccalls", {})
-        times = maps.get("@ctime_ns", {})
         out.write("\n")
         if not calls:
             out.write("no C function calls seen\n")
             return []
-        keys = sorted(calls, key=lambda k: (-times.get(k, 0), -calls[k], k) if args.latency else (-calls[k], k))
-        shown, hidden = report.top(keys, args.top)
-
-        def caller(k):
-            return f"{report.path(report.name(k[0], self.strlen))}:{k[2]}"
-
-        if args.latency:
-            headers = ["CALLS", "TOTAL", "AVERAGE", "C FUNCTION", "CALLED FROM"]
-            rows = [[calls[k], report.duration(times.get(k, 0)), report.duration(times.get(k, 0) / calls[k]),
-                     report.name(k[1], self.strlen), caller(k)] for k in shown]
-        else:
-            headers = ["CALLS", "C FUNCTION", "CALLED FROM"]
-            rows = [[calls[k], report.name(k[1], self.strlen), caller(k)] for k in shown]
-        report.table(out, headers, rows, left=["C FUNCTION", "CALLED FROM"])
+        hidden = self._table(out, args, calls, maps.get("@ctime_ns", {}), ["C FUNCTION", "CALLED FROM"],
+                             lambda k: f"{report.path(report.name(k[0], self.strlen))}:{k[2]}")
         functions = len({k[1] for k in calls})
         out.write(f"{sum(calls.values())} calls of {functions} C functions from {len(calls)} lines")
         out.write(f"; {hidden} not shown (-n 0 shows all)\n" if hidden else "\n")
         return [part for k in calls for part in k[:2]]
+
+    def _table(self, out, args, calls, times, names, where) -> int:
+        """The most called (with --latency: slowest) keys (file, function, ...), each with its
+        calls (and total and average time), its function and ``where(key)``, under the headers
+        ``names`` of those two columns; returns how many were not shown."""
+        keys = sorted(calls, key=lambda k: (-times.get(k, 0), -calls[k], k) if args.latency else (-calls[k], k))
+        shown, hidden = report.top(keys, args.top)
+        headers = ["CALLS", "TOTAL", "AVERAGE", *names] if args.latency else ["CALLS", *names]
+        rows = []
+        for k in shown:
+            total = times.get(k, 0)
+            timing = [report.duration(total), report.duration(total / calls[k])] if args.latency else []
+            rows.append([calls[k], *timing, report.name(k[1], self.strlen), where(k)])
+        report.table(out, headers, rows, left=names)
+        return hidden

@@ -77,17 +77,18 @@ examples:
         for (node,), func in names.items():
             file = maps.get("@file", {}).get((node,), "?")
             label = report.name(func, self.strlen)
+            value = maps.get("@time_ns", {}).get((node,), 0)
+            calls = maps.get("@calls", {}).get((node,), 0)
             if (node,) in native:  # a C function: no file of its own
                 frames[node] = flamegraph.Frame(
-                    label=f"{label} [C]", title=f"{label} [C]", name=f"{label} [C]",
-                    value=maps.get("@time_ns", {}).get((node,), 0), calls=maps.get("@calls", {}).get((node,), 0),
+                    label=f"{label} [C]", title=f"{label} [C]", name=f"{label} [C]", value=value, calls=calls,
                 )
                 continue
             frames[node] = flamegraph.Frame(
                 label=label,
                 title=f"{label} ({report.path(report.name(file, self.strlen))})",
-                value=maps.get("@time_ns", {}).get((node,), 0),
-                calls=maps.get("@calls", {}).get((node,), 0),
+                value=value,
+                calls=calls,
                 name=label,
                 file=report.name(file, self.strlen),
             )
@@ -111,10 +112,6 @@ examples:
         self.names = [part for (node,), func in names.items() for part in (func, maps.get("@file", {}).get((node,), ""))]
         return root
 
-    def folded(self, root: flamegraph.Frame) -> list[str]:
-        """Folded stacks: ``frame;frame;frame SELF_NANOSECONDS``, one line per stack with time of its own."""
-        return flamegraph.folded(root)
-
     def report(self, maps, args, out, label, session):
         root = self.tree(maps)
         if not root.children:
@@ -122,7 +119,7 @@ examples:
             return
         total = report.duration(root.value)
         if args.format == "folded":
-            text = "\n".join(self.folded(root)) + "\n"
+            text = "\n".join(flamegraph.folded(root)) + "\n"
             if args.output is None:
                 out.write(text)
             else:

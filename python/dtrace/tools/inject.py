@@ -20,6 +20,7 @@ docs/injection.md has the details, and why each step is safe.
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import select
@@ -151,15 +152,21 @@ def code(origin: str, offered: str | None, report_path: str | None = None) -> st
     return text
 
 
+def _parse_report(pid: int, text: str) -> dict:
+    """The report the code left in process ``pid`` (the repr of a dict), or ToolError."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ToolError(f"unreadable report from process {pid}: {text!r}") from None
+
+
 def offered_package(process: pyprocess.PythonProcess) -> str | None:
     """This tool's own dtrace package, if the target's interpreter can load it: same version
     (major.minor) and neither free-threaded. The target checks the ABI again (its extension
     suffixes) before it loads anything from there."""
-    import sysconfig
-
     import dtrace
 
-    if dtrace.library_path() is None or sysconfig.get_config_var("Py_GIL_DISABLED"):
+    if dtrace.library_path() is None:  # also on a free-threaded build: dtrace does not load _native there
         return None
     if process.minor != sys.version_info[:2] or process.free_threaded:
         return None
@@ -238,6 +245,10 @@ def ask(process: pyprocess.PythonProcess, how: str, describe: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+#: How the code gets in (:func:`method`), as the messages name it.
+THROUGH = {"gdb": "gdb", "remote_exec": "sys.remote_exec"}
+
+
 def method(process: pyprocess.PythonProcess) -> str:
     """``remote_exec`` (CPython 3.14+: the interpreter's own way) or ``gdb`` (3.12, 3.13)."""
     return "remote_exec" if process.version >= (3, 14) else "gdb"
@@ -253,7 +264,7 @@ def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
     if not inject:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise ToolError(not_loaded)
-        if not ask(process, "gdb" if how == "gdb" else "sys.remote_exec", describe):
+        if not ask(process, THROUGH[how], describe):
             raise ToolError(f"not loading the probes into process {pid}; {not_loaded.split(': ', 1)[-1]}")
     check_privileges(process)
     tracer = tracer_pid(pid)
@@ -265,7 +276,7 @@ def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
         # gdb would let it run on: a process stopped by job control (or held by a debugger) stays as it is.
         raise ToolError(f"process {pid} is stopped (Ctrl-Z, SIGSTOP, or a debugger holds it): continue it first")
     if current in (None, "Z", "X"):
-        raise ToolError(f"no process with PID {pid} is running")
+        raise pyprocess.gone(pid)
     offered = offered_package(process)
     report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered)
     outcome(process, report, offered, how)
@@ -282,8 +293,7 @@ def outcome(process: pyprocess.PythonProcess, report: dict, offered: str | None,
             report.get("source"), "")
         note = f" ({report['note']})" if report.get("note") else ""
         print(f"pydtrace: loaded {where} pydtrace-rs {report.get('version')} into process {pid} through "
-              f"{'gdb' if how == 'gdb' else 'sys.remote_exec'}: {report.get('library')}{note}", file=sys.stderr,
-              flush=True)
+              f"{THROUGH[how]}: {report.get('library')}{note}", file=sys.stderr, flush=True)
         return
     if status == "missing":
         ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -315,6 +325,8 @@ PYTHON_FUNCTIONS = (
     "PyRun_String", "PyDict_GetItemString", "PyBytes_AsString", "PyBytes_Size", "Py_DecRef",
     "PyInterpreterState_Get", "PyInterpreterState_Main", "PyThreadState_GetInterpreter",
 )
+#: The interpreter's functions that are public from 3.13, underscored in 3.12: each name's 3.12 one.
+RENAMED_IN_3_13 = {"Py_IsFinalizing": "_Py_IsFinalizing", "PyThreadState_GetUnchecked": "_PyThreadState_UncheckedGet"}
 LIBC_FUNCTIONS = ("mmap", "munmap")
 
 
@@ -328,10 +340,8 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
             missing.append(name)
         else:
             found[name] = address
-    # Public from 3.13, underscored in 3.12.
-    for name in ("Py_IsFinalizing", "PyThreadState_GetUnchecked"):
-        address = process.address(name) or process.address({"Py_IsFinalizing": "_Py_IsFinalizing",
-                                                              "PyThreadState_GetUnchecked": "_PyThreadState_UncheckedGet"}[name])
+    for name, older in RENAMED_IN_3_13.items():
+        address = process.address(name) or process.address(older)
         if address is None:
             missing.append(name)
         else:
@@ -446,10 +456,7 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
     if last.get("report") is None:
         raise ToolError(f"the code run in process {pid} left no report: it was interrupted"
                         + (" (an exception went on to the program)" if last.get("handed") else ""))
-    try:
-        report = ast.literal_eval(last["report"])
-    except (ValueError, SyntaxError):
-        raise ToolError(f"unreadable report from process {pid}: {last['report']!r}") from None
+    report = _parse_report(pid, last["report"])
     report["note"] = (f"the process was stopped {last.get('stopped_ms')} ms, the code ran "
                       f"{last.get('code_ms')} ms")
     if aborted:  # Ctrl-C came too late to keep the code from running: say what is there now
@@ -509,26 +516,21 @@ def _run_gdb(argv: list[str], env: dict[str, str], abort_read: int, abort_write:
 
 def state(pid: int) -> str | None:
     """The process's state letter (R, S, T...), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return line.split()[1]
-    except OSError:
+    fields = pyprocess.status(pid)
+    if fields is None or "State" not in fields:
         return None
-    return None
+    return fields["State"].split()[0]
 
 
 def tracer_pid(pid: int) -> int:
     """The process that ptrace-traces ``pid`` (a debugger), 0 for none."""
+    fields = pyprocess.status(pid)
+    if fields is None or "TracerPid" not in fields:
+        return 0
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+        return int(fields["TracerPid"].split()[0])
+    except ValueError:
+        return 0
 
 
 def _running(pid: int) -> bool:
@@ -579,10 +581,7 @@ def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> d
         while time.monotonic() < deadline:
             text = _read_report(paths[1])
             if text is not None:
-                try:
-                    return ast.literal_eval(text)
-                except (ValueError, SyntaxError):
-                    raise ToolError(f"unreadable report from process {pid}: {text!r}") from None
+                return _parse_report(pid, text)
             if not _running(pid):
                 raise ToolError(f"process {pid} exited during the injection")
             select.select([], [], [], 0.02)
@@ -618,13 +617,11 @@ def _remote_exec(process: pyprocess.PythonProcess, script: str) -> None:
 
 
 def _owner(pid: int) -> tuple[int, int]:
-    uid = gid = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Uid:"):
-                uid = int(line.split()[1])
-            elif line.startswith("Gid:"):
-                gid = int(line.split()[1])
+    fields = pyprocess.status(pid)
+    if fields is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), f"/proc/{pid}/status")
+    uid = int(fields["Uid"].split()[0]) if "Uid" in fields else 0
+    gid = int(fields["Gid"].split()[0]) if "Gid" in fields else 0
     return uid, gid
 
 

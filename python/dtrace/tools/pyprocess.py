@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dtrace.tools.tracers import ToolError
@@ -73,7 +73,6 @@ class ElfFile:
                         continue
                     name = strings[st_name : strings.index(b"\0", st_name)].decode(errors="replace")
                     self.symbols[name] = (st_value, st_size)
-        self._sections = sections
 
     def read(self, vaddr: int, size: int) -> bytes | None:
         """``size`` bytes of the file's image at link-time address ``vaddr`` (from a PT_LOAD)."""
@@ -109,13 +108,18 @@ class Mapping:
         return f"/proc/{pid}/map_files/{self.start:x}-{self.end:x}" if self.deleted else self.path
 
 
+def gone(pid: int) -> ToolError:
+    """The error for a PID that no process has (any more)."""
+    return ToolError(f"no process with PID {pid} is running")
+
+
 def mappings(pid: int) -> list[Mapping]:
     """The file mappings of process ``pid``; ToolError if it is gone or its maps are not ours to read."""
     try:
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        raise ToolError(f"no process with PID {pid} is running") from None
+        raise gone(pid) from None
     except PermissionError:
         hint = ("another user's process, or another container's?" if os.geteuid() == 0
                 else "run as root (sudo) or as the process's owner")
@@ -153,7 +157,6 @@ class PythonProcess:
     bias: int | None = None
     #: The C library's first mapping (mmap and munmap come from there).
     libc: Mapping | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def minor(self) -> tuple[int, int]:
@@ -186,11 +189,27 @@ def _executable(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")
     except FileNotFoundError:
-        raise ToolError(f"no process with PID {pid} is running") from None
+        raise gone(pid) from None
     except PermissionError:
         raise ToolError(f"Permission denied reading /proc/{pid}/exe: run as root (sudo) or as the process's owner") from None
     except OSError as error:  # a kernel thread has no executable
         raise ToolError(f"process {pid} is not a Python interpreter (it has no executable: {error.strerror})") from None
+
+
+def status(pid: int) -> dict[str, str] | None:
+    """The fields of ``/proc/PID/status`` (``"State": "S (sleeping)"``); None when it cannot be
+    read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", errors="replace") as f:  # Name: is any bytes the process chose
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name] = value.strip()
+    return fields
 
 
 def command_name(pid: int) -> str:

@@ -226,7 +226,7 @@ def check_running(pid: int) -> None:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        raise ToolError(f"no process with PID {pid} is running") from None
+        raise pyprocess.gone(pid) from None
     except PermissionError:
         pass  # it runs; whether we may trace it is the tracer's question
 
@@ -389,8 +389,8 @@ def missing_pth_fix(python: str, facts: dict) -> str:
 
 def startup_hint(argv: Sequence[str]) -> str:
     """What to do about a command that never loaded dtrace: its Python, as far as it can be told."""
-    generic = ("is it a Python 3.12+ with pydtrace-rs installed (the environment's python, e.g. "
-               f"{sys.executable})?")
+    generic = (f"is it a Python {pyprocess.version_text(pyprocess.OLDEST)}+ with pydtrace-rs installed (the "
+               f"environment's python, e.g. {sys.executable})?")
     python = command_python(argv)
     facts = interpreter_facts(python) if python else None
     if facts is None:
@@ -400,9 +400,9 @@ def startup_hint(argv: Sequence[str]) -> str:
             return f"{generic} Note: {missing_pth_fix(sys.executable, own)}"
         return generic
     version = ".".join(map(str, facts["version"]))
-    if tuple(facts["version"]) < (3, 12):
-        return (f"{python} is Python {version}: pydtrace-rs needs CPython 3.12 or later; run the command with "
-                f"a Python that has pydtrace-rs, e.g. {sys.executable}")
+    if tuple(facts["version"]) < pyprocess.OLDEST:
+        return (f"{python} is Python {version}: pydtrace-rs needs CPython {pyprocess.version_text(pyprocess.OLDEST)} "
+                f"or later; run the command with a Python that has pydtrace-rs, e.g. {sys.executable}")
     if not facts["dtrace"]:
         return (f"pydtrace-rs is not installed in {python}: install it there, or run the command with a Python "
                 f"that has it, e.g. {sys.executable}")
@@ -490,11 +490,6 @@ class Session:
         ]
         for thread in self._threads:
             thread.start()
-
-    @property
-    def pid(self) -> int:
-        """The tracer's process ID."""
-        return self.process.pid
 
     def _read_stdout(self) -> None:
         for line in self.process.stdout:

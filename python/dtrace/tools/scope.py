@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from dtrace.tools import elfnotes, runner
+from dtrace.tools import pyprocess, runner
 from dtrace.tools.tracers import ToolError
 
 #: The channel's symbol in the probe object's dynamic symbol table.
@@ -139,33 +139,6 @@ def _parse_error(entry: str) -> str | None:
 # --- the channel in a process --------------------------------------------------------------
 
 
-def dynamic_symbol(path: str, name: str) -> int | None:
-    """The value (link-time address) of dynamic symbol ``name`` in the ELF object at ``path``."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return None
-    end = "<" if data[5] == 1 else ">"
-    e_shoff = struct.unpack_from(end + "Q", data, 0x28)[0]
-    e_shentsize, e_shnum = struct.unpack_from(end + "HH", data, 0x3A)
-    sections = [struct.unpack_from(end + "IIQQQQIIQQ", data, e_shoff + i * e_shentsize) for i in range(e_shnum)]
-    SHT_DYNSYM = 11
-    wanted = name.encode()
-    for sh_name, sh_type, _, _, offset, size, link, _, _, entsize in sections:
-        if sh_type != SHT_DYNSYM or not entsize:
-            continue
-        strtab = sections[link][4]
-        for i in range(size // entsize):
-            st_name, _, _, _, st_value, _ = struct.unpack_from(end + "IBBHQQ", data, offset + i * entsize)
-            start = strtab + st_name
-            if data[start : data.index(b"\0", start)] == wanted:
-                return st_value
-    return None
-
-
 def _start_time(pid: int | str) -> int:
     """When a process started, in clock ticks after boot (field 22 of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -186,7 +159,6 @@ class Published:
 
     entries: list[str]  # "module:NAME" / "file:GLOB"
     tools: list[int]  # the tools whose leases make it; empty: PYDTRACE_SCOPE
-    generation: int
 
     def describe(self) -> str:
         text = ", ".join(e.replace(":", " ", 1) for e in self.entries)
@@ -204,7 +176,7 @@ class Channel:
         try:
             self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ToolError(f"no process with PID {pid} is running") from None
+            raise pyprocess.gone(pid) from None
         except PermissionError:
             raise ToolError(
                 f"cannot open /proc/{pid}/mem to set the scope: permission denied. The scope channel needs "
@@ -236,15 +208,23 @@ class Channel:
         library = library or runner.probe_object(pid)
         if library is None:
             raise ToolError(f"process {pid} has not loaded the dtrace module (pydtrace-rs)")
-        value = dynamic_symbol(library, SYMBOL)
-        if value is None:
+        try:
+            elf = pyprocess.ElfFile(library)
+        except (OSError, ValueError, IndexError, struct.error):  # unreadable, or no 64-bit ELF object
+            elf = None
+        symbol = elf.symbols.get(SYMBOL) if elf is not None else None
+        if symbol is None:
             raise ToolError(f"{library} has no scope channel ({SYMBOL}): the pydtrace-rs in process {pid} is "
                             "older than --module/--file; upgrade it, or trace without a scope")
-        first_load = _first_load(library)
-        bias = elfnotes.load_bias(pid, elfnotes.Object(library, [], first_load)) if first_load else None
+        try:
+            # The mapping of the file the process loaded: not one deleted or replaced since.
+            maps = [m for m in pyprocess.mappings(pid) if not m.deleted]
+        except (OSError, ToolError):
+            maps = []
+        bias = pyprocess.load_bias(maps, library, elf)
         if bias is None:
             raise ToolError(f"cannot find where process {pid} mapped {library} (in /proc/{pid}/maps)")
-        return bias + value
+        return bias + symbol[0]
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -303,31 +283,11 @@ class Channel:
                 length = self.u32(LAYOUT["published_len"])
                 tools = struct.unpack("=4I", self.read(LAYOUT["published_tools"], 16))
                 text = self.read(LAYOUT["published"], min(length, LAYOUT["published_capacity"]))
-                generation = self.u32(LAYOUT["generation"])
                 if self.u32(LAYOUT["published_seq"]) == seq:
                     entries = [e for e in text.decode(errors="replace").split("\n") if e]
-                    return Published(entries, [t for t in tools if t], generation)
+                    return Published(entries, [t for t in tools if t])
             time.sleep(ACK_POLL)
         raise ToolError(f"the scope channel of process {self.pid} keeps changing: cannot read the scope in force")
-
-
-def _first_load(path: str) -> tuple[int, int] | None:
-    """(vaddr, file offset) of the first PT_LOAD segment of an ELF object."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(4096)
-    except OSError:
-        return None
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        return None
-    end = "<" if data[5] == 1 else ">"
-    e_phoff = struct.unpack_from(end + "Q", data, 0x20)[0]
-    e_phentsize, e_phnum = struct.unpack_from(end + "HH", data, 0x36)
-    for i in range(e_phnum):
-        p_type, _, p_offset, p_vaddr = struct.unpack_from(end + "IIQQ", data, e_phoff + i * e_phentsize)
-        if p_type == 1:
-            return p_vaddr, p_offset
-    return None
 
 
 def _runs(pid: int, start: int) -> bool:
@@ -490,20 +450,25 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     return lease
 
 
+def _read_published(pid: int, library: str | None) -> Published | None:
+    """The scope in force in process ``pid``; None where the channel cannot be read."""
+    try:
+        channel = Channel(pid, library)
+    except (ToolError, OSError):
+        return None
+    try:
+        return channel.published()
+    except (ToolError, OSError):
+        return None
+    finally:
+        channel.close()
+
+
 def _note_scope_in_force(target: runner.Target) -> None:
     if not sys.platform.startswith("linux") or not target.pid:
         return
-    try:
-        channel = Channel(target.pid, target.library)
-    except (ToolError, OSError):
-        return
-    try:
-        published = channel.published()
-    except (ToolError, OSError):
-        return
-    finally:
-        channel.close()
-    if published.entries:
+    published = _read_published(target.pid, target.library)
+    if published is not None and published.entries:
         source = (f"by tools {', '.join(map(str, published.tools))}" if published.tools
                   else "by PYDTRACE_SCOPE in its environment")
         runner.warn(f"process {target.pid} has a scope set {source}: only {published.describe()} fire the "
@@ -512,16 +477,9 @@ def _note_scope_in_force(target: runner.Target) -> None:
 
 def describe(pid: int, library: str | None) -> str | None:
     """The scope in force in process ``pid``, in words, for ``list``; None where it cannot be read."""
-    try:
-        channel = Channel(pid, library)
-    except (ToolError, OSError):
+    published = _read_published(pid, library)
+    if published is None:
         return None
-    try:
-        published = channel.published()
-    except (ToolError, OSError):
-        return None
-    finally:
-        channel.close()
     if not published.entries:
         return "none (every code object fires the function and line probes)"
     source = (f"set by tools {', '.join(map(str, published.tools))}" if published.tools
