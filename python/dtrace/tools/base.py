@@ -180,10 +180,16 @@ class Tool:
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
         target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject)
-        # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
-        program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
+        # An interpreter that declares some of these probes itself (--with-dtrace): ours are
+        # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
+        try:
+            program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
+        except BaseException:
+            if target.held:
+                target.stop()
+            raise
         # In force before the tracer attaches, so no out-of-scope event reaches it.
-        lease = scope.open_session(options, target, scope_text)
+        lease = scope.open_session(options, target, scope_text, asked)
         env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))

@@ -30,6 +30,7 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dtrace.tools import pyprocess, runner
@@ -373,7 +374,8 @@ class Lease:
             now = time.monotonic()
             if now > deadline:
                 raise ToolError(
-                    f"process {channel.pid} did not take up the scope within {timeout:g} s: are its probes armed, "
+                    f"process {channel.pid} did not take up the scope (or the probes asked for) within {timeout:g} s: "
+                    "are its probes armed, "
                     "and does it run Python (a thread that holds the GIL in C code for long delays it)?")
             if now - rung > RING_AGAIN:
                 runner.check_running(channel.pid)
@@ -415,8 +417,11 @@ class Lease:
 # --- what a tool calls ---------------------------------------------------------------------
 
 
-def open_session(args: argparse.Namespace, target: runner.Target, text: str | None) -> Lease | None:
-    """Set the session's scope in ``target`` (``text`` from :func:`requested`), and say what is in force.
+def open_session(args: argparse.Namespace, target: runner.Target, text: str | None,
+                 probes: Sequence[str] = ()) -> Lease | None:
+    """Set the session's scope in ``target`` (``text`` from :func:`requested`), ask it to fire
+    ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py), and
+    say what scope is in force.
 
     Without a scope of its own, the tool only says so when the process has one in force (best
     effort: nothing is said where the channel cannot be read). On failure a command started by
@@ -424,7 +429,9 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     """
     if text is None:
         _note_scope_in_force(target)
-        return None
+        if not probes:
+            return None
+    text = "\n".join([text or ""] + [f"probe:{name}" for name in probes]).strip("\n")
     try:
         channel = Channel(target.pid, target.library)
         try:
