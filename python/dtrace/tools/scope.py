@@ -27,6 +27,7 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import struct
 import sys
 import time
@@ -480,6 +481,33 @@ def _note_scope_in_force(target: runner.Target) -> None:
                   else "by PYDTRACE_SCOPE in its environment")
         runner.warn(f"process {target.pid} has a scope set {source}: only {published.describe()} fire the "
                     "function and line probes")
+
+
+def asked_probes(pid: int, library: str | None) -> dict[str, list[int]] | None:
+    """The probes that tools ask process ``pid`` to fire through their leases (``probe:NAME``
+    lines), each with the PIDs of the tools; None where the channel cannot be read."""
+    try:
+        channel = Channel(pid, library)
+    except (ToolError, OSError):
+        return None
+    asked: dict[str, list[int]] = {}
+    try:
+        for index in range(LAYOUT["slot_count"]):
+            base = channel.slot(index)
+            holder = channel.u32(base)
+            if not holder:
+                continue
+            length = min(channel.u32(base + LAYOUT["slot_text_len"]), LAYOUT["slot_text_capacity"])
+            text = channel.read(base + LAYOUT["slot_text"], length).decode(errors="replace")
+            for entry in re.split(r"[,\n]", text):
+                if entry.strip().startswith("probe:"):
+                    name = entry.strip()[len("probe:"):].strip().replace("-", "__")
+                    asked.setdefault(name, []).append(holder)
+    except (ToolError, OSError):
+        return None
+    finally:
+        channel.close()
+    return asked
 
 
 def describe(pid: int, library: str | None) -> str | None:
