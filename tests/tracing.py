@@ -296,13 +296,18 @@ class Bpftrace:
     env: dict[str, str] = field(default_factory=dict)
     maps: dict[str, Any] = field(default_factory=dict)
     printed: list[str] = field(default_factory=list)
+    #: Attach by path, to every process that maps the objects (no -p): the program filters by pid.
+    system_wide: bool = False
 
     def start(self) -> None:
         """Attach; returns once the program's BEGIN ran, i.e. every probe is attached."""
         program = 'BEGIN { printf("READY\\n"); }\n' + self.program.replace("{lib}", self.library)
-        program, self.lease = bound_for(program, self.pid, self.library)
+        self.lease = None
+        if not self.system_wide:
+            program, self.lease = bound_for(program, self.pid, self.library)
+        target = [] if self.system_wide else ["-p", str(self.pid)]
         self.process = subprocess.Popen(
-            ["bpftrace", "-f", "json", "-p", str(self.pid), "-e", program],
+            ["bpftrace", "-f", "json", *target, "-e", program],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
