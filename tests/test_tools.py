@@ -626,7 +626,13 @@ def test_list_through_p_shows_which_probes_are_enabled(workload_dir):
     assert done.returncode == 0, done.stderr
     assert f"probe object: {workload.library}" in done.stdout
     assert "probes armed: yes" in done.stdout
-    assert rows(done.stdout, 0, "gc__start")[0][-3:] == ["yes", "(1)", "pydtrace-rs"], done.stdout
+    if "gc-start" in dtrace._native.interpreter_probes():
+        # Bound by address there, asked for through the test's lease (tests/tracing.py): our
+        # semaphore and the interpreter's stay down.
+        assert rows(done.stdout, 0, "gc__start")[0][-7:] == [
+            "no", "no", "pydtrace-rs", "(asked", "by", "tool", f"{os.getpid()})"], done.stdout
+    else:
+        assert rows(done.stdout, 0, "gc__start")[0][-3:] == ["yes", "(1)", "pydtrace-rs"], done.stdout
     assert rows(done.stdout, 0, "function__entry")[0][-2:] == ["no", "pydtrace-rs"], done.stdout
 
 
