@@ -179,7 +179,7 @@ class Tool:
             return 0
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
-        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject)
+        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject, options.gdb)
         # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
         program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         # In force before the tracer attaches, so no out-of-scope event reaches it.

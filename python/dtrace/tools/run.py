@@ -201,7 +201,7 @@ examples:
         self.prepare(text, tracer.dialect, "/probe-object", {}, marker, args.duration)
         tracer.executable()
         tracer.check_privileges()
-        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid, args.inject)
+        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid, args.inject, args.gdb)
         try:
             declared = interpreter.declared(target.pid, target.library) if tracer.dialect == "bt" else {}
             program, probes = self.prepare(text, tracer.dialect, target.library, declared, marker, args.duration)
