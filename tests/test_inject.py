@@ -670,7 +670,8 @@ def test_a_process_that_exits_during_the_injection():
     workload = Workload("sleep", sys.executable, preamble=preamble)
     try:
         done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"process {workload.pid} exited during the injection")
+        check_error(done, f"process {workload.pid} exited during the injection (status 7), while the injected "
+                          "code ran")
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert workload.process.wait(STEP_TIMEOUT) == 7
         assert_nothing_left(workload.pid)
@@ -716,6 +717,50 @@ def test_no_safe_point_in_time_leaves_the_process_untouched():
         assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
         assert process.poll() is None
     finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_process_stopped_by_someone_else_during_the_injection_stays_stopped():
+    """A SIGSTOP from another process while gdb waits for the safe point: the process ends up
+    stopped, as it would have without the tool, and the tool says so; continued, it runs on."""
+    require_gdb()
+    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
+    stdout = Lines(process.stdout, "the blocked workload")
+    tool = None
+    try:
+        _, pid, write_end = stdout.next().split()
+        pid = int(pid)
+        tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "3"})
+        said = Lines(tool.stderr, "the tool's stderr")
+        while True:
+            line = said.next()
+            assert line is not None, said.seen
+            if '"kind": "waiting"' in line:
+                break
+        os.kill(pid, signal.SIGSTOP)  # from this test's process
+        assert tool.wait(STEP_TIMEOUT) == 1, said.seen
+        said.rest()
+        text = "\n".join(said.seen)
+        assert f"process {pid} was stopped by process {os.getpid()}" in text, text
+        assert "it is left stopped, as it would have been without the tool" in text, text
+        assert "nothing was run in it" in text, text
+        assert re.search(r"^State:\s+T", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert not gdb_processes_for(pid)
+        assert re.search(r"^TracerPid:\s+0$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        os.kill(pid, signal.SIGCONT)
+        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
+            pipe.write("x")
+        line = stdout.next()
+        assert line is not None and line.startswith("AFTER "), (line, process.stderr)
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+    finally:
+        if tool is not None and tool.poll() is None:
+            tool.kill()
+            tool.wait()
         process.kill()
         process.wait()
 
@@ -960,6 +1005,55 @@ def test_a_forked_child_of_an_injected_process_says_so():
     finally:
         if child is not None:
             os.kill(child, signal.SIGKILL)
+        workload.kill()
+
+
+#: A thread forks children until the probes are loaded, each of which runs Python code for a moment
+#: and exits 0: a child that inherited gdb's breakpoint would die of SIGTRAP. (It stops then: the
+#: test is about forks during the injection.)
+FORKS_ALL_THE_TIME = '''
+import warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a process with threads
+
+
+def forker():
+    while "dtrace" not in sys.modules:
+        child = os.fork()
+        if child == 0:
+            for i in range(20000):
+                spin(i)
+            time.sleep(0.01)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        counts[1] += 1
+        if status != 0:
+            say("CHILD-ENDED", status)
+
+threading.Thread(target=forker, daemon=True).start()
+'''
+
+
+def test_a_process_that_forks_during_the_injection():
+    """Children forked while gdb is attached (and its breakpoint in the parent) end as they would
+    have; the parent gets its probes and runs on."""
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable, body=FORKS_ALL_THE_TIME + SHAPES["busy-threads"])
+    try:
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            info = workload.phase()
+            stop(tool)
+        finally:
+            tool.kill()
+        assert tool.code == 0, tool.stderr
+        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
+        assert info["live"] is True and info["counts"][1] > 0, info
+        assert_nothing_left(workload.pid)
+        assert not any(line.startswith(("CHILD-ENDED", "WRONG")) for line in workload.stdout.seen), \
+            workload.stdout.seen
+        assert workload.process.poll() is None
+    finally:
         workload.kill()
 
 

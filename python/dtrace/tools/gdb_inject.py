@@ -189,7 +189,10 @@ PROOF_REGISTERS = {
 def read_back(expression):
     """A register's value as the process holds it: gdb's cached copy is dropped first (after a
     write, gdb keeps the value written, whether or not it reached the process)."""
-    gdb.execute("maintenance flush register-cache", to_string=True)
+    try:
+        gdb.execute("maintenance flush register-cache", to_string=True)
+    except gdb.error:
+        gdb.execute("flushregs", to_string=True)  # its name before gdb 12
     return int(evaluate(expression))
 
 
