@@ -36,6 +36,12 @@ TARGET = r'''
 import os, sys, threading, time
 worst = 0.0
 count = 0
+said = threading.Lock()
+
+def say(*words):
+    with said:  # one whole line from any thread
+        sys.stdout.write(" ".join(str(word) for word in words) + "\n")
+        sys.stdout.flush()
 
 def ticker():
     global worst
@@ -51,28 +57,28 @@ def commands():
     for line in sys.stdin:
         if line.strip() == "reset":
             worst = 0.0
-        print("GAP", round(worst * 1000, 1), count, flush=True)
+        say("GAP", round(worst * 1000, 1), count)
 
 threading.Thread(target=ticker, daemon=True).start()
 threading.Thread(target=commands, daemon=True).start()
 SHAPE = sys.argv[1]
 if SHAPE == "busy":
-    print("READY", os.getpid(), flush=True)
+    say("READY", os.getpid())
     while True:
         count += 1
 elif SHAPE == "sleep":
-    print("READY", os.getpid(), flush=True)
+    say("READY", os.getpid())
     while True:
         started = time.monotonic()
         time.sleep(0.3)
         count += 1
-        print("SLEPT", time.monotonic() - started, flush=True)
+        say("SLEPT", time.monotonic() - started)
 else:
     import socket
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen()
-    print("READY", os.getpid(), server.getsockname()[1], flush=True)
+    say("READY", os.getpid(), server.getsockname()[1])
     while True:
         connection, _ = server.accept()
         count += 1
@@ -162,7 +168,7 @@ def attempt(shape: str) -> dict:
     finally:
         stderr = target.end()
     return dict(error=error, wall=wall, pause=worst, stopped=float(stopped.group(1)) if stopped else None,
-                lived=works and not stderr.strip(), stderr=stderr.strip())
+                lived=works, quiet=not stderr.strip(), stderr=stderr.strip())
 
 
 def figures(values: list[float]) -> str:
@@ -174,7 +180,9 @@ def figures(values: list[float]) -> str:
 def run(attempts: int, shapes: list[str]) -> None:
     from dtrace.tools import inject
 
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    import sysconfig
+
+    version = sys.version.split()[0] + (" --with-dtrace" if sysconfig.get_config_var("WITH_DTRACE") == 1 else "")
     way = "gdb" if sys.version_info < (3, 14) else "sys.remote_exec"
     gdb = ""
     if way == "gdb":
@@ -186,18 +194,20 @@ def run(attempts: int, shapes: list[str]) -> None:
         results = []
         for _ in range(attempts):
             results.append(attempt(shape))
-            if results[-1]["error"] or not results[-1]["lived"]:
+            if results[-1]["error"] or not results[-1]["lived"] or not results[-1]["quiet"]:
                 print(f"  {shape}: {results[-1]['error'] or ''} {results[-1]['stderr'][-300:]}", file=sys.stderr)
         loaded = [r for r in results if r["error"] is None]
         stopped = [r["stopped"] for r in loaded if r["stopped"] is not None]
         print(f"| {version} | {way} | {shape} | {len(loaded)}/{attempts} | "
-              f"{figures(stopped)} | {figures([r['pause'] for r in loaded])} | {figures([r['wall'] for r in loaded])} | "
-              f"{sum(r['lived'] for r in results)}/{attempts} |", flush=True)
+              f"{figures(stopped)} | {figures([r['pause'] for r in results])} | {figures([r['wall'] for r in results])} | "
+              f"{sum(r['lived'] for r in results)}/{attempts} | {sum(r['quiet'] for r in results)}/{attempts} |",
+              flush=True)
 
 
 HEADER = ("| Python | way in | target | loaded | stopped, gdb's figure (ms, median / worst) | longest pause the "
-          "target saw (ms, median / worst) | the tool's time (ms, median / worst) | lived on, working |\n"
-          "|---|---|---|---|---|---|---|---|")
+          "target saw (ms, median / worst) | the tool's time (ms, median / worst) | lived on, working | "
+          "nothing on its stderr |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:

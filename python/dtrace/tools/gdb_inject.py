@@ -403,6 +403,8 @@ def inject():
         # Signals reach the program as they would without gdb, and stop nothing.
         "handle all nostop noprint pass",
         "handle SIGINT nostop noprint pass",
+        # Except SIGSTOP, which would stop a call gdb makes: kept, while gdb waits (below), or lost.
+        "handle SIGSTOP nostop noprint nopass",
     ):
         gdb.execute(setting, to_string=True)
     attached = time.monotonic()  # the process stops during the attach: counted from here
