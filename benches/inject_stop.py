@@ -92,7 +92,6 @@ SHAPES = ("busy", "sleep", "accept")
 class Target:
     def __init__(self, shape: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYDTRACE", "PYTHONPATH"))}
-        env.pop("PYDTRACE", None)
         self.shape = shape
         self.process = subprocess.Popen([sys.executable, "-c", TARGET, shape], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -198,10 +197,10 @@ def run(attempts: int, shapes: list[str]) -> None:
                 print(f"  {shape}: {results[-1]['error'] or ''} {results[-1]['stderr'][-300:]}", file=sys.stderr)
         loaded = [r for r in results if r["error"] is None]
         stopped = [r["stopped"] for r in loaded if r["stopped"] is not None]
-        print(f"| {version} | {way} | {shape} | {len(loaded)}/{attempts} | "
-              f"{figures(stopped)} | {figures([r['pause'] for r in results])} | {figures([r['wall'] for r in results])} | "
-              f"{sum(r['lived'] for r in results)}/{attempts} | {sum(r['quiet'] for r in results)}/{attempts} |",
-              flush=True)
+        pauses, walls = [r["pause"] for r in results], [r["wall"] for r in results]
+        print(f"| {version} | {way} | {shape} | {len(loaded)}/{attempts} | {figures(stopped)} | {figures(pauses)} | "
+              f"{figures(walls)} | {sum(r['lived'] for r in results)}/{attempts} | "
+              f"{sum(r['quiet'] for r in results)}/{attempts} |", flush=True)
 
 
 HEADER = ("| Python | way in | target | loaded | stopped, gdb's figure (ms, median / worst) | longest pause the "
