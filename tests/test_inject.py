@@ -670,8 +670,9 @@ def test_a_process_that_exits_during_the_injection():
     workload = Workload("sleep", sys.executable, preamble=preamble)
     try:
         done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"process {workload.pid} exited during the injection (status 7), while the injected "
-                          "code ran")
+        check_error(done, f"process {workload.pid} exited during the injection", "while the injected code ran")
+        # Its exit status when gdb saw the exit before the process was gone.
+        assert "(status" not in done.stderr or "(status 7)" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert workload.process.wait(STEP_TIMEOUT) == 7
         assert_nothing_left(workload.pid)
