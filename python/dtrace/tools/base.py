@@ -179,7 +179,7 @@ class Tool:
             return 0
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
-        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject)
+        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject, options.gdb)
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
         # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
         try:

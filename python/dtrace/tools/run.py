@@ -200,7 +200,7 @@ examples:
         self.prepare(text, tracer.dialect, "/probe-object", marker, args.duration)
         tracer.executable()
         tracer.check_privileges()
-        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid, args.inject)
+        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid, args.inject, args.gdb)
         try:
             program, probes = self.prepare(text, tracer.dialect, target.library, marker, args.duration)
             program, probes, asked = interpreter.adapt(program, self.fired(probes), target.pid, target.library,

@@ -255,10 +255,10 @@ def watcher_running(pid: int) -> bool | None:
     return bool(pyprocess.watcher_names(pid))
 
 
-def attach(pid: int, inject: bool = False) -> Target:
+def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
     """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux). A Python
     process that has not is offered the probes (dtrace/tools/inject.py): on a terminal the user
-    is asked; with ``inject`` they are loaded at once."""
+    is asked; with ``inject`` they are loaded at once (through ``gdb``, on 3.12 and 3.13, when given)."""
     check_running(pid)
     if not sys.platform.startswith("linux"):
         return Target(pid, None)  # DTrace reports a process without the provider itself
@@ -268,7 +268,7 @@ def attach(pid: int, inject: bool = False) -> Target:
 
         not_loaded = (f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}; "
                       "or pass --inject to load it into the running process now")
-        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded)
+        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded, gdb)
         library = probe_object(pid)
         if library is None:
             raise ToolError(f"the probes were loaded into process {pid}, but its maps show no probe object")
