@@ -38,6 +38,7 @@ searched); their code objects live in the same address space.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ from dtrace.tools.tracers import ToolError
 
 #: Frames walked per stack unless the tool says otherwise; deeper stacks end in a "cut" marker.
 DEFAULT_DEPTH = 48
+#: The most frames a walk may be asked for (the kernel verifier accepts the loop up to beyond it).
+MAX_DEPTH = 128
 #: Thread states looked at (over every interpreter) to find the current thread's.
 MAX_THREADS = 64
 #: Where a stack's chain of nodes starts (the FNV-1a offset basis, below 2**63 for bpftrace).
@@ -424,7 +427,7 @@ def line_at(linetable: bytes, firstlineno: int, offset: int) -> int | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Frame:
     file: str
     line: str
@@ -519,7 +522,7 @@ class Resolver:
 # --- the bpftrace program -----------------------------------------------------------------------
 
 #: The maps the walk writes; a tool's report reads them.
-FRAME_MAP, PARENT_MAP = "@__pyframe", "@__pyup"
+FRAME_MAP, PARENT_MAP, STACKS_MAP = "@__pyframe", "@__pyup", "@__pystacks"
 #: The variable holding the stack's last node after the walk: the key to aggregate on.
 STACK_VARIABLE = "$__pystack"
 #: How the walk prints a code object seen for the first time.
@@ -536,7 +539,7 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH) -> str:
     past its limit."""
 
     def v(name: str) -> str:
-        return str(getattr(layout, name)) if layout is not None else f"PY_{name.upper()}"
+        return str(int(getattr(layout, name))) if layout is not None else f"PY_{name.upper()}"
 
     def push(indent: str) -> str:
         return (f"{indent}$__pyu = $__pystack;\n{indent}$__pystack = ($__pystack ^ $__pyv) * 1099511628211;\n"
@@ -548,8 +551,8 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH) -> str:
         return "".join(f"{indent}if ($__pyf != 0 && *(uint8 *)uptr($__pyf + {v('frame_owner')}) >= {SHIM_OWNER}) "
                        f"{{ $__pyf = *(uint64 *)uptr($__pyf + {v('frame_previous')}); }}\n" for _ in range(2))
 
-    cframe = ("\t\tif ($__pyf != 0) { $__pyf = *(uint64 *)uptr($__pyf); }  // 3.12: tstate->cframe->current_frame\n"
-              if layout is None or layout.through_cframe else "")
+    # 3.12 keeps the current frame in tstate->cframe->current_frame (1 there, 0 from 3.13 on).
+    cframe = f"\t\tif ($__pyf != 0 && {v('through_cframe')} != 0) {{ $__pyf = *(uint64 *)uptr($__pyf); }}\n"
     return f"""\t// --- the Python stack of this thread, read from its frames (pydtrace-rs pystack)
 \t$__pyin = *(uint64 *)uptr({v('runtime')} + {v('interpreters_head')});
 \t$__pyt = *(uint64 *)uptr($__pyin + {v('threads_head')});
@@ -596,3 +599,51 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH) -> str:
 {push(chr(9) * 2)}\t}}
 \t// --- end of the Python stack walk
 """
+
+
+def uses_walk(program: str) -> bool:
+    """Whether ``program`` walks the Python stack (has the walk's names to fill in)."""
+    return "PY_RUNTIME" in program
+
+
+def bind(program: str, layout: Layout) -> str:
+    """``program`` with ``layout``'s addresses and offsets in place of the walk's ``PY_...`` names."""
+    names = {f"PY_{name.upper()}": value for name, value in vars(layout).items() if isinstance(value, int)}
+    return re.sub(r"\bPY_[A-Z_]+\b", lambda m: str(int(names[m.group(0)])) if m.group(0) in names else m.group(0),
+                  program)
+
+
+def stack_program(probe: str, what: str, depth: int = DEFAULT_DEPTH, predicate: str = "pid == $1") -> str:
+    """A program that counts the Python stacks of the target's threads at ``probe``, by node
+    (``@__pystacks``); its BEGIN prints the "Tracing ..." line."""
+    return (f'BEGIN\n{{\n\tprintf("Tracing {what}, from their frames... Hit Ctrl-C to end.\\n");\n}}\n\n'
+            f"{probe}\n/{predicate}/\n{{\n{bpftrace_walk(None, depth)}\t{STACKS_MAP}[{STACK_VARIABLE}] = count();\n}}\n")
+
+
+def count_stacks(maps: dict[str, dict], resolver: Resolver, counts: str = STACKS_MAP) -> tuple[dict, int]:
+    """({stack: count}, how many events had a broken chain) from a walk's maps as a tool received
+    them; a stack is a tuple of :class:`Frame`, innermost first."""
+    frames, parents = unsigned_keys(maps.get(FRAME_MAP, {})), unsigned_keys(maps.get(PARENT_MAP, {}))
+    counted: dict[tuple[Frame, ...], int] = {}
+    broken = 0
+    for node, count in unsigned_keys(maps.get(counts, {})).items():
+        stack = resolver.stack(node, frames, parents)
+        if stack is None:
+            broken += count
+            continue
+        key = tuple(stack)
+        counted[key] = counted.get(key, 0) + count
+    return counted, broken
+
+
+def on_printf(text: str, resolver: Resolver | None) -> bool:
+    """Whether ``text`` is the walk's own line (a code object seen for the first time, read now)."""
+    if not text.startswith(CODE_LINE + " "):
+        return False
+    if resolver is not None:
+        words = text.rstrip("\n").split(" ", 2)
+        try:
+            resolver.learn(int(words[1]) & MASK, words[2] if len(words) > 2 else "")
+        except ValueError:
+            pass
+    return True
