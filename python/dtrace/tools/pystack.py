@@ -82,6 +82,7 @@ class Layout:
     structures (bytes)."""
 
     version: tuple[int, ...]
+    pid: int
     #: How the offsets were found: "_Py_DebugOffsets" or "the table for 3.12".
     source: str
     runtime: int  # the address of _PyRuntime
@@ -274,11 +275,11 @@ def read_layout(process: pyprocess.PythonProcess, memory: Memory) -> Layout:
     runtime = _symbol(process, "_PyRuntime")
     code_type = _symbol(process, "PyCode_Type")
     if process.minor == (3, 12):
-        layout = Layout(process.version, "the table for 3.12", runtime, code_type, **TABLE_312)
+        layout = Layout(process.version, process.pid, "the table for 3.12", runtime, code_type, **TABLE_312)
     else:
         d = _debug_offsets(process, memory, runtime)
         layout = Layout(
-            process.version, "_Py_DebugOffsets", runtime, code_type,
+            process.version, process.pid, "_Py_DebugOffsets", runtime, code_type,
             interpreters_head=d["runtime_state.interpreters_head"], interp_next=d["interpreter_state.next"],
             threads_head=d["interpreter_state.threads_head"], thread_next=d["thread_state.next"],
             native_thread_id=d["thread_state.native_thread_id"], current_frame=d["thread_state.current_frame"],
@@ -523,27 +524,40 @@ class Resolver:
 
 #: The maps the walk writes; a tool's report reads them.
 FRAME_MAP, PARENT_MAP, STACKS_MAP = "@__pyframe", "@__pyup", "@__pystacks"
+#: The maps of the walk, as bpftrace prints their entries.
+WALK_MAPS = (f"{FRAME_MAP}[", f"{PARENT_MAP}[", "@__pycode[")
 #: The variable holding the stack's last node after the walk: the key to aggregate on.
 STACK_VARIABLE = "$__pystack"
 #: How the walk prints a code object seen for the first time.
 CODE_LINE = "__pycode"
+#: How an announcing walk prints a new node of a stack.
+NODE_LINE = "__pynode"
 
 
-def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH) -> str:
+def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH, announce: bool = False) -> str:
     """bpftrace statements that leave the current thread's Python stack in ``$__pystack`` (a node
     of @__pyframe/@__pyup). Without a layout (``--script`` before there is a process), the
     addresses and offsets are named, as ``PY_...``.
 
     One counter per loop, and few branches in it: the kernel's verifier follows every path of
     every iteration, and a second counter (frames kept besides frames walked) multiplies them
-    past its limit."""
+    past its limit. A thread of another process (a kernel probe or a timer fires in any) has no
+    Python thread here: it reads nothing of that process. With ``announce``, each node is printed
+    when it is new (``__pynode NODE PARENT VALUE``), for a tool that reads the program's output
+    as it comes rather than its maps."""
 
     def v(name: str) -> str:
         return str(int(getattr(layout, name))) if layout is not None else f"PY_{name.upper()}"
 
     def push(indent: str) -> str:
-        return (f"{indent}$__pyu = $__pystack;\n{indent}$__pystack = ($__pystack ^ $__pyv) * 1099511628211;\n"
+        text = (f"{indent}$__pyu = $__pystack;\n{indent}$__pystack = ($__pystack ^ $__pyv) * 1099511628211;\n"
                 f"{indent}{FRAME_MAP}[$__pystack] = $__pyv;\n{indent}{PARENT_MAP}[$__pystack] = $__pyu;\n")
+        if not announce:
+            return text
+        return (f"{indent}$__pyu = $__pystack;\n{indent}$__pystack = ($__pystack ^ $__pyv) * 1099511628211;\n"
+                f"{indent}if ({FRAME_MAP}[$__pystack] == 0) {{\n"
+                f"{indent}\t{FRAME_MAP}[$__pystack] = $__pyv;\n{indent}\t{PARENT_MAP}[$__pystack] = $__pyu;\n"
+                f'{indent}\tprintf("{NODE_LINE} %lu %lu %lu\\n", $__pystack, $__pyu, $__pyv);\n{indent}}}\n')
 
     def skip(indent: str) -> str:
         # The interpreter's own frames (the shim between a C call and the Python code it calls;
@@ -554,8 +568,11 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH) -> str:
     # 3.12 keeps the current frame in tstate->cframe->current_frame (1 there, 0 from 3.13 on).
     cframe = f"\t\tif ($__pyf != 0 && {v('through_cframe')} != 0) {{ $__pyf = *(uint64 *)uptr($__pyf); }}\n"
     return f"""\t// --- the Python stack of this thread, read from its frames (pydtrace-rs pystack)
-\t$__pyin = *(uint64 *)uptr({v('runtime')} + {v('interpreters_head')});
-\t$__pyt = *(uint64 *)uptr($__pyin + {v('threads_head')});
+\t$__pyin = pid == {v('pid')} ? *(uint64 *)uptr({v('runtime')} + {v('interpreters_head')}) : (uint64)0;
+\t$__pyt = (uint64)0;
+\tif ($__pyin != 0) {{
+\t\t$__pyt = *(uint64 *)uptr($__pyin + {v('threads_head')});
+\t}}
 \t$__pyts = (uint64)0;
 \t$__pyi = 0;
 \twhile ($__pyi < {MAX_THREADS}) {{
