@@ -480,8 +480,8 @@ def test_where_connect_through_c_counts_the_stacks(workload_dir):
 
 
 def test_where_connect_through_p_counts_the_stacks(workload_dir):
-    workload, tool = trace_with_tool(SOCKETS, ["where", "connect"], ["function-entry", "function-return", "line"],
-                                     workload_dir)
+    workload, tool = trace_with_tool(SOCKETS, ["where", "connect", "--trace-calls"],
+                                     ["function-entry", "function-return", "line"], workload_dir)
     assert tool.code == 0, tool.stderr
     check_where(tool.stdout, str(workload.path), workload.path)
 
@@ -511,7 +511,7 @@ def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(wor
     tool = None
     try:
         pid = int(process.stdout.readline())
-        tool = ToolRun(["where", "connect"], pid)
+        tool = ToolRun(["where", "connect", "--trace-calls"], pid)
         tool.start()
         process.stdin.write("go\n")
         process.stdin.flush()

@@ -72,6 +72,10 @@ NO_INDEX = 0xFFFF
 SHIM_OWNER = 3
 
 
+#: Where user space ends (x86-64 and arm64 with 48-bit addresses; the walk refuses code beyond it too).
+USER_END = 1 << 48
+
+
 class LayoutError(ToolError):
     """The interpreter's layout cannot be read or does not check out: the walk is refused."""
 
@@ -189,11 +193,11 @@ class Memory:
 
     def read(self, address: int, size: int) -> bytes | None:
         """``size`` bytes at ``address``; None if they cannot be read (unmapped, or the process is gone)."""
-        if address <= 0 or size < 0:
-            return None
+        if address <= 0 or size < 0 or address + size > USER_END:
+            return None  # a wrong offset reads garbage: never past user space
         try:
             data = os.pread(self.fd, size, address)
-        except OSError:
+        except (OSError, OverflowError):
             return None
         return data if len(data) == size else None
 
@@ -596,7 +600,7 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH, announce: b
 {skip(chr(9) * 2)}\t\tif ($__pyf == 0) {{ break; }}
 \t\t$__pyc = (*(uint64 *)uptr($__pyf + {v('frame_executable')}) >> 3) << 3;
 \t\t$__pyv = (uint64){NOT_CODE};
-\t\tif ($__pyc < 0x1000000000000 && *(uint64 *)uptr($__pyc + 8) == {v('code_type')}) {{
+\t\tif ($__pyc < {USER_END} && *(uint64 *)uptr($__pyc + 8) == {v('code_type')}) {{
 \t\t\t$__pyx = (*(uint64 *)uptr($__pyf + {v('frame_instr')}) - $__pyc - {v('code_adaptive')}) >> 1;
 \t\t\t$__pyx = $__pyx > {NO_INDEX} ? {NO_INDEX} : $__pyx;
 \t\t\t$__pyv = $__pyc | ($__pyx << 48);
