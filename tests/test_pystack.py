@@ -497,3 +497,20 @@ def test_run_script_shows_the_expanded_program():
 def test_where_refuses_a_bad_depth():
     done = run_tool("where", "connect", "--depth", "0", "-p", str(os.getpid()), "--script")
     assert done.returncode != 0 and "--depth 0: give 1 to" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args", [["where", "connect"], ["where", "kprobe:tcp_sendmsg", "--depth", "128", "-d", "3"],
+                                  ["flame", "--sample", "-d", "2"], ["flame", "--sample", "997", "--depth", "8"],
+                                  ["run", "-e", "profile:hz:99 { @[@PYSTACK@, tid] = count(); }"]],
+                         ids=" ".join)
+def test_walking_programs_pass_bpftrace_check_for_a_process(args):
+    """--script -p PID: the program with that process's layout (here: this test's own process),
+    accepted by bpftrace (parsed, checked, compiled; the verifier runs when it attaches: the
+    traced tests above)."""
+    require_tracer()
+    done = run_tool(*args, "--script", "-p", str(os.getpid()))
+    assert done.returncode == 0, done.stderr
+    assert "PY_" not in done.stdout and "@PYSTACK@" not in done.stdout, done.stdout
+    check = subprocess.run(["bpftrace", "-d", "-e", done.stdout, str(os.getpid())], capture_output=True, text=True,
+                           timeout=STEP_TIMEOUT)
+    assert check.returncode == 0, check.stderr[-3000:]

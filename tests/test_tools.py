@@ -104,7 +104,7 @@ def test_both_dialects_of_every_tool_are_bundled():
 VARIANTS = [
     ["calls"], ["calls", "--latency", "-i", "2", "-d", "5"], ["lines", "-i", "1"], ["gc", "-i", "1", "-d", "3"],
     ["objnew", "-i", "2"], ["objdel", "-d", "2"], ["flow", "-d", "1"], ["flame", "-d", "2"],
-    ["where", "connect"], ["where", "--no-lines", "write", "-d", "4"],
+    ["where", "connect", "--trace-calls"], ["where", "--trace-calls", "--no-lines", "write", "-d", "4"],
     # --native (tests/test_tools_native.py traces with them)
     ["calls", "--native"], ["calls", "--native", "-L", "-i", "1", "-d", "3"], ["flow", "--native", "-d", "1"],
     ["flame", "--native"],
