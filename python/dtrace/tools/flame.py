@@ -86,6 +86,8 @@ examples:
             raise UsageError(f"--sample {args.sample}: give a rate of 1 to 10000 Hz")
         if not 1 <= args.depth <= pystack.MAX_DEPTH:
             raise UsageError(f"--depth {args.depth}: give 1 to {pystack.MAX_DEPTH}")
+        if getattr(args, "scope_modules", None) or getattr(args, "scope_files", None):
+            raise UsageError("--module and --file scope the entry/return events, not --sample's frames")
         text = pystack.stack_program(f"profile:hz:{args.sample}",
                                      f"samples of the Python stacks at {args.sample} Hz", args.depth)
         return text + (self._duration_clause(args.duration, dialect) if args.duration else "")

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 
-from dtrace.tools import interpreter, programs, pystack, runner, scope, tracers
+from dtrace.tools import interpreter, programs, pystack, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -476,7 +476,8 @@ class Trace:
         frames = {n: v for n, (_, v) in self.nodes.items()}
         parents = {n: p for n, (p, _) in self.nodes.items()}
         stack = self.resolver.stack(node, frames, parents) or []
-        return "\n" + "".join(f"    {frame}\n" for frame in stack)
+        return "\n" + "".join(f"    {report.path(f.file)}:{f.line} {f.qualname}\n" if f.file else f"    {f.qualname}\n"
+                               for f in stack)
 
     @staticmethod
     def _clean(data: bytes, markers: tuple[bytes, ...]) -> bytes:

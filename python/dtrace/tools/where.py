@@ -89,6 +89,9 @@ examples:
             return super().program(args, dialect)
         if not 1 <= args.depth <= pystack.MAX_DEPTH:
             raise UsageError(f"--depth {args.depth}: give 1 to {pystack.MAX_DEPTH}")
+        if getattr(args, "scope_modules", None) or getattr(args, "scope_files", None):
+            raise UsageError("--module and --file scope the entry/return events: give them with --trace-calls "
+                             "(the frames are read whole)")
         self.what = args.function if ":" in args.function else f"{args.function}()"
         text = pystack.stack_program(native_probe(args.function, dialect), f"the Python stacks that call {self.what}",
                                      args.depth)
