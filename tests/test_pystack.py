@@ -430,6 +430,50 @@ def test_where_reads_generators_and_coroutines(workload_dir):
     assert names[-1] == "<module>"
 
 
+SUBINTERPRETER = """
+try:
+    import _interpreters as interpreters
+except ImportError:  # 3.12
+    import _xxsubinterpreters as interpreters
+
+CODE = \'\'\'
+import socket
+def inner():
+    with socket.socket() as s:
+        s.connect_ex(("127.0.0.1", 9))
+inner()
+\'\'\'
+
+def main_side():
+    import socket
+    with socket.socket() as s:
+        s.connect_ex(("127.0.0.1", 9))  # main side
+
+def run():
+    interp = interpreters.create()
+    interpreters.run_string(interp, CODE)
+    main_side()  # after the sub-interpreter ran
+    interpreters.destroy(interp)
+"""
+
+
+def test_where_reads_a_sub_interpreters_frames_and_marks_them(workload_dir):
+    """The thread's state in the sub-interpreter is the one running: its frames are read, marked
+    as a sub-interpreter's; back in the main interpreter (whose state for the thread is found
+    though the sub-interpreter's, without frames, comes first), the main frames."""
+    plain, tool = traced_plain(workload_dir, SUBINTERPRETER, "where", "connect")
+    stacks = stacks_of(tool.stdout)
+    main = ((f"{plain.path}:{plain.line_of('# main side')}", "main_side"),
+            (f"{plain.path}:{plain.line_of('# after the sub-interpreter ran')}", "run"))
+    sub = [stack for stack in stacks if stack[0][1] == "inner"]
+    assert len(stacks) == 2 and len(sub) == 1, tool.stdout
+    assert [(place.rpartition(":")[2], f) for place, f in sub[0]] == [
+        ("5", "inner"), ("6", "<module>"), ("", pystack.MARKERS[pystack.SUBINTERPRETER])], tool.stdout
+    assert sub[0][0][0].split(":")[0] in ("<string>", "<script>"), tool.stdout
+    (other,) = set(stacks) - set(sub)
+    assert other[:2] == main and other[-1][1] == "<module>", tool.stdout
+
+
 # --- flame --sample ----------------------------------------------------------------------------
 
 BUSY = """

@@ -56,13 +56,15 @@ SEED = 1469598103934665603
 #: Values below this are markers, not code objects (no object lives in the first page).
 #: ``CUT``: frames beyond the depth limit; ``NOT_CODE``: a frame whose executable is not a code
 #: object (refused, never guessed); ``NO_THREAD``: the thread has no Python thread state;
-#: ``NO_FRAME``: it has one, with no Python frame running.
-CUT, NOT_CODE, NO_THREAD, NO_FRAME = 1, 2, 3, 4
+#: ``NO_FRAME``: it has one, with no Python frame running; ``SUBINTERPRETER``: the frames above
+#: are a sub-interpreter's (the thread's state there is the one running).
+CUT, NOT_CODE, NO_THREAD, NO_FRAME, SUBINTERPRETER = 1, 2, 3, 4, 5
 MARKERS = {
     CUT: "(more frames: the walk stops at the depth limit)",
     NOT_CODE: "(a frame whose code could not be read)",
     NO_THREAD: "(not a Python thread)",
     NO_FRAME: "(no Python frame)",
+    SUBINTERPRETER: "(in a sub-interpreter: the frames of the code that runs it are not shown)",
 }
 MASK = (1 << 64) - 1
 #: The instruction index that stands for "not known" (out of the 16 bits kept).
@@ -585,7 +587,11 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH, announce: b
 \t\t\tif ($__pyin == 0) {{ break; }}
 \t\t\t$__pyt = *(uint64 *)uptr($__pyin + {v('threads_head')});
 \t\t}} else {{
-\t\t\tif (*(uint64 *)uptr($__pyt + {v('native_thread_id')}) == tid) {{ $__pyts = $__pyt; break; }}
+\t\t\tif (*(uint64 *)uptr($__pyt + {v('native_thread_id')}) == tid) {{
+\t\t\t\t$__pyf = *(uint64 *)uptr($__pyt + {v('current_frame')});
+{cframe}\t\t\t\tif ($__pyts == 0 || $__pyf != 0) {{ $__pyts = $__pyt; $__pysub = $__pyin; }}
+\t\t\t\tif ($__pyf != 0) {{ break; }}
+\t\t\t}}
 \t\t\t$__pyt = *(uint64 *)uptr($__pyt + {v('thread_next')});
 \t\t}}
 \t\t$__pyi = $__pyi + 1;
@@ -594,7 +600,8 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH, announce: b
 \t$__pyf = (uint64)0;
 \tif ($__pyts != 0) {{
 \t\t$__pyf = *(uint64 *)uptr($__pyts + {v('current_frame')});
-{cframe}\t}}
+{cframe}\t\t$__pysub = *(uint64 *)uptr($__pysub + {v('interp_next')});
+\t}}
 \t$__pyj = 0;
 \twhile ($__pyj < {depth}) {{
 {skip(chr(9) * 2)}\t\tif ($__pyf == 0) {{ break; }}
@@ -617,6 +624,9 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH, announce: b
 {push(chr(9) * 2)}\t}}
 \tif ($__pyj == 0) {{
 \t\t$__pyv = (uint64)($__pyts == 0 ? {NO_THREAD} : {NO_FRAME});
+{push(chr(9) * 2)}\t}}
+\tif ($__pysub != 0) {{
+\t\t$__pyv = (uint64){SUBINTERPRETER};
 {push(chr(9) * 2)}\t}}
 \t// --- end of the Python stack walk
 """
