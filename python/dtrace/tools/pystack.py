@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 
 from dtrace.tools import pyprocess
@@ -49,6 +50,8 @@ from dtrace.tools.tracers import ToolError
 DEFAULT_DEPTH = 48
 #: The most frames a walk may be asked for (the kernel verifier accepts the loop up to beyond it).
 MAX_DEPTH = 128
+#: Times the layout is checked against a process before it is refused (see read_layout).
+CHECKS = 3
 #: Thread states looked at (over every interpreter) to find the current thread's.
 MAX_THREADS = 64
 #: Where a stack's chain of nodes starts (the FNV-1a offset basis, below 2**63 for bpftrace).
@@ -304,7 +307,16 @@ def read_layout(process: pyprocess.PythonProcess, memory: Memory) -> Layout:
             if got != want:
                 raise LayoutError(f"{process.describe()}: _Py_DebugOffsets gives object offsets {got}, not the "
                                   f"expected {want}: the Python stack cannot be read")
-    check_layout(process, memory, layout)
+    # A thread that runs changes its frames while they are read: a right layout can fail once;
+    # a wrong one fails every time.
+    for attempt in range(CHECKS):
+        try:
+            check_layout(process, memory, layout)
+            return layout
+        except LayoutError:
+            if attempt == CHECKS - 1 or not os.path.exists(f"/proc/{process.pid}"):
+                raise
+            time.sleep(0.01)
     return layout
 
 
@@ -379,7 +391,6 @@ def check_layout(process: pyprocess.PythonProcess, memory: Memory, layout: Layou
 def layout_of(pid: int) -> Layout:
     """The checked layout of process ``pid`` (LayoutError, ToolError with the reason)."""
     process = pyprocess.identify(pid)
-    pyprocess.check_supported(process) if process.version >= (3, 12) else None
     with Memory(pid) as memory:
         return read_layout(process, memory)
 
