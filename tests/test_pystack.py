@@ -558,3 +558,50 @@ def test_walking_programs_pass_bpftrace_check_for_a_process(args):
     check = subprocess.run(["bpftrace", "-d", "-e", done.stdout, str(os.getpid())], capture_output=True, text=True,
                            timeout=STEP_TIMEOUT)
     assert check.returncode == 0, check.stderr[-3000:]
+
+
+EXITING = """
+import os, socket, sys
+
+def dial():
+    with socket.socket() as s:
+        s.connect_ex(("127.0.0.1", 9))  # connect here
+
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+for _ in range(2):
+    dial()
+os._exit(0)  # at once, the tool still reading
+"""
+
+
+def test_where_on_a_process_that_exits_mid_trace_reports_and_ends(workload_dir):
+    """The process exits right after its calls: the tool ends by itself with what it read, every
+    frame named (read at first sight) or marked, never a crash."""
+    require_tracer()
+    script = workload_dir / "exiting.py"
+    script.write_text(textwrap.dedent(EXITING))
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env=PLAIN_ENV)
+    tool = None
+    try:
+        pid = int(process.stdout.readline())
+        tool = ToolRun(["where", "connect"], pid, stop_signal=None)
+        tool.start()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.wait(STEP_TIMEOUT) == 0
+        tool.stop()  # it ends with the process
+    finally:
+        if tool is not None:
+            tool.kill()
+        process.kill()
+        process.wait()
+    assert tool.code == 0, tool.stderr
+    assert tool.stdout.startswith("connect(): 2 calls from 1 Python stacks"), tool.stdout
+    (stack, count), = stacks_of(tool.stdout).items()
+    # A code object gone before the tool read it (the process exits at once) is named as the
+    # tracer read it, with "?" for the line, which only the object could tell.
+    assert stack[0] in ((f"{script}:6", "dial"), (f"{script}:?", "dial")), tool.stdout
+    assert stack[1] in ((f"{script}:11", "<module>"), (f"{script}:?", "<module>")), tool.stdout
+    assert "Traceback" not in tool.stderr

@@ -489,6 +489,11 @@ class Resolver:
             self.seen[code] = (qualname, file)
         self.code(code)
 
+    def learn_file(self, code: int, file: str) -> None:
+        """The file name of a code object the tracer saw for the first time (after its name)."""
+        qualname, _ = self.seen.get(code, ("", ""))
+        self.seen[code] = (qualname, file)
+
     def code(self, address: int):
         if address in self.codes:
             return self.codes[address]
@@ -515,7 +520,7 @@ class Resolver:
         code = self.code(address)
         if code is None:
             qualname, file = self.seen.get(address, ("", ""))
-            if qualname:
+            if qualname:  # as the tracer read them: no line without the line table
                 return Frame(file or "?", "?", qualname)
             return Frame("?", "?", "? (a code object gone before it was read)")
         file, qualname, first, table = code
@@ -547,6 +552,8 @@ WALK_MAPS = (f"{FRAME_MAP}[", f"{PARENT_MAP}[", "@__pycode[")
 STACK_VARIABLE = "$__pystack"
 #: How the walk prints a code object seen for the first time.
 CODE_LINE = "__pycode"
+#: ... and its file name (a compact ASCII str's text; the tool reads the object itself when it can).
+FILE_LINE = "__pyfile"
 #: How an announcing walk prints a new node of a stack.
 NODE_LINE = "__pynode"
 
@@ -625,6 +632,7 @@ def bpftrace_walk(layout: Layout | None, depth: int = DEFAULT_DEPTH, announce: b
 \t\t\tif (@__pycode[$__pyc] == 0) {{
 \t\t\t\t@__pycode[$__pyc] = 1;
 \t\t\t\tprintf("{CODE_LINE} %lu %s\\n", $__pyc, str(uptr(*(uint64 *)uptr($__pyc + {v('code_qualname')}) + {v('ascii_size')})));
+\t\t\t\tprintf("{FILE_LINE} %lu %s\\n", $__pyc, str(uptr(*(uint64 *)uptr($__pyc + {v('code_filename')}) + {v('ascii_size')})));
 \t\t\t}}
 \t\t}}
 {push(chr(9) * 2)}\t\t$__pyf = *(uint64 *)uptr($__pyf + {v('frame_previous')});
@@ -679,13 +687,19 @@ def count_stacks(maps: dict[str, dict], resolver: Resolver, counts: str = STACKS
 
 
 def on_printf(text: str, resolver: Resolver | None) -> bool:
-    """Whether ``text`` is the walk's own line (a code object seen for the first time, read now)."""
-    if not text.startswith(CODE_LINE + " "):
+    """Whether ``text`` is the walk's own line (a code object seen for the first time: its name,
+    then its file, as the tracer read them; read from the process now)."""
+    kind = text.split(" ", 1)[0]
+    if kind not in (CODE_LINE, FILE_LINE):
         return False
     if resolver is not None:
         words = text.rstrip("\n").split(" ", 2)
         try:
-            resolver.learn(int(words[1]) & MASK, words[2] if len(words) > 2 else "")
-        except ValueError:
-            pass
+            code, name = int(words[1]) & MASK, words[2] if len(words) > 2 else ""
+        except (ValueError, IndexError):
+            return True
+        if kind == CODE_LINE:
+            resolver.learn(code, name)
+        else:
+            resolver.learn_file(code, name)
     return True
