@@ -9,7 +9,7 @@ kernel's probe handlers included, time spent waiting for a CPU on a busy machine
 Figures are medians over rounds, and the cost is the ratio to the untraced process's median.
 
 1. ``where connect`` on a call-heavy program (a round: 200,000 Python calls, then one
-   ``connect()``): untraced; ``where connect`` (the stack read from the frames at each connect,
+   ``connect()``): untraced (twice: the second, an A/A pair, shows the noise); ``where connect`` (the stack read from the frames at each connect,
    the default); ``where connect --trace-calls`` (the stacks kept from entry/return/line
    events). The tools attach with ``-p`` to running processes, and each round's connect is
    checked in their reports (every connect counted).
@@ -147,12 +147,13 @@ def tool(*args: str) -> list[str]:
 
 def where_part(rounds: int, directory: Path) -> list[str]:
     subjects = [Subject("untraced", "plain", "where", "", directory),
+                Subject("untraced, again (A/A: the noise)", "plain", "where", "", directory),
                 Subject("where connect (frames)", "plain", "where", "", directory),
                 Subject("where connect --trace-calls", "trace-calls", "where", "", directory)]
     try:
-        subjects[1].attach(tool("where", "connect", "-p", str(subjects[1].pid)), "Tracing ")
-        subjects[2].attach(tool("where", "connect", "--trace-calls", "-p", str(subjects[2].pid)), "Tracing ")
-        assert subjects[2].say("wait") == "True"
+        subjects[2].attach(tool("where", "connect", "-p", str(subjects[2].pid)), "Tracing ")
+        subjects[3].attach(tool("where", "connect", "--trace-calls", "-p", str(subjects[3].pid)), "Tracing ")
+        assert subjects[3].say("wait") == "True"
         run_rounds(subjects, rounds)
     finally:
         for subject in subjects:
