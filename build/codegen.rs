@@ -159,20 +159,59 @@ fn sdt_size(ty: &DataType) -> (u32, bool) {
     }
 }
 
-/// The asm! template modifier that names a register of this size.
+/// The C calling convention's argument registers, in order: each probe
+/// argument is pinned to the register that carries the same parameter of
+/// the firing function. So at the probe site argument N of the note is in
+/// the register a plain uprobe reads as `argN` (bpftrace's `uprobe:LIB:ADDR
+/// { arg0 }`), which is how the tools attach where bpftrace cannot tell two
+/// objects' probes of one name apart (docs/interpreter-probes.md), and the
+/// compiler needs no move to put them there.
+fn argument_register(arch: &str, index: usize) -> &'static str {
+    const X86_64: [&str; 6] = ["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
+    const AARCH64: [&str; 8] = ["x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7"];
+    let registers: &[&str] = match arch {
+        "x86_64" => &X86_64,
+        "aarch64" => &AARCH64,
+        _ => panic!("the SDT emitter supports x86_64 and aarch64, not {arch}"),
+    };
+    registers.get(index).copied().unwrap_or_else(|| {
+        panic!(
+            "a probe passes at most {} arguments in registers on {arch}",
+            registers.len()
+        )
+    })
+}
+
+/// How an SDT argument string names `register` for a value of `bytes`
+/// bytes: x86_64 names the sub-register (`%edi`, `%r8d`), in AT&T syntax.
 ///
 /// On aarch64 every argument names its `x` register, whatever its size:
 /// bcc and libbpf (which bpftrace uses) parse only `x0`..`x30` and `sp` there,
 /// not `w2`, and the size prefix (`-4@x2`) already says to read the low
 /// 32 bits, sign-extended.
-fn register_modifier(arch: &str, bytes: u32) -> &'static str {
-    match (arch, bytes) {
-        ("x86_64", 1) => "l",
-        ("x86_64", 2) => "x",
-        ("x86_64", 4) => "e",
-        ("x86_64", _) => "r",
-        ("aarch64", _) => "x",
-        _ => panic!("the SDT emitter supports x86_64 and aarch64, not {arch}"),
+fn sized_register(arch: &str, register: &str, bytes: u32) -> String {
+    if arch != "x86_64" {
+        return register.to_string();
+    }
+    if let Some(number) = register
+        .strip_prefix('r')
+        .filter(|n| n.parse::<u8>().is_ok())
+    {
+        let suffix = match bytes {
+            1 => "b",
+            2 => "w",
+            4 => "d",
+            _ => "",
+        };
+        return format!("%r{number}{suffix}");
+    }
+    let base = &register[1..]; // "di", "si", "dx", "cx"
+    match bytes {
+        1 if base.ends_with('x') => format!("%{}l", &base[..1]),
+        1 => format!("%{base}l"),
+        2 => format!("%{base}"),
+        4 => format!("%e{base}"),
+        _ => format!("%{register}"),
     }
 }
 
@@ -216,14 +255,17 @@ pub fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
             .map(|(i, ty)| {
                 let (bytes, signed) = sdt_size(ty);
                 let sign = if signed { "-" } else { "" };
-                format!(
-                    "{sign}{bytes}@{{arg{i}:{}}}",
-                    register_modifier(arch, bytes)
-                )
+                let register = sized_register(arch, argument_register(arch, i), bytes);
+                format!("{sign}{bytes}@{register}")
             })
             .collect();
         let operands: String = (0..probe.types.len())
-            .map(|i| format!("            arg{i} = in(reg) arg{i},\n"))
+            .map(|i| {
+                format!(
+                    "            in(\"{}\") arg{i},\n",
+                    argument_register(arch, i)
+                )
+            })
             .collect();
         let _ = write!(
             out,
@@ -435,8 +477,10 @@ mod tests {
         let code = stapsdt_probes(&probes(PROVIDER), "x86_64");
         // The generated source holds the assembly as Rust string literals, quotes escaped.
         assert!(code.contains(r#".asciz \"function__entry\""#));
-        assert!(code.contains(r#".asciz \"8@{arg0:r} 8@{arg1:r} -4@{arg2:e} 8@{arg3:r}\""#));
-        assert!(code.contains(r#".asciz \"-8@{arg0:r}\""#));
+        // Each argument in the calling convention's register for it (uprobe's argN).
+        assert!(code.contains(r#".asciz \"8@%rdi 8@%rsi -4@%edx 8@%rcx\""#));
+        assert!(code.contains(r#".asciz \"-8@%rdi\""#));
+        assert!(code.contains(r#"in("rdx") arg2,"#));
         // Each probe's semaphore is its own two-byte slot of the array.
         assert!(code.contains(r#".8byte {semaphores} + 0""#));
         assert!(code.contains(r#".8byte {semaphores} + 4""#));
@@ -444,10 +488,22 @@ mod tests {
     }
 
     #[test]
+    fn x86_64_sub_registers_follow_the_size() {
+        let names: Vec<String> = [(0, 1), (1, 2), (2, 4), (3, 8), (4, 4), (5, 1), (3, 1)]
+            .iter()
+            .map(|&(i, bytes)| sized_register("x86_64", argument_register("x86_64", i), bytes))
+            .collect();
+        assert_eq!(
+            names,
+            ["%dil", "%si", "%edx", "%rcx", "%r8d", "%r9b", "%cl"]
+        );
+    }
+
+    #[test]
     fn aarch64_arguments_name_its_registers() {
         let code = stapsdt_probes(&probes(PROVIDER), "aarch64");
         // bcc and libbpf parse only x registers there; -4@ reads the low half.
-        assert!(code.contains(r#".asciz \"8@{arg0:x} 8@{arg1:x} -4@{arg2:x} 8@{arg3:x}\""#));
+        assert!(code.contains(r#".asciz \"8@x0 8@x1 -4@x2 8@x3\""#));
         assert!(!code.contains("att_syntax"));
     }
 

@@ -63,14 +63,14 @@ const CODE_PROBES: ProbeSet = ProbeSet::of(&[
 const DELETE_PROBES: ProbeSet =
     ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
 /// Probes that the `gc.callbacks` entry serves.
-const GC_PROBES: ProbeSet = ProbeSet::of(&[probes::GC_START, probes::GC_DONE]);
+pub(crate) const GC_PROBES: ProbeSet = ProbeSet::of(&[probes::GC_START, probes::GC_DONE]);
 /// Probes that the `_find_and_load` wrapper serves.
-const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[
+pub(crate) const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[
     probes::IMPORT_FIND_LOAD_START,
     probes::IMPORT_FIND_LOAD_DONE,
 ]);
 /// The probe the audit hook serves.
-const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
+pub(crate) const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
 /// Probes this build can arm.
 pub const ARMABLE: ProbeSet = CODE_PROBES
     .union(GC_PROBES)
@@ -88,57 +88,6 @@ pub fn unsupported() -> impl Iterator<Item = (&'static str, &'static str)> {
         .difference(ARMABLE)
         .dtrace_names()
         .map(|name| (name, instances::DELETE_UNSUPPORTED_REASON))
-}
-
-/// The probes a `--with-dtrace` interpreter fires itself, worked out once
-/// when the module is initialised ([`detect_interpreter_probes`]).
-static INTERPRETER_PROBES: AtomicU32 = AtomicU32::new(0);
-
-/// The probes this interpreter fires itself: gc, import and audit where it
-/// was built `--with-dtrace`, and function entry and return too from 3.15.
-pub fn interpreter_probes() -> ProbeSet {
-    ProbeSet::from_bits(INTERPRETER_PROBES.load(Ordering::Relaxed))
-}
-
-/// Works out [`interpreter_probes`] at initialisation, without importing
-/// anything: arming must not import under the GIL (an import hands the GIL
-/// to busy threads many times, and getting it back can take seconds).
-///
-/// A `--with-dtrace` CPython on Linux exports the semaphores of its probes
-/// (`python_gc__start_semaphore`, ...), so the process's own symbol table
-/// answers. The DTrace platforms' linker leaves no such symbol, so there
-/// `sysconfig` is asked, once, here, where the importing thread holds the
-/// GIL anyway (untested there).
-pub fn detect_interpreter_probes(py: Python<'_>) {
-    let with_dtrace = if cfg!(target_os = "linux") {
-        interpreter_exports(c"python_gc__start_semaphore")
-    } else {
-        py.import("sysconfig")
-            .and_then(|sysconfig| sysconfig.call_method1("get_config_var", ("WITH_DTRACE",)))
-            .and_then(|value| value.is_truthy())
-            .unwrap_or(false)
-    };
-    let own = if !with_dtrace {
-        ProbeSet::EMPTY
-    } else if py.version_info() >= (3, 15) {
-        INTERPRETER_OWN.union(ProbeSet::of(&[
-            probes::FUNCTION_ENTRY,
-            probes::FUNCTION_RETURN,
-        ]))
-    } else {
-        INTERPRETER_OWN
-    };
-    INTERPRETER_PROBES.store(own.bits(), Ordering::Relaxed);
-}
-
-/// The probes every `--with-dtrace` CPython 3.12+ fires itself.
-const INTERPRETER_OWN: ProbeSet = GC_PROBES.union(IMPORT_PROBES).union(AUDIT_PROBES);
-
-/// Whether the process (the interpreter and what it loaded) exports `symbol`.
-fn interpreter_exports(symbol: &std::ffi::CStr) -> bool {
-    // SAFETY: RTLD_DEFAULT searches the global scope (it is null on Linux,
-    // not on macOS); the symbol is a NUL-terminated string.
-    unsafe { !libc::dlsym(libc::RTLD_DEFAULT, symbol.as_ptr()).is_null() }
 }
 
 /// The probes that are live now: wanted by a consumer and hooked in. Bit
@@ -636,10 +585,7 @@ fn claim_tool_id(monitoring: &Bound<'_, PyAny>) -> Result<u8, Error> {
 /// have not failed), unhooks the rest, and publishes what is live.
 pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
     faults::forget_failures_except(wanted);
-    let wanted = wanted
-        .intersection(ARMABLE)
-        .difference(faults::failed())
-        .difference(interpreter_probes());
+    let wanted = wanted.intersection(ARMABLE).difference(faults::failed());
     let Some(mut state) = lock_state(py) else {
         // Re-entered from Python code that arming itself ran (an audit hook,
         // say): leave it to the outer call.

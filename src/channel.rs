@@ -48,11 +48,20 @@
 //!
 //! While leases are held the scope in force is the union of their scopes;
 //! without any, it is the base scope (`PYDTRACE_SCOPE`).
+//!
+//! A lease's text may also name probes, one `probe:NAME` line each: the
+//! process fires them while the lease is held, whatever the semaphores say.
+//! The tools ask for their probes this way where they attach to the probe
+//! sites by address rather than as USDT probes (an interpreter that declares
+//! the same probes itself: `interpreter`), which raises no semaphore. A lease
+//! may name probes, a scope, or both; it is acknowledged once both are in
+//! force (the probes armed).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::faults;
+use crate::probes::ProbeSet;
 use crate::scope::{self, Proposal, Scope};
 
 pub const SLOTS: usize = 4;
@@ -232,9 +241,15 @@ struct Tracked {
     pid: u32,
     request: u32,
     holder: Holder,
-    /// The lease's scope; `None` when the lease was refused (kept so that the
+    /// What the lease asks for; `None` when it was refused (kept so that the
     /// slot is freed when its holder dies without clearing it).
+    asked: Option<Request>,
+}
+
+/// An accepted lease's request: a scope (`None`: the lease sets none), probes, or both.
+struct Request {
     scope: Option<Arc<Scope>>,
+    probes: ProbeSet,
 }
 
 /// What the watcher knows about the slots.
@@ -249,16 +264,23 @@ static WATCH: Mutex<Watch> = Mutex::new(Watch {
 static SEEN_DOORBELL: AtomicU32 = AtomicU32::new(0);
 /// Whether any slot is tracked (then every poll checks its holder).
 static TRACKING: AtomicBool = AtomicBool::new(false);
-/// Whether a lease is in force (accepted and not dropped).
+/// Whether a lease with a scope is in force (accepted and not dropped).
 static LEASES: AtomicBool = AtomicBool::new(false);
+/// The probes the leases in force ask for (bits of a [`ProbeSet`]).
+static LEASED_PROBES: AtomicU32 = AtomicU32::new(0);
 
 fn watch() -> MutexGuard<'static, Watch> {
     faults::lock(&WATCH)
 }
 
-/// Whether any tool's lease is in force.
+/// Whether any tool's lease with a scope is in force.
 pub fn leases_held() -> bool {
     LEASES.load(Ordering::Acquire)
+}
+
+/// The probes that tools' leases ask for: fired whatever the semaphores say.
+pub fn leased_probes() -> ProbeSet {
+    ProbeSet::from_bits(LEASED_PROBES.load(Ordering::Acquire))
 }
 
 /// A lease to acknowledge once its change is in force.
@@ -340,7 +362,7 @@ pub fn poll() -> bool {
             if tracked.pid == pid && tracked.request == request {
                 if !tracked.holder.runs() {
                     // The holder died without leaving: free the slot.
-                    changed |= tracked.scope.is_some();
+                    changed |= tracked.asked.is_some();
                     slot.lease_pid.store(0, Ordering::Release);
                     watch.slots[index] = None;
                 }
@@ -351,7 +373,7 @@ pub fn poll() -> bool {
             continue; // a changed slot is read when its tool rings
         }
         let old = watch.slots[index].take();
-        let had_scope = old.as_ref().is_some_and(|t| t.scope.is_some());
+        let had_request = old.as_ref().is_some_and(|t| t.asked.is_some());
         if pid == 0 {
             if old.is_some() {
                 // Released: acknowledged once the scope without it is in force.
@@ -361,7 +383,7 @@ pub fn poll() -> bool {
                     request,
                     hash: 0,
                 };
-                if had_scope {
+                if had_request {
                     acks.push(ack);
                     changed = true;
                 } else {
@@ -370,7 +392,7 @@ pub fn poll() -> bool {
             }
             continue;
         }
-        changed |= had_scope;
+        changed |= had_request;
         let Some((text, hash)) = read_slot_text(slot, request) else {
             continue; // being written: read at the next ring (the tool rings again)
         };
@@ -393,11 +415,11 @@ pub fn poll() -> bool {
         };
         // A refused scope is tracked too, so that the slot is freed if its
         // tool dies without clearing it.
-        let scope = match parse_lease(text) {
-            Ok(scope) => {
+        let accepted = match parse_lease(text) {
+            Ok(accepted) => {
                 acks.push(ack);
                 changed = true;
-                Some(Arc::new(scope))
+                Some(accepted)
             }
             Err(err) => {
                 write_ack(&ack, STATUS_REFUSED, &format!("refused: {err}"));
@@ -409,14 +431,20 @@ pub fn poll() -> bool {
             pid,
             request,
             holder,
-            scope,
+            asked: accepted,
         });
     }
     TRACKING.store(watch.slots.iter().any(Option::is_some), Ordering::Relaxed);
-    LEASES.store(
-        watch.slots.iter().flatten().any(|t| t.scope.is_some()),
-        Ordering::Release,
-    );
+    let requests = || {
+        watch
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|t| t.asked.as_ref())
+    };
+    LEASES.store(requests().any(|r| r.scope.is_some()), Ordering::Release);
+    let probes = requests().fold(ProbeSet::EMPTY, |set, r| set.union(r.probes));
+    LEASED_PROBES.store(probes.bits(), Ordering::Release);
     if changed || warning.is_some() || !acks.is_empty() {
         let change = changed.then(|| effective(&watch));
         scope::propose(Proposal {
@@ -434,7 +462,7 @@ fn effective(watch: &Watch) -> (Option<Arc<Scope>>, Vec<u32>) {
     let mut union: Option<Scope> = None;
     let mut tools = Vec::new();
     for tracked in watch.slots.iter().flatten() {
-        if let Some(scope) = &tracked.scope {
+        if let Some(scope) = tracked.asked.as_ref().and_then(|r| r.scope.as_ref()) {
             union = Some(match union {
                 None => (**scope).clone(),
                 Some(u) => u.union(scope),
@@ -471,13 +499,28 @@ fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, scope::Sc
     Some((text, hash))
 }
 
-/// A lease's scope: well formed and not empty.
-fn parse_lease(text: Result<String, scope::ScopeError>) -> Result<Scope, scope::ScopeError> {
-    let scope = Scope::parse(&text?)?;
-    if scope.is_empty() {
+/// A lease's request: its `probe:NAME` lines, and the rest as a scope;
+/// well formed, and asking for something.
+fn parse_lease(text: Result<String, scope::ScopeError>) -> Result<Request, scope::ScopeError> {
+    let text = text?;
+    let (probe_lines, scope_lines): (Vec<&str>, Vec<&str>) = text
+        .split([',', '\n'])
+        .map(str::trim)
+        .partition(|entry| entry.starts_with("probe:"));
+    let names: Vec<&str> = probe_lines
+        .iter()
+        .map(|e| e["probe:".len()..].trim())
+        .collect();
+    let probes =
+        ProbeSet::from_names(&names).map_err(|unknown| scope::ScopeError::Probe(unknown.0))?;
+    let scope = Scope::parse(&scope_lines.join("\n"))?;
+    if scope.is_empty() && probes.is_empty() {
         return Err(scope::ScopeError::Empty);
     }
-    Ok(scope)
+    Ok(Request {
+        scope: (!scope.is_empty()).then(|| Arc::new(scope)),
+        probes,
+    })
 }
 
 /// A forked child does not inherit its parent's leases (the tools leased
@@ -488,12 +531,13 @@ pub fn after_fork_child() {
     let mut had_lease = false;
     for (index, tracked) in watch.slots.iter_mut().enumerate() {
         if let Some(tracked) = tracked.take() {
-            had_lease |= tracked.scope.is_some();
+            had_lease |= tracked.asked.is_some();
             channel().slots[index].lease_pid.store(0, Ordering::Release);
         }
     }
     TRACKING.store(false, Ordering::Relaxed);
     LEASES.store(false, Ordering::Release);
+    LEASED_PROBES.store(0, Ordering::Release);
     SEEN_DOORBELL.store(
         channel().doorbell.load(Ordering::Acquire),
         Ordering::Relaxed,

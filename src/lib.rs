@@ -23,6 +23,7 @@ mod enablement;
 mod error;
 mod faults;
 mod instances;
+mod interpreter;
 mod names;
 mod probes;
 mod scope;
@@ -68,7 +69,7 @@ mod _native {
         probes::register();
         names::init()?;
         crate::scope::init(m.py());
-        arming::detect_interpreter_probes(m.py());
+        interpreter::detect(m.py());
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
         m.add("PROBE_ARGUMENTS", probes::PROBE_ARGUMENTS.to_vec())?;
@@ -92,11 +93,27 @@ mod _native {
         frozenset(py, arming::live())
     }
 
-    /// The probes the interpreter fires itself (built `--with-dtrace`), which
-    /// this module leaves to it.
+    /// The probes the interpreter declares itself (built `--with-dtrace`),
+    /// read from its SDT notes: the watcher leaves each to the interpreter
+    /// while the interpreter's own semaphore for it is raised.
     #[pyfunction]
     fn interpreter_probes(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
-        frozenset(py, arming::interpreter_probes())
+        frozenset(py, interpreter::declared())
+    }
+
+    /// The declared probes the interpreter fires now (a consumer raised its
+    /// own semaphore for them).
+    #[pyfunction]
+    fn interpreter_firing(py: Python<'_>) -> PyResult<Bound<'_, PyFrozenSet>> {
+        frozenset(py, interpreter::firing())
+    }
+
+    /// Each probe the interpreter declares, with the object that declares it:
+    /// `{name: path}` (DTrace's spelling); and why its notes could not be
+    /// read, or None.
+    #[pyfunction]
+    fn interpreter_objects() -> (Vec<(&'static str, String)>, Option<&'static str>) {
+        (interpreter::objects(), interpreter::unreadable())
     }
 
     /// The probes that a consumer enables now, hooked in or not.
@@ -118,14 +135,13 @@ mod _native {
     ) -> PyResult<bool> {
         let wanted = ProbeSet::from_names(&names)?;
         let deadline = timeout_duration(timeout)?.map(|t| Instant::now() + t);
-        // A probe this module never arms here (the interpreter fires it itself,
-        // or this Python version is not supported for it) never goes live.
-        let armable = arming::ARMABLE.difference(arming::interpreter_probes());
-        if !armable.is_superset(wanted) {
+        // A probe this Python version does not support never goes live.
+        if !arming::ARMABLE.is_superset(wanted) {
             return Ok(false);
         }
         loop {
-            let live = arming::live();
+            // One the interpreter fires itself now reaches the consumer that way.
+            let live = arming::live().union(interpreter::firing());
             let satisfied = if wanted.is_empty() {
                 !live.is_empty()
             } else {

@@ -67,10 +67,18 @@ pub struct Scope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScopeError {
     Glob(GlobError),
-    ModuleName { name: String, reason: String },
+    ModuleName {
+        name: String,
+        reason: String,
+    },
     Empty,
-    TooLong { len: usize, limit: usize },
+    TooLong {
+        len: usize,
+        limit: usize,
+    },
     NotUtf8,
+    /// A lease's `probe:NAME` names no probe of the provider.
+    Probe(String),
 }
 
 impl fmt::Display for ScopeError {
@@ -86,6 +94,7 @@ impl fmt::Display for ScopeError {
                 write!(f, "the scope is {len} bytes long; at most {limit} fit")
             }
             ScopeError::NotUtf8 => write!(f, "the scope is not UTF-8 text"),
+            ScopeError::Probe(name) => write!(f, "provider python has no probe {name:?}"),
         }
     }
 }
@@ -406,17 +415,19 @@ pub fn proposal_waiting() -> bool {
 }
 
 /// Applies the waiting proposal, if any; with the GIL (the watcher's hand-off).
-/// The leases it acknowledges are acknowledged only once their scope is in
-/// force: a tool that saw its acknowledgement starts its tracer knowing that
-/// no out-of-scope event will come.
-pub fn apply(py: Python<'_>) {
+/// Returns the leases to acknowledge once the probes they ask for are armed
+/// too (the caller arms, then acknowledges): a tool that saw its
+/// acknowledgement starts its tracer knowing that no out-of-scope event will
+/// come and that the probes it asked for fire.
+#[must_use]
+pub fn apply(py: Python<'_>) -> Vec<channel::Ack> {
     let proposal = {
         let mut waiting = lock(&PROPOSAL);
         PROPOSAL_WAITING.store(false, Ordering::Release);
         waiting.take()
     };
     let Some(proposal) = proposal else {
-        return;
+        return Vec::new();
     };
     if let Some(what) = &proposal.warning {
         warn_malformed(py, what);
@@ -424,7 +435,7 @@ pub fn apply(py: Python<'_>) {
     if let Some((scope, tools)) = proposal.change {
         install(py, scope, tools);
     }
-    channel::acknowledge(&proposal.acks);
+    proposal.acks
 }
 
 // --- the per-code-object verdict ---------------------------------------------

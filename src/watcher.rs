@@ -44,6 +44,7 @@ use crate::channel;
 use crate::enablement;
 use crate::error::Error;
 use crate::faults;
+use crate::interpreter;
 use crate::names::interpreter_finalizing;
 use crate::probes::ProbeSet;
 use crate::scope;
@@ -358,10 +359,16 @@ fn watch(control: &Control, mut named: u8) {
             name_thread(unsafe { libc::pthread_self() });
             named = origin;
         }
-        let wanted = enablement::consumer_enabled().union(forced());
-        let kicked = faults::take_kick();
-        // A tool's scope request (or the end of its lease): applied with the GIL too.
+        // A tool's scope or probe request (or the end of its lease): applied with the GIL too.
         let scope_changed = channel::poll();
+        // A probe the interpreter declares too is left to it while a consumer
+        // has the interpreter's own on (one event, one firing: `interpreter`),
+        // unless a tool asked for ours through the channel.
+        let wanted = enablement::consumer_enabled()
+            .difference(interpreter::firing())
+            .union(channel::leased_probes())
+            .union(forced());
+        let kicked = faults::take_kick();
         if applied != wanted || kicked || scope_changed {
             if !apply_with_gil(wanted) {
                 return; // the interpreter is going away
@@ -469,10 +476,11 @@ fn apply_requested(py: Python<'_>) -> bool {
         }
         (handoff.wanted, handoff.requested)
     };
-    scope::apply(py);
+    let acks = scope::apply(py);
     if let Err(err) = arming::apply(py, wanted) {
         faults::report_arming_error(py, &err.to_string());
     }
+    channel::acknowledge(&acks);
     let mut handoff = handoff();
     handoff.applied = handoff.applied.max(request);
     HANDOFF_DONE.notify_all();

@@ -1,12 +1,16 @@
-"""The tools on an interpreter that fires some probes itself (CPython 3.15 built --with-dtrace
-fires function__entry/function__return, with three arguments): the clauses the tools' programs
-get for the interpreter's probes (python/dtrace/tools/interpreter.py).
+"""One event, one firing, on an interpreter that declares probes of provider python itself.
 
-No such interpreter can be had here. What is tested: the program generation on every bundled
-script; that the generated programs pass bpftrace's own check with Debian's python3.11 (built
---with-dtrace: its function probes have CPython's three arguments) standing in for the
-interpreter, where a clause reading arg3 on its probe fails that check; and the detection of the
-interpreter's probes in a running --with-dtrace interpreter (python3.11 again).
+A distribution's CPython (Debian's, built --with-dtrace) declares gc__start/done,
+import__find__load__start/done and audit (3.13, 3.14), and from 3.15 function__entry/return
+too (three arguments). The rule (src/interpreter.rs, docs/interpreter-probes.md): a probe both
+declare is fired by the interpreter while a consumer enables the interpreter's copy, and by
+pydtrace-rs otherwise (a consumer of ours alone, or a tool that asked for it through its lease,
+attached by address: python/dtrace/tools/interpreter.py).
+
+Run on every interpreter of the suite: the program binding is checked everywhere; the consumers
+(raw bpftrace by path, both copies and each alone; the tools; perf) run where this interpreter
+declares probes itself (scripts/dev test runs the suite on Debian's 3.13, 3.14 and 3.15 as well
+as on pyenv's builds, which declare none).
 """
 
 from __future__ import annotations
@@ -20,125 +24,253 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import elfnotes, interpreter, programs
-from tracing import STEP_TIMEOUT, require_tracer
+from dtrace.tools import TOOLS, elfnotes, interpreter, programs
+from tracing import STEP_TIMEOUT, Bpftrace, Workload, handshake, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
 LIBRARY = dtrace.library_path()
-PYTHON315 = "/usr/bin/python3.15"  # a name only: programs are generated, not run, with it
-#: What a CPython 3.15 built --with-dtrace fires itself.
-FIRED_BY_315 = {name: PYTHON315 for name in (
-    "function__entry", "function__return", "gc__start", "gc__done",
-    "import__find__load__start", "import__find__load__done", "audit")}
-#: Debian's python3.11, built --with-dtrace: a real object with CPython's three-argument probes.
+#: What a CPython 3.15 built --with-dtrace declares itself.
+DECLARED_BY_315 = {"function__entry", "function__return", "gc__start", "gc__done",
+                   "import__find__load__start", "import__find__load__done", "audit"}
+#: Debian's python3.11, built --with-dtrace: a real object that declares CPython's probes.
 STAND_IN = "/usr/bin/python3.11"
+#: The probes this interpreter declares itself (empty on a build without --with-dtrace).
+OWN = {name.replace("-", "__") for name in dtrace._native.interpreter_probes()}
+#: Where this interpreter declares them.
+OWN_OBJECT = dict(dtrace._native.interpreter_objects()[0])
 
 
-def stand_in_reason() -> str | None:
-    obj = elfnotes.read(STAND_IN) if os.path.exists(STAND_IN) else None
-    names = {p.name for p in obj.probes if p.provider == "python"} if obj else set()
-    if not {"function__entry", "function__return"} <= names:
-        return f"{STAND_IN} (Debian's python3.11, built --with-dtrace) is not installed here"
-    return None
+def needs_own_probes(*names: str):
+    """Tests of an interpreter that declares ``names`` itself; on one that does not, nothing to test."""
+    missing = [name for name in names if name not in OWN]
+    return pytest.mark.skipif(bool(missing), reason=f"{sys.executable} does not declare {', '.join(missing)} "
+                                                    "itself (not built --with-dtrace, or older than 3.15)")
 
 
-def code(text: str) -> str:
-    return programs.mask(text)
+# --- binding a program (every interpreter) -----------------------------------------------------
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS.glob("*.bt")), ids=lambda p: p.name)
-def test_every_clause_on_an_interpreters_probe_gets_a_copy_reading_arg1(script):
+def test_probes_both_declare_are_bound_by_address_the_others_by_path(script):
     text = script.read_text()
-    extended = interpreter.extend(text, LIBRARY, FIRED_BY_315)
-    original, generated = programs.clauses(text), programs.clauses(extended)
-    copies = [c for c in generated if PYTHON315 in c.attach_points[0].text]
-    own = [c for c in generated if PYTHON315 not in c.attach_points[0].text]
-    assert len(own) == len(original)
-    for before, after in zip(original, own):
-        probe = programs.usdt(before.attach_points[0])
-        body_before, body_after = text[before.attach_points[-1].end:before.end], extended[after.attach_points[-1].end:after.end]
-        assert body_before == body_after, script.name  # the clause itself is unchanged...
-        if probe is not None and probe.name in FIRED_BY_315:
-            # ... but bound to the probe object, so that it never reads the interpreter's arg3,
-            assert after.attach_points[0].text == f"usdt:{LIBRARY}:python:{probe.name}"
-            # and followed by its copy on the interpreter's probe, which reads arg1 for arg3.
-            copy = generated[generated.index(after) + 1]
-            assert copy.attach_points[0].text == f"usdt:{PYTHON315}:python:{probe.name}"
-            body_copy = extended[copy.attach_points[-1].end:copy.end]
-            assert "arg3" not in code(body_copy)
-            assert body_copy == re.sub(r"\barg3\b", "arg1", body_after)
-        else:
-            assert after.attach_points[0].text == before.attach_points[0].text
-    assert len(copies) == sum(1 for c in original if (p := programs.usdt(c.attach_points[0])) and p.name in FIRED_BY_315)
-    # Without an interpreter's probes the program is the file.
-    assert interpreter.extend(text, LIBRARY, {}) == text
+    bound, by_address = interpreter.bind(text, LIBRARY, DECLARED_BY_315)
+    sites = {p.location: p.name for p in elfnotes.read(LIBRARY).probes if p.provider == "python"}
+    used = set()
+    for clause in programs.clauses(bound):
+        for point in clause.attach_points:
+            if point.kind == "uprobe" and point.text.startswith(f"uprobe:{LIBRARY}:"):
+                name = sites[int(point.text.rsplit(":", 1)[1], 16)]  # a probe site of ours
+                assert name in DECLARED_BY_315
+                used.add(name)
+            elif (probe := programs.usdt(point)) is not None:
+                assert probe.path == LIBRARY and probe.name not in DECLARED_BY_315, point.text
+    assert sorted(used) == by_address
+    assert ("usdt::python:function__entry" in text) == ("function__entry" in by_address)
+    # Apart from the attach points and the casts, the program is unchanged.
+    def strip(program: str) -> str:
+        program = re.sub(r"\(\(u?int(?:8|16|32)\)(arg\d)\)", r"\1", program)
+        return re.sub(r"^(?:usdt|uprobe):.*$", "", program, flags=re.M)
+    assert strip(bound) == strip(text)
 
 
-def test_function_tools_read_arg3_and_their_copies_do_not():
-    for name in ("calls", "flow", "flame", "where"):
-        extended = interpreter.extend((SCRIPTS / f"{name}.bt").read_text(), LIBRARY, FIRED_BY_315)
-        assert PYTHON315 in extended and "arg3" in code(extended), name
+def test_an_argument_narrower_than_64_bits_is_cast_back_to_its_type():
+    program = "usdt::python:function__entry { @[str(arg3), arg2] = count(); }"
+    bound, _ = interpreter.bind(program, LIBRARY, {"function__entry"})
+    assert "@[str(arg3), ((int32)arg2)] = count();" in bound
+    assert interpreter.casts("8@%rdi 8@%rsi -4@%edx 8@%rcx") == {"arg2": "int32"}
+    assert interpreter.casts("-8@%rdi 2@%si -1@%dl") == {"arg1": "uint16", "arg2": "int8"}
 
 
-def test_a_string_or_comment_mentioning_arg3_is_left_alone():
-    text = 'usdt::python:function__entry { printf("arg3=%s\\n", str(arg3)); } // arg3\n'
-    extended = interpreter.extend(text, "/lib.so", {"function__entry": "/py"})
-    # The copy follows the clause's closing brace.
-    assert extended == ('usdt:/lib.so:python:function__entry { printf("arg3=%s\\n", str(arg3)); }\n\n'
-                        'usdt:/py:python:function__entry { printf("arg3=%s\\n", str(arg1)); } // arg3\n')
+def test_a_clause_mixing_argument_layouts_is_refused():
+    program = "usdt::python:gc__start, usdt::python:function__entry { @[arg2] = count(); }"
+    with pytest.raises(interpreter.ToolError, match="different argument types in one clause"):
+        interpreter.bind(program, LIBRARY, {"gc__start", "function__entry"})
 
 
-@pytest.mark.parametrize("name", ["calls", "flow", "flame", "where"])
-def test_generated_programs_pass_bpftrace_check_on_a_three_argument_interpreter(name):
+def test_bound_scripts_pass_bpftrace_check():
     require_tracer()
-    reason = stand_in_reason()
-    if reason:
-        pytest.skip(reason)
-    fired = {"function__entry": STAND_IN, "function__return": STAND_IN}
-    extended = interpreter.extend((SCRIPTS / f"{name}.bt").read_text(), LIBRARY, fired)
-    # -p would resolve usdt::python:line (where) in a process; here the object is named instead.
-    extended = extended.replace("usdt::python:", f"usdt:{LIBRARY}:python:")
-    assert check(extended) == [], name
-    # The fallback matters: reading arg3 on the interpreter's probe fails the same check.
-    broken = re.sub(rf"(usdt:{re.escape(STAND_IN)}:python:function__entry[^{{]*{{)",
-                    r"\1 @broken = str(arg3);", extended, count=1)
-    assert broken != extended
-    assert any("argument 3" in error for error in check(broken)), name
+    for script in sorted(SCRIPTS.glob("*.bt")):
+        bound, _ = interpreter.bind(script.read_text(), LIBRARY, DECLARED_BY_315)
+        strlen = next(tool.strlen for tool in TOOLS.values() if tool.script == script.stem)
+        done = subprocess.run(["bpftrace", "-d", "-p", str(os.getpid()), "-e", bound, str(os.getpid())],
+                              capture_output=True, text=True, env={**os.environ, "BPFTRACE_STRLEN": str(strlen)},
+                              timeout=STEP_TIMEOUT)
+        errors = [line for line in done.stderr.splitlines() if "ERROR" in line and "RLIMIT_MEMLOCK" not in line]
+        assert done.returncode == 0 and not errors, (script.name, errors or done.stderr[-2000:])
 
 
-def check(program: str) -> list[str]:
-    done = subprocess.run(["bpftrace", "-d", "-e", program, str(os.getpid())], capture_output=True, text=True,
-                          env={**os.environ, "BPFTRACE_STRLEN": "160"}, timeout=STEP_TIMEOUT)
-    return [line for line in done.stderr.splitlines() if "ERROR" in line and "RLIMIT_MEMLOCK" not in line]
-
-
-def test_declared_finds_the_probes_of_a_with_dtrace_interpreter():
-    reason = stand_in_reason()
-    if reason:
-        pytest.skip(reason)
+def test_declared_reads_the_notes_of_a_with_dtrace_interpreter():
+    if not os.path.exists(STAND_IN):
+        pytest.skip(f"{STAND_IN} (Debian's python3.11, built --with-dtrace) is not installed here")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYDTRACE"))}
     process = subprocess.Popen([STAND_IN, "-c", "import sys; print('up', flush=True); sys.stdin.read()"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout.readline() == "up\n"
         found = interpreter.declared(process.pid, LIBRARY)
-        program, waited = interpreter.adapt((SCRIPTS / "calls.bt").read_text(), ["function-entry"],
-                                            process.pid, LIBRARY, "bt")
     finally:
         process.kill()
         process.wait()
-    assert found["function__entry"] == found["function__return"] == found["gc__start"] == STAND_IN
-    # A command is not held for the probes the interpreter fires; the program gets their copies.
-    assert waited == []
-    assert f"usdt:{STAND_IN}:python:function__entry" in program
+    assert found["function__entry"] == found["gc__start"] == found["audit"] == STAND_IN
 
 
-def test_an_interpreter_without_probes_changes_nothing():
-    # This interpreter (not built --with-dtrace, or built so without function probes before 3.15)
+def test_the_module_and_the_tools_read_the_same_notes():
+    # The native module reads its own interpreter's notes; the tools read them from outside.
+    assert set(interpreter.declared(os.getpid(), LIBRARY)) == OWN
+    names, unreadable = dtrace._native.interpreter_objects()
+    assert unreadable is None
+    assert {os.path.realpath(path) for _, path in names} <= {os.path.realpath(p) for p in
+                                                              interpreter.declared(os.getpid(), LIBRARY).values()}
+
+
+def test_an_interpreter_without_probes_of_its_own_changes_nothing():
     program = (SCRIPTS / "calls.bt").read_text()
-    declared = interpreter.declared(os.getpid(), LIBRARY)
-    assert not {"function__entry", "function__return"} & set(declared)
-    if not declared:
-        assert interpreter.adapt(program, ["function-entry"], os.getpid(), LIBRARY, "bt") == (program, ["function-entry"])
-    assert interpreter.adapt(program, ["function-entry"], os.getpid(), LIBRARY, "d") == (program, ["function-entry"])
-    assert sys.version_info >= (3, 12)
+    if not OWN & {"function__entry", "function__return", "cfunction__entry"}:
+        assert interpreter.adapt(program, ["function-entry"], os.getpid(), LIBRARY, "bt") == (
+            program, ["function-entry"], [])
+    assert interpreter.adapt(program, ["function-entry"], os.getpid(), LIBRARY, "d") == (
+        program, ["function-entry"], [])
+
+
+# --- real consumers, where this interpreter declares probes itself ---------------------------------
+
+GC_BODY = """
+    import gc
+
+    def run(result):
+        for _ in range(20):
+            gc.collect()
+        result["collections"] = 20
+"""
+
+CALLS_BODY = """
+    def fib(n):
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    def twice():
+        yield 1
+        yield 2
+
+    def run(result):
+        fib(15)
+        for _ in range(100):
+            list(twice())
+"""
+
+
+def system_wide(program: str):
+    """A consumer attached by path, system-wide (no -p), its clauses filtered by ``pid`` ({pid})."""
+    def consumer(workload: Workload) -> Bpftrace:
+        text = program.replace("{own}", OWN_OBJECT.get("gc-start", "")).replace("{pid}", str(workload.pid))
+        text = text.replace("{own_function}", OWN_OBJECT.get("function-entry", ""))
+        return Bpftrace(text, workload.pid, workload.library, system_wide=True)
+    return consumer
+
+
+@needs_own_probes("gc__start")
+def test_a_consumer_of_both_copies_sees_each_collection_once(workload_dir):
+    require_tracer()
+    consumer = handshake(Workload(GC_BODY, ["gc-start"], workload_dir), system_wide(
+        "usdt:{lib}:python:gc__start, usdt:{own}:python:gc__start /pid == {pid}/ { @[probe] = count(); }"))
+    # The interpreter's copy alone fired: its semaphore was up.
+    assert consumer.maps["@"] == {f"usdt:{OWN_OBJECT['gc-start']}:python:gc__start": 20}
+
+
+@needs_own_probes("gc__start")
+@pytest.mark.parametrize("which", ["ours", "theirs"])
+def test_a_consumer_of_one_copy_sees_each_collection_once(workload_dir, which):
+    require_tracer()
+    path = "{lib}" if which == "ours" else "{own}"
+    consumer = handshake(Workload(GC_BODY, ["gc-start"], workload_dir), system_wide(
+        f"usdt:{path}:python:gc__start /pid == {{pid}}/ {{ @collections = count(); }}"))
+    assert consumer.maps["@collections"] == 20
+
+
+@needs_own_probes("function__entry", "function__return")
+def test_a_consumer_of_our_function_probes_gets_qualified_names_and_balance(workload_dir):
+    # The interpreter's copies (3.15) have no arg3 and count a generator's resume as an entry
+    # but not every suspension as a return; ours balance.
+    require_tracer()
+    consumer = handshake(Workload(CALLS_BODY, ["function-entry", "function-return"], workload_dir), system_wide(
+        "usdt:{lib}:python:function__entry /pid == {pid}/ { @entries[str(arg3)] = count(); }\n"
+        "usdt:{lib}:python:function__return /pid == {pid}/ { @returns[str(arg3)] = count(); }"))
+    assert consumer.maps["@entries"]["fib"] == consumer.maps["@returns"]["fib"] == 1973
+    assert consumer.maps["@entries"]["twice"] == consumer.maps["@returns"]["twice"] == 300
+
+
+@needs_own_probes("function__entry")
+def test_a_consumer_of_both_function_probes_counts_each_call_once(workload_dir):
+    require_tracer()
+    consumer = handshake(Workload(CALLS_BODY, ["function-entry"], workload_dir), system_wide(
+        "usdt:{lib}:python:function__entry, usdt:{own_function}:python:function__entry /pid == {pid}/ "
+        "{ @[probe, str(arg1)] = count(); }"))
+    counted = {key: value for key, value in consumer.maps["@"].items() if key.endswith(",fib")}
+    assert counted == {f"usdt:{OWN_OBJECT['function-entry']}:python:function__entry,fib": 1973}
+
+
+@needs_own_probes("gc__start")
+def test_the_gc_tool_counts_each_collection_once(workload_dir):
+    workload, tool = trace_with_tool(GC_BODY, ["gc"], ["gc-start", "gc-done"], workload_dir)
+    assert tool.code == 0, tool.stderr
+    row = next(line.split() for line in tool.stdout.splitlines() if line.split()[:1] == ["2"])
+    assert row[1] == "20", tool.stdout
+
+
+@needs_own_probes("function__entry")
+def test_the_calls_tool_counts_each_call_once_by_qualified_name(workload_dir):
+    workload, tool = trace_with_tool(CALLS_BODY, ["calls"], ["function-entry"], workload_dir)
+    assert tool.code == 0, tool.stderr
+    counts = {parts[1]: int(parts[0]) for parts in (line.split() for line in tool.stdout.splitlines())
+              if len(parts) >= 3 and parts[0].isdigit()}
+    assert counts["fib"] == 1973 and counts["twice"] == 300, tool.stdout
+
+
+@needs_own_probes("gc__start")
+def test_run_attaches_a_raw_program_with_p(workload_dir):
+    # `usdt::python:gc__start` under bpftrace 0.17's -p fails on such an interpreter; `run` binds it.
+    workload = Workload(GC_BODY, ["gc-start"], workload_dir)
+    tool = handshake(workload, lambda w: _RunTool(w.pid))
+    assert tool.code == 0, tool.stderr
+    assert re.search(r"^@collections: 20$", tool.stdout, re.M), tool.stdout
+
+
+@needs_own_probes("gc__start")
+def test_list_says_who_fires_each_probe(workload_dir):
+    workload = Workload(GC_BODY, ["gc-start"], workload_dir)
+    workload.start()
+    try:
+        done = run_tool("list", "-p", str(workload.pid))
+    finally:
+        workload.kill()
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith(("gc__", "line "))}
+    assert rows["gc__start"].rstrip().endswith("nobody now"), done.stdout
+    assert rows["line"].rstrip().endswith("pydtrace-rs"), done.stdout
+    assert "INTERPRETER'S" in done.stdout and OWN_OBJECT["gc-start"] in done.stdout
+
+
+class _RunTool:
+    """``python -m dtrace run -e PROGRAM -p PID``, as tracing.ToolRun runs the other tools."""
+
+    def __init__(self, pid: int) -> None:
+        from tracing import ToolRun
+
+        self.run = ToolRun(["run", "-e", "usdt::python:gc__start { @collections = count(); }"], pid)
+
+    def start(self) -> None:
+        from tracing import Lines
+
+        run = self.run
+        run.process = subprocess.Popen([sys.executable, "-m", "dtrace", *run.args, "-p", str(run.pid)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run.out, run.err = Lines(run.process.stdout, "run"), Lines(run.process.stderr, "run's stderr")
+        while (line := run.err.next()) is not None and not line.startswith("Tracing"):
+            pass
+        assert line is not None, run.err.seen
+
+    def stop(self) -> None:
+        self.run.stop()
+        self.code, self.stdout, self.stderr = self.run.code, self.run.stdout, self.run.stderr
+
+    def kill(self) -> None:
+        self.run.kill()

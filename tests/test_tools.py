@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import TOOLS
+from dtrace.tools import TOOLS, interpreter
 from dtrace.tools.flame import TIMES as FLAME_TIMES
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
 
@@ -70,8 +70,11 @@ def line_of(path: Path, marker: str) -> int:
 
 def bpftrace_check(program: str, *arguments: str, strlen: int = 200) -> None:
     """``bpftrace -d``: parse, check and compile against the probes of this process (which has
-    loaded dtrace), without attaching or running anything."""
+    loaded dtrace), without attaching or running anything. Where this interpreter declares some
+    of the program's probes itself, the program is checked as the tools run it there (those
+    probes bound by address: dtrace/tools/interpreter.py)."""
     require_tracer()
+    program, _, _ = interpreter.adapt(program, [], os.getpid(), dtrace.library_path(), "bt")
     done = subprocess.run(
         ["bpftrace", "-d", "-p", str(os.getpid()), "-e", program, *arguments],
         capture_output=True, text=True, env={**os.environ, "BPFTRACE_STRLEN": str(strlen)},
@@ -183,7 +186,9 @@ def test_calls_latency_through_c_and_p(workload_dir):
 
 
 def test_calls_intervals_through_p_end_with_the_duration(workload_dir):
-    # The workload calls tick() until the tool has detached (its probes are off again).
+    # The workload calls tick() until the tool has detached (its probes are off again); the tool
+    # ends by itself (-d). A Ctrl-C sent then could land while it gives back what it asked the
+    # process for (an interpreter with probes of its own: its lease), which is a Ctrl-C's exit.
     body = """
         import dtrace
 
@@ -194,7 +199,8 @@ def test_calls_intervals_through_p_end_with_the_duration(workload_dir):
             while dtrace.enabled_probes():
                 tick()
     """
-    workload, tool = trace_with_tool(body, ["calls", "-i", "1", "-d", "2"], ["function-entry"], workload_dir)
+    workload, tool = trace_with_tool(body, ["calls", "-i", "1", "-d", "2"], ["function-entry"], workload_dir,
+                                     stop_signal=None)
     assert tool.code == 0, tool.stderr
     blocks = re.split(r"^\d\d:\d\d:\d\d$", tool.stdout, flags=re.M)
     assert len(blocks) == 3 and not blocks[0].strip(), tool.stdout  # two intervals, nothing after

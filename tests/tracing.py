@@ -8,6 +8,12 @@ workload module (a ``run(result)`` function), and a bpftrace program; then:
    its PID and probe object, and waits.
 2. :class:`Bpftrace` attaches with ``-p PID`` and waits for the program's
    ``BEGIN`` line, printed only once every probe of the program is attached.
+   Where the interpreter declares some of the program's probes itself (a
+   distribution's build ``--with-dtrace``), bpftrace 0.17's ``-p`` cannot
+   attach those by name: the program is bound as the tools bind it there,
+   those probes by address, asked for through a lease on the process's
+   channel (dtrace/tools/interpreter.py); test_interpreter_probes.py tests
+   the forms a user can write by hand.
 3. The workload is told to go; it waits in ``dtrace.wait_for_consumer`` until
    the probes are live, runs ``run(result)`` and reports ``result``.
 4. The tracer is stopped (SIGINT; bpftrace prints its maps), and the
@@ -38,6 +44,7 @@ from typing import Any
 
 import pytest
 
+from dtrace.tools import interpreter, scope
 from dtrace.tools.runner import Stopper
 from dtrace.tools.tracers import decode_json_line
 
@@ -289,12 +296,18 @@ class Bpftrace:
     env: dict[str, str] = field(default_factory=dict)
     maps: dict[str, Any] = field(default_factory=dict)
     printed: list[str] = field(default_factory=list)
+    #: Attach by path, to every process that maps the objects (no -p): the program filters by pid.
+    system_wide: bool = False
 
     def start(self) -> None:
         """Attach; returns once the program's BEGIN ran, i.e. every probe is attached."""
         program = 'BEGIN { printf("READY\\n"); }\n' + self.program.replace("{lib}", self.library)
+        self.lease = None
+        if not self.system_wide:
+            program, self.lease = bound_for(program, self.pid, self.library)
+        target = [] if self.system_wide else ["-p", str(self.pid)]
         self.process = subprocess.Popen(
-            ["bpftrace", "-f", "json", "-p", str(self.pid), "-e", program],
+            ["bpftrace", "-f", "json", *target, "-e", program],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -334,12 +347,28 @@ class Bpftrace:
             elif event.get("type") == "printf":
                 self.printed.append(event["data"])
         self.process.wait(STEP_TIMEOUT)
+        self._release()
         return self.maps
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._release()
+
+    def _release(self) -> None:
+        if getattr(self, "lease", None) is not None:
+            self.lease.release()
+            self.lease = None
+
+
+def bound_for(program: str, pid: int, library: str) -> tuple[str, scope.Lease | None]:
+    """``program`` as the tools run it on process ``pid``, and the lease that asks the process for
+    the probes it attaches by address (None on an interpreter that declares none of them)."""
+    program, _, asked = interpreter.adapt(program, [], pid, library, "bt")
+    if not asked:
+        return program, None
+    return program, scope.Lease(scope.Channel(pid, library), "\n".join(f"probe:{name}" for name in asked))
 
 
 @dataclass
@@ -508,10 +537,12 @@ def uprobe_events_of(library: str) -> list[str]:
 
 
 def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Path,
-                    env: dict[str, str] | None = None) -> tuple[Workload, ToolRun]:
+                    env: dict[str, str] | None = None,
+                    stop_signal: int | None = signal.SIGINT) -> tuple[Workload, ToolRun]:
     """Run ``body`` under ``python -m dtrace ARGS -p PID``, with the full two-sided handshake:
-    the workload runs once the tool's program is attached and ``probes`` are live in it."""
+    the workload runs once the tool's program is attached and ``probes`` are live in it. The
+    tool is stopped with ``stop_signal`` once the workload is done (None: it ends by itself)."""
     require_tracer()
     workload = Workload(body, probes, directory, env=env or {})
-    tool = handshake(workload, lambda w: ToolRun(args, w.pid))
+    tool = handshake(workload, lambda w: ToolRun(args, w.pid, stop_signal=stop_signal))
     return workload, tool

@@ -82,8 +82,9 @@ def wait_for_consumer(*names: str, timeout: float | None = None) -> bool:
     With no names, waits until any probe is live. Returns True once they
     are, False when ``timeout`` seconds pass first, and False at once when the
     probes are not armed (``PYDTRACE=0``, or ``available`` is False) or a named
-    probe is one this module never arms here (one the interpreter fires
-    itself, see ``dtrace._native.interpreter_probes()``). Names
+    probe is one this Python version does not support. A probe that an
+    interpreter built ``--with-dtrace`` fires itself because the consumer
+    enabled its own copy counts as live (docs/interpreter-probes.md). Names
     may be spelt ``"gc-start"`` or ``"gc__start"``; an unknown name raises
     ValueError. The GIL is released while waiting, and Ctrl-C interrupts it.
 
@@ -180,7 +181,8 @@ def _arm_from_environment() -> None:
         # process that maps the object, also of one that maps it later): the import returns
         # once those probes are live (one poll of the watcher, about 20 ms; at most 2 s), so
         # the program is traced from the line after it. Nothing is waited for otherwise.
-        wanted = consumer & (_native.ARMABLE_PROBES - _native.interpreter_probes())
+        # (A probe the interpreter fires itself now reaches the consumer that way.)
+        wanted = (consumer & _native.ARMABLE_PROBES) - _native.interpreter_firing()
         if wanted:
             _native.wait_for_consumer(sorted(wanted), 2.0)
 

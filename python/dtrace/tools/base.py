@@ -194,16 +194,17 @@ class Tool:
             target = runner.attach_any(options.pid)  # the walk needs no probe: any Python process
         else:
             target = runner.attach(options.pid, options.inject)
+        # An interpreter that declares some of these probes itself (--with-dtrace): ours are
+        # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
         try:
             program = self.bind(program, target.pid)
+            program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         except BaseException:
-            if target.process is not None:
-                target.stop()  # a command started for the trace does not outlive it
+            if target.held:
+                target.stop()
             raise
-        # An interpreter that fires some probes itself (--with-dtrace): attached to as well.
-        program, probes = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         # In force before the tracer attaches, so no out-of-scope event reaches it.
-        lease = scope.open_session(options, target, scope_text)
+        lease = scope.open_session(options, target, scope_text, asked)
         env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
         session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
                                  self.arguments(target))

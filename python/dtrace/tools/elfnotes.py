@@ -18,6 +18,7 @@ class Probe:
     name: str
     arguments: str  # as the note spells them: "8@%rdi 8@%rsi -4@%edx"
     semaphore: int  # its link-time address, 0 if it has none
+    location: int = 0  # the probe site's link-time address
 
 
 @dataclass
@@ -76,11 +77,13 @@ def read(path: str) -> Object | None:
         position = desc_at + (descsz + 3 & ~3)
         if kind != NT_STAPSDT or data[owner_at : owner_at + namesz].rstrip(b"\0") != b"stapsdt":
             continue
-        _pc, note_base, semaphore = struct.unpack_from(end + "QQQ", data, desc_at)
+        pc, note_base, semaphore = struct.unpack_from(end + "QQQ", data, desc_at)
         provider, name, arguments = data[desc_at + 24 : desc_at + descsz].split(b"\0")[:3]
-        if semaphore and base is not None:
-            semaphore += base[1] - note_base  # prelink adjustment, as the SystemTap spec says
-        probes.append(Probe(provider.decode(), name.decode(), arguments.decode(), semaphore))
+        if base is not None:  # prelink adjustment, as the SystemTap spec says
+            pc += base[1] - note_base
+            if semaphore:
+                semaphore += base[1] - note_base
+        probes.append(Probe(provider.decode(), name.decode(), arguments.decode(), semaphore, pc))
     return Object(path, probes, first_load, end)
 
 

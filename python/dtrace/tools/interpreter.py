@@ -1,47 +1,53 @@
-"""An interpreter's own probes: where CPython fires some probes of provider python itself, the
-tools attach to them too.
+"""An interpreter's own probes: how the tools attach where the interpreter declares provider python too.
 
-A CPython built ``--with-dtrace`` fires ``gc__*``, ``import__*`` and ``audit``
-itself from 3.12 on, and ``function__entry``/``function__return`` again from
-3.15; pydtrace-rs then leaves those probes to it, so that no event is
-reported twice (``dtrace._native.interpreter_probes()``). The interpreter's
-probes sit in its executable or in libpython, not in the probe object, and
-pass CPython's three arguments: no ``arg3`` (``co_qualname``), which the
-tools' function clauses read.
+A CPython built ``--with-dtrace`` (Debian's, Ubuntu's, Fedora's) declares
+``gc__*``, ``import__*`` and ``audit`` in its executable or libpython from
+3.12 on, and ``function__entry``/``function__return`` again from 3.15
+(three arguments: no ``co_qualname``, and generators do not balance). Two
+objects of one process then declare the same probe name, and bpftrace 0.17
+with ``-p`` cannot tell them apart: it fails ("couldn't get argument",
+"Could not resolve symbol"), or attaches silently to the wrong address.
 
-So, for a target whose interpreter declares such probes, a tool's program
-gets, after each clause on one of them, the same clause on the interpreter's
-probe (``usdt:/path/to/python:python:function__entry``) reading ``arg1``
-(``co_name``) where the clause reads ``arg3``; the clause itself is bound to
-the probe object (``usdt:LIBRARY:python:NAME``), since ``usdt::python:NAME``
-under ``-p`` attaches to every object of the process that declares the probe,
-and would read an ``arg3`` the interpreter does not pass. A command started
-with ``-c`` is not held for those probes (they go live without pydtrace-rs).
+So on such a target a tool attaches to the probe object's sites of those
+probes by address (``uprobe:LIBRARY:0xADDRESS``), with ``-p`` as usual: the
+kernel puts the breakpoint into that process only. The note of each probe
+pins argument N to the register a uprobe reads as ``argN`` (the C calling
+convention's; build/codegen.rs), so the clause reads the same arguments;
+one narrower than 64 bits is cast back to its type. A uprobe raises no
+semaphore, so the tool asks the process for those probes through its lease
+on the scope channel (``probe:NAME`` lines, ``scope.open_session``): the
+process fires them while the lease is held, and stops when the tool ends or
+dies. The interpreter's own copies stay off (nobody raised their
+semaphores), so every event reaches the tool once, with the qualified name
+and balanced entries and returns. The other probes stay USDT probes, bound
+to the probe object's path.
 
-UNTESTED against such an interpreter: none can be had on the project's
-machine (a CPython 3.15 built ``--with-dtrace``; Debian's python3.11 is built
-so, but 3.11 is not supported). The program generation is unit-tested
-(tests/test_interpreter_probes.py). Linux (bpftrace) only: on the DTrace
-platforms a D script's ``python$target:::`` matches both objects already, and
-their clauses are not split by object here.
+Which probes the interpreter declares is read from the SDT notes of the
+objects mapped in the process (its executable, a libpython), never from one
+build's symbols (docs/interpreter-probes.md). Linux (bpftrace) only: on the
+DTrace platforms a D script's ``python$target:::`` matches both objects, and
+the interpreter's probe is left to it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 
 from dtrace.tools import elfnotes, programs
+from dtrace.tools.tracers import ToolError
 
-#: The argument the tools read for the function name, and what stands in for it on an interpreter's probe.
-QUALNAME, FUNCNAME = "arg3", "arg1"
+#: The cast that gives an argument narrower than 64 bits its type back, by its size in the note.
+CASTS = {"-1": "int8", "1": "uint8", "-2": "int16", "2": "uint16", "-4": "int32", "4": "uint32"}
 
 
 def declared(pid: int, library: str | None) -> dict[str, str]:
     """The probes of provider python that the interpreter of process ``pid`` declares
     (bpftrace's spelling, ``function__entry``), each with the object that does: the
-    executable or a libpython. Empty where it declares none, and off Linux."""
+    executable or a libpython. Empty where it declares none, and off Linux. Raises ToolError
+    when the interpreter's object cannot be read (then nobody can say which probes collide)."""
     if not sys.platform.startswith("linux"):
         return {}
     candidates = []
@@ -58,50 +64,98 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
     for path in candidates:
         if path == library:
             continue
+        if not os.access(path, os.R_OK) and os.path.exists(f"/proc/{pid}/root{path}"):
+            path = f"/proc/{pid}/root{path}"  # another mount namespace (a container)
         try:
             obj = elfnotes.read(path)
-        except (ValueError, IndexError, struct.error):  # not an ELF object we can read: no probes
-            obj = None
+        except (ValueError, IndexError, struct.error) as error:
+            raise ToolError(f"cannot read the SDT notes of {path}, process {pid}'s interpreter ({error}): "
+                            "cannot tell which probes it fires itself") from None
         for probe in obj.probes if obj else []:
             if probe.provider == "python":
                 found.setdefault(probe.name, path)
     return found
 
 
-def extend(program: str, library: str, interpreter: dict[str, str]) -> str:
-    """The bpftrace ``program`` with the interpreter's probes added (see the module's doc):
-    ``interpreter`` maps each probe the interpreter declares to its object (``declared``)."""
-    if not interpreter:
-        return program
+def sites(library: str) -> dict[str, list[elfnotes.Probe]]:
+    """The probe object's probes of provider python, by name, each with its sites."""
+    obj = elfnotes.read(library)
+    if obj is None:
+        raise ToolError(f"cannot read the SDT notes of the probe object {library}")
+    found: dict[str, list[elfnotes.Probe]] = {}
+    for probe in obj.probes:
+        if probe.provider == "python":
+            found.setdefault(probe.name, []).append(probe)
+    return found
+
+
+def casts(arguments: str) -> dict[str, str]:
+    """``{"arg2": "int32"}`` for each argument of a note's argument string narrower than 64 bits."""
+    out = {}
+    for index, spec in enumerate(arguments.split()):
+        size = spec.split("@", 1)[0]
+        if size in CASTS:
+            out[f"arg{index}"] = CASTS[size]
+    return out
+
+
+def bind(program: str, library: str, colliding: set[str]) -> tuple[str, list[str]]:
+    """The bpftrace ``program`` with its python probes bound to ``library``: those in
+    ``colliding`` (declared by the interpreter too) as uprobes at their sites, the others as
+    USDT probes of that object. Returns the program and the probes attached by address (which
+    the process must be asked to fire: no semaphore is raised for them)."""
+    ours = sites(library)
     edits: list[tuple[int, int, str]] = []
+    by_address: set[str] = set()
     for clause in programs.clauses(program):
-        copies: dict[str, list[str]] = {}  # interpreter object -> its attach points for the copy
+        clause_casts: dict[str, str] | None = None
         for point in clause.attach_points:
             probe = programs.usdt(point)
-            if probe is None or probe.provider != "python" or probe.path not in ("", "*"):
+            if probe is None or probe.provider != "python" or probe.path not in ("", "*", library):
                 continue
-            objects = {interpreter[name] for name in programs.names_matching(probe.name, sorted(interpreter))}
-            if not objects:
+            matched = programs.names_matching(probe.name, sorted(ours))
+            if not any(name in colliding for name in matched):
+                if probe.path != library:
+                    edits.append((point.start, point.end, f"usdt:{library}:python:{probe.name}"))
                 continue
-            edits.append((point.start, point.end, f"usdt:{library}:python:{probe.name}"))
-            for path in objects:
-                copies.setdefault(path, []).append(f"usdt:{path}:python:{probe.name}")
-        if not copies:
-            continue
-        header_end = clause.attach_points[-1].end
-        rest = programs.rename_argument(program, header_end, clause.end, QUALNAME, FUNCNAME)
-        added = "".join(f"\n\n{', '.join(points)}{rest}" for path, points in sorted(copies.items()))
-        edits.append((clause.end, clause.end, added))
-    return programs.replace_spans(program, edits)
+            points = []
+            for name in matched:
+                if name not in colliding:
+                    points.append(f"usdt:{library}:python:{name}")
+                    continue
+                by_address.add(name)
+                for site in ours[name]:
+                    points.append(f"uprobe:{library}:{site.location:#x}")
+                    wanted = casts(site.arguments)
+                    if clause_casts is not None and clause_casts != wanted:
+                        raise ToolError(f"{program[clause.start:clause.brace].strip()}: probes with different "
+                                        "argument types in one clause cannot be attached by address on this "
+                                        "interpreter; give each its own clause")
+                    clause_casts = wanted
+            edits.append((point.start, point.end, ", ".join(points)))
+        if clause_casts:
+            body = program[clause.brace:clause.end]
+            code = programs.mask(program)[clause.brace:clause.end]
+            names = "|".join(sorted(clause_casts))
+            spans = [(m.start(), m.end(), f"(({clause_casts[m.group()]}){m.group()})")
+                     for m in re.finditer(rf"(?<![\w$@])(?:{names})(?!\w)", code)]
+            edits.append((clause.brace, clause.end, programs.replace_spans(body, spans)))
+    return programs.replace_spans(program, edits), sorted(by_address)
 
 
-def adapt(program: str, probes: list[str], pid: int, library: str | None, dialect: str) -> tuple[str, list[str]]:
-    """A tool's ``program`` and the ``probes`` a started command waits for, for the target
-    process ``pid``: the interpreter's probes added to the one, taken out of the other."""
+def adapt(program: str, probes: list[str], pid: int, library: str | None,
+          dialect: str) -> tuple[str, list[str], list[str]]:
+    """A tool's ``program`` for process ``pid``: where its interpreter declares probes of the
+    program too, those bound by address (see the module's doc). Returns the program, the probes a
+    started command waits for (``probes``, unchanged), and the probes the tool must ask the
+    process for (DTrace's spelling), none on an interpreter that declares none of them."""
     if dialect != "bt" or not library:
-        return program, probes
+        return program, probes, []
     interpreter = declared(pid, library)
-    if not interpreter:
-        return program, probes
-    waited = [p for p in probes if p.replace("-", "__") not in interpreter]
-    return extend(program, library, interpreter), waited
+    used = {name.replace("__", "-") for name in re.findall(r"python:([\w*?\[\]-]+)", programs.mask(program))}
+    colliding = {name for name in interpreter
+                 if any(programs.names_matching(pattern.replace("-", "__"), [name]) for pattern in used)}
+    if not colliding:
+        return program, probes, []
+    bound, by_address = bind(program, library, colliding)
+    return bound, probes, [name.replace("__", "-") for name in by_address]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from dtrace import _native
-from dtrace.tools import elfnotes, pyprocess, report, runner, scope, tracers
+from dtrace.tools import elfnotes, interpreter, pyprocess, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -83,16 +83,18 @@ examples:
         ours = elfnotes.read(library)
         if ours is None:
             raise ToolError(f"{library} has no SDT probes")
-        interpreter: dict[str, str] = {}
-        if pid is not None:
-            for path in elfnotes.mapped_objects(pid):
-                if path == library:
-                    continue
-                obj = elfnotes.read(path)
-                for probe in obj.probes if obj else []:
-                    if probe.provider == "python":
-                        interpreter.setdefault(probe.name, path)
+        declared = interpreter.declared(pid, library) if pid is not None else {}
         enabled = elfnotes.semaphores(pid, ours) if pid is not None else None
+        # The interpreter's own semaphores, for the probes it declares too.
+        theirs: dict[str, int] | None = {}
+        for path in sorted(set(declared.values())):
+            obj = elfnotes.read(path)
+            values = elfnotes.semaphores(pid, obj) if obj is not None else None
+            if values is None:
+                theirs = None
+                break
+            theirs.update(values)
+        asked = scope.asked_probes(pid, library) if declared else {}
         if pid is not None:
             out.write(f"{runner.Target(pid, library).describe()}\n")
             out.write("".join(f"{line}\n" for line in pyprocess.summary(pid, library)))
@@ -109,14 +111,13 @@ examples:
         for probe in sorted(ours.probes, key=lambda p: order.index(p.name) if p.name in order else len(order)):
             if probe.provider != "python":
                 continue
-            if enabled is None:
-                state = "-"
-            else:
-                count = enabled.get(probe.name, 0)
-                state = f"yes ({count})" if count else "no"
-            source = f"interpreter ({interpreter[probe.name]})" if probe.name in interpreter else "pydtrace-rs"
-            rows.append([probe.name, ARGUMENTS.get(probe.name, probe.arguments), state, source])
-        headers = ["PROBE", "ARGUMENTS", "ENABLED", "FIRED BY"]
+            state = _count(enabled, probe.name)
+            row = [probe.name, ARGUMENTS.get(probe.name, probe.arguments), state]
+            if declared:
+                row.append(_count(theirs, probe.name) if probe.name in declared else "")
+            row.append(_fired_by(probe.name, declared, enabled, theirs, asked))
+            rows.append(row)
+        headers = ["PROBE", "ARGUMENTS", "ENABLED"] + (["INTERPRETER'S"] if declared else []) + ["FIRED BY"]
         if pid is None:
             rows = [row[:2] for row in rows]
             headers = headers[:2]
@@ -124,15 +125,23 @@ examples:
         if pid is not None and enabled is None:
             out.write("\n(whether probes are enabled needs the rights to read the process's memory: run with sudo)\n")
         elif pid is not None:
-            out.write("\nENABLED: whether a consumer enables the probe now, and how many.\n")
+            out.write("\nENABLED: whether a consumer enables the probe now (its semaphore in the probe object), "
+                      "and how many.\n")
         off = unsupported(library)
         for reason in sorted(set(off.values())):
             names = ", ".join(name.replace("-", "__") for name, why in sorted(off.items()) if why == reason)
             out.write(f"\nnever fired by this build (Python {sys.version_info[0]}.{sys.version_info[1]}): {names}: {reason}\n")
-        if interpreter:
-            out.write("FIRED BY interpreter: this Python was built --with-dtrace and fires the probe itself; "
-                      "pydtrace-rs does not fire it a second time.\n")
-        out.write(f"\nusdt:{library}:python:PROBE names a probe in bpftrace; with -p PID, usdt::python:PROBE.\n")
+        if declared:
+            out.write(
+                "INTERPRETER'S: the same for the copy that the interpreter declares itself (built --with-dtrace: "
+                f"{', '.join(sorted(set(declared.values())))}).\n"
+                "FIRED BY: a probe both declare is fired once: by the interpreter while a consumer enables its "
+                "copy, otherwise by pydtrace-rs (while a consumer enables ours, or a tool asked for it: the tools "
+                "attach to it by address there, since bpftrace 0.17's -p cannot tell the two apart).\n")
+            out.write(f"\nusdt:{library}:python:PROBE names a probe in bpftrace (system-wide: add a pid "
+                      "predicate); with -p PID, `python -m dtrace run` attaches a program the tools' way.\n")
+        else:
+            out.write(f"\nusdt:{library}:python:PROBE names a probe in bpftrace; with -p PID, usdt::python:PROBE.\n")
 
     def run_dtrace(self, args, out) -> int:
         """macOS and illumos (UNTESTED): DTrace lists the probes of a process itself."""
@@ -152,3 +161,28 @@ examples:
             raise ToolError(f"dtrace -l failed: {listing.stderr.strip()}")
         out.write("(DTrace cannot show here which probes a consumer enables)\n")
         return 0
+
+
+def _count(semaphores: dict[str, int] | None, name: str) -> str:
+    """A semaphore's reading for the table: "yes (N)", "no", or "-" where it cannot be read."""
+    if semaphores is None:
+        return "-"
+    count = semaphores.get(name, 0)
+    return f"yes ({count})" if count else "no"
+
+
+def _fired_by(name: str, declared: dict[str, str], ours: dict[str, int] | None,
+              theirs: dict[str, int] | None, asked: dict[str, list[int]] | None) -> str:
+    """Who fires probe ``name`` now, by the rule of dtrace/_native's watcher (src/interpreter.rs)."""
+    if name not in declared:
+        return "pydtrace-rs"
+    tools = (asked or {}).get(name)
+    if tools:
+        return f"pydtrace-rs (asked by tool {', '.join(map(str, tools))})"
+    if theirs is None or ours is None:
+        return "interpreter or pydtrace-rs"
+    if theirs.get(name):
+        return "interpreter"
+    if ours.get(name):
+        return "pydtrace-rs"
+    return "nobody now"

@@ -14,10 +14,14 @@ What the tool adds to the program, and nothing else:
   output, and lets a started command run after the last, so that whatever the
   program's ``BEGIN`` prints comes before anything the command does;
 - ``@TARGET@`` (CPython's test_dtrace placeholder) in an attach point names
-  the probe object, and the interpreter too where it declares that probe
-  itself (built ``--with-dtrace``); ``usdt:*:python:NAME`` and
-  ``usdt::python:NAME`` stay as written: with ``-p``, bpftrace finds them in
-  every object of the process;
+  the probe object; ``usdt:*:python:NAME`` and ``usdt::python:NAME`` stay as
+  written (with ``-p``, bpftrace finds them in every object of the process),
+  except where the interpreter declares the probe itself (built
+  ``--with-dtrace``), which bpftrace 0.17 cannot attach under ``-p``: there
+  every python attach point of such a probe (``*``, none, or ``@TARGET@``)
+  names the probe object's sites by address, and the tool asks the process
+  to fire them while it runs (``interpreter``; the clause's ``probe``
+  builtin then names a uprobe);
 - with ``-d``, a clause that ends the trace;
 - ``@PYSTACK@`` in a clause's body stands for the Python stack of the thread that hit the probe,
   read from the interpreter's frames (``pystack``): the walk goes first in that clause (on its
@@ -115,7 +119,7 @@ examples:
         except OSError as error:
             raise ProgramError(f"cannot read {args.program_file}: {error.strerror or error}") from None
 
-    def prepare(self, text: str, dialect: str, library: str | None, interpreter_probes: dict[str, str],
+    def prepare(self, text: str, dialect: str, library: str | None,
                 marker: str, duration: int | None, depth: int = pystack.DEFAULT_DEPTH) -> tuple[str, list[str]]:
         """The program as the tracer runs it, and the probes it uses (DTrace's spelling). It prints
         ``MARKER-attached`` first in its ``BEGIN`` and ``MARKER-begun`` last."""
@@ -145,10 +149,7 @@ examples:
                     if library is None:
                         raise ProgramError("@TARGET@: the process reported no probe object")
                     provider = f":{probe.provider}" if probe.provider else ""
-                    points = [f"usdt:{library}{provider}:{probe.name}"]
-                    points += [f"usdt:{path}{provider}:{probe.name}" for path in
-                               sorted({interpreter_probes[n] for n in matched if n in interpreter_probes})]
-                    edits.append((point.start, point.end, ", ".join(points)))
+                    edits.append((point.start, point.end, f"usdt:{library}{provider}:{probe.name}"))
         if not used and not walks:
             if not any(p.kind not in ("BEGIN", "END") for c in clauses for p in c.attach_points):
                 raise ProgramError("the program names no probe at all; trace Python with usdt:*:python:PROBE "
@@ -169,9 +170,7 @@ examples:
             program += f"\n\nBEGIN\n{{\n\t{begun.strip()}\n}}\n"
         if duration and complete:
             program += f"\ninterval:s:{duration}\n{{\n\texit();\n}}\n"
-        # A command is not held for probes its interpreter fires itself: they go live without us.
-        waited = sorted(name.replace("__", "-") for name in used if name not in interpreter_probes)
-        return program, waited
+        return program, sorted(name.replace("__", "-") for name in used)
 
     @staticmethod
     def _walks(text: str, clauses: list, depth: int) -> list[tuple[int, int, str]]:
@@ -234,11 +233,11 @@ examples:
         if args.script:
             import dtrace
 
-            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), {}, marker, args.duration, depth)
+            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), marker, args.duration, depth)
             out.write(self.bind(program, args.pid) if args.pid is not None else program)
             return 0
         # The program is checked before anything is started.
-        _, needed = self.prepare(text, tracer.dialect, "/probe-object", {}, marker, args.duration, depth)
+        _, needed = self.prepare(text, tracer.dialect, "/probe-object", marker, args.duration, depth)
         tracer.executable()
         tracer.check_privileges()
         if args.argv:
@@ -249,10 +248,9 @@ examples:
             target = runner.attach(args.pid, args.inject)
         resolver = None
         try:
-            declared = interpreter.declared(target.pid, target.library) if tracer.dialect == "bt" else {}
-            program, probes = self.prepare(text, tracer.dialect, target.library, declared, marker, args.duration,
-                                           depth)
-            probes = self.fired(probes)
+            program, probes = self.prepare(text, tracer.dialect, target.library, marker, args.duration, depth)
+            program, probes, asked = interpreter.adapt(program, self.fired(probes), target.pid, target.library,
+                                                       tracer.dialect)
             if pystack.uses_walk(program):
                 program = self.bind(program, target.pid)
                 resolver = pystack.Resolver(target.pid, self.layout)
@@ -261,7 +259,7 @@ examples:
                 target.stop()
             raise
         # In force before the tracer attaches, as for the other tools (base.Tool.run).
-        lease = scope.open_session(args, target, scope_text)
+        lease = scope.open_session(args, target, scope_text, asked)
         try:
             trace = Trace(tracer, program, probes, target, marker, label, args, out)
             trace.resolver = resolver

@@ -27,9 +27,11 @@ import argparse
 import errno
 import fcntl
 import os
+import re
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dtrace.tools import pyprocess, runner
@@ -373,7 +375,8 @@ class Lease:
             now = time.monotonic()
             if now > deadline:
                 raise ToolError(
-                    f"process {channel.pid} did not take up the scope within {timeout:g} s: are its probes armed, "
+                    f"process {channel.pid} did not take up the scope (or the probes asked for) within {timeout:g} s: "
+                    "are its probes armed, "
                     "and does it run Python (a thread that holds the GIL in C code for long delays it)?")
             if now - rung > RING_AGAIN:
                 runner.check_running(channel.pid)
@@ -415,8 +418,11 @@ class Lease:
 # --- what a tool calls ---------------------------------------------------------------------
 
 
-def open_session(args: argparse.Namespace, target: runner.Target, text: str | None) -> Lease | None:
-    """Set the session's scope in ``target`` (``text`` from :func:`requested`), and say what is in force.
+def open_session(args: argparse.Namespace, target: runner.Target, text: str | None,
+                 probes: Sequence[str] = ()) -> Lease | None:
+    """Set the session's scope in ``target`` (``text`` from :func:`requested`), ask it to fire
+    ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py), and
+    say what scope is in force.
 
     Without a scope of its own, the tool only says so when the process has one in force (best
     effort: nothing is said where the channel cannot be read). On failure a command started by
@@ -424,7 +430,9 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     """
     if text is None:
         _note_scope_in_force(target)
-        return None
+        if not probes:
+            return None
+    text = "\n".join([text or ""] + [f"probe:{name}" for name in probes]).strip("\n")
     try:
         channel = Channel(target.pid, target.library)
         try:
@@ -473,6 +481,33 @@ def _note_scope_in_force(target: runner.Target) -> None:
                   else "by PYDTRACE_SCOPE in its environment")
         runner.warn(f"process {target.pid} has a scope set {source}: only {published.describe()} fire the "
                     "function and line probes")
+
+
+def asked_probes(pid: int, library: str | None) -> dict[str, list[int]] | None:
+    """The probes that tools ask process ``pid`` to fire through their leases (``probe:NAME``
+    lines), each with the PIDs of the tools; None where the channel cannot be read."""
+    try:
+        channel = Channel(pid, library)
+    except (ToolError, OSError):
+        return None
+    asked: dict[str, list[int]] = {}
+    try:
+        for index in range(LAYOUT["slot_count"]):
+            base = channel.slot(index)
+            holder = channel.u32(base)
+            if not holder:
+                continue
+            length = min(channel.u32(base + LAYOUT["slot_text_len"]), LAYOUT["slot_text_capacity"])
+            text = channel.read(base + LAYOUT["slot_text"], length).decode(errors="replace")
+            for entry in re.split(r"[,\n]", text):
+                if entry.strip().startswith("probe:"):
+                    name = entry.strip()[len("probe:"):].strip().replace("-", "__")
+                    asked.setdefault(name, []).append(holder)
+    except (ToolError, OSError):
+        return None
+    finally:
+        channel.close()
+    return asked
 
 
 def describe(pid: int, library: str | None) -> str | None:
