@@ -180,7 +180,7 @@ class Memory:
         self.pid = pid
         try:
             self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             raise pyprocess.gone(pid) from None
         except PermissionError:
             raise ToolError(f"Permission denied reading the memory of process {pid}: run as root (sudo)") from None
