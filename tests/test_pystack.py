@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from pathlib import Path
@@ -295,10 +294,6 @@ def test_where_from_the_frames_agrees_with_the_entry_and_return_way_on_the_same_
     same frames (the entry/return way knows the frame that was running before it attached only
     from its line events, marked as such)."""
     require_tracer()
-    if sys.version_info >= (3, 15) and sysconfig.get_config_var("WITH_DTRACE"):
-        # Known, not this module's: bpftrace 0.17 with -p refuses a probe that two objects of the
-        # process declare (this interpreter's function__entry and pydtrace-rs's).
-        pytest.skip("the entry/return way cannot attach with -p to a 3.15 built --with-dtrace under bpftrace 0.17")
     plain = Plain(workload_dir, CHAIN, wait_for=("function-entry", "function-return", "line"))
     walked, rebuilt = ToolRun(["where", "connect"], plain.pid), ToolRun(["where", "connect", "--trace-calls"], plain.pid)
     try:
