@@ -13,11 +13,13 @@ Figures are medians over rounds, and the cost is the ratio to the untraced proce
    the default); ``where connect --trace-calls`` (the stacks kept from entry/return/line
    events). The tools attach with ``-p`` to running processes, and each round's connect is
    checked in their reports (every connect counted).
-2. ``flame --sample 99`` beside ``py-spy record -r 99`` (if installed) on pyperformance's
+2. What one walked event costs: 1,000 connects a round, untraced, under a bpftrace uprobe that
+   only counts them (the floor of any uprobe), and under ``where connect``.
+3. ``flame --sample 99`` beside ``py-spy record -r 99`` (if installed) on pyperformance's
    richards, deltablue and raytrace (if pyperformance is installed: its benchmark files are
    imported and their functions run, without pyperf's runner).
 
-Usage (root, bpftrace): ``python benches/pystack_cost.py [--rounds N] [--part where|sample|both]``.
+Usage (root, bpftrace): ``python benches/pystack_cost.py [--rounds N] [--part where|event|sample|both]``.
 It prints the Markdown rows of BENCHMARKS.md's section.
 """
 
@@ -67,6 +69,10 @@ CHILD = textwrap.dedent("""\
 
     if BENCH == "where":
         work = where_round
+    elif BENCH == "connects":
+        def work():
+            for _ in range(1000):
+                dial()
     else:
         module = load(sys.argv[3])
         work = {
@@ -172,6 +178,31 @@ def where_part(rounds: int, directory: Path) -> list[str]:
     return rows
 
 
+def event_part(rounds: int, directory: Path) -> list[str]:
+    """What one walked event costs: 1,000 connects a round, untraced, under a uprobe that only
+    counts them (the kernel's floor), and under ``where connect``."""
+    subjects = [Subject("untraced", "plain", "connects", "", directory),
+                Subject("uprobe counting connect (floor)", "plain", "connects", "", directory),
+                Subject("where connect (frames)", "plain", "connects", "", directory)]
+    floor = (f'BEGIN {{ printf("Tracing\\n"); }} uprobe:libc:connect /pid == {subjects[1].pid}/ '
+             "{ @calls = count(); }")
+    try:
+        subjects[1].attach(["bpftrace", "-p", str(subjects[1].pid), "-e", floor], "Tracing", stream="stdout")
+        subjects[2].attach(tool("where", "connect", "-p", str(subjects[2].pid)), "Tracing ")
+        run_rounds(subjects, rounds)
+    finally:
+        for subject in subjects:
+            subject.close()
+    base = statistics.median(subjects[0].times)
+    rows = []
+    for subject in subjects:
+        median = statistics.median(subject.times)
+        per_event = (median - base) / 1000 / 1000  # microseconds per connect over untraced
+        rows.append(f"| {subject.name} | {median / 1e6:.2f} ms | {min(subject.times) / 1e6:.2f} ms | "
+                    f"{per_event:+.2f} us |")
+    return rows
+
+
 def sample_part(rounds: int, directory: Path) -> list[str]:
     spec = importlib.util.find_spec("pyperformance")
     if spec is None or spec.origin is None:
@@ -210,7 +241,7 @@ def sample_part(rounds: int, directory: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--part", choices=("where", "sample", "both"), default="both")
+    parser.add_argument("--part", choices=("where", "event", "sample", "both"), default="both")
     args = parser.parse_args()
     print(f"Python {sys.version.split()[0]}, {args.rounds} rounds, {time.strftime('%Y-%m-%d')}")
     with tempfile.TemporaryDirectory(prefix="pystack-") as folder:
@@ -219,6 +250,10 @@ def main() -> None:
             print("\n| configuration | median round (CPU) | fastest round | median vs untraced | the tool's report |\n"
                   "| --- | --- | --- | --- | --- |")
             print("\n".join(where_part(args.rounds, directory)))
+        if args.part in ("event", "both"):
+            print("\n| 1,000 connects a round | median round (CPU) | fastest round | per connect, over untraced |\n"
+                  "| --- | --- | --- | --- |")
+            print("\n".join(event_part(args.rounds, directory)))
         if args.part in ("sample", "both"):
             print("\n| benchmark | profiler | median round (CPU) | fastest round | median vs untraced | samples |\n"
                   "| --- | --- | --- | --- | --- | --- |")
