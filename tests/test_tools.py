@@ -107,7 +107,7 @@ def test_both_dialects_of_every_tool_are_bundled():
 VARIANTS = [
     ["calls"], ["calls", "--latency", "-i", "2", "-d", "5"], ["lines", "-i", "1"], ["gc", "-i", "1", "-d", "3"],
     ["objnew", "-i", "2"], ["objdel", "-d", "2"], ["flow", "-d", "1"], ["flame", "-d", "2"],
-    ["where", "connect"], ["where", "--no-lines", "write", "-d", "4"],
+    ["where", "connect", "--trace-calls"], ["where", "--trace-calls", "--no-lines", "write", "-d", "4"],
     # --native (tests/test_tools_native.py traces with them)
     ["calls", "--native"], ["calls", "--native", "-L", "-i", "1", "-d", "3"], ["flow", "--native", "-d", "1"],
     ["flame", "--native"],
@@ -486,8 +486,8 @@ def test_where_connect_through_c_counts_the_stacks(workload_dir):
 
 
 def test_where_connect_through_p_counts_the_stacks(workload_dir):
-    workload, tool = trace_with_tool(SOCKETS, ["where", "connect"], ["function-entry", "function-return", "line"],
-                                     workload_dir)
+    workload, tool = trace_with_tool(SOCKETS, ["where", "connect", "--trace-calls"],
+                                     ["function-entry", "function-return", "line"], workload_dir)
     assert tool.code == 0, tool.stderr
     check_where(tool.stdout, str(workload.path), workload.path)
 
@@ -517,7 +517,7 @@ def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(wor
     tool = None
     try:
         pid = int(process.stdout.readline())
-        tool = ToolRun(["where", "connect"], pid)
+        tool = ToolRun(["where", "connect", "--trace-calls"], pid)
         tool.start()
         process.stdin.write("go\n")
         process.stdin.flush()

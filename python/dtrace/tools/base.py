@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import interpreter, report, runner, scope, tracers
+from dtrace.tools import interpreter, pystack, report, runner, scope, tracers
 from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
@@ -162,6 +162,14 @@ class Tool:
     def finish(self, args: Options, out: TextIO, session: runner.Session) -> None:
         """Called after the last report."""
 
+    def bind(self, program: str, pid: int) -> str:
+        """The program for process ``pid``: a Python stack walk (pystack) gets the process's
+        checked layout in place of its ``PY_...`` names (ToolError when it has none)."""
+        if not pystack.uses_walk(program):
+            return program
+        self.layout = pystack.layout_of(pid)
+        return pystack.bind(program, self.layout)
+
     def check(self, options: Options, tracer: tracers.Tracer) -> None:
         """Before anything starts: UsageError for options that cannot work here (e.g. a function
         that resolves to no probe)."""
@@ -175,14 +183,21 @@ class Tool:
             tracer.check_privileges()
         program = self.program(options, tracer.dialect)
         if options.script:
-            out.write(program)
+            # A Python stack walk names the target's addresses: filled in when there is a target.
+            out.write(self.bind(program, options.pid) if options.pid is not None else program)
             return 0
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
-        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject, options.gdb)
+        if options.argv:
+            target = runner.start(options.argv, options.startup_timeout)
+        elif not probes and pystack.uses_walk(program):
+            target = runner.attach_any(options.pid)  # the walk needs no probe: any Python process
+        else:
+            target = runner.attach(options.pid, options.inject, options.gdb)
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
         # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
         try:
+            program = self.bind(program, target.pid)
             program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         except BaseException:
             if target.held:

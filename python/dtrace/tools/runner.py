@@ -280,6 +280,14 @@ def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
     return Target(pid, library)
 
 
+def attach_any(pid: int) -> Target:
+    """The target of ``-p PID`` for a program that enables no probe of pydtrace-rs (a Python stack
+    walk): any running process, whether or not it loaded dtrace; nothing is injected."""
+    check_running(pid)
+    library = probe_object(pid) if sys.platform.startswith("linux") else None
+    return Target(pid, library)
+
+
 def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT) -> Target:
     """Start ``command`` (an argument list, or a string split like a shell would split it; run
     without a shell) held at start-up, see the module doc. It gets SIGTERM if the tool dies."""
