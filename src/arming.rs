@@ -12,6 +12,10 @@
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
 //! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
+//! | function-calls                  | sys.monitoring PY_START, PY_RESUME, PY_THROW (counted in the process, `aggregate`) |
+//! | function-time, stack-node       | those and PY_RETURN, PY_YIELD, PY_UNWIND (timed, the tree built in the process) |
+//! | line-count                      | sys.monitoring LINE (counted in the process)   |
+//! | aggregate-flush                 | nothing: fired at each flush                   |
 //!
 //! Where the interpreter was built `--with-dtrace` and fires a probe itself,
 //! that probe is left to the interpreter (docs/decisions.md, 6).
@@ -30,6 +34,7 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
+use crate::aggregate;
 use crate::callbacks::{self, Hook};
 use crate::cfunctions;
 use crate::error::Error;
@@ -52,13 +57,23 @@ const CFUNCTION_PROBES: ProbeSet =
     ProbeSet::of(&[probes::CFUNCTION_ENTRY, probes::CFUNCTION_RETURN]);
 /// Probes served by CALL, C_RETURN and C_RAISE.
 const CALL_PROBES: ProbeSet = INSTANCE_NEW_PROBES.union(CFUNCTION_PROBES);
+/// The aggregate probes that switch gathering on (`aggregate`).
+const AGGREGATE_PROBES: ProbeSet = ProbeSet::of(&[
+    probes::FUNCTION_CALLS,
+    probes::FUNCTION_TIME,
+    probes::LINE_COUNT,
+    probes::STACK_NODE,
+]);
+/// The probe that ends each flush: fired, nothing to hook in.
+const FLUSH_PROBES: ProbeSet = ProbeSet::of(&[probes::AGGREGATE_FLUSH]);
 /// Probes that `sys.monitoring` serves.
 const CODE_PROBES: ProbeSet = ProbeSet::of(&[
     probes::FUNCTION_ENTRY,
     probes::FUNCTION_RETURN,
     probes::LINE,
 ])
-.union(CALL_PROBES);
+.union(CALL_PROBES)
+.union(AGGREGATE_PROBES);
 /// Probes that the class deallocation hook serves.
 const DELETE_PROBES: ProbeSet =
     ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
@@ -73,6 +88,7 @@ const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[
 const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
 /// Probes this build can arm.
 pub const ARMABLE: ProbeSet = CODE_PROBES
+    .union(FLUSH_PROBES)
     .union(GC_PROBES)
     .union(IMPORT_PROBES)
     .union(AUDIT_PROBES)
@@ -261,13 +277,24 @@ impl EventBits {
     /// The events that serve `probes`.
     fn for_probes(&self, probes: ProbeSet) -> u32 {
         let mut events = 0;
-        if probes.contains(probes::FUNCTION_ENTRY) {
+        let entries = ProbeSet::of(&[
+            probes::FUNCTION_ENTRY,
+            probes::FUNCTION_CALLS,
+            probes::FUNCTION_TIME,
+            probes::STACK_NODE,
+        ]);
+        let returns = ProbeSet::of(&[
+            probes::FUNCTION_RETURN,
+            probes::FUNCTION_TIME,
+            probes::STACK_NODE,
+        ]);
+        if !probes.intersection(entries).is_empty() {
             events |= self.py_start | self.py_resume | self.py_throw;
         }
-        if probes.contains(probes::FUNCTION_RETURN) {
+        if !probes.intersection(returns).is_empty() {
             events |= self.py_return | self.py_yield | self.py_unwind;
         }
-        if probes.contains(probes::LINE) {
+        if probes.contains(probes::LINE) || probes.contains(probes::LINE_COUNT) {
             events |= self.line;
         }
         // C_RETURN and C_RAISE come only with CALL (sys.monitoring refuses
@@ -515,6 +542,7 @@ impl State {
             // Nothing is kept alive for the C function probes while they are off.
             cfunctions::clear();
         }
+        set_gathering(py, wanted);
         self.code_live = wanted;
         Ok(())
     }
@@ -610,6 +638,23 @@ impl State {
     }
 }
 
+/// Tells the callbacks which per-event probes to fire and what to gather
+/// (`aggregate`) for the code probes `wanted`.
+fn set_gathering(py: Python<'_>, wanted: ProbeSet) {
+    let bit = |probe: usize, bit: u8| if wanted.contains(probe) { bit } else { 0 };
+    let per_event = bit(probes::FUNCTION_ENTRY, callbacks::FIRE_ENTRY)
+        | bit(probes::FUNCTION_RETURN, callbacks::FIRE_RETURN)
+        | bit(probes::LINE, callbacks::FIRE_LINE);
+    callbacks::PER_EVENT.store(per_event, Ordering::Relaxed);
+    aggregate::set_mode(
+        py,
+        bit(probes::FUNCTION_CALLS, aggregate::COUNT)
+            | bit(probes::FUNCTION_TIME, aggregate::TIME)
+            | bit(probes::LINE_COUNT, aggregate::LINES)
+            | bit(probes::STACK_NODE, aggregate::TREE),
+    );
+}
+
 /// Whether tool id `id` goes by our name.
 fn holds_tool_id(monitoring: &Bound<'_, PyAny>, id: u8) -> PyResult<bool> {
     let holder = monitoring.call_method1("get_tool", (id,))?;
@@ -654,6 +699,7 @@ pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
     // Publish what is hooked in, also when a step failed part-way.
     let live = state
         .code_live
+        .union(wanted.intersection(FLUSH_PROBES))
         .union(state.gc_live)
         .union(state.import_live)
         .union(state.delete_live)
