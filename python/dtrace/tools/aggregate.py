@@ -122,7 +122,7 @@ class Aggregation:
             deadline = time.monotonic() + FLUSH_TIMEOUT
             try:
                 for event in self.session.events(timeout=FLUSH_TIMEOUT):
-                    if event.kind == "printf" and event.data == FLUSHED:
+                    if event.kind == "printf" and event.data.strip() == FLUSHED:
                         break
                     early.append(event)
                     if time.monotonic() > deadline:
