@@ -630,7 +630,7 @@ def test_list_without_a_target_prints_the_probe_object():
     from dtrace.tools.listing import ARGUMENTS
 
     listed = [line.split()[0] for line in done.stdout.splitlines() if line.split()[:1] and line.split()[0] in ARGUMENTS]
-    assert listed == list(ARGUMENTS)  # all fourteen, in the provider file's order
+    assert listed == list(ARGUMENTS)  # all nineteen, in the provider file's order
 
 
 def test_list_through_p_shows_which_probes_are_enabled(workload_dir):
