@@ -456,7 +456,10 @@ pub unsafe fn leave(code: *mut ffi::PyObject, counts: &CodeCounts, mode: u8) {
         counts.time_ns.set(counts.time_ns.get() + elapsed);
         counts.mark_dirty();
     }
-    if mode & TREE != 0 && top.tree_gen == state.tree_gen && top.node != NO_NODE && top.node != DROPPED
+    if mode & TREE != 0
+        && top.tree_gen == state.tree_gen
+        && top.node != NO_NODE
+        && top.node != DROPPED
     {
         if let Some(tree) = state.tree.as_mut() {
             if let Some(node) = tree.nodes.get_mut(top.node as usize) {
@@ -736,6 +739,9 @@ pub fn stats(_py: pyo3::Python<'_>) -> (u8, usize, usize) {
     // SAFETY: GIL held (`_py`).
     let state = unsafe { state() };
     let live = state.dirty.iter().filter(|c| !c.is_null()).count();
-    let nodes = state.tree.as_ref().map_or(0, |t| t.nodes.len().saturating_sub(1));
+    let nodes = state
+        .tree
+        .as_ref()
+        .map_or(0, |t| t.nodes.len().saturating_sub(1));
     (mode(), live, nodes)
 }

@@ -322,7 +322,13 @@ mod _native {
     fn aggregate_flush(py: Python<'_>, requester: u32) {
         let _ = py;
         // SAFETY: GIL held (`py`).
-        unsafe { aggregate::flush(if requester == 0 { &[] } else { std::slice::from_ref(&requester) }) };
+        unsafe {
+            aggregate::flush(if requester == 0 {
+                &[]
+            } else {
+                std::slice::from_ref(&requester)
+            })
+        };
     }
 
     /// (what is gathered: bits 1 calls, 2 times, 4 lines, 8 the tree; code
