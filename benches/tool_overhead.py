@@ -25,7 +25,7 @@ from pathlib import Path
 
 #: Each benchmark: its module under pyperformance's data files, and the work one run does.
 BENCHMARKS = {
-    "richards": "Richards().run(3)",
+    "richards": "Richards().run(10)",
     "deltablue": "delta_blue(12000)",
     "raytrace": "bench_raytrace(1, 110, 110, None)",
 }

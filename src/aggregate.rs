@@ -600,6 +600,12 @@ pub fn set_mode(_py: pyo3::Python<'_>, new: u8) {
     if new == 0 {
         state.dropped = 0;
     }
+    if old == 0 {
+        // The first periodic flush comes a period after gathering starts.
+        let mut pending = faults::lock(&PENDING);
+        pending.last = None;
+        pending.due = false;
+    }
     MODE.store(new, Ordering::Relaxed);
     // Last: releasing code objects may free them, which reaches `retire`.
     drop_tree(dropped_tree);
@@ -686,9 +692,11 @@ pub fn poll() -> bool {
         }
     }
     let gathering = mode() != 0;
+    if !gathering && requesters.is_empty() {
+        return false; // idle: a few loads, no lock
+    }
     let mut pending = faults::lock(&PENDING);
     if !gathering {
-        pending.last = None;
         pending.due = false;
         let waiting = std::mem::take(&mut pending.requesters);
         drop(pending);

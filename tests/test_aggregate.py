@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 
+import dtrace
 from dtrace.tools import aggregate, runner
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool
 
@@ -72,6 +73,15 @@ def command(directory, *args: str) -> str:
     return done.stdout
 
 
+def require_per_event_tools() -> None:
+    """The per-event tools bind an interpreter's own function probes too where it declares them
+    (3.15 --with-dtrace); bpftrace 0.17 there takes our function__entry for the interpreter's,
+    which has three arguments, and refuses arg3: a known problem of the per-event tools there."""
+    if "function-entry" in dtrace._native.interpreter_probes():
+        pytest.skip("the per-event tools on an interpreter that fires function__entry itself (bpftrace 0.17 "
+                    "takes our function__entry for the interpreter's and refuses its arg3)")
+
+
 def workload_rows(text: str) -> collections.Counter:
     """The table rows about workload.py's code, as (count, function or line, file or function): the
     threading module's own calls depend on timing (an Event.wait that finds the flag set)."""
@@ -81,6 +91,8 @@ def workload_rows(text: str) -> collections.Counter:
 
 @pytest.mark.parametrize("args", [["calls"], ["calls", "-L"], ["lines"]], ids=" ".join)
 def test_counted_in_the_process_equals_per_event(workload_dir, args):
+    if args[0] == "calls":
+        require_per_event_tools()
     counted = workload_rows(command(workload_dir, *args, "-n", "0"))
     per_event = workload_rows(command(workload_dir, *args, "-n", "0", "--per-event"))
     assert counted == per_event
@@ -103,6 +115,7 @@ def flame_frames(svg: str) -> collections.Counter:
 
 
 def test_flame_counted_in_the_process_equals_per_event(workload_dir):
+    require_per_event_tools()
     frames, stacks = [], []
     for mode in ([], ["--per-event"]):
         command(workload_dir, "flame", "-o", "out.svg", *mode)
