@@ -78,27 +78,28 @@ provider python {
 	 * object since the last flush; lineno is its entry line, as
 	 * function__entry passes it. Generators count once per resume.
 	 */
-	probe function__calls(char *, char *, int32_t, char *, int64_t);
+	probe aggregate__calls(char *, char *, int32_t, char *, int64_t);
 	/*
 	 * (filename, funcname, lineno, qualname, calls, time_ns): as
-	 * function__calls, and the time from each entry to its return, callees
+	 * aggregate__calls, and the time from each entry to its return, callees
 	 * included, summed over the calls that returned.
 	 */
-	probe function__time(char *, char *, int32_t, char *, int64_t, int64_t);
+	probe aggregate__time(char *, char *, int32_t, char *, int64_t, int64_t);
 	/* (filename, funcname, lineno, qualname, count): how often one line of one code object started. */
-	probe line__count(char *, char *, int32_t, char *, int64_t);
+	probe aggregate__lines(char *, char *, int32_t, char *, int64_t);
 	/*
 	 * (node, parent, filename, qualname, calls, time_ns): one node of the
 	 * call tree (a Python stack; parent 0 is the root), its calls and the
 	 * time from entry to return of those that returned, callees included.
 	 * Node numbers stay the same while the tree is gathered.
 	 */
-	probe stack__node(int64_t, int64_t, char *, char *, int64_t, int64_t);
+	probe aggregate__node(int64_t, int64_t, char *, char *, int64_t, int64_t);
 	/*
-	 * (requester, dropped): a flush ended; requester is the PID of the tool
-	 * that asked for it (0 for the periodic and the exit flush), dropped
-	 * the calls and lines not gathered since the last flush because a
-	 * bound was reached (docs/probes.md).
+	 * (requester, dropped): a flush ended. Every flush fires it once with
+	 * requester 0 (-1 for the exit flush) and dropped, the calls and lines
+	 * not gathered since the last flush because a bound was reached
+	 * (docs/probes.md); then once per tool that asked for it, with the
+	 * tool's PID and dropped 0.
 	 */
 	probe aggregate__flush(int32_t, int64_t);
 };

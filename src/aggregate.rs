@@ -11,8 +11,8 @@
 //! firings per code object at each flush.
 //!
 //! - **Switched on by a consumer.** The mode is the set of report probes a
-//!   consumer enables (`function__calls` counts, `function__time` also
-//!   times, `line__count` counts lines, `stack__node` builds the tree);
+//!   consumer enables (`aggregate__calls` counts, `aggregate__time` also
+//!   times, `aggregate__lines` counts lines, `aggregate__node` builds the tree);
 //!   `arming` sets it with the events they need, and nothing of it runs
 //!   while nobody wants it. When a kind is switched off, what it gathered
 //!   and did not report is dropped: nobody is there to receive it.
@@ -48,13 +48,13 @@ use pyo3::ffi;
 use crate::faults;
 use crate::probes::fire;
 
-/// Count calls per code object (`function__calls`).
+/// Count calls per code object (`aggregate__calls`).
 pub const COUNT: u8 = 1;
-/// Also time them (`function__time`).
+/// Also time them (`aggregate__time`).
 pub const TIME: u8 = 2;
-/// Count lines per code object and line (`line__count`).
+/// Count lines per code object and line (`aggregate__lines`).
 pub const LINES: u8 = 4;
-/// Build the call tree (`stack__node`).
+/// Build the call tree (`aggregate__node`).
 pub const TREE: u8 = 8;
 
 /// The most call-tree nodes kept (the bpftrace flame tool keeps 65536 keys).
@@ -283,7 +283,7 @@ impl CodeCounts {
     unsafe fn report(&self, mode: u8) {
         let (calls, time_ns) = (self.calls.take(), self.time_ns.take());
         if mode & COUNT != 0 && calls > 0 {
-            fire::function_calls(
+            fire::aggregate_calls(
                 self.filename,
                 self.name,
                 self.entry_line,
@@ -292,7 +292,7 @@ impl CodeCounts {
             );
         }
         if mode & TIME != 0 && (calls > 0 || time_ns > 0) {
-            fire::function_time(
+            fire::aggregate_time(
                 self.filename,
                 self.name,
                 self.entry_line,
@@ -305,7 +305,7 @@ impl CodeCounts {
         if mode & LINES != 0 {
             let base = self.line_base.get();
             for (i, count) in lines.iter().enumerate().filter(|(_, c)| **c > 0) {
-                fire::line_count(
+                fire::aggregate_lines(
                     self.filename,
                     self.name,
                     base + i as i32,
@@ -505,12 +505,16 @@ pub unsafe fn line(counts: &CodeCounts, line: i32) {
     counts.mark_dirty();
 }
 
+/// `aggregate__flush`'s requester for the exit flush (every other flush: 0).
+pub const EXIT_FLUSH: i32 = -1;
+
 /// Reports everything gathered since the last flush, then
-/// `aggregate__flush` once per requester (once, with 0, when none asked).
+/// `aggregate__flush(ended, dropped)` (`ended`: 0, or [`EXIT_FLUSH`]) and
+/// `aggregate__flush(PID, 0)` once per requester.
 ///
 /// # Safety
 /// GIL held.
-pub unsafe fn flush(requesters: &[u32]) {
+pub unsafe fn flush(ended: i32, requesters: &[u32]) {
     let mode = mode();
     let state = state();
     if mode != 0 {
@@ -529,15 +533,13 @@ pub unsafe fn flush(requesters: &[u32]) {
         }
     }
     let dropped = std::mem::take(&mut state.dropped) as i64;
-    if requesters.is_empty() {
-        fire::aggregate_flush(0, dropped);
-    }
+    fire::aggregate_flush(ended, dropped);
     for &pid in requesters {
-        fire::aggregate_flush(pid as i32, dropped);
+        fire::aggregate_flush(pid as i32, 0);
     }
 }
 
-/// Fires `stack__node` for every node with something new, and for their
+/// Fires `aggregate__node` for every node with something new, and for their
 /// ancestors (so that a consumer that attached later sees every path).
 unsafe fn report_tree(tree: &mut Tree) {
     let mut marked = std::mem::take(&mut tree.dirty);
@@ -553,7 +555,7 @@ unsafe fn report_tree(tree: &mut Tree) {
     for &id in &marked {
         let node = &mut tree.nodes[id as usize];
         let counts = &*node.counts;
-        fire::stack_node(
+        fire::aggregate_node(
             i64::from(id),
             i64::from(node.parent),
             counts.filename,
@@ -730,7 +732,7 @@ pub fn flush_pending(_py: pyo3::Python<'_>) {
         std::mem::take(&mut pending.requesters)
     };
     // SAFETY: GIL held (`_py`).
-    unsafe { flush(&requesters) };
+    unsafe { flush(0, &requesters) };
 }
 
 /// At exit: the last flush, so that nothing gathered is lost.
@@ -738,7 +740,7 @@ pub fn at_exit(_py: pyo3::Python<'_>) {
     if mode() != 0 {
         let requesters = std::mem::take(&mut faults::lock(&PENDING).requesters);
         // SAFETY: GIL held (`_py`).
-        unsafe { flush(&requesters) };
+        unsafe { flush(EXIT_FLUSH, &requesters) };
     }
 }
 

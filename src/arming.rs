@@ -12,9 +12,9 @@
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
 //! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
-//! | function-calls                  | sys.monitoring PY_START, PY_RESUME, PY_THROW (counted in the process, `aggregate`) |
-//! | function-time, stack-node       | those and PY_RETURN, PY_YIELD, PY_UNWIND (timed, the tree built in the process) |
-//! | line-count                      | sys.monitoring LINE (counted in the process)   |
+//! | aggregate-calls                  | sys.monitoring PY_START, PY_RESUME, PY_THROW (counted in the process, `aggregate`) |
+//! | aggregate-time, aggregate-node       | those and PY_RETURN, PY_YIELD, PY_UNWIND (timed, the tree built in the process) |
+//! | aggregate-lines                      | sys.monitoring LINE (counted in the process)   |
 //! | aggregate-flush                 | nothing: fired at each flush                   |
 //!
 //! Where the interpreter was built `--with-dtrace` and fires a probe itself,
@@ -59,10 +59,10 @@ const CFUNCTION_PROBES: ProbeSet =
 const CALL_PROBES: ProbeSet = INSTANCE_NEW_PROBES.union(CFUNCTION_PROBES);
 /// The aggregate probes that switch gathering on (`aggregate`).
 const AGGREGATE_PROBES: ProbeSet = ProbeSet::of(&[
-    probes::FUNCTION_CALLS,
-    probes::FUNCTION_TIME,
-    probes::LINE_COUNT,
-    probes::STACK_NODE,
+    probes::AGGREGATE_CALLS,
+    probes::AGGREGATE_TIME,
+    probes::AGGREGATE_LINES,
+    probes::AGGREGATE_NODE,
 ]);
 /// The probe that ends each flush: fired, nothing to hook in.
 const FLUSH_PROBES: ProbeSet = ProbeSet::of(&[probes::AGGREGATE_FLUSH]);
@@ -279,14 +279,14 @@ impl EventBits {
         let mut events = 0;
         let entries = ProbeSet::of(&[
             probes::FUNCTION_ENTRY,
-            probes::FUNCTION_CALLS,
-            probes::FUNCTION_TIME,
-            probes::STACK_NODE,
+            probes::AGGREGATE_CALLS,
+            probes::AGGREGATE_TIME,
+            probes::AGGREGATE_NODE,
         ]);
         let returns = ProbeSet::of(&[
             probes::FUNCTION_RETURN,
-            probes::FUNCTION_TIME,
-            probes::STACK_NODE,
+            probes::AGGREGATE_TIME,
+            probes::AGGREGATE_NODE,
         ]);
         if !probes.intersection(entries).is_empty() {
             events |= self.py_start | self.py_resume | self.py_throw;
@@ -294,7 +294,7 @@ impl EventBits {
         if !probes.intersection(returns).is_empty() {
             events |= self.py_return | self.py_yield | self.py_unwind;
         }
-        if probes.contains(probes::LINE) || probes.contains(probes::LINE_COUNT) {
+        if probes.contains(probes::LINE) || probes.contains(probes::AGGREGATE_LINES) {
             events |= self.line;
         }
         // C_RETURN and C_RAISE come only with CALL (sys.monitoring refuses
@@ -648,10 +648,10 @@ fn set_gathering(py: Python<'_>, wanted: ProbeSet) {
     callbacks::PER_EVENT.store(per_event, Ordering::Relaxed);
     aggregate::set_mode(
         py,
-        bit(probes::FUNCTION_CALLS, aggregate::COUNT)
-            | bit(probes::FUNCTION_TIME, aggregate::TIME)
-            | bit(probes::LINE_COUNT, aggregate::LINES)
-            | bit(probes::STACK_NODE, aggregate::TREE),
+        bit(probes::AGGREGATE_CALLS, aggregate::COUNT)
+            | bit(probes::AGGREGATE_TIME, aggregate::TIME)
+            | bit(probes::AGGREGATE_LINES, aggregate::LINES)
+            | bit(probes::AGGREGATE_NODE, aggregate::TREE),
     );
 }
 

@@ -323,11 +323,14 @@ mod _native {
         let _ = py;
         // SAFETY: GIL held (`py`).
         unsafe {
-            aggregate::flush(if requester == 0 {
-                &[]
-            } else {
-                std::slice::from_ref(&requester)
-            })
+            aggregate::flush(
+                0,
+                if requester == 0 {
+                    &[]
+                } else {
+                    std::slice::from_ref(&requester)
+                },
+            )
         };
     }
 

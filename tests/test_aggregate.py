@@ -148,7 +148,7 @@ def countdowns(tool: ToolRun) -> int:
 def test_two_tools_at_once_each_count_exactly(workload_dir):
     # One counts, one times: the process gathers both, and each tool's first flush starts its count.
     require_tracer()
-    workload = Workload(COUNTDOWN, ["function-calls", "function-time", "aggregate-flush"], workload_dir)
+    workload = Workload(COUNTDOWN, ["aggregate-calls", "aggregate-time", "aggregate-flush"], workload_dir)
     workload.start()
     tools = [ToolRun(["calls"], workload.pid), ToolRun(["calls", "-L"], workload.pid)]
     try:
@@ -169,7 +169,7 @@ def test_two_tools_at_once_each_count_exactly(workload_dir):
 
 def test_a_tool_killed_with_sigkill_leaves_nothing_gathering(workload_dir):
     require_tracer()
-    workload = Workload(COUNTDOWN, ["stack-node", "aggregate-flush"], workload_dir)
+    workload = Workload(COUNTDOWN, ["aggregate-node", "aggregate-flush"], workload_dir)
     handshake(workload, lambda w: ToolRun(["flame", "--folded"], w.pid, stop_signal=signal.SIGKILL))
     # Its bpftrace died with it: the probes went idle, the tree and the counts were dropped.
     assert workload.idle["aggregate"] == [0, 0, 0], workload.idle
@@ -198,7 +198,7 @@ FORKS = """
 
 def test_a_fork_while_counting_leaves_the_parents_count_exact(workload_dir):
     require_tracer()
-    workload = Workload(FORKS, ["function-calls", "aggregate-flush"], workload_dir)
+    workload = Workload(FORKS, ["aggregate-calls", "aggregate-flush"], workload_dir)
     tool = handshake(workload, lambda w: ToolRun(["calls"], w.pid))
     assert countdowns(tool) == 300  # the parent's: the child's (and what it inherited) are not
 
@@ -208,7 +208,7 @@ def test_a_consumer_by_hand_gets_the_counts_without_asking(workload_dir):
     # it has seen all 300 calls, without a flush request.
     require_tracer()
     program = """
-        usdt:{lib}:python:function__calls
+        usdt:{lib}:python:aggregate__calls
         /str(arg1) == "countdown"/
         {
             @n = @n + arg4;
@@ -221,7 +221,7 @@ def test_a_consumer_by_hand_gets_the_counts_without_asking(workload_dir):
             @dropped = @dropped + arg1;
         }
     """
-    workload = Workload(COUNTDOWN, ["function-calls"], workload_dir)
+    workload = Workload(COUNTDOWN, ["aggregate-calls"], workload_dir)
     workload.start()
     tracer = Bpftrace(textwrap.dedent(program), workload.pid, workload.library)
     try:

@@ -31,10 +31,10 @@ EXPECTED_ARGUMENT_SIZES = {
     "audit": ["8", "8"],
     "cfunction__entry": ["8", "8", "-4", "8"],
     "cfunction__return": ["8", "8", "-4", "8"],
-    "function__calls": ["8", "8", "-4", "8", "-8"],
-    "function__time": ["8", "8", "-4", "8", "-8", "-8"],
-    "line__count": ["8", "8", "-4", "8", "-8"],
-    "stack__node": ["-8", "-8", "8", "8", "-8", "-8"],
+    "aggregate__calls": ["8", "8", "-4", "8", "-8"],
+    "aggregate__time": ["8", "8", "-4", "8", "-8", "-8"],
+    "aggregate__lines": ["8", "8", "-4", "8", "-8"],
+    "aggregate__node": ["-8", "-8", "8", "8", "-8", "-8"],
     "aggregate__flush": ["-4", "-8"],
 }
 

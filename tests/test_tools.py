@@ -86,7 +86,7 @@ def tool_of(script: Path):
 
 
 #: The probes a -p workload waits for: a tool's default (counted in the process) and --per-event.
-AGGREGATE_CALLS = ["function-calls", "aggregate-flush"]
+AGGREGATE_CALLS = ["aggregate-calls", "aggregate-flush"]
 MODES = {"aggregate": [], "per-event": ["--per-event"]}
 
 
@@ -197,7 +197,7 @@ def test_calls_latency_through_c_and_p(workload_dir, mode):
     assert done.stdout.splitlines()[0].split() == ["CALLS", "TOTAL", "AVERAGE", "FUNCTION", "FILE"]
     countdown = re.search(r"^\s*(\d+)\s+(\S+ \S+)\s+(\S+ \S+)\s+countdown\s", done.stdout, re.M)
     assert countdown and countdown.group(1) == "300", done.stdout
-    probes = ["function-entry", "function-return"] if MODES[mode] else ["function-time", "aggregate-flush"]
+    probes = ["function-entry", "function-return"] if MODES[mode] else ["aggregate-time", "aggregate-flush"]
     workload, tool = trace_with_tool(COUNTDOWN, ["calls", "-L", *MODES[mode]], probes, workload_dir)
     countdown = re.search(r"^\s*(\d+)\s+(\S+ \S+)\s+(\S+ \S+)\s+countdown\s", tool.stdout, re.M)
     assert countdown and countdown.group(1) == "300", tool.stdout
@@ -308,7 +308,7 @@ def test_lines_through_c_and_p_count_a_loop_body_exactly(workload_dir, mode):
     done = traced_command(workload_dir, "lines", "-n", "0", *MODES[mode], body=as_script(LOOP))
     hot = f"workload.py:{line_of(workload_dir / 'workload.py', '# hot')}"
     assert rows(done.stdout, 1, hot)[0] == ["25", hot, "loop"]
-    probes = ["line"] if MODES[mode] else ["line-count", "aggregate-flush"]
+    probes = ["line"] if MODES[mode] else ["aggregate-lines", "aggregate-flush"]
     workload, tool = trace_with_tool(LOOP, ["lines", "-n", "5", *MODES[mode]], probes, workload_dir)
     hot = f"{workload.path}:{workload.line_of('# hot')}"
     assert [r[0] for r in rows(tool.stdout, 1, hot)] == ["25"], tool.stdout
@@ -582,7 +582,7 @@ def test_flame_through_c_writes_an_svg_and_folded_stacks(workload_dir):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_flame_through_p_folds_the_stacks_entered_after_attaching(workload_dir, mode):
-    probes = ["function-entry", "function-return"] if MODES[mode] else ["stack-node", "aggregate-flush"]
+    probes = ["function-entry", "function-return"] if MODES[mode] else ["aggregate-node", "aggregate-flush"]
     workload, tool = trace_with_tool(NESTED, ["flame", "--folded", *MODES[mode]], probes, workload_dir)
     assert tool.code == 0, tool.stderr
     f = f"({workload.path})"

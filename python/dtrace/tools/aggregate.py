@@ -41,6 +41,8 @@ SYMBOL = "pydtrace_flush_requests"
 SLOTS = 8
 #: What the tools' programs print at the end of a flush the tool asked for.
 FLUSHED = "pydtrace: flushed"
+#: What they print at the end of the process's exit flush (``aggregate__flush(-1, ...)``).
+EXIT_FLUSHED = "pydtrace: exit flush"
 #: Seconds a flush may take: the watcher polls every 20 ms, then needs the GIL once (it takes it
 #: itself when the main thread runs no Python).
 FLUSH_TIMEOUT = 5.0
@@ -108,7 +110,8 @@ class Aggregation:
         self.flusher: Flusher | None = None
         self.final_at: float | None = None
         self.stopping = False
-        self.dropped = 0
+        #: Whether the last flush (the tool's, or the process's at exit) has ended.
+        self.complete = False
         self._done = threading.Event()
         self._lock = threading.Lock()
 
@@ -141,6 +144,7 @@ class Aggregation:
                 if now - self.final_at > FLUSH_TIMEOUT:
                     runner.warn(f"process {self.target.pid} did not flush within {FLUSH_TIMEOUT:g} s: what it "
                                 "gathered since its last flush (at most a second) is missing")
+                    self.complete = True  # said once, here
                     self._stop()
                     return
             elif self.interval:
@@ -172,7 +176,19 @@ class Aggregation:
     def flushed(self) -> None:
         """The end of a flush this tool asked for (its program printed FLUSHED)."""
         if self.final_at is not None:
+            self.complete = True
             self._stop()
+
+    def exit_flushed(self) -> None:
+        """The end of the process's exit flush (its program printed EXIT_FLUSHED)."""
+        self.complete = True
+
+    def warn_incomplete(self) -> None:
+        """Say so when the trace ended without a last flush: the process died without its exit
+        flush (a signal, ``os._exit``), or did not answer the tool's."""
+        if not self.complete:
+            runner.warn(f"process {self.target.pid} ended without its last flush (killed by a signal, "
+                        "os._exit?): what it counted since its previous flush (at most a second) is missing")
 
     def _stop(self) -> None:
         if not self.stopping:

@@ -279,6 +279,8 @@ class Tool:
         for event in itertools.chain(early, session.events()):
             if event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.FLUSHED:
                 self.aggregation.flushed()
+            elif event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.EXIT_FLUSHED:
+                self.aggregation.exit_flushed()
             elif event.kind == "printf":
                 self.on_printf(event.data, out)
             elif event.kind == "map" and event.name == "@dropped":
@@ -307,6 +309,8 @@ class Tool:
         self.finish(options, out, session)
         out.flush()
         self.warn_incomplete(session, options)
+        if self.aggregation is not None and not session.killed:
+            self.aggregation.warn_incomplete()
         if dropped:
             runner.warn(f"{dropped} calls or lines were not gathered: the process reached a bound of its "
                         "aggregation (the call tree's nodes, a code object's lines; docs/probes.md)")

@@ -527,7 +527,9 @@ class Session:
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop_requested_at is not None
+        """Whether a stop was asked for: a stop signal to the tool (also one an aggregating tool
+        answers with a last flush first), or the end of its last flush."""
+        return self._stop_requested_at is not None or bool(self.signals)
 
     def _begin_stop(self) -> None:
         if self.stopper is None:
