@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 import dtrace
-from dtrace.tools import aggregate, runner
+from dtrace.tools import aggregate, interpreter, runner
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool
 
 #: Recursion, a generator, exceptions, methods, and four threads calling them at once.
@@ -74,12 +74,12 @@ def command(directory, *args: str) -> str:
 
 
 def require_per_event_tools() -> None:
-    """The per-event tools bind an interpreter's own function probes too where it declares them
-    (3.15 --with-dtrace); bpftrace 0.17 there takes our function__entry for the interpreter's,
-    which has three arguments, and refuses arg3: a known problem of the per-event tools there."""
-    if "function-entry" in dtrace._native.interpreter_probes():
-        pytest.skip("the per-event tools on an interpreter that fires function__entry itself (bpftrace 0.17 "
-                    "takes our function__entry for the interpreter's and refuses its arg3)")
+    """Where the interpreter declares function__entry itself (3.15 --with-dtrace), bpftrace 0.17
+    refuses the per-event tools' programs here ("couldn't get argument 0 for ...function__entry"):
+    a known problem of the per-event tools on such interpreters, not of the aggregate probes."""
+    if "function__entry" in interpreter.declared(os.getpid(), dtrace.library_path()):
+        pytest.skip("the per-event tools on an interpreter that declares function__entry itself (bpftrace 0.17 "
+                    "refuses their programs there)")
 
 
 def workload_rows(text: str) -> collections.Counter:
