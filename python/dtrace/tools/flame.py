@@ -26,14 +26,16 @@ SAMPLES = (
 class Flame(Tool):
     name = "flame"
     script = "flame"
+    aggregate_script = "flame_aggregate"
     strlen = 200
     max_keys = 65536
     intervals = False
     summary = "a flame graph of time by Python stack (SVG, speedscope or folded stacks)"
     description = (
         "Draw a flame graph of the time spent per Python stack, measured from function entries to "
-        "returns. The stacks are aggregated in the kernel, so no event is lost however busy the "
-        "program. Write an interactive SVG (open it in a browser: hover for times, click to zoom, "
+        "returns. The process keeps the call tree itself and reports it to the tracer at each flush, "
+        "with no event per call (--per-event: the stacks are aggregated in the kernel from an event per "
+        "call and return); no event is lost however busy the program. Write an interactive SVG (open it in a browser: hover for times, click to zoom, "
         "Search to highlight), a speedscope profile (--format speedscope, or -o NAME.json; open it at "
         "https://www.speedscope.app), or folded stacks for flamegraph.pl (--format folded). "
         "The times are wall time from entry to return, callees included: not samples. A frame that "
@@ -66,7 +68,10 @@ examples:
                                  "suffix of -o: .json is speedscope, .folded is folded; else svg)")
         parser.add_argument("--folded", action="store_true", help="the same as --format folded")
         parser.add_argument("--native", action="store_true",
-                            help="add the C functions that Python code calls as frames, marked [C]")
+                            help="add the C functions that Python code calls as frames, marked [C] (per event)")
+        parser.add_argument("--per-event", action="store_true",
+                            help="fire a probe per call and return and count in the tracer, as before aggregation in the "
+                                 "process (slower: a trap per event)")
         parser.add_argument("--sample", nargs="?", type=int, const=99, metavar="HZ",
                             help="sample the on-CPU Python stacks HZ times a second per CPU (default 99), read "
                                  "from the frames: no Python probe is enabled, and -p works on any Python 3.12+ "

@@ -64,6 +64,8 @@ class Options:
     latency: bool = False
     # calls, flow, flame: C functions too (the cfunction probes)
     native: bool = False
+    # calls, lines, flame: the per-event probes rather than aggregation in the process
+    per_event: bool = False
     # where
     function: str | None = None
     no_lines: bool = False

@@ -527,9 +527,17 @@ class Session:
         else:
             self.stopper.step(hurry=True)
 
+    def request_stop(self) -> None:
+        """Stop the tracer once its output has been quiet for a moment, as after Ctrl-C, without a
+        signal to the tool (the end of an aggregating tool's last flush)."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+
     @property
     def stop_requested(self) -> bool:
-        return self._stop_requested_at is not None
+        """Whether a stop was asked for: a stop signal to the tool (also one an aggregating tool
+        answers with a last flush first), or the end of its last flush."""
+        return self._stop_requested_at is not None or bool(self.signals)
 
     def _begin_stop(self) -> None:
         if self.stopper is None:
