@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import interpreter, report, runner, scope, tracers
+from dtrace.tools import children, interpreter, report, runner, scope, tracers
 from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
@@ -179,7 +181,33 @@ class Tool:
             return 0
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
-        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject)
+        self._children: list[threading.Thread] = []
+        self._child_sessions: list[runner.Session] = []
+        self._out_lock = threading.Lock()
+        follower = None
+        if options.argv:
+            # Every Python process of the command's tree reports to the follower: traced with
+            # --children, counted otherwise (dtrace/tools/children.py).
+            follower = children.Follower(
+                options.children,
+                lambda child: self._follow(child, options, tracer, program, probes, scope_text, out))
+            try:
+                target = runner.start(options.argv, options.startup_timeout, follower.environment())
+            except BaseException:
+                follower.close()
+                raise
+            follower.start(target.pid)
+        else:
+            target = runner.attach(options.pid, options.inject)
+        try:
+            return self._run_target(options, tracer, program, probes, scope_text, target, follower, out)
+        finally:
+            if follower is not None:
+                follower.close()
+
+    def _run_target(self, options, tracer, program, probes, scope_text, target, follower, out) -> int:
+        """The run once the target is known: the root process's tracer, then what its
+        children's tracers report."""
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
         # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
         try:
@@ -198,9 +226,14 @@ class Tool:
         try:
             session.start()
             for sig in stops:
-                signal.signal(sig, lambda signum, frame: session.interrupt(signum))
-            return self._collect(options, target, session, probes, out)
+                signal.signal(sig, lambda signum, frame: self._interrupt_all(session, signum))
+            code = self._collect(options, target, session, probes, self._sink(options, target, out))
+            self._end_children(session, follower, out)
+            return code
         except BaseException:
+            for child in self._child_sessions:
+                if child.process.poll() is None:
+                    child.process.kill()
             if getattr(session, "process", None) is not None and session.process.poll() is None:
                 session.process.kill()  # nothing more is read: the kernel detaches its probes
                 session.wait()
@@ -212,6 +245,104 @@ class Tool:
                 signal.signal(sig, handler)
             if lease is not None:
                 lease.release()  # the scope goes back to what it was
+
+    # --- --children: a tracer per process of the command's tree
+
+    def _sink(self, options: Options, target: runner.Target, out: TextIO) -> TextIO:
+        """Where a process's output goes: with --children, a streaming tool's lines carry the
+        process's PID; a map tool's reports are per-process sections (see _section)."""
+        return Prefixed(out, target.pid, self._out_lock) if options.children and self.streaming else out
+
+    def _interrupt_all(self, session: runner.Session, signum: int) -> None:
+        session.interrupt(signum)
+        for child in list(self._child_sessions):
+            child.interrupt(signum)
+
+    def _follow(self, target: runner.Target, options, tracer, program, probes, scope_text, out) -> None:
+        """A process of the command's tree reported (from the follower's thread): trace it."""
+        thread = threading.Thread(target=self._trace_child,
+                                  args=(target, options, tracer, program, probes, scope_text, out), daemon=True)
+        self._children.append(thread)
+        thread.start()
+
+    def _trace_child(self, target: runner.Target, options, tracer, program, probes, scope_text, out) -> None:
+        """One child's tracer, from its attach to its report: the same program, scope and
+        probes as the command's. A child that cannot be traced runs on untraced, said on stderr."""
+        described = target.describe()
+        lease = None
+        try:
+            program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
+            lease = scope.open_session(options, target, scope_text, asked, quiet=True)
+            env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
+            session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
+                                     self.arguments(target))
+            session.start()
+            self._child_sessions.append(session)
+            early, ready = [], None
+            for event in session.events(timeout=runner.ATTACH_TIMEOUT):
+                if event.kind == "printf" and event.data.startswith("Tracing "):
+                    ready = event
+                    break
+                early.append(event)
+            if ready is None:
+                session.stop()
+                raise session.failure("failed")
+            target.release(probes)
+            tool = type(self)()
+            sink = self._sink(options, target, out)
+            buffer = sink if self.streaming else io.StringIO()
+            tool.start(options, target, buffer)
+            maps: dict[str, dict] = {}
+            for event in itertools.chain(early, session.events()):
+                if event.kind == "printf":
+                    tool.on_printf(event.data, buffer)
+                elif event.kind == "lost":
+                    tool.on_lost(event.data, buffer)
+                elif event.kind == "map":
+                    maps.setdefault(event.name, {}).update(event.data)
+                elif event.kind == "time":
+                    tool.report(maps, options, buffer, event.data, session)
+                    maps = {}
+            session.wait()
+            if maps or not self.intervals or not getattr(options, "interval", None):
+                tool.report(maps, options, buffer, None, session)
+            tool.finish(options, buffer, session)
+            ended = "ended" if not runner.alive(target.pid) else "still running"
+            if not self.streaming:
+                self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
+            tool.warn_incomplete(session, options, f"PID {target.pid}: ")
+        except (ToolError, OSError, TimeoutError) as error:
+            target.abandon()
+            if not runner.alive(target.pid):
+                # Its parent ended it (a pool's terminate()) while it waited: it ran none of its code.
+                self._section(out, f"{described}, a child process (ended before its tracer attached)", "")
+            else:
+                runner.warn(f"the child process {described} is not traced: {error}")
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _section(self, out: TextIO, title: str, text: str) -> None:
+        with self._out_lock:
+            out.write(f"\n=== {title}\n{text}")
+            out.flush()
+
+    def _end_children(self, session: runner.Session, follower, out: TextIO) -> None:
+        """After the command's trace: the children's tracers end with their processes, or are
+        stopped with the trace; a child that started untraced is said."""
+        if follower is None:
+            return
+        if session.stop_requested:
+            for child in list(self._child_sessions):
+                child.interrupt()
+        for thread in list(self._children):
+            thread.join()
+        follower.close()
+        untraced = follower.untraced
+        if untraced:
+            runner.warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
+                        f"{', '.join(map(str, untraced[:8]))}{', ...' if len(untraced) > 8 else ''}): "
+                        "--children traces them too, each from its first line")
 
     def _collect(self, options, target, session, probes, out) -> int:
         # The program's BEGIN prints "Tracing ..." once every probe is attached. Another CPU's
@@ -233,7 +364,8 @@ class Tool:
                 return 128 + session.signals[0]
             raise session.failure(f"failed (exit status {code})")
         target.release(probes)
-        print(f"{ready.data.rstrip()}  [{target.describe()}]", file=sys.stderr, flush=True)
+        described = target.describe()
+        print(f"{ready.data.rstrip()}  [{described}]", file=sys.stderr, flush=True)
         self.start(options, target, out)
         maps: dict[str, dict] = {}
         intervals = 0
@@ -259,6 +391,11 @@ class Tool:
         # With -i, what came after the last interval is reported, unless -d ended the trace
         # with that interval.
         ended_by_duration = intervals and intervals == self.ticks(options)
+        if options.children and not self.streaming:
+            # The command's own section; its children's come as they end.
+            for thread in list(self._children):
+                thread.join()
+            out.write(f"\n=== {described}, the command\n")
         if not intervals or (any(maps.get(name) for name in self.maps) and not ended_by_duration):
             self.report(maps, options, out, "at exit" if intervals else None, session)
         self.finish(options, out, session)
@@ -311,8 +448,8 @@ class Tool:
             )
         return [p for p in probes if p in _native.ARMABLE_PROBES]
 
-    def warn_incomplete(self, session: runner.Session, args: Options) -> None:
-        """Never a silently wrong table: say what the tracer lost."""
+    def warn_incomplete(self, session: runner.Session, args: Options, who: str = "") -> None:
+        """Never a silently wrong table: say what the tracer lost (``who``: the process, for a child)."""
         if session.killed:
             runner.warn(
                 f"{session.tracer.name} did not stop after two SIGINTs and was killed: "
@@ -320,7 +457,7 @@ class Tool:
             )
         if session.lost:
             runner.warn(
-                f"{session.lost} events were lost (the tracer's output buffer overflowed): "
+                f"{who}{session.lost} events were lost (the tracer's output buffer overflowed): "
                 "the output above is incomplete"
             )
         if session.map_full:
@@ -342,3 +479,22 @@ def cut_note(names: list[str], strlen: int) -> str | None:
     if not cut:
         return None
     return f"{len(cut)} names reached the tracer's string limit ({strlen - 1} bytes) and may be cut (marked ...)"
+
+
+class Prefixed(io.TextIOBase):
+    """An output whose lines carry a process's PID first, written whole under a lock (the
+    tracers of a command's processes write at once)."""
+
+    def __init__(self, out: TextIO, pid: int, lock: threading.Lock) -> None:
+        self.out, self.prefix, self.lock, self.pending = out, f"{pid:<7} ", lock, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            lines, self.pending = self.pending.rsplit("\n", 1)
+            with self.lock:
+                self.out.write("".join(f"{self.prefix}{line}\n" for line in lines.split("\n")))
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()

@@ -71,6 +71,11 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
         target.add_argument("-p", "--pid", type=int, help=COMMON_HELP["pid"])
         target.add_argument("-c", "--command", metavar="COMMAND",
                             help=COMMON_HELP["command"] if tool.needs_target else COMMON_HELP["list-command"])
+        if tool.needs_target:
+            sub.add_argument("--children", action="store_true",
+                             help="with -c, also trace every Python process the command starts (fork, exec, "
+                                  "multiprocessing, subprocess), each from its first line, in a section of "
+                                  "its own (or with its PID first on each line)")
         sub.add_argument("--inject", action="store_true",
                          help="with -p, on a Python process that has not loaded the probes: load them without "
                               "asking (runs `import dtrace` in it through gdb, or sys.remote_exec on 3.14+; "

@@ -53,6 +53,8 @@ class Options:
     startup_timeout: float = STARTUP_TIMEOUT
     #: -p on a process without the probes: load them without asking (docs/injection.md).
     inject: bool = False
+    #: --children: trace the Python processes a -c command starts too (dtrace/tools/children.py).
+    children: bool = False
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()
     scope_files: tuple[str, ...] = ()
@@ -100,6 +102,9 @@ class Options:
             raise UsageError(f"-p {options.pid} is not a process ID: give the PID of a running process")
         if needs_target and not options.script and options.pid is None and not argv:
             raise UsageError("give -p PID or -c COMMAND (or --script)")
+        if options.children and options.pid is not None:
+            raise UsageError("--children follows the processes of a command the tool starts (-c): a running "
+                             "process (-p) cannot be told to report its children; start it with -c")
         if options.startup_timeout <= 0:
             raise UsageError(f"--startup-timeout must be more than 0 seconds, not {options.startup_timeout:g}")
         if options.top < 0:

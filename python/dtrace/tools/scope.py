@@ -419,7 +419,7 @@ class Lease:
 
 
 def open_session(args: argparse.Namespace, target: runner.Target, text: str | None,
-                 probes: Sequence[str] = ()) -> Lease | None:
+                 probes: Sequence[str] = (), quiet: bool = False) -> Lease | None:
     """Set the session's scope in ``target`` (``text`` from :func:`requested`), ask it to fire
     ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py), and
     say what scope is in force.
@@ -429,7 +429,8 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     ``-c`` is stopped, not left waiting.
     """
     if text is None:
-        _note_scope_in_force(target)
+        if not quiet:
+            _note_scope_in_force(target)
         if not probes:
             return None
     text = "\n".join([text or ""] + [f"probe:{name}" for name in probes]).strip("\n")
