@@ -153,3 +153,16 @@ def test_flow_with_children_puts_the_pid_first(tmp_path):
     for line in entries:
         found_pids.add(int(line.split()[0]))
     assert len(found_pids) >= 1
+
+
+def test_run_with_children_gives_each_process_a_tracer(tmp_path):
+    require_tracer()
+    script = tmp_path / "app.py"
+    script.write_text(POOL)
+    program = 'usdt::python:function__entry /str(arg3) == "work"/ { @work[pid] = count(); }'
+    done = run_tool("run", "--children", "-e", program, "-c", f"{sys.executable} {script} spawn",
+                    cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    counts = {int(pid): int(n) for pid, n in re.findall(r"^@work\[(\d+)\]: (\d+)$", done.stdout, re.M)}
+    assert sum(counts.values()) == 10, done.stdout
+    assert len(re.findall(r"^Tracing with the program", done.stderr, re.M)) >= 3, done.stderr
