@@ -166,3 +166,39 @@ def test_run_with_children_gives_each_process_a_tracer(tmp_path):
     counts = {int(pid): int(n) for pid, n in re.findall(r"^@work\[(\d+)\]: (\d+)$", done.stdout, re.M)}
     assert sum(counts.values()) == 10, done.stdout
     assert len(re.findall(r"^Tracing with the program", done.stderr, re.M)) >= 3, done.stderr
+
+
+# --- The cost of a trace, said with numbers ------------------------------------------------------
+
+BUSY = """\
+def leaf(i):
+    return i
+
+for i in range(200000):
+    leaf(i)
+"""
+
+
+def test_a_busy_trace_says_its_events_per_second_and_the_scope_to_use(tmp_path):
+    require_tracer()
+    script = tmp_path / "app.py"
+    script.write_text(BUSY)
+    done = run_tool("calls", "-c", f"{sys.executable} {script}", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    total = int(re.search(r"^(\d+) calls of \d+ functions", done.stdout, re.M).group(1))
+    assert calls_of(done.stdout, "leaf", "app.py") == 200000
+    note = re.search(r"the trace saw ([\d,]+) events in ([\d.]+) s \(([\d,]+) a second\)", done.stderr)
+    assert note, done.stderr
+    assert int(note.group(1).replace(",", "")) == total
+    assert re.search(r"Most events came from: --file app\.py \((\d+)%\)", done.stderr), done.stderr
+    assert "flame --sample" in done.stderr
+
+
+def test_a_quiet_trace_says_nothing_about_its_cost(tmp_path):
+    require_tracer()
+    script = tmp_path / "app.py"
+    script.write_text(BUSY.replace("200000", "10"))
+    done = run_tool("calls", "-c", f"{sys.executable} {script}", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert calls_of(done.stdout, "leaf", "app.py") == 10
+    assert "the trace saw" not in done.stderr, done.stderr

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import os
 import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -68,6 +70,9 @@ class Tool:
     intervals = True
     #: Whether the tool needs a target (-p or -c) to run.
     needs_target = True
+    #: The maps whose counts are events of the function and line probes, keyed by file first
+    #: (calls' @calls, lines' @lines): the cost note's numbers (see cost_note).
+    event_maps: tuple[str, ...] = ()
 
     # --- the command line
 
@@ -156,6 +161,10 @@ class Tool:
 
     def on_lost(self, count: int, out: TextIO) -> None:
         """The tracer lost ``count`` events here (its output buffer was full)."""
+
+    def events_by_file(self) -> dict[str, int]:
+        """A streaming tool's events so far, per file (for the cost note); map tools use event_maps."""
+        return {}
 
     def report(self, maps: dict[str, dict[tuple[str, ...], Any]], args: Options,
                out: TextIO, label: str | None, session: runner.Session) -> None:
@@ -292,6 +301,7 @@ class Tool:
             sink = self._sink(options, target, out)
             buffer = sink if self.streaming else io.StringIO()
             tool.start(options, target, buffer)
+            began, by_file = time.monotonic(), {}
             maps: dict[str, dict] = {}
             for event in itertools.chain(early, session.events()):
                 if event.kind == "printf":
@@ -300,6 +310,8 @@ class Tool:
                     tool.on_lost(event.data, buffer)
                 elif event.kind == "map":
                     maps.setdefault(event.name, {}).update(event.data)
+                    if event.name in self.event_maps:
+                        count_by_file(by_file, event.data)
                 elif event.kind == "time":
                     tool.report(maps, options, buffer, event.data, session)
                     maps = {}
@@ -311,6 +323,8 @@ class Tool:
             if not self.streaming:
                 self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
             tool.warn_incomplete(session, options, f"PID {target.pid}: ")
+            cost_note(by_file or tool.events_by_file(), time.monotonic() - began, session.lost, options,
+                      f"PID {target.pid}: ")
         except (ToolError, OSError, TimeoutError) as error:
             target.abandon()
             if not runner.alive(target.pid):
@@ -367,6 +381,8 @@ class Tool:
         described = target.describe()
         print(f"{ready.data.rstrip()}  [{described}]", file=sys.stderr, flush=True)
         self.start(options, target, out)
+        began = time.monotonic()
+        by_file: dict[str, int] = {}
         maps: dict[str, dict] = {}
         intervals = 0
         for event in itertools.chain(early, session.events()):
@@ -376,6 +392,8 @@ class Tool:
                 self.on_lost(event.data, out)
             elif event.kind == "map":
                 maps.setdefault(event.name, {}).update(event.data)
+                if event.name in self.event_maps:
+                    count_by_file(by_file, event.data)
             elif event.kind == "time":
                 self.report(maps, options, out, event.data, session)
                 out.flush()
@@ -401,6 +419,7 @@ class Tool:
         self.finish(options, out, session)
         out.flush()
         self.warn_incomplete(session, options)
+        cost_note(by_file or self.events_by_file(), time.monotonic() - began, session.lost, options)
         if target.process is None:
             return 0
         if not command_ended:
@@ -479,6 +498,65 @@ def cut_note(names: list[str], strlen: int) -> str | None:
     if not cut:
         return None
     return f"{len(cut)} names reached the tracer's string limit ({strlen - 1} bytes) and may be cut (marked ...)"
+
+
+#: Events per second above which a trace is said to slow the program: each event of the function
+#: and line probes stops the program for a trap into the kernel, about 4 us (decision 18 in
+#: docs/decisions.md), so 25,000 a second take about a tenth of its time.
+BUSY_RATE = 25_000
+#: The seconds one event costs the traced program, for the estimate the note gives.
+EVENT_COST = 4e-6
+#: Seconds of the program's time below which the trace's cost goes unsaid (a short start-up's
+#: burst of imports has a high rate and costs nothing that matters).
+NOTICEABLE = 0.1
+
+
+def count_by_file(by_file: dict[str, int], data: dict) -> None:
+    """Add a map's counts (keys with the file first) to ``by_file``."""
+    for key, value in data.items():
+        if isinstance(value, int) and key:
+            file = key[0] if isinstance(key, tuple) else str(key)
+            by_file[file] = by_file.get(file, 0) + value
+
+
+def scope_option(file: str) -> str:
+    """The --module or --file option that selects ``file``'s code: the top-level package for a
+    file of the standard library or of site-packages, the file otherwise."""
+    match = re.search(r"/(?:site-packages|dist-packages|lib/python3\.\d+t?)/(.+?)\.py$", file)
+    if match and not match.group(1).startswith(("site-packages/", "dist-packages/")):
+        return f"--module {match.group(1).split('/')[0]}"
+    if file.startswith("<"):
+        return f"--file '{file}'"
+    return f"--file {os.path.basename(file)}" if file.startswith("/") else f"--file {file}"
+
+
+def cost_note(by_file: dict[str, int], seconds: float, lost: int, options: Options, who: str = "") -> None:
+    """When the trace was busy enough to slow the program, or lost events: say so with numbers,
+    and name the cheapest way out: a scope on the code asked about (where the events came from),
+    or sampling for where time goes."""
+    events = sum(by_file.values())
+    rate = events / seconds if seconds > 0 else 0.0
+    if not lost and (rate < BUSY_RATE or events * EVENT_COST < NOTICEABLE):
+        return
+    scoped = bool(options.scope_modules or options.scope_files)
+    sources: dict[str, int] = {}
+    for file, count in by_file.items():
+        option = scope_option(file)
+        sources[option] = sources.get(option, 0) + count
+    top = [item for item in sorted(sources.items(), key=lambda item: -item[1])[:3] if item[1] * 100 >= events]
+    where = ", ".join(f"{option} ({100 * count / events:.0f}%)" for option, count in top) if events else ""
+    spent = events * EVENT_COST
+    lines = [f"{who}the trace saw {events:,} events in {seconds:.1f} s ({rate:,.0f} a second)"
+             + (f", and lost {lost:,}" if lost else "")
+             + f": at about {EVENT_COST * 1e6:.0f} us each, it took about {spent:.1f} s of the program's time."]
+    if where and not scoped:
+        lines.append(f"Most events came from: {where}. Trace only the code you are asking about, with "
+                     "--module NAME or --file GLOB (other code then costs nothing).")
+    elif where:
+        lines.append(f"Within the scope, most events came from: {where}: narrow it further.")
+    lines.append("For where time goes, sample instead of tracing every call (flame --sample, or perf, "
+                 "py-spy): the cost does not grow with the calls.")
+    runner.warn(" ".join(lines))
 
 
 class Prefixed(io.TextIOBase):

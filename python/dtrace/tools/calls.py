@@ -28,6 +28,7 @@ examples:
   python -m dtrace calls --script                print the bpftrace program
 """
     maps = {"@calls": "ss", "@time_ns": "ss", "@ccalls": "ssd", "@ctime_ns": "ssd"}
+    event_maps = ("@calls", "@ccalls")
 
     def add_arguments(self, parser):
         parser.add_argument("-L", "--latency", action="store_true",

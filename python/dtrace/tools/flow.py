@@ -45,6 +45,7 @@ examples:
     def start(self, args, target, out):
         self.first = None
         self.entries = self.returns = self.native_entries = 0
+        self.files: dict[str, int] = {}
         out.write(f"{'TIME(ms)':>10}  {'TID':<7}  FUNCTION\n")
 
     def on_printf(self, text, out):
@@ -54,6 +55,7 @@ examples:
         us, tid, depth, arrow, function, native, file, line = match.groups()
         if self.first is None:
             self.first = int(us)
+        self.files[file] = self.files.get(file, 0) + 1
         if arrow == "->":
             self.entries += 1
             self.native_entries += bool(native)
@@ -63,6 +65,9 @@ examples:
         ms = (int(us) - self.first) / 1000
         out.write(f"{ms:10.3f}  {tid:<7}  {indent}{arrow} {report.name(function, self.strlen)}{native or ''} "
                   f"({report.path(report.name(file, self.strlen))}:{line})\n")
+
+    def events_by_file(self):
+        return self.files
 
     def on_lost(self, count, out):
         out.write(f"{'':10}  {'':7}  [{count} events lost here]\n")
