@@ -202,3 +202,13 @@ def test_a_quiet_trace_says_nothing_about_its_cost(tmp_path):
     assert done.returncode == 0, done.stderr
     assert calls_of(done.stdout, "leaf", "app.py") == 10
     assert "the trace saw" not in done.stderr, done.stderr
+
+
+def test_help_examples_name_this_environments_python(tmp_path):
+    done = run_tool("calls", "--help", cwd=tmp_path)
+    assert done.returncode == 0
+    from dtrace.tools.options import own_python
+
+    python = own_python()
+    assert f'-c "{python} app.py"' in done.stdout, done.stdout
+    assert python == "python3" or '"python3 ' not in done.stdout

@@ -141,10 +141,18 @@ def scope() -> Scope | None:
     return None if in_force is None else Scope(*in_force)
 
 
+def _is_tool() -> bool:
+    """Whether this process is ``python -m dtrace`` or ``pydtrace`` (known before ``sys.argv`` is)."""
+    argv = getattr(_sys, "orig_argv", [])
+    return argv[1:3] == ["-m", "dtrace"] or (len(argv) > 1 and _os.path.basename(argv[1]) == "pydtrace")
+
+
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
     if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
         return
+    if _is_tool():
+        return  # the tools' own process (PYDTRACE=1 in its environment is for the command it starts)
     import atexit
 
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes

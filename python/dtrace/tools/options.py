@@ -11,7 +11,11 @@ line, and exits with status 2, argparse's convention for usage errors.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
+import shutil
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +29,42 @@ STARTUP_TIMEOUT = 30.0
 
 #: flame's output formats, and the file each writes when -o is not given (None: standard output).
 FLAME_FORMATS = {"svg": "flame.svg", "speedscope": "flame.speedscope.json", "folded": None}
+
+
+def own_python() -> str:
+    """How to name this environment's own Python in an example: ``python3`` when that is it on
+    PATH, else its path (relative when below the working directory). Another Python (pyenv's,
+    the system's) would run a command untraced: it has no pydtrace-rs."""
+    exe = sys.executable or "python3"
+    for name in ("python3", "python"):
+        found = shutil.which(name)
+        if found and os.path.realpath(found) == os.path.realpath(exe) and os.path.dirname(found) == os.path.dirname(exe):
+            return name
+    try:
+        relative = os.path.relpath(exe)
+    except ValueError:
+        return exe
+    return exe if relative.startswith("..") else relative
+
+
+def with_own_python(examples: str) -> str:
+    """A help's examples with ``"python3 ...`` naming this environment's Python, the columns
+    realigned."""
+    python = own_python()
+    if python == "python3":
+        return examples
+    lines = [line.replace('"python3 ', f'"{python} ') for line in examples.splitlines()]
+    split = [re.match(r"^(  \S.*?)(?:\s{2,}(\S.*))?$", line) for line in lines]
+    width = max((len(m.group(1)) for m in split if m and m.group(2)), default=0)
+    out = []
+    for line, match in zip(lines, split):
+        if match and match.group(2) and width > 64:  # too wide for one line: the words below
+            out.append(f"{match.group(1)}\n      {match.group(2)}")
+        elif match and match.group(2):
+            out.append(f"{match.group(1).ljust(width)}  {match.group(2)}")
+        else:
+            out.append(line)
+    return "\n".join(out) + ("\n" if examples.endswith("\n") else "")
 
 
 class UsageError(Exception):
@@ -125,10 +165,10 @@ def split_command(command: str) -> tuple[str, ...]:
     except ValueError as error:  # "No closing quotation", "No escaped character"
         raise UsageError(
             f"-c cannot split {command!r} like a shell: {str(error).lower()}; quote it as a shell would, "
-            "e.g. -c \"python3 app.py 'two words'\""
+            f"e.g. -c \"{own_python()} app.py 'two words'\""
         ) from None
     if not argv:
-        raise UsageError("-c needs a command, e.g. -c \"python3 app.py\"")
+        raise UsageError(f"-c needs a command, e.g. -c \"{own_python()} app.py\"")
     return tuple(argv)
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from dtrace.tools import pyprocess
-from dtrace.tools.options import STARTUP_TIMEOUT
+from dtrace.tools.options import STARTUP_TIMEOUT, own_python
 from dtrace.tools.tracers import DTrace, Event, ToolError, Tracer
 
 #: Seconds the tracer may take to attach every probe (its BEGIN line).
@@ -297,7 +297,7 @@ def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT,
     ``environment``: variables added to its environment (``PYDTRACE_FOLLOW``)."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     if not argv:
-        raise ToolError("-c needs a command, e.g. -c \"python3 app.py\"")
+        raise ToolError(f"-c needs a command, e.g. -c \"{own_python()} app.py\"")
     from_child, child_writes = os.pipe()
     child_reads, to_child = os.pipe()
     env = {**os.environ, **(environment or {}), "PYDTRACE": "1",
