@@ -204,7 +204,8 @@ def test_a_quiet_trace_says_nothing_about_its_cost(tmp_path):
     assert "the trace saw" not in done.stderr, done.stderr
 
 
-def test_help_examples_name_this_environments_python(tmp_path):
+def test_help_examples_name_this_environments_python(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     done = run_tool("calls", "--help", cwd=tmp_path)
     assert done.returncode == 0
     from dtrace.tools.options import own_python
