@@ -213,3 +213,37 @@ def test_help_examples_name_this_environments_python(tmp_path, monkeypatch):
     python = own_python()
     assert f'-c "{python} app.py"' in done.stdout, done.stdout
     assert python == "python3" or '"python3 ' not in done.stdout
+
+
+def test_flow_after_a_double_ctrl_c_is_balanced_or_marks_the_cut(tmp_path):
+    """Two SIGINTs 0.1 s apart, as an impatient user sends them: every return the report shows
+    without its entry is explained, and a trace stopped at once says where it was cut."""
+    import signal
+    import time
+
+    from tracing import STEP_TIMEOUT, tool_command
+
+    require_tracer()
+    script = tmp_path / "app.py"
+    script.write_text("def leaf(i):\n    return i\n\nwhile True:\n    for i in range(1000):\n        leaf(i)\n")
+    process = subprocess.Popen(tool_command("flow", "-c", f"{sys.executable} {script}"), cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("Tracing "), line
+        time.sleep(0.5)  # let events flow: the cut must fall in the middle of them
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=STEP_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    entries, returns = map(int, re.search(r"^(\d+) entries, (\d+) returns", stdout, re.M).groups())
+    assert entries > 0
+    cut = "[the trace was cut here" in stdout
+    if entries != returns:
+        assert re.search(r"(returns without their entry|entries without their return)", stdout), stdout[-2000:]
+    if returns > entries + 1:  # more than the frame running when tracing began (depth 0)
+        assert cut or "events were lost" in stderr, (stdout[-2000:], stderr)

@@ -303,7 +303,9 @@ class Tool:
             tool.start(options, target, buffer)
             began, by_file = time.monotonic(), {}
             maps: dict[str, dict] = {}
+            last = began
             for event in itertools.chain(early, session.events()):
+                last = time.monotonic()
                 if event.kind == "printf":
                     tool.on_printf(event.data, buffer)
                 elif event.kind == "lost":
@@ -323,7 +325,7 @@ class Tool:
             if not self.streaming:
                 self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
             tool.warn_incomplete(session, options, f"PID {target.pid}: ")
-            cost_note(by_file or tool.events_by_file(), time.monotonic() - began, session.lost, options,
+            cost_note(by_file or tool.events_by_file(), last - began, session.lost, options,
                       f"PID {target.pid}: ")
         except (ToolError, OSError, TimeoutError) as error:
             target.abandon()
@@ -385,7 +387,9 @@ class Tool:
         by_file: dict[str, int] = {}
         maps: dict[str, dict] = {}
         intervals = 0
+        last = began
         for event in itertools.chain(early, session.events()):
+            last = time.monotonic()
             if event.kind == "printf":
                 self.on_printf(event.data, out)
             elif event.kind == "lost":
@@ -419,7 +423,8 @@ class Tool:
         self.finish(options, out, session)
         out.flush()
         self.warn_incomplete(session, options)
-        cost_note(by_file or self.events_by_file(), time.monotonic() - began, session.lost, options)
+        # Until the last event: not the tracer's drain after a stop.
+        cost_note(by_file or self.events_by_file(), last - began, session.lost, options)
         if target.process is None:
             return 0
         if not command_ended:

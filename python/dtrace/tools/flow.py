@@ -74,4 +74,17 @@ examples:
 
     def finish(self, args, out, session):
         native = f" ({self.native_entries} of them calls of C functions)" if args.native else ""
+        cut = session.killed or len(session.signals) > 1
+        if cut:
+            # A second Ctrl-C (or a tracer that had to be killed) stops it at once: what was still
+            # in its buffers, entries and returns alike, is not printed (and its lost-events
+            # count may never come).
+            out.write(f"{'':10}  {'':7}  [the trace was cut here: stopped at once by "
+                      f"{'a kill' if session.killed else 'a second Ctrl-C'}; later events are missing]\n")
         out.write(f"{self.entries} entries, {self.returns} returns{native}\n")
+        if self.returns > self.entries:
+            out.write(f"{self.returns - self.entries} returns without their entry: frames entered before tracing "
+                      f"began (depth 0){', or events lost or cut' if cut or session.lost else ''}\n")
+        elif self.entries > self.returns:
+            out.write(f"{self.entries - self.returns} entries without their return: frames still running when "
+                      f"the trace ended{', or events lost or cut' if cut or session.lost else ''}\n")
