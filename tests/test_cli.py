@@ -125,6 +125,10 @@ def test_flame_format_and_file(output, chosen, folded, expected):
 def test_flame_output_paths_are_checked_at_parse_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert options("flame", "-o", "here.svg", "-p", "1").output == "here.svg"
+    # A name whose suffix promises another format than the one written (issue 21: x.png got SVG).
+    assert "flame writes SVG (.svg), speedscope JSON (.json) or folded stacks (.folded), not PNG" in \
+        usage_error("flame", "-o", "x.png", "-p", "1")
+    assert options("flame", "--format", "svg", "-o", "x.out", "-p", "1").format == "svg"
     assert usage_error("flame", "-o", "nodir/x.svg", "-p", "1") == \
         "-o nodir/x.svg: there is no directory nodir: create it, or write elsewhere"
     (tmp_path / "adir").mkdir()

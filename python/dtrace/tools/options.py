@@ -178,6 +178,12 @@ def flame_output(output: str | None, chosen: str | None, folded: bool) -> tuple[
     if folded and chosen not in (None, "folded"):
         raise UsageError(f"--folded and --format {chosen} disagree: give one of them")
     fmt = "folded" if folded else chosen
+    suffix = Path(output).suffix.lower() if output else ""
+    by_suffix = {".svg": "svg", ".json": "speedscope", ".folded": "folded"}
+    if suffix and suffix not in by_suffix and fmt is None:
+        raise UsageError(f"-o {output}: flame writes SVG (.svg), speedscope JSON (.json) or folded stacks "
+                         f"(.folded), not {suffix[1:].upper()}; name the file for one of them, or give --format "
+                         "(a browser can save the SVG as an image)")
     if fmt is None:
         name = (output or "").lower()
         fmt = "speedscope" if name.endswith(".json") else "folded" if name.endswith(".folded") else "svg"
