@@ -69,6 +69,39 @@ def run(command: str, work: Path, pid: str, short: list[tuple[str, str]]) -> tup
     return out, process.returncode
 
 
+def _shape(line: str) -> str:
+    """A line without its numbers and indentation: what stays the same from run to run."""
+    return re.sub(r"\s+", " ", re.sub(r"\d+", "", line)).strip()
+
+
+def elide(output: str, written: list[str]) -> str:
+    """``output`` cut as the page cut the transcript it replaces: where ``...`` lines leave lines
+    out, as many lines first and last as the page shows, and each excerpt between found again by
+    its first line's shape (numbers aside); an excerpt that is not found is left out."""
+    if not any(line.rstrip("\n") == "..." for line in written):
+        return output
+    parts: list[list[str]] = [[]]
+    for line in written:
+        if line.rstrip("\n") == "...":
+            parts.append([])
+        else:
+            parts[-1].append(line)
+    new = output.splitlines(keepends=True)
+    head, tail, middles = parts[0], parts[-1], parts[1:-1]
+    kept = new[:len(head)]
+    position = len(head)
+    end = len(new) - len(tail)
+    for excerpt in middles:
+        if not excerpt:
+            continue
+        found = next((j for j in range(position, end) if _shape(new[j]) == _shape(excerpt[0])), None)
+        if found is None:
+            continue
+        kept += ["...\n"] + new[found:found + len(excerpt)]
+        position = found + len(excerpt)
+    return "".join(kept + ["...\n"] + new[max(end, position):])
+
+
 def regenerate(page: Path, work: Path, pid: str, short: list[tuple[str, str]]) -> bool:
     """Rewrite the transcripts of one page; returns whether it changed."""
     text = page.read_text()
@@ -97,7 +130,8 @@ def regenerate(page: Path, work: Path, pid: str, short: list[tuple[str, str]]) -
         elif TOOL.match(command):
             print(f"{page.name}: {command}", file=sys.stderr)
             output, status = run(command, work, pid, short)
-            out.append(output if output.endswith("\n") or not output else output + "\n")
+            output = output if output.endswith("\n") or not output else output + "\n"
+            out.append(elide(output, lines[i + 1:end]))
         else:
             out.extend(lines[i + 1:end])
         i = end

@@ -83,8 +83,8 @@ examples:
                       f"{'a kill' if session.killed else 'a second Ctrl-C'}; later events are missing]\n")
         out.write(f"{self.entries} entries, {self.returns} returns{native}\n")
         if self.returns > self.entries:
-            out.write(f"{self.returns - self.entries} returns without their entry: frames entered before tracing "
-                      f"began (depth 0){', or events lost or cut' if cut or session.lost else ''}\n")
+            out.write(f"{self.returns - self.entries} returns without their entry: frames entered before the trace could follow them "
+                      f"(depth 0: before tracing began, or before its first return){', or events lost or cut' if cut or session.lost else ''}\n")
         elif self.entries > self.returns:
             out.write(f"{self.entries - self.returns} entries without their return: frames still running when "
                       f"the trace ended{', or events lost or cut' if cut or session.lost else ''}\n")
