@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tracing import require, require_tracer, run_tool
+from tracing import require_tracer, run_tool
 
 POOL = """\
 import multiprocessing as mp, sys
@@ -103,7 +103,7 @@ def test_regrtest_workers_are_traced_with_exact_counts(tmp_path):
     require_tracer()
     probe = subprocess.run([sys.executable, "-c", "import test.libregrtest"], capture_output=True)
     if probe.returncode != 0:
-        require("this Python has no test package (python -m test)")
+        pytest.skip("this Python has no test package (python -m test)")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_small.py").write_text(REGRTEST)
     (tmp_path / "tests" / "test_other.py").write_text(REGRTEST.replace("range(5)", "range(4)"))
@@ -247,3 +247,37 @@ def test_flow_after_a_double_ctrl_c_is_balanced_or_marks_the_cut(tmp_path):
         assert re.search(r"(returns without their entry|entries without their return)", stdout), stdout[-2000:]
     if returns > entries + 1:  # more than the frame running when tracing began (depth 0)
         assert cut or "events were lost" in stderr, (stdout[-2000:], stderr)
+
+
+#: A pytest module for pytest-xdist's two workers: its tests call leaf() 5 and 3 times.
+XDIST = """\
+def leaf():
+    return 1
+
+
+def test_a():
+    for _ in range(5):
+        leaf()
+
+
+def test_b():
+    for _ in range(3):
+        leaf()
+"""
+
+
+def test_pytest_xdist_workers_are_traced_with_exact_counts(tmp_path):
+    require_tracer()
+    probe = subprocess.run([sys.executable, "-c", "import xdist"], capture_output=True)
+    if probe.returncode != 0:  # scripts/dev setup installs it
+        pytest.skip("pytest-xdist is not installed in this environment (pip install pytest-xdist)")
+    (tmp_path / "test_leaves.py").write_text(XDIST)
+    done = run_tool("calls", "-n", "0", "--children", "-c",
+                    f"{sys.executable} -m pytest -q -p no:cacheprovider -n 2 test_leaves.py",
+                    cwd=tmp_path, timeout=240)
+    assert done.returncode == 0, done.stderr + done.stdout
+    found = sections(done.stdout)
+    assert sum(calls_of(text, "leaf", "test_leaves.py") for text in found.values()) == 8, done.stdout
+    # The tests ran in the workers, not in the command.
+    command = [text for title, text in found.items() if title.endswith("the command")]
+    assert calls_of(command[0], "leaf", "test_leaves.py") == 0
