@@ -506,7 +506,7 @@ def cut_note(names: list[str], strlen: int) -> str | None:
 
 
 #: Events per second above which a trace is said to slow the program: each event of the function
-#: and line probes stops the program for a trap into the kernel, about 4 us (decision 18 in
+#: and line probes stops the program for a trap into the kernel, about 4 us (decision 22 in
 #: docs/decisions.md), so 25,000 a second take about a tenth of its time.
 BUSY_RATE = 25_000
 #: The seconds one event costs the traced program, for the estimate the note gives.
