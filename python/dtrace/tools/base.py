@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -301,31 +302,16 @@ class Tool:
             sink = self._sink(options, target, out)
             buffer = sink if self.streaming else io.StringIO()
             tool.start(options, target, buffer)
-            began, by_file = time.monotonic(), {}
-            maps: dict[str, dict] = {}
-            last = began
-            for event in itertools.chain(early, session.events()):
-                last = time.monotonic()
-                if event.kind == "printf":
-                    tool.on_printf(event.data, buffer)
-                elif event.kind == "lost":
-                    tool.on_lost(event.data, buffer)
-                elif event.kind == "map":
-                    maps.setdefault(event.name, {}).update(event.data)
-                    if event.name in self.event_maps:
-                        count_by_file(by_file, event.data)
-                elif event.kind == "time":
-                    tool.report(maps, options, buffer, event.data, session)
-                    maps = {}
+            gathered = tool._gather(early, session, options, buffer)
             session.wait()
-            if maps or not self.intervals or not getattr(options, "interval", None):
-                tool.report(maps, options, buffer, None, session)
+            if gathered.maps or not self.intervals or not getattr(options, "interval", None):
+                tool.report(gathered.maps, options, buffer, None, session)
             tool.finish(options, buffer, session)
             ended = "ended" if not runner.alive(target.pid) else "still running"
             if not self.streaming:
                 self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
             tool.warn_incomplete(session, options, f"PID {target.pid}: ")
-            cost_note(by_file or tool.events_by_file(), last - began, session.lost, options,
+            cost_note(gathered.by_file or tool.events_by_file(), gathered.seconds, session.lost, options,
                       f"PID {target.pid}: ")
         except (ToolError, OSError, TimeoutError) as error:
             target.abandon()
@@ -383,25 +369,8 @@ class Tool:
         described = target.describe()
         print(f"{ready.data.rstrip()}  [{described}]", file=sys.stderr, flush=True)
         self.start(options, target, out)
-        began = time.monotonic()
-        by_file: dict[str, int] = {}
-        maps: dict[str, dict] = {}
-        intervals = 0
-        last = began
-        for event in itertools.chain(early, session.events()):
-            last = time.monotonic()
-            if event.kind == "printf":
-                self.on_printf(event.data, out)
-            elif event.kind == "lost":
-                self.on_lost(event.data, out)
-            elif event.kind == "map":
-                maps.setdefault(event.name, {}).update(event.data)
-                if event.name in self.event_maps:
-                    count_by_file(by_file, event.data)
-            elif event.kind == "time":
-                self.report(maps, options, out, event.data, session)
-                out.flush()
-                maps, intervals = {}, intervals + 1
+        gathered = self._gather(early, session, options, out)
+        maps, intervals = gathered.maps, gathered.intervals
         code = session.wait()
         # Whether the command ended by itself, before anything stopped the trace: only then is
         # its exit status its own (after Ctrl-C, the terminal's SIGINT reached it too).
@@ -423,8 +392,7 @@ class Tool:
         self.finish(options, out, session)
         out.flush()
         self.warn_incomplete(session, options)
-        # Until the last event: not the tracer's drain after a stop.
-        cost_note(by_file or self.events_by_file(), last - began, session.lost, options)
+        cost_note(gathered.by_file or self.events_by_file(), gathered.seconds, session.lost, options)
         if target.process is None:
             return 0
         if not command_ended:
@@ -432,6 +400,30 @@ class Tool:
         if session.stop_requested:
             return 0
         return self.command_status(target.process.returncode)
+
+    def _gather(self, early: list, session: runner.Session, options: Options, out: TextIO) -> Gathered:
+        """A process's events, from its tracer's first to its exit, passed to this tool: its
+        printed lines, lost events and, at each interval, its report. Returns the maps not yet
+        reported, the intervals, and what the cost note needs. One loop for the command's tracer
+        and each child's (--children)."""
+        gathered = Gathered()
+        began = last = time.monotonic()
+        for event in itertools.chain(early, session.events()):
+            last = time.monotonic()
+            if event.kind == "printf":
+                self.on_printf(event.data, out)
+            elif event.kind == "lost":
+                self.on_lost(event.data, out)
+            elif event.kind == "map":
+                gathered.maps.setdefault(event.name, {}).update(event.data)
+                if event.name in self.event_maps:
+                    count_by_file(gathered.by_file, event.data)
+            elif event.kind == "time":
+                self.report(gathered.maps, options, out, event.data, session)
+                out.flush()
+                gathered.maps, gathered.intervals = {}, gathered.intervals + 1
+        gathered.seconds = last - began  # until the last event: not the tracer's drain after a stop
+        return gathered
 
     @staticmethod
     def stop_command(target: runner.Target) -> int:
@@ -503,6 +495,17 @@ def cut_note(names: list[str], strlen: int) -> str | None:
     if not cut:
         return None
     return f"{len(cut)} names reached the tracer's string limit ({strlen - 1} bytes) and may be cut (marked ...)"
+
+
+@dataclass
+class Gathered:
+    """What :meth:`Tool._gather` read from one process's tracer."""
+
+    maps: dict[str, dict] = field(default_factory=dict)
+    intervals: int = 0
+    #: The events of the function and line probes per file, and the seconds they came in.
+    by_file: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 #: Events per second above which a trace is said to slow the program: each event of the function
