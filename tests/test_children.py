@@ -183,7 +183,8 @@ def test_a_busy_trace_says_its_events_per_second_and_the_scope_to_use(tmp_path):
     require_tracer()
     script = tmp_path / "app.py"
     script.write_text(BUSY)
-    done = run_tool("calls", "-c", f"{sys.executable} {script}", cwd=tmp_path, timeout=120)
+    # Per event: each call traps (counted in the process, calls costs no trap per call: no note).
+    done = run_tool("calls", "--per-event", "-c", f"{sys.executable} {script}", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     total = int(re.search(r"^(\d+) calls of \d+ functions", done.stdout, re.M).group(1))
     assert calls_of(done.stdout, "leaf", "app.py") == 200000

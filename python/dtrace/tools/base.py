@@ -98,8 +98,11 @@ class Tool:
     def aggregated(self, args: Options, dialect: str) -> bool:
         """Whether this run counts in the process (the aggregate probes) rather than per event: the
         default where the tool has such a script, on Linux (the flush requests go through
-        /proc/PID/mem), unless --per-event or --native (C functions are per event only)."""
-        return bool(self.aggregate_script) and dialect == "bt" and not args.per_event and not args.native
+        /proc/PID/mem), unless --per-event or --native (C functions are per event only), or
+        --children: a child process often ends with ``os._exit`` (a forked multiprocessing worker) or
+        by a signal (a pool's terminate()), before the counts it gathered could be reported."""
+        return (bool(self.aggregate_script) and dialect == "bt" and not args.per_event and not args.native
+                and not args.children)
 
     def program(self, args: Options, dialect: str) -> str:
         """The exact program the tracer runs for these options."""
