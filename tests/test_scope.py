@@ -439,11 +439,12 @@ def test_a_malformed_option_is_refused_before_anything_starts():
 
 def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):
     process = scoped()
-    # An object without the channel: the process's pydtrace-rs is older than the tools.
-    import _json
-
+    # An object without the channel: the process's pydtrace-rs is older than the tools. The C
+    # library stands in (an extension module would not: Debian builds _json and others in).
+    maps = Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+    libc = next(line.split()[-1] for line in maps if Path(line.split()[-1]).name.startswith("libc.so"))
     with pytest.raises(ToolError, match="has no scope channel .* older than --module/--file"):
-        tool_scope.Channel(process.pid, _json.__file__)
+        tool_scope.Channel(process.pid, libc)
     # A channel that does not hold what it should (the object replaced on disk, say).
     channel = tool_scope.Channel(process.pid)
     channel.write(0, b"X")
