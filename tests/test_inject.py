@@ -47,7 +47,7 @@ import pytest
 import dtrace
 from dtrace.tools import inject
 from dtrace.tools.tracers import ToolError
-from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, tool_command
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1500
@@ -817,7 +817,7 @@ def test_a_process_stopped_by_someone_else_during_the_injection_stays_stopped():
     """A SIGSTOP from another process while gdb waits for the safe point: the process ends up
     stopped, as it would have without the tool, and the tool says so; continued, it runs on."""
     require_gdb()
-    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+    process = subprocess.Popen([gdb_way_python(), "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=clean_environment())
     stdout = Lines(process.stdout, "the blocked workload")
     tool = None
@@ -1327,6 +1327,17 @@ def test_the_stand_in_breaks_a_sleeping_process_as_gdb_13_1_does(stand_in_gdb):
         workload.kill()
 
 
+def gdb_way_python() -> str:
+    """An interpreter --inject reaches through gdb: this one on 3.12 and 3.13, else a 3.13 or 3.12
+    here (pyenv's or Debian's: scripts/dev sets them up)."""
+    if VIA == "gdb":
+        return sys.executable
+    python = older_python("13") or older_python("12")
+    if python is None:
+        require(f"no CPython 3.12 or 3.13 here: on {sys.version.split()[0]} --inject goes through sys.remote_exec")
+    return python
+
+
 def broken_gdbs(stand_in: str) -> list[str]:
     """The stand-in, and this machine's own gdb where it is broken the same way (gdb 13.1 on a CPU
     with AMX)."""
@@ -1341,7 +1352,7 @@ def broken_gdbs(stand_in: str) -> list[str]:
 @pytest.mark.parametrize("shape", sorted(BROKEN_GDB_SHAPES))
 def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives_on(shape, stand_in_gdb):
     for gdb in broken_gdbs(stand_in_gdb):
-        workload = Workload(shape, sys.executable, body=BROKEN_GDB_SHAPES[shape])
+        workload = Workload(shape, gdb_way_python(), body=BROKEN_GDB_SHAPES[shape])
         try:
             if shape == "accept":
                 assert greeting(workload.port) == "hello 1"
@@ -1377,7 +1388,7 @@ def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives
 
 def test_a_gdb_that_is_not_there():
     require_tracer()
-    workload = Workload("sleep", sys.executable)
+    workload = Workload("sleep", gdb_way_python())
     try:
         done = run_tool("calls", "-p", str(workload.pid), "--inject", "--gdb", "/nonexistent/gdb")
         check_error(done, "--gdb names /nonexistent/gdb, which is not an executable gdb")

@@ -733,7 +733,9 @@ def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> d
                     return _parse_report(pid, text)
                 if not _running(pid):
                     sent = False  # nothing will run the script now
-                    raise ToolError(f"process {pid} exited during the injection")
+                    # The code removes its script first thing: gone, it ran.
+                    when = "before the injected code ran" if _exists(script, tmp) else "while the injected code ran"
+                    raise ToolError(f"process {pid} exited during the injection, {when}")
                 select.select([], [], [], 0.02)
         except KeyboardInterrupt:
             if _exists(script, tmp):
