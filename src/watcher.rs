@@ -28,6 +28,17 @@
 //!   of a finalizing interpreter is ended with `pthread_exit`. An `atexit`
 //!   hook stops and joins the thread before finalization begins, and it is
 //!   never started again.
+//!
+//! An interpreter that is not initialised yet is not one going away. A
+//! `.pth` file (`PYDTRACE=1`, a tool's `-c`) imports this module while
+//! `site` runs, inside `Py_Initialize`: 3.15 reports `Py_IsInitialized()`
+//! 0 until that returns (3.12 to 3.14 report 1), and PyO3's checked attach
+//! refuses such an interpreter. Its GIL and thread states work already (it
+//! runs `site`'s Python code), and a tool's `-c` command waits there, on
+//! the tool's pipe with the GIL released, until the tool's scope has been
+//! taken up: so the thread attaches without PyO3's check while the
+//! interpreter has never been seen initialised and is not finalizing. Once
+//! seen initialised, a refusal means finalization, and the thread ends.
 
 use std::ffi::c_void;
 use std::os::raw::c_int;
@@ -419,6 +430,11 @@ fn handoff() -> MutexGuard<'static, Handoff> {
     faults::lock(&HANDOFF)
 }
 
+/// Whether the interpreter has been seen initialised (`Py_IsInitialized()`)
+/// in this process: before that it is still starting, after it a refusal
+/// of the GIL means it is going away.
+static INITIALIZED_SEEN: AtomicBool = AtomicBool::new(false);
+
 /// Has `wanted` applied with the GIL: by the main thread in a pending call,
 /// or by this thread if the main thread has not run it within a poll.
 /// False when the interpreter is going away.
@@ -445,11 +461,32 @@ fn apply_with_gil(wanted: ProbeSet) -> bool {
     }
     drop(handoff);
     // The main thread runs no Python now (blocked in C): take the GIL here.
-    Python::try_attach(|py| {
+    let apply = |py: Python<'_>| {
         GIL_TAKEN.fetch_add(1, Ordering::Relaxed);
         apply_requested(py);
-    })
-    .is_some()
+    };
+    if initialized_or_seen() {
+        return Python::try_attach(apply).is_some();
+    }
+    if interpreter_finalizing() {
+        return false;
+    }
+    // SAFETY: an interpreter still in Py_Initialize that imported this module
+    // runs Python code already: its GIL and thread states work (PyO3's check
+    // reads only the flag that 3.15 sets at the end of initialisation).
+    unsafe { Python::attach_unchecked(apply) };
+    true
+}
+
+/// Whether the interpreter is initialised now, or was seen so before.
+fn initialized_or_seen() -> bool {
+    if !INITIALIZED_SEEN.load(Ordering::Relaxed)
+        // SAFETY: reads a flag of the runtime; callable from any thread.
+        && unsafe { ffi::Py_IsInitialized() } != 0
+    {
+        INITIALIZED_SEEN.store(true, Ordering::Relaxed);
+    }
+    INITIALIZED_SEEN.load(Ordering::Relaxed)
 }
 
 /// The pending call: applies the latest request on the main thread. Never

@@ -4,7 +4,7 @@ Each workload here runs without pydtrace-rs loaded, in one of the shapes a user 
 in: busy in Python with threads, blocked in C (``time.sleep`` in the main thread), the main thread
 waiting on a lock while threads run, an idle asyncio server. The test runs the real tool,
 ``python -m dtrace calls -p PID --inject``, which injects ``import dtrace`` through gdb (3.12,
-3.13) and traces; once its "Tracing ..." line is out, the workload is asked for a marked phase,
+3.13) or ``sys.remote_exec`` (3.14 and later: :data:`VIA`, checked for in the tool's messages) and traces; once its "Tracing ..." line is out, the workload is asked for a marked phase,
 which first waits until the probes are live in it (``dtrace.wait_for_consumer``, from the module
 the tool loaded) and then calls ``marked()`` a known number of times: the tool's count must be
 exact. The workload also reports what the injection must not have changed (its ``__main__``
@@ -47,11 +47,15 @@ import pytest
 import dtrace
 from dtrace.tools import inject
 from dtrace.tools.tracers import ToolError
-from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, tool_command
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1500
 ROOT = Path(__file__).resolve().parent.parent
+#: The way in on this interpreter: sys.remote_exec (PEP 768) from 3.14, gdb before; and as the
+#: tool's messages name it.
+VIA = "remote_exec" if sys.version_info >= (3, 14) else "gdb"
+THROUGH = {"gdb": "gdb", "remote_exec": "sys.remote_exec"}[VIA]
 
 
 #: gdb commands that write another value into a general register and into one of the extended
@@ -307,6 +311,16 @@ class Workload:
             self.process.wait()
 
 
+#: Shapes whose main thread runs no Python code until something outside wakes it: sys.remote_exec
+#: runs its script only then (test_a_blocked_main_thread_runs_the_script_when_it_next_runs_python).
+MAIN_THREAD_BLOCKED = {"lock-wait", "asyncio-server"}
+
+
+def injection_files(pid: int) -> list[str]:
+    """The names of the sys.remote_exec script and report files made for ``pid`` in its /tmp."""
+    return sorted(name for name in os.listdir(f"/proc/{pid}/root/tmp") if name.startswith(f"pydtrace-inject-{pid}-"))
+
+
 #: Seconds the tool gets to end after Ctrl-C before it gets a second one.
 TOOL_SIGINT_GRACE = 15.0
 
@@ -382,7 +396,7 @@ SOURCES = {
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
-@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("shape", sorted(SHAPES) if VIA == "gdb" else sorted(set(SHAPES) - MAIN_THREAD_BLOCKED))
 def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
     require_gdb()
     python = SOURCES[source]()
@@ -399,8 +413,8 @@ def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
             tool.start()
             loaded = [line for line in tool.err.seen if line.startswith("pydtrace: loaded ")]
             where = "the program's own" if source == "own" else "this tool's"
-            assert loaded and f"loaded {where} pydtrace-rs {dtrace.__version__} into process {workload.pid} through gdb" \
-                in loaded[0], tool.err.seen
+            assert loaded and f"loaded {where} pydtrace-rs {dtrace.__version__} into process {workload.pid} " \
+                f"through {THROUGH}: " in loaded[0], tool.err.seen
             info = workload.phase()
             stop(tool)
         finally:
@@ -421,8 +435,10 @@ def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
         # list -p says how the probes got there, and which pydtrace-rs.
         listing = run_tool("list", "-p", str(workload.pid))
         assert listing.returncode == 0, listing.stderr
-        assert "probes loaded: yes, injected by python -m dtrace --inject, through gdb" in listing.stdout, listing.stdout
+        assert f"probes loaded: yes, injected by python -m dtrace --inject, through {THROUGH}\n" in listing.stdout, \
+            listing.stdout
         assert f"pydtrace-rs: {dtrace.__version__} (" in listing.stdout, listing.stdout
+        assert injection_files(workload.pid) == []  # sys.remote_exec's script and report are gone
         # The process runs on, correctly, after the tool left.
         again = workload.phase(traced=False)
         if shape != "sleep":  # there the SLEPT lines show it (below)
@@ -490,6 +506,65 @@ def test_a_second_tool_finds_the_probes_already_loaded():
         workload.kill()
 
 
+def check_blocked(done: subprocess.CompletedProcess, pid: int) -> None:
+    """sys.remote_exec's script was not run within the tool's 2 s: the one-line reason, which says
+    what happens to it and how to check; the script waits in the process's /tmp, the report is gone."""
+    check_error(done, f"process {pid} has not run the script within 2 s",
+                "runs it when the process's main thread next runs Python code",
+                f"The script stays in its /tmp (/tmp/{injection_files(pid)[0]}) until then",
+                "it removes itself and loads the probes", f"`python -m dtrace list -p {pid}` says whether")
+    assert [name.rsplit(".", 1)[1] for name in injection_files(pid)] == ["py"]
+
+
+@pytest.mark.skipif(VIA != "remote_exec", reason="gdb runs the code in a blocked main thread itself "
+                    "(test_inject_then_trace_counts_a_marked_phase_exactly)")
+@pytest.mark.parametrize("shape", sorted(MAIN_THREAD_BLOCKED))
+def test_a_blocked_main_thread_runs_the_script_when_it_next_runs_python(shape):
+    """sys.remote_exec: a main thread that waits in C (a lock, epoll) runs the script only when it
+    runs Python again. The tool says so and leaves the script; the process runs it (and removes
+    it) when woken, and a tool run then traces without injecting anything."""
+    require_gdb()
+    workload = Workload(shape, sys.executable)
+    leftovers = []
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+        check_blocked(done, workload.pid)
+        leftovers = injection_files(workload.pid)
+        assert not probe_object_mapped(workload.pid)
+        assert_nothing_left(workload.pid)
+        # Woken: the lock's wait by a signal whose handler is Python code, the event loop by a
+        # request. The main thread runs Python again, and the script with it.
+        if shape == "lock-wait":
+            workload.phase(traced=False)
+        else:
+            assert workload.request("wake") == "echo wake"
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not probe_object_mapped(workload.pid):
+            assert time.monotonic() < deadline, workload.stderr.available()
+            time.sleep(0.01)
+        assert injection_files(workload.pid) == []
+        listing = run_tool("list", "-p", str(workload.pid))
+        assert "probes loaded: yes, injected by python -m dtrace --inject, through sys.remote_exec\n" \
+            in listing.stdout, listing.stdout
+        tool = ToolRun(["calls", "-n", "0"], workload.pid)  # loaded already: no --inject
+        try:
+            tool.start()
+            info = workload.phase()
+            stop(tool)
+        finally:
+            tool.kill()
+        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
+        assert info["live"] is True and info["main_added"] == [] and info["path_same"] is True, info
+        assert "Traceback" not in "\n".join(workload.stderr.available())
+    finally:
+        workload.kill()
+        for name in leftovers:
+            try:
+                os.unlink(f"/tmp/{name}")
+            except FileNotFoundError:
+                pass
+
+
 # --- A signal handler of the program that raises while the code runs: the program gets it -------
 
 #: An audit hook that raises SIGINT once, while the injected code imports dtrace: the program's
@@ -505,16 +580,22 @@ sys.addaudithook(_hook)
 '''
 
 INTERRUPTED_SHAPES = {
+    # The check is in a function: CPython 3.14 leaves the backward jump that follows an `if` in a
+    # loop out of the enclosing try's exception table, so an exception raised by the eval breaker
+    # there (the program's own Ctrl-C too) would pass its `except` by.
     "busy": '''
 x = 0
+
+def step(x):
+    if requested.is_set():
+        requested.clear()
+        say("DONE", json.dumps(phase(traced.pop(0))))
+    return spin(x)
 ''' + READY + '''
 while True:
     try:
         while True:
-            x = spin(x)
-            if requested.is_set():
-                requested.clear()
-                say("DONE", json.dumps(phase(traced.pop(0))))
+            x = step(x)
     except KeyboardInterrupt:
         say("GOT KeyboardInterrupt")
 ''',
@@ -536,8 +617,11 @@ while True:
 }
 
 
-@pytest.mark.parametrize("shape", sorted(INTERRUPTED_SHAPES))
+# sys.remote_exec runs nothing in a main thread that sleeps for an hour (MAIN_THREAD_BLOCKED).
+@pytest.mark.parametrize("shape", sorted(INTERRUPTED_SHAPES) if VIA == "gdb" else ["busy"])
 def test_an_exception_from_a_signal_handler_during_the_injection_goes_to_the_program(shape):
+    """Through gdb the code's exception is raised where the program was; sys.remote_exec would
+    report it as unraisable, so the code raises it in the main thread once the script has ended."""
     require_gdb()
     workload = Workload(shape, sys.executable, preamble=INTERRUPT_ONCE, body=INTERRUPTED_SHAPES[shape])
     try:
@@ -545,6 +629,7 @@ def test_an_exception_from_a_signal_handler_during_the_injection_goes_to_the_pro
         check_error(first, f"loading the probes into process {workload.pid} was interrupted",
                     "raised KeyboardInterrupt")
         workload.expect("GOT KeyboardInterrupt")  # where the program was: its own handler's exception
+        assert "Traceback" not in "\n".join(workload.stderr.available())  # not reported as unraisable
         assert_nothing_left(workload.pid)
         assert not probe_object_mapped(workload.pid)
         # The hook raised once: the next try loads the probes, and the program runs on.
@@ -705,17 +790,23 @@ def test_no_safe_point_in_time_leaves_the_process_untouched():
         _, pid, write_end = stdout.next().split()
         pid = int(pid)
         done = run_tool("calls", "-p", str(pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
-        check_error(done, f"process {pid}'s main thread did not reach a point where it can run Python code "
-                          "within 2 s", "nothing was run in it")
+        if VIA == "gdb":
+            check_error(done, f"process {pid}'s main thread did not reach a point where it can run Python code "
+                              "within 2 s", "nothing was run in it")
+        else:
+            check_blocked(done, pid)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert_nothing_left(pid)
         assert not probe_object_mapped(pid)
-        # Released, it runs on as if nothing had happened: nothing of the tool's is loaded.
+        # Released: through gdb it runs on as if nothing had happened (nothing of the tool's is
+        # loaded); through sys.remote_exec it runs the script as it runs Python again, as said.
         with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
             pipe.write("x")
         line = stdout.next()
         assert line is not None and line.startswith("AFTER "), (line, process.stderr)
-        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+        loaded = VIA == "remote_exec"
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": loaded, "maps": loaded}
+        assert injection_files(pid) == []
         assert process.poll() is None
     finally:
         process.kill()
@@ -726,7 +817,7 @@ def test_a_process_stopped_by_someone_else_during_the_injection_stays_stopped():
     """A SIGSTOP from another process while gdb waits for the safe point: the process ends up
     stopped, as it would have without the tool, and the tool says so; continued, it runs on."""
     require_gdb()
-    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+    process = subprocess.Popen([gdb_way_python(), "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=clean_environment())
     stdout = Lines(process.stdout, "the blocked workload")
     tool = None
@@ -914,7 +1005,7 @@ def test_on_a_terminal_the_tool_asks_first(answer):
     try:
         prompt = terminal.read_until("[y/N] ")
         assert f"PID {workload.pid} (" in prompt and "has not loaded the probes" in prompt, prompt
-        assert "runs `import dtrace` in it, through gdb" in prompt, prompt
+        assert f"runs `import dtrace` in it, through {THROUGH} " in prompt, prompt
         assert not probe_object_mapped(workload.pid)  # nothing before the answer
         os.write(terminal.master, f"{answer}\n".encode())
         if answer == "n":
@@ -939,7 +1030,9 @@ def test_on_a_terminal_the_tool_asks_first(answer):
 
 def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
     """The tool says when gdb waits for the safe point (PYDTRACE_INJECT_DEBUG shows gdb's lines);
-    Ctrl-C then makes gdb give up at once, long before its time is up."""
+    Ctrl-C then makes gdb give up at once, long before its time is up. Through sys.remote_exec the
+    script is in the process's /tmp once it is sent: Ctrl-C ends the wait, says that the process
+    runs the script when it next runs Python, and leaves the script for it."""
     require_gdb()
     process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=clean_environment())
@@ -952,22 +1045,35 @@ def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "600"})
         said = Lines(tool.stderr, "the tool's stderr")
-        while True:
-            line = said.next()
-            assert line is not None, said.seen
-            if '"kind": "waiting"' in line:
-                break
+        if VIA == "gdb":
+            while True:
+                line = said.next()
+                assert line is not None, said.seen
+                if '"kind": "waiting"' in line:
+                    break
+        else:
+            deadline = time.monotonic() + STEP_TIMEOUT
+            while not injection_files(pid):
+                assert time.monotonic() < deadline and tool.poll() is None, said.rest()
+                time.sleep(0.01)
+            time.sleep(0.2)  # past sys.remote_exec's return: the tool waits for the report
         assert not probe_object_mapped(pid)
         tool.send_signal(signal.SIGINT)
         assert tool.wait(STEP_TIMEOUT) == 130, said.seen
         said.rest()
-        assert "pydtrace: nothing was run in process" in "\n".join(said.seen), said.seen
+        if VIA == "gdb":
+            assert "pydtrace: nothing was run in process" in "\n".join(said.seen), said.seen
+        else:
+            assert f"pydtrace: process {pid} runs the script (/tmp/pydtrace-inject-" in "\n".join(said.seen), said.seen
+            assert [name.rsplit(".", 1)[1] for name in injection_files(pid)] == ["py"]
         assert_nothing_left(pid)
         with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
             pipe.write("x")
         line = stdout.next()
         assert line is not None and line.startswith("AFTER "), line
-        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+        loaded = VIA == "remote_exec"
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": loaded, "maps": loaded}
+        assert injection_files(pid) == []
     finally:
         if tool is not None and tool.poll() is None:
             tool.kill()
@@ -1000,7 +1106,7 @@ def test_a_forked_child_of_an_injected_process_says_so():
         child = int(workload.expect("CHILD").split()[1])
         listing = run_tool("list", "-p", str(child))
         assert listing.returncode == 0, listing.stderr
-        assert "probes loaded: yes, injected by python -m dtrace --inject, through gdb" in listing.stdout, \
+        assert f"probes loaded: yes, injected by python -m dtrace --inject, through {THROUGH}\n" in listing.stdout, \
             listing.stdout
         assert "probes armed: yes" in listing.stdout
     finally:
@@ -1108,17 +1214,24 @@ def test_a_main_thread_that_runs_a_subinterpreter():
     """pydtrace-rs cannot load into a sub-interpreter (PyO3 refuses them): its calls at the safe
     points are let pass, and the tool gives up when the main interpreter does not come back."""
     require_gdb()
+    leftovers = []
     workload = Workload("subinterpreter", sys.executable, body=IN_A_SUBINTERPRETER)
     try:
         done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
-        check_error(done, f"process {workload.pid}'s main thread runs a sub-interpreter's code",
-                    "nothing was run in it")
+        if VIA == "gdb":
+            check_error(done, f"process {workload.pid}'s main thread runs a sub-interpreter's code",
+                        "nothing was run in it")
+        else:  # the main interpreter's code runs no more in the main thread: the script waits
+            check_blocked(done, workload.pid)
+            leftovers = injection_files(workload.pid)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert_nothing_left(workload.pid)
         assert not probe_object_mapped(workload.pid)
         assert workload.process.poll() is None
     finally:
         workload.kill()
+        for name in leftovers if VIA == "remote_exec" else []:
+            os.unlink(f"/tmp/{name}")
 
 
 # --- A gdb that cannot write the registers back: refused, the process untouched -----------------
@@ -1214,6 +1327,17 @@ def test_the_stand_in_breaks_a_sleeping_process_as_gdb_13_1_does(stand_in_gdb):
         workload.kill()
 
 
+def gdb_way_python() -> str:
+    """An interpreter --inject reaches through gdb: this one on 3.12 and 3.13, else a 3.13 or 3.12
+    here (pyenv's or Debian's: scripts/dev sets them up)."""
+    if VIA == "gdb":
+        return sys.executable
+    python = older_python("13") or older_python("12")
+    if python is None:
+        require(f"no CPython 3.12 or 3.13 here: on {sys.version.split()[0]} --inject goes through sys.remote_exec")
+    return python
+
+
 def broken_gdbs(stand_in: str) -> list[str]:
     """The stand-in, and this machine's own gdb where it is broken the same way (gdb 13.1 on a CPU
     with AMX)."""
@@ -1228,7 +1352,7 @@ def broken_gdbs(stand_in: str) -> list[str]:
 @pytest.mark.parametrize("shape", sorted(BROKEN_GDB_SHAPES))
 def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives_on(shape, stand_in_gdb):
     for gdb in broken_gdbs(stand_in_gdb):
-        workload = Workload(shape, sys.executable, body=BROKEN_GDB_SHAPES[shape])
+        workload = Workload(shape, gdb_way_python(), body=BROKEN_GDB_SHAPES[shape])
         try:
             if shape == "accept":
                 assert greeting(workload.port) == "hello 1"
@@ -1264,7 +1388,7 @@ def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives
 
 def test_a_gdb_that_is_not_there():
     require_tracer()
-    workload = Workload("sleep", sys.executable)
+    workload = Workload("sleep", gdb_way_python())
     try:
         done = run_tool("calls", "-p", str(workload.pid), "--inject", "--gdb", "/nonexistent/gdb")
         check_error(done, "--gdb names /nonexistent/gdb, which is not an executable gdb")

@@ -181,3 +181,112 @@ def test_odd_classes_never_crash_and_stay_paired(workload_dir):
     assert counts(run, "Failing") == {"new_start": 3, "new_done": 3, "del_start": 3, "del_done": 3}
     assert all(level == 0 for level in run.maps["@level"].values())
     assert run.workload.idle["hooked_classes"] == 0
+
+
+def test_a_stress_mix_frees_every_instance_once(workload_dir):
+    """Every shape of deallocation the copy of subtype_dealloc follows, many times over: deep chains
+    through a __dict__, through __slots__ and through a list subclass; subclasses of builtins;
+    weak references with callbacks, also those a finalizer made (called, as CPython does: the
+    weak references are cleared after the finalizer ran); __del__ in cycles the collector frees;
+    resurrection. Each instance's
+    deletion fires exactly once, paired, on every version the delete probes are on for."""
+    body = """
+        import gc, weakref
+
+        N = 500
+        DEPTH = 30000
+        called = []
+        made_in_del = []
+        kept = []
+
+        class Chain:
+            pass
+
+        class SlotChain:
+            __slots__ = ("next", "__weakref__")
+
+        class Nest(list):
+            pass
+
+        class D(dict):
+            pass
+
+        class S(str):
+            pass
+
+        class T(tuple):
+            pass
+
+        class E(Exception):
+            pass
+
+        class B(bytes):
+            pass
+
+        class I(int):
+            __slots__ = ()
+
+        class Weakly:
+            pass
+
+        class MakesRef:
+            def __del__(self):
+                made_in_del.append(weakref.ref(self, lambda r: called.append("late")))
+
+        class CycleDel:
+            def __init__(self):
+                self.me = self
+            def __del__(self):
+                pass
+
+        class Phoenix:
+            revived = False
+            def __del__(self):
+                if not self.revived:
+                    self.revived = True
+                    kept.append(self)
+
+        def chain(cls, depth):
+            head = None
+            for _ in range(depth):
+                link = cls()
+                link.next = head
+                head = link
+            return head
+
+        def run(result):
+            gc.disable()
+            for cls in (Chain, SlotChain):
+                head = chain(cls, DEPTH)
+                del head
+            nest = Nest()
+            for _ in range(DEPTH):
+                nest = Nest([nest])
+            del nest
+            for i in range(N):
+                D(a=i); S("s%d" % i); T((i, i)); E(i); B(b"x"); I(i)
+                w = Weakly()
+                ref = weakref.ref(w, lambda r: called.append("cb"))
+                del w
+                MakesRef()
+                CycleDel()
+                Phoenix()
+            result["resurrected"] = len(kept)
+            kept.clear()
+            result["collected"] = gc.collect() > 0
+            result["callbacks"] = called.count("cb")
+            result["late"] = called.count("late")
+            result["dead"] = all(r() is None for r in made_in_del)
+            result["refs_made_in_del"] = len(made_in_del)
+    """
+    run = trace(body, INSTANCE_PROGRAM, ALL_INSTANCE_PROBES, workload_dir, tracer_env=SHORT_STRINGS)
+    n, depth = 500, 30000
+    assert run.result == {"resurrected": n, "collected": True, "callbacks": n, "late": n, "dead": True,
+                          "refs_made_in_del": n}, run.result
+    for name in ("Chain", "SlotChain"):
+        assert counts(run, name)["del_start"] == counts(run, name)["del_done"] == depth, name
+    assert counts(run, "Nest")["del_start"] == counts(run, "Nest")["del_done"] == depth + 1
+    for name in ("D", "S", "T", "E", "B", "I", "Weakly", "MakesRef", "CycleDel", "Phoenix"):
+        assert counts(run, name)["del_start"] == counts(run, name)["del_done"] == n, (name, counts(run, name))
+    assert all(level == 0 for level in run.maps["@level"].values())
+    assert run.workload.idle["hooked_classes"] == 0

@@ -455,11 +455,12 @@ def test_a_malformed_environment_scope_is_one_usage_error_for_a_command():
 
 def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):
     process = scoped()
-    # An object without the channel: the process's pydtrace-rs is older than the tools.
-    import _json
-
+    # An object without the channel: the process's pydtrace-rs is older than the tools. The C
+    # library stands in (an extension module would not: Debian builds _json and others in).
+    maps = Path(f"/proc/{process.pid}/maps").read_text().splitlines()
+    libc = next(line.split()[-1] for line in maps if Path(line.split()[-1]).name.startswith("libc.so"))
     with pytest.raises(ToolError, match="has no scope channel .* older than --module/--file"):
-        tool_scope.Channel(process.pid, _json.__file__)
+        tool_scope.Channel(process.pid, libc)
     # A channel that does not hold what it should (the object replaced on disk, say).
     channel = tool_scope.Channel(process.pid)
     channel.write(0, b"X")
@@ -604,6 +605,26 @@ def test_run_takes_the_scope_too(workload_dir):
               for line in done.stdout.splitlines() if line.startswith("@[")}
     # Traced from its first line: the import of inscope runs its module body and class body too.
     assert counts == {**EXPECTED, "<module>": 1, "K": 1}, done.stdout
+
+
+
+def test_a_command_takes_the_scope_while_its_interpreter_starts(workload_dir):
+    """``-c`` with a scope: the command waits for the tool inside its .pth, before its interpreter
+    is initialised (3.15 reports Py_IsInitialized() 0 there), and its watcher takes the scope
+    up all the same. The line probe, which no interpreter declares itself, counts exactly."""
+    require_tracer()
+    (workload_dir / "inscope.py").write_text(INSCOPE)
+    script = workload_dir / "main.py"
+    script.write_text(textwrap.dedent(WORKLOAD).replace("range(N)", f"range({N})") + "\nrun({})\n")
+    leaf_return = INSCOPE.splitlines().index("    return x  # leaf-return") + 1
+    program = 'usdt:*:python:line { @[str(arg1), arg2] = count(); }'
+    done = run_tool("run", "-e", program, "--module", "inscope", "-c", f"{sys.executable} {script}",
+                    cwd=workload_dir)
+    assert done.returncode == 0, done.stderr
+    counts = {line.split("[", 1)[1].split("]")[0]: int(line.rsplit(":", 1)[1])
+              for line in done.stdout.splitlines() if line.startswith("@[")}
+    assert counts[f"leaf, {leaf_return}"] == N, done.stdout
+    assert not [key for key in counts if key.split(",")[0] in ("outside", "run")], done.stdout
 
 
 def tool_children(pid: int) -> list[int]:

@@ -1,5 +1,21 @@
 //! The deallocator that stands in for CPython's `subtype_dealloc` while a
 //! delete probe is armed, with the probes around deallocation proper.
+//!
+//! What differs between the versions it follows (`Objects/typeobject.c`):
+//! - 3.12 to 3.13: `subtype_dealloc` wraps the GC path in the trashcan
+//!   (`Py_TRASHCAN_BEGIN`), which a different `tp_dealloc` does not get:
+//!   [`dealloc`] defers deep nesting itself ([`DEALLOC_NESTING_LIMIT`]).
+//! - 3.14 and 3.15: the trashcan moved into `_Py_Dealloc`, which defers any
+//!   GC object, ours included, when the C stack runs low; the deferral here
+//!   stays (it only ever nests less), and an object it defers goes to its
+//!   type's `tp_dealloc` as before. The weak references a finalizer made are
+//!   cleared by `_PyWeakref_ClearWeakRefsNoCallbacks`, which is the loop over
+//!   `_PyWeakref_ClearRef` of [`clear_weakrefs_without_callbacks`]; the rest
+//!   (untrack, finalizer and resurrection, weak references with callbacks,
+//!   slots up to the nearest non-subtype base, managed or offset `__dict__`,
+//!   re-track for a GC base, the base's dealloc, the type's decref) is step
+//!   for step as in 3.13. `PyObject_ClearManagedDict` also frees 3.14's
+//!   inline values.
 
 use std::cell::{Cell, RefCell};
 use std::ptr;

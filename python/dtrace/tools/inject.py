@@ -6,7 +6,6 @@ runs ``import dtrace`` in it, under the GIL, at a point where the interpreter ru
 own accord (where it runs signal handlers and pending calls):
 
 - CPython 3.14 and later: ``sys.remote_exec(pid, script)`` (PEP 768), the interpreter's own way.
-  UNTESTED here: no 3.14 on the project's machine.
 - CPython 3.12 and 3.13: gdb (batch mode), with the script ``gdb_inject.py`` beside this file,
   which says what it does step by step.
 
@@ -111,11 +110,75 @@ def load(sys, offered):
                 reason=module.unavailable_reason, armed=armed)
 
 
+def remove_script(os):
+    """sys.remote_exec: the interpreter has read the script; remove it (and keep the tool's
+    report file: written below if the tool still waits for it). The tool names them NAME.py and
+    NAME.report."""
+    try:
+        os.unlink(REPORT_PATH[: -len(".report")] + ".py")
+    except OSError:
+        pass
+
+
+def write_report(os, text):
+    """The report, into the file the tool made, if the tool still waits (it removes the file when
+    it gives up): never a new file."""
+    try:
+        fd = os.open(REPORT_PATH, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return
+    try:
+        os.write(fd, text + b"\\n")
+    finally:
+        os.close(fd)
+
+
+def hand_on(sys, error, script):
+    """sys.remote_exec reports an exception that ends its script as unraisable: the program would
+    never see it. A thread waits until the main thread has left this script (code object
+    ``script``), then raises the same exception there, asynchronously: at the main thread's next
+    instruction, where the program's own signal handler would have raised it."""
+    import _thread
+
+    main = _thread.get_ident()  # the script runs on the main thread
+    error = error.with_traceback(None)
+
+    class Handed(BaseException):
+        def __new__(cls, *args):
+            return error  # what CPython instantiates for an asynchronous exception: this one
+
+    def inside():
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code is script:
+                return True
+            frame = frame.f_back
+        return False
+
+    def later():
+        pause = _thread.allocate_lock()
+        pause.acquire()
+        while inside():
+            pause.acquire(timeout=0.001)
+        try:
+            import ctypes
+        except ImportError:
+            if isinstance(error, KeyboardInterrupt):
+                _thread.interrupt_main()
+            return
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(Handed))
+
+    _thread.start_new_thread(later, ())
+
+
 def run():
+    import os
     import sys
 
     report = dict(origin=ORIGIN)
     handed = None
+    if ORIGIN == "remote_exec":
+        remove_script(os)
     try:
         try:
             report.update(load(sys, OFFERED))
@@ -128,8 +191,10 @@ def run():
         handed = error
     text = repr(report).encode("ascii", "backslashreplace")
     if REPORT_PATH is not None:
-        with open(REPORT_PATH, "wb") as out:
-            out.write(text + b"\\n")
+        write_report(os, text)
+    if handed is not None and ORIGIN == "remote_exec":
+        hand_on(sys, handed, sys._getframe(1).f_code)
+        handed = None
     return text, handed
 
 
@@ -619,28 +684,38 @@ def _check_not_left_stopped(pid: int, before: str | None, stopped_by: int | None
         print(f"pydtrace: process {pid} was left stopped by gdb; it was continued (SIGCONT)", file=sys.stderr)
 
 
-# --- 3.14 and later: sys.remote_exec (PEP 768), UNTESTED here ---------------------------------
+# --- 3.14 and later: sys.remote_exec (PEP 768) ------------------------------------------------
 
 
 def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> dict:
     """Run the code in the target with ``sys.remote_exec``; the code's report, or ToolError.
 
-    UNTESTED: the project's machine has no CPython 3.14. The script and its report live in the
-    target's /tmp (reached through /proc/PID/root, so that a process in another mount namespace
-    sees them), created by the tool, owned by the target's user, readable by no one else.
+    The script and its report live in the target's /tmp (reached through /proc/PID/root, so that
+    a process in another mount namespace sees them; held open as a directory, so that they can be
+    removed after the process is gone), created by the tool, owned by the target's user, readable
+    by no one else. The target runs the script when its main thread next runs Python code, which
+    may be long after the tool stopped waiting: so the script stays until the target has run it
+    (the code removes it first thing), and the tool, when it stops waiting, removes only the report
+    file, which tells the code that no one reads its report any more.
     """
     import secrets
 
     pid = process.pid
     uid, gid = _owner(pid)
-    name = f"pydtrace-inject-{os.getpid()}-{secrets.token_hex(4)}"
+    name = f"pydtrace-inject-{pid}-{secrets.token_hex(4)}"  # the target's PID: whose script it is
     inside = f"/tmp/{name}"
-    outside = f"/proc/{pid}/root/tmp/{name}"
-    paths = [outside + ".py", outside + ".report"]
+    script, report = name + ".py", name + ".report"
     try:
-        for path, text in ((paths[0], code("remote_exec", offered, inside + ".report")), (paths[1], "")):
+        tmp = os.open(f"/proc/{pid}/root/tmp", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        if not _running(pid):
+            raise pyprocess.gone(pid) from None
+        raise ToolError(f"cannot reach the /tmp of process {pid}: {error}") from None
+    sent = False
+    try:
+        for file, text in ((script, code("remote_exec", offered, inside + ".report")), (report, "")):
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=tmp)
             except OSError as error:
                 raise ToolError(f"cannot write the script for process {pid} into its /tmp: {error}") from None
             try:
@@ -649,23 +724,48 @@ def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> d
             finally:
                 os.close(fd)
         _remote_exec(process, inside + ".py")
+        sent = True
         deadline = time.monotonic() + SAFE_POINT_TIMEOUT
-        while time.monotonic() < deadline:
-            text = _read_report(paths[1])
-            if text is not None:
-                return _parse_report(pid, text)
-            if not _running(pid):
-                raise ToolError(f"process {pid} exited during the injection")
-            select.select([], [], [], 0.02)
-        raise ToolError(f"process {pid} did not run the script within {SAFE_POINT_TIMEOUT:g} s: its main thread "
-                        "runs no Python code now (blocked in C?). It runs the script when it does: the probes "
-                        "may load later")
+        try:
+            while time.monotonic() < deadline:
+                text = _read_report(report, tmp)
+                if text is not None:
+                    return _parse_report(pid, text)
+                if not _running(pid):
+                    sent = False  # nothing will run the script now
+                    # The code removes its script first thing: gone, it ran.
+                    when = "before the injected code ran" if _exists(script, tmp) else "while the injected code ran"
+                    raise ToolError(f"process {pid} exited during the injection, {when}")
+                select.select([], [], [], 0.02)
+        except KeyboardInterrupt:
+            if _exists(script, tmp):
+                print(f"pydtrace: process {pid} runs the script ({inside}.py) when its main thread next runs "
+                      "Python code, and loads the probes then", file=sys.stderr, flush=True)
+            raise
+        raise ToolError(
+            f"process {pid} has not run the script within {SAFE_POINT_TIMEOUT:g} s: sys.remote_exec runs it "
+            "when the process's main thread next runs Python code, and that thread runs none now (it waits "
+            f"in C: a sleep, a lock, I/O). The script stays in its /tmp ({inside}.py) until then; when it "
+            "runs, it removes itself and loads the probes. `python -m dtrace list -p "
+            f"{pid}` says whether they are loaded; try the tool again then")
     finally:
-        for path in paths:
+        # Until the target has run the script, the script stays: the target would fail to open it
+        # (FileNotFoundError on its stderr) and never load the probes. The report goes: that tells
+        # the code, when it runs, that no one waits for it.
+        for file in (report,) if sent and _exists(script, tmp) else (report, script):
             try:
-                os.unlink(path)
+                os.unlink(file, dir_fd=tmp)
             except OSError:
                 pass
+        os.close(tmp)
+
+
+def _exists(file: str, directory: int) -> bool:
+    try:
+        os.stat(file, dir_fd=directory, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _remote_exec(process: pyprocess.PythonProcess, script: str) -> None:
@@ -697,9 +797,10 @@ def _owner(pid: int) -> tuple[int, int]:
     return uid, gid
 
 
-def _read_report(path: str) -> str | None:
+def _read_report(file: str, directory: int) -> str | None:
+    """The report in ``file`` of the open ``directory``, once the code has written all of it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
     except OSError:
         return None
     try:
