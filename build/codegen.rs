@@ -175,7 +175,10 @@ fn argument_register(arch: &str, index: usize) -> &'static str {
         _ => panic!("the SDT emitter supports x86_64 and aarch64, not {arch}"),
     };
     registers.get(index).copied().unwrap_or_else(|| {
-        panic!("a probe passes at most {} arguments in registers on {arch}", registers.len())
+        panic!(
+            "a probe passes at most {} arguments in registers on {arch}",
+            registers.len()
+        )
     })
 }
 
@@ -190,7 +193,10 @@ fn sized_register(arch: &str, register: &str, bytes: u32) -> String {
     if arch != "x86_64" {
         return register.to_string();
     }
-    if let Some(number) = register.strip_prefix('r').filter(|n| n.parse::<u8>().is_ok()) {
+    if let Some(number) = register
+        .strip_prefix('r')
+        .filter(|n| n.parse::<u8>().is_ok())
+    {
         let suffix = match bytes {
             1 => "b",
             2 => "w",
@@ -254,7 +260,12 @@ pub fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
             })
             .collect();
         let operands: String = (0..probe.types.len())
-            .map(|i| format!("            in(\"{}\") arg{i},\n", argument_register(arch, i)))
+            .map(|i| {
+                format!(
+                    "            in(\"{}\") arg{i},\n",
+                    argument_register(arch, i)
+                )
+            })
             .collect();
         let _ = write!(
             out,
@@ -482,7 +493,10 @@ mod tests {
             .iter()
             .map(|&(i, bytes)| sized_register("x86_64", argument_register("x86_64", i), bytes))
             .collect();
-        assert_eq!(names, ["%dil", "%si", "%edx", "%rcx", "%r8d", "%r9b", "%cl"]);
+        assert_eq!(
+            names,
+            ["%dil", "%si", "%edx", "%rcx", "%r8d", "%r9b", "%cl"]
+        );
     }
 
     #[test]

@@ -585,9 +585,7 @@ fn claim_tool_id(monitoring: &Bound<'_, PyAny>) -> Result<u8, Error> {
 /// have not failed), unhooks the rest, and publishes what is live.
 pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
     faults::forget_failures_except(wanted);
-    let wanted = wanted
-        .intersection(ARMABLE)
-        .difference(faults::failed());
+    let wanted = wanted.intersection(ARMABLE).difference(faults::failed());
     let Some(mut state) = lock_state(py) else {
         // Re-entered from Python code that arming itself ran (an audit hook,
         // say): leave it to the outer call.

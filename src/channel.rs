@@ -435,7 +435,13 @@ pub fn poll() -> bool {
         });
     }
     TRACKING.store(watch.slots.iter().any(Option::is_some), Ordering::Relaxed);
-    let requests = || watch.slots.iter().flatten().filter_map(|t| t.asked.as_ref());
+    let requests = || {
+        watch
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|t| t.asked.as_ref())
+    };
     LEASES.store(requests().any(|r| r.scope.is_some()), Ordering::Release);
     let probes = requests().fold(ProbeSet::EMPTY, |set, r| set.union(r.probes));
     LEASED_PROBES.store(probes.bits(), Ordering::Release);
@@ -501,8 +507,12 @@ fn parse_lease(text: Result<String, scope::ScopeError>) -> Result<Request, scope
         .split([',', '\n'])
         .map(str::trim)
         .partition(|entry| entry.starts_with("probe:"));
-    let names: Vec<&str> = probe_lines.iter().map(|e| e["probe:".len()..].trim()).collect();
-    let probes = ProbeSet::from_names(&names).map_err(|unknown| scope::ScopeError::Probe(unknown.0))?;
+    let names: Vec<&str> = probe_lines
+        .iter()
+        .map(|e| e["probe:".len()..].trim())
+        .collect();
+    let probes =
+        ProbeSet::from_names(&names).map_err(|unknown| scope::ScopeError::Probe(unknown.0))?;
     let scope = Scope::parse(&scope_lines.join("\n"))?;
     if scope.is_empty() && probes.is_empty() {
         return Err(scope::ScopeError::Empty);

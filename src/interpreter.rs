@@ -124,7 +124,7 @@ fn read(_py: Python<'_>) -> Declared {
                     if note.semaphore != 0 {
                         let address = object.bias.wrapping_add(note.semaphore as usize);
                         if object.writable(address)
-                            && !declared.semaphores.iter().any(|s| *s == (index, address))
+                            && !declared.semaphores.contains(&(index, address))
                         {
                             declared.semaphores.push((index, address));
                         }
@@ -206,7 +206,10 @@ mod linux {
 
     /// The main executable and any libpython, in the order the loader lists them.
     pub fn interpreter_objects() -> Vec<Object> {
-        let mut found = Visit { entries: 0, objects: Vec::new() };
+        let mut found = Visit {
+            entries: 0,
+            objects: Vec::new(),
+        };
         // SAFETY: the callback only reads the entries it is handed, during the call.
         unsafe {
             libc::dl_iterate_phdr(Some(visit), (&mut found as *mut Visit).cast());
@@ -220,7 +223,11 @@ mod linux {
         objects: Vec<Object>,
     }
 
-    unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
         // SAFETY: `data` is the Visit handed to dl_iterate_phdr; `info` is valid during the call.
         let found = unsafe { &mut *data.cast::<Visit>() };
         let info = unsafe { &*info };
@@ -230,12 +237,18 @@ mod linux {
             String::new()
         } else {
             // SAFETY: a NUL-terminated string owned by the loader.
-            unsafe { CStr::from_ptr(info.dlpi_name) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(info.dlpi_name) }
+                .to_string_lossy()
+                .into_owned()
         };
         let path = if first && name.is_empty() {
             // The first entry is the main program, named "": its file is /proc/self/exe.
             MAIN_PROGRAM.to_owned()
-        } else if name.rsplit('/').next().is_some_and(|base| base.starts_with("libpython")) {
+        } else if name
+            .rsplit('/')
+            .next()
+            .is_some_and(|base| base.starts_with("libpython"))
+        {
             name
         } else {
             return 0;
@@ -244,7 +257,8 @@ mod linux {
         let mut writable = Vec::new();
         if !info.dlpi_phdr.is_null() {
             // SAFETY: dlpi_phnum program headers at dlpi_phdr, valid during the call.
-            let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+            let headers =
+                unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
             for header in headers {
                 if header.p_type == libc::PT_LOAD && header.p_flags & libc::PF_W != 0 {
                     let start = bias.wrapping_add(header.p_vaddr as usize);
@@ -252,7 +266,11 @@ mod linux {
                 }
             }
         }
-        found.objects.push(Object { path, bias, writable });
+        found.objects.push(Object {
+            path,
+            bias,
+            writable,
+        });
         0
     }
 
@@ -273,7 +291,8 @@ mod linux {
         let file = File::open(path).map_err(|e| e.to_string())?;
         let read = |offset: u64, len: usize| -> Result<Vec<u8>, String> {
             let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset).map_err(|e| format!("reading {len} bytes at {offset}: {e}"))?;
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| format!("reading {len} bytes at {offset}: {e}"))?;
             Ok(buf)
         };
         let header = read(0, 64)?;
@@ -281,10 +300,16 @@ mod linux {
             return Err("not a 64-bit little-endian ELF object".into());
         }
         let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
-        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
-        let (shoff, shentsize, shnum, shstrndx) =
-            (u64_at(&header, 0x28), u16_at(&header, 0x3a) as usize, u16_at(&header, 0x3c) as usize, u16_at(&header, 0x3e) as usize);
+        let u32_at =
+            |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        let u64_at =
+            |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let (shoff, shentsize, shnum, shstrndx) = (
+            u64_at(&header, 0x28),
+            u16_at(&header, 0x3a) as usize,
+            u16_at(&header, 0x3c) as usize,
+            u16_at(&header, 0x3e) as usize,
+        );
         if shoff == 0 || shnum == 0 {
             return Ok(Vec::new()); // no section headers (stripped to the bone): no notes to read
         }
@@ -319,7 +344,9 @@ mod linux {
         let mut notes = Vec::new();
         let mut at = 0;
         while at + 12 <= data.len() {
-            let word = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or_default()) as usize;
+            let word = |o: usize| {
+                u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or_default()) as usize
+            };
             let (namesz, descsz, kind) = (word(at), word(at + 4), word(at + 8));
             let name_at = at + 12;
             let desc_at = name_at + align(namesz);
@@ -333,7 +360,10 @@ mod linux {
                 let mut strings = desc[24..].split(|&b| b == 0);
                 if let (Some(provider), Some(name)) = (strings.next(), strings.next()) {
                     if provider == b"python" {
-                        notes.push(Note { name: String::from_utf8_lossy(name).into_owned(), semaphore });
+                        notes.push(Note {
+                            name: String::from_utf8_lossy(name).into_owned(),
+                            semaphore,
+                        });
                     }
                 }
             }
@@ -373,15 +403,29 @@ mod linux {
             data.extend(note("libc", "setjmp", 0));
             data.extend(note("python", "audit", 0));
             let whole = parse_notes(&data);
-            let names: Vec<(&str, u64)> = whole.iter().map(|n| (n.name.as_str(), n.semaphore)).collect();
+            let names: Vec<(&str, u64)> = whole
+                .iter()
+                .map(|n| (n.name.as_str(), n.semaphore))
+                .collect();
             assert_eq!(names, [("gc__start", 0x3000), ("audit", 0)]);
             let cut = parse_notes(&data[..data.len() - 5]);
             assert_eq!(cut.len(), 1);
         }
 
         #[test]
-        fn this_test_binary_declares_no_python_probes() {
-            assert!(python_notes("/proc/self/exe").expect("readable").is_empty());
+        fn this_test_binary_declares_the_providers_probes() {
+            // The crate's own probes are linked into its test binary (the Linux SDT backend).
+            let mut names: Vec<String> = python_notes(MAIN_PROGRAM)
+                .expect("readable")
+                .into_iter()
+                .map(|note| note.name)
+                .collect();
+            names.sort();
+            let mut expected: Vec<&str> = crate::probes::PROBE_NAMES.to_vec();
+            expected.sort();
+            if cfg!(probe_backend = "stapsdt") {
+                assert_eq!(names, expected);
+            }
             assert!(python_notes("/nonexistent").is_err());
         }
     }

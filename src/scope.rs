@@ -67,9 +67,15 @@ pub struct Scope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScopeError {
     Glob(GlobError),
-    ModuleName { name: String, reason: String },
+    ModuleName {
+        name: String,
+        reason: String,
+    },
     Empty,
-    TooLong { len: usize, limit: usize },
+    TooLong {
+        len: usize,
+        limit: usize,
+    },
     NotUtf8,
     /// A lease's `probe:NAME` names no probe of the provider.
     Probe(String),

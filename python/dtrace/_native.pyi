@@ -20,8 +20,16 @@ def enabled_probes() -> frozenset[str]:
     """The probes a consumer enables and that are hooked in now."""
 
 def interpreter_probes() -> frozenset[str]:
-    """The probes this interpreter fires itself (built ``--with-dtrace``: gc, import and audit, and
-    function entry and return from 3.15), which this module leaves to it."""
+    """The probes this interpreter declares itself (built ``--with-dtrace``: gc, import and audit,
+    and function entry and return from 3.15), read from its SDT notes. Such a probe is left to the
+    interpreter while a consumer enables the interpreter's copy (docs/interpreter-probes.md)."""
+
+def interpreter_firing() -> frozenset[str]:
+    """The declared probes the interpreter fires now: a consumer raised its own semaphore."""
+
+def interpreter_objects() -> tuple[list[tuple[str, str]], str | None]:
+    """Each probe the interpreter declares with the object that declares it, as ``(name, path)``
+    pairs; and why its notes could not be read, or None."""
 
 def consumer_probes() -> frozenset[str]:
     """The probes a consumer enables now (their semaphores are raised), hooked in yet or not."""
