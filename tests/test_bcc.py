@@ -2,9 +2,10 @@
 
 bcc reads the SDT notes of every object the process maps, so the tools find provider ``python`` in
 pydtrace-rs's probe object unchanged. On an interpreter that declares a probe too (Debian's builds
-``--with-dtrace``: gc__start/done from 3.12 on, function__entry/return on 3.15), bcc merges both
-objects' sites into one probe: it attaches a uprobe at every site, and raises the semaphore of the
-first object it read, the interpreter's executable (mapped below the libraries). The rule of
+``--with-dtrace``: gc__start/done from 3.12 on, function__entry/return on 3.15), bcc (0.26) merges
+both objects' notes of one name into one probe and raises the semaphore of the first object it
+read: the interpreter's executable (mapped below the libraries), as the workload sees while the
+tool is attached (its own semaphore stays down). The rule of
 src/interpreter.rs then has the interpreter fire it, and pydtrace-rs leave its own copy silent, so
 each event reaches the tool once; were ours raised instead, ours would fire and the interpreter's
 stay silent. Each test asserts that exactly one of the two fires, whichever bcc picked.
