@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 
 import dtrace
 from tracing import STEP_TIMEOUT, Lines, Workload, handshake, require
