@@ -16,9 +16,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SCOPE = ("<!-- scope:begin -->", "<!-- scope:end -->")  # benches/scope.py
 CFUNCTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")  # measured apart, written by hand
 ATTACH_LATENCY = ("<!-- attach-latency: written by benches/attach_latency.py -->", "<!-- /attach-latency -->")
+PYSTACK = ("<!-- pystack:begin -->", "<!-- pystack:end -->")  # benches/pystack_cost.py's output, written by hand
 
 #: Every owned section, in the order report.py keeps them.
-OWNED = (SCOPE, CFUNCTION, ATTACH_LATENCY)
+OWNED = (SCOPE, CFUNCTION, ATTACH_LATENCY, PYSTACK)
 
 
 def kept(output: Path, markers: tuple[str, str]) -> list[str]:

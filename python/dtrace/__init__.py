@@ -141,10 +141,18 @@ def scope() -> Scope | None:
     return None if in_force is None else Scope(*in_force)
 
 
+def _is_tool() -> bool:
+    """Whether this process is ``python -m dtrace`` or ``pydtrace`` (known before ``sys.argv`` is)."""
+    argv = getattr(_sys, "orig_argv", [])
+    return argv[1:3] == ["-m", "dtrace"] or (len(argv) > 1 and _os.path.basename(argv[1]) == "pydtrace")
+
+
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
     if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
         return
+    if _is_tool():
+        return  # the tools' own process (PYDTRACE=1 in its environment is for the command it starts)
     import atexit
 
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
@@ -173,8 +181,14 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
+    if _os.environ.get(_FOLLOW_VARIABLE):
+        # Under a tool's --children: a process forked from this one reports to the tool before
+        # its own code runs (after the hook above has restarted its watcher).
+        _os.register_at_fork(after_in_child=_follow_tool)
     if _os.environ.get(_STARTUP_VARIABLE):
         _wait_for_tool()
+    elif _os.environ.get(_FOLLOW_VARIABLE):
+        _follow_tool()
     elif consumer := _native.consumer_probes():
         # A consumer attached before this process loaded the probe object (bpftrace by the
         # object's path, without -p: system-wide; the kernel raises the semaphores of every
@@ -225,6 +239,49 @@ def _wait_for_tool() -> None:
     probes = [name for name in (words[1] if len(words) > 1 else "").split(",") if name]
     if not wait_for_consumer(*probes, timeout=_STARTUP_TIMEOUT):
         print(f"pydtrace: the tool's probes were not live within {_STARTUP_TIMEOUT:g} s; running on", file=sys.stderr)
+
+
+#: Set by a tool for the command it starts: the path of the tool's socket where every Python
+#: process of the command's tree reports (dtrace/tools/children.py).
+_FOLLOW_VARIABLE = "PYDTRACE_FOLLOW"
+#: Seconds a process of the tree waits for the tool's answer (its tracer's start-up).
+_FOLLOW_TIMEOUT = 60.0
+
+
+def _follow_tool() -> None:
+    """A process of a traced command's tree (a child, started by exec or fork) reports to the
+    tool: ``"PID LIBRARY\\n"`` on its socket. Under ``--children`` the tool answers
+    ``"go NAME,NAME\\n"`` once a tracer is attached to this process, and this process waits
+    until those probes are live; otherwise the tool closes the connection and this process
+    runs on at once, untraced. Nothing is waited for when the tool is gone."""
+    path = _os.environ.get(_FOLLOW_VARIABLE)
+    if not path:
+        return
+    import _socket  # the C module: `import socket` would cost this start-up more
+
+    words: list[str] = []
+    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        connection.settimeout(_FOLLOW_TIMEOUT)
+        connection.connect(path)
+        connection.sendall(f"{_os.getpid()} {library_path()}\n".encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        words = data.decode(errors="replace").split()
+    except OSError:
+        return  # the tool has gone (or never listened): run untraced
+    finally:
+        connection.close()
+    if words[:1] != ["go"]:
+        return
+    probes = [name for name in (words[1] if len(words) > 1 else "").split(",") if name]
+    if not wait_for_consumer(*probes, timeout=_STARTUP_TIMEOUT):
+        print(f"pydtrace: the tool's probes were not live within {_STARTUP_TIMEOUT:g} s; running on",
+              file=_sys.stderr)
 
 
 _arm_from_environment()

@@ -9,6 +9,7 @@ from dtrace.tools.base import Tool, cut_note
 class Calls(Tool):
     name = "calls"
     script = "calls"
+    aggregate_script = "calls_aggregate"
     summary = "calls per function, with --latency their total and average time"
     description = (
         "Count Python function calls per file and function (co_qualname), most called first. "
@@ -16,7 +17,9 @@ class Calls(Tool):
         "(a recursive function counts its nested calls again), sorted by total time. "
         "A generator or coroutine counts once per resume. With --native, also the calls of C "
         "functions (builtin functions, methods of builtin types, any callable that is not Python "
-        "code) per caller, the file and line that called them, timed too with --latency."
+        "code) per caller, the file and line that called them, timed too with --latency. "
+        "The process counts (and times) the calls itself and reports them to the tracer at each flush, "
+        "with no event per call; --per-event (and --native) trace each call instead."
     )
     examples = """\
 examples:
@@ -25,9 +28,11 @@ examples:
   python -m dtrace calls -L -n 10 -d 5 -p 4711   top 10 by time, for 5 seconds
   python -m dtrace calls -i 1 -p 4711            a table per second
   python -m dtrace calls --native -L -p 4711     with the C functions and their callers, timed
+  python -m dtrace calls --per-event -p 4711     a probe per call, counted by the tracer
   python -m dtrace calls --script                print the bpftrace program
 """
     maps = {"@calls": "ss", "@time_ns": "ss", "@ccalls": "ssd", "@ctime_ns": "ssd"}
+    event_maps = ("@calls", "@ccalls")
 
     def add_arguments(self, parser):
         parser.add_argument("-L", "--latency", action="store_true",
@@ -37,10 +42,13 @@ examples:
                                  "(default: %(default)s)")
         parser.add_argument("--native", action="store_true",
                             help="also count (and with --latency time) the C functions Python code calls, "
-                                 "per calling line")
+                                 "per calling line (per event)")
+        parser.add_argument("--per-event", action="store_true",
+                            help="fire a probe per call and count in the tracer, as before aggregation in the "
+                                 "process (slower: a trap per event)")
 
     def sections(self, args):
-        keep = {"latency"} if args.latency else set()
+        keep = {"latency"} if args.latency else {"count"}
         if args.native:
             keep |= {"native", "native_latency"} if args.latency else {"native"}
         return keep
@@ -66,6 +74,9 @@ examples:
         total = sum(calls.values())
         out.write(f"{total} calls of {len(calls)} functions")
         out.write(f"; {hidden} functions not shown (-n 0 shows all)\n" if hidden else "\n")
+        if args.latency:
+            out.write("TOTAL: from entry to return, callees included; a caller's time holds its callees' (and a "
+                      "recursive call's, its own again): the column adds up to more than the time traced\n")
         return [part for k in calls for part in k]
 
     def report_native(self, maps, args, out) -> list[str]:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from dtrace.tools import pyprocess
-from dtrace.tools.options import STARTUP_TIMEOUT
+from dtrace.tools.options import STARTUP_TIMEOUT, own_python
 from dtrace.tools.tracers import DTrace, Event, ToolError, Tracer
 
 #: Seconds the tracer may take to attach every probe (its BEGIN line).
@@ -248,6 +248,16 @@ def probe_object(pid: int) -> str | None:
     return None
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+
+
 def watcher_running(pid: int) -> bool | None:
     """Whether the probes' watcher thread runs in ``pid`` (the probes are armed); None if unknown."""
     if not os.path.isdir(f"/proc/{pid}/task"):
@@ -255,10 +265,10 @@ def watcher_running(pid: int) -> bool | None:
     return bool(pyprocess.watcher_names(pid))
 
 
-def attach(pid: int, inject: bool = False) -> Target:
+def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
     """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux). A Python
     process that has not is offered the probes (dtrace/tools/inject.py): on a terminal the user
-    is asked; with ``inject`` they are loaded at once."""
+    is asked; with ``inject`` they are loaded at once (through ``gdb``, on 3.12 and 3.13, when given)."""
     check_running(pid)
     if not sys.platform.startswith("linux"):
         return Target(pid, None)  # DTrace reports a process without the provider itself
@@ -268,7 +278,7 @@ def attach(pid: int, inject: bool = False) -> Target:
 
         not_loaded = (f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}; "
                       "or pass --inject to load it into the running process now")
-        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded)
+        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded, gdb)
         library = probe_object(pid)
         if library is None:
             raise ToolError(f"the probes were loaded into process {pid}, but its maps show no probe object")
@@ -280,20 +290,34 @@ def attach(pid: int, inject: bool = False) -> Target:
     return Target(pid, library)
 
 
-def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT) -> Target:
+def attach_any(pid: int) -> Target:
+    """The target of ``-p PID`` for a program that enables no probe of pydtrace-rs (a Python stack
+    walk): any running process, whether or not it loaded dtrace; nothing is injected."""
+    check_running(pid)
+    library = probe_object(pid) if sys.platform.startswith("linux") else None
+    return Target(pid, library)
+
+
+def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT,
+          environment: dict[str, str] | None = None) -> Target:
     """Start ``command`` (an argument list, or a string split like a shell would split it; run
-    without a shell) held at start-up, see the module doc. It gets SIGTERM if the tool dies."""
+    without a shell) held at start-up, see the module doc. It gets SIGTERM if the tool dies.
+    ``environment``: variables added to its environment (``PYDTRACE_FOLLOW``)."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     if not argv:
-        raise ToolError("-c needs a command, e.g. -c \"python3 app.py\"")
+        raise ToolError(f"-c needs a command, e.g. -c \"{own_python()} app.py\"")
     from_child, child_writes = os.pipe()
     child_reads, to_child = os.pipe()
-    env = {**os.environ, "PYDTRACE": "1", "PYDTRACE_STARTUP": f"{child_writes},{child_reads}"}
+    env = {**os.environ, **(environment or {}), "PYDTRACE": "1",
+           "PYDTRACE_STARTUP": f"{child_writes},{child_reads}"}
     try:
         process = subprocess.Popen(argv, env=env, pass_fds=(child_writes, child_reads),
                                    preexec_fn=die_with_parent(signal.SIGTERM))
     except FileNotFoundError:
         _close_all(from_child, child_writes, child_reads, to_child)
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
+            raise ToolError(f"command not found: {argv[0]}: -c runs the command without a shell, so it cannot "
+                            f"set a variable that way; use env: -c \"env {shlex.join(argv)}\"") from None
         raise ToolError(f"command not found: {argv[0]}") from None
     except PermissionError:
         _close_all(from_child, child_writes, child_reads, to_child)
@@ -519,9 +543,17 @@ class Session:
         else:
             self.stopper.step(hurry=True)
 
+    def request_stop(self) -> None:
+        """Stop the tracer once its output has been quiet for a moment, as after Ctrl-C, without a
+        signal to the tool (the end of an aggregating tool's last flush)."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+
     @property
     def stop_requested(self) -> bool:
-        return self._stop_requested_at is not None
+        """Whether a stop was asked for: a stop signal to the tool (also one an aggregating tool
+        answers with a last flush first), or the end of its last flush."""
+        return self._stop_requested_at is not None or bool(self.signals)
 
     def _begin_stop(self) -> None:
         if self.stopper is None:
