@@ -68,7 +68,7 @@ def test_probes_both_declare_are_bound_by_address_the_others_by_path(script):
     assert ("usdt::python:function__entry" in text) == ("function__entry" in by_address)
     # Apart from the attach points and the casts, the program is unchanged.
     def strip(program: str) -> str:
-        program = re.sub(r"\(\(u?int(?:8|16|32)\)(arg\d)\)", r"\1", program)
+        program = re.sub(r"\(\(u?int(?:8|16|32|64)\)(arg\d)\)", r"\1", program)
         return re.sub(r"^(?:usdt|uprobe):.*$", "", program, flags=re.M)
     assert strip(bound) == strip(text)
 
@@ -76,9 +76,10 @@ def test_probes_both_declare_are_bound_by_address_the_others_by_path(script):
 def test_an_argument_narrower_than_64_bits_is_cast_back_to_its_type():
     program = "usdt::python:function__entry { @[str(arg3), arg2] = count(); }"
     bound, _ = interpreter.bind(program, LIBRARY, {"function__entry"})
-    assert "@[str(arg3), ((int32)arg2)] = count();" in bound
-    assert interpreter.casts("8@%rdi 8@%rsi -4@%edx 8@%rcx") == {"arg2": "int32"}
-    assert interpreter.casts("-8@%rdi 2@%si -1@%dl") == {"arg1": "uint16", "arg2": "int8"}
+    assert "@[str(((int64)arg3)), ((int32)arg2)] = count();" in bound
+    assert interpreter.casts("8@%rdi 8@%rsi -4@%edx 8@%rcx") == {
+        "arg0": "int64", "arg1": "int64", "arg2": "int32", "arg3": "int64"}
+    assert interpreter.casts("-8@%rdi 2@%si -1@%dl") == {"arg0": "int64", "arg1": "uint16", "arg2": "int8"}
 
 
 def test_a_clause_mixing_argument_layouts_is_refused():

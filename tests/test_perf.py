@@ -25,6 +25,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+import dtrace
 from tracing import STEP_TIMEOUT, Workload, require
 
 EVENT = "sdt_python:function__entry"
@@ -72,6 +75,8 @@ class PerfRecord:
 
     pid: int
     directory: Path
+    #: The events recorded (a glob, as perf record's -e takes it).
+    event: str = EVENT
 
     @property
     def data(self) -> Path:
@@ -82,7 +87,7 @@ class PerfRecord:
         os.mkfifo(control)
         os.mkfifo(ack)
         self.process = subprocess.Popen(
-            ["perf", "record", "-e", EVENT, "-p", str(self.pid), "-o", str(self.data),
+            ["perf", "record", "-e", self.event, "-p", str(self.pid), "-o", str(self.data),
              "-D", "-1", f"--control=fifo:{control},{ack}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -196,3 +201,67 @@ def test_perf_recipe_survives_a_second_install(tmp_path):
         perf("buildid-cache", "--remove", str(other), check=False)
         perf("buildid-cache", "--update", library, check=False)
     assert perf_events_defined() == []
+
+
+# --- An interpreter that declares gc__start itself (Debian's builds --with-dtrace) ----------------
+
+#: The object of this interpreter that declares gc__start itself, if one does.
+OWN_GC_OBJECT = dict(dtrace._native.interpreter_objects()[0]).get("gc-start")
+GC_EVENT = "sdt_python:gc__start"
+COLLECTIONS = 20
+GC_BODY = f"""
+    import gc
+
+    gc.disable()  # only the collections run() makes
+
+    def run(result):
+        for _ in range({COLLECTIONS}):
+            gc.collect()
+"""
+
+
+@pytest.mark.skipif(OWN_GC_OBJECT is None, reason=f"{sys.executable} does not declare gc__start itself "
+                                                  "(not built --with-dtrace): there is only one copy to probe")
+@pytest.mark.parametrize("copies", ["both", "ours"])
+def test_perf_records_each_collection_once_from_either_copy(workload_dir, copies):
+    """perf probes both objects' gc__start (the second event named with a suffix: gc__start_1)
+    (``-f``: perf refuses a second event of one name without it) and records them with one glob: perf raises both semaphores, the interpreter fires its copy
+    and pydtrace-rs leaves its own silent (src/interpreter.rs), so each collection is recorded once.
+    Ours alone: the interpreter's semaphore stays down, and pydtrace-rs fires each one."""
+    require_perf()
+    workload = Workload(GC_BODY, ["gc-start"], workload_dir)
+    recorder = PerfRecord(0, workload_dir, event=f"{GC_EVENT}*")
+    try:
+        workload.start()
+        recorder.pid = workload.pid
+        perf("probe", "-q", "-d", "sdt_python:*", check=False)
+        objects = [workload.library] + ([OWN_GC_OBJECT] if copies == "both" else [])
+        defined = []
+        for path in objects:
+            perf("buildid-cache", "--update", path)
+            # -f: perf refuses a second event of one name unless forced, and then adds a suffix.
+            added = perf("probe", "-x", path, *(["-f"] if defined else []), "-a", GC_EVENT)
+            names = re.findall(r"(sdt_python:gc__start\w*)", added.stderr + added.stdout)
+            assert names, added
+            defined.append(names[0])
+        assert len(set(defined)) == len(objects), defined  # the second is gc__start_1
+        recorder.start()
+        workload.go()
+        workload.wait_result()
+        recorder.stop()
+        code = workload.finish()
+        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
+    finally:
+        recorder.kill()
+        workload.kill()
+        perf("probe", "-q", "-d", "sdt_python:*", check=False)
+    assert perf_events_defined() == []
+    script = perf("script", "-i", str(recorder.data)).stdout
+    recorded = {name: 0 for name in defined}
+    for row in script.splitlines():
+        match = re.search(r" (sdt_python:gc__start\w*):", row)
+        if match:
+            recorded[match.group(1)] += 1
+    # Both: the interpreter's copy alone fired (its semaphore was up); ours alone: ours.
+    fired = defined[1] if copies == "both" else defined[0]
+    assert recorded == {name: COLLECTIONS if name == fired else 0 for name in defined}, script[:2000]

@@ -32,6 +32,49 @@ def test_maps_by_key_tuple_split_from_the_right():
     assert bpftrace_events(line) == [Event("map", "@calls", {("/tmp/a,b.py", "f"): 3, ("<frozen x>", "Cls.m"): 1})]
 
 
+def test_bpftrace_027_output():
+    # Lines as bpftrace 0.27 prints them: map keys without their spaces, lost events as "count",
+    # a read of an absent key reported under -k.
+    frozen = '{"type": "map", "data": {"@calls": {"<frozenimportlib._bootstrap>,_call_with_frames_removed": 3}}}'
+    assert bpftrace_events(frozen) == [
+        Event("map", "@calls", {("<frozen importlib._bootstrap>", "_call_with_frames_removed"): 3})]
+    assert decode_json_line('{"type": "map", "data": {"@": {"<frozen>": 1, "<frozenzipimport>": 2}}}') == {
+        "type": "map", "data": {"@": {"<frozen>": 1, "<frozen zipimport>": 2}}}
+    assert bpftrace_events('{"type":"lost_events", "count":35710}') == [Event("lost", data=35710)]
+    assert bpftrace_events('{"type": "lost_events", "data": {"events": 12}}') == [Event("lost", data=12)]
+    lookup = ('{"type": "helper_error", "msg": "Success", "helper": "map_lookup_elem", "retcode": 0, '
+              '"filename": "stdin", "line": 1, "col": 23}')
+    assert bpftrace_events(lookup) == []
+    full = ('{"type": "helper_error", "msg": "Argument list too long", "helper": "map_update_elem", '
+            '"retcode": -7, "filename": "stdin", "line": 1, "col": 48}')
+    assert bpftrace_events(full) == [Event("map_full", data=1)]
+
+
+def test_bpftrace_environment_names_both_releases_variables(monkeypatch):
+    monkeypatch.delenv("BPFTRACE_PERF_RB_PAGES", raising=False)
+    tracer = Bpftrace()
+    tracer._version = (0, 27)
+    env = tracer.environment(160, 5000, streaming=True)
+    assert env["BPFTRACE_STRLEN"] == env["BPFTRACE_MAX_STRLEN"] == "160"
+    assert env["BPFTRACE_MAP_KEYS_MAX"] == env["BPFTRACE_MAX_MAP_KEYS"] == "5000"
+    assert env["BPFTRACE_PERF_RB_PAGES"] == "4096"  # one ring buffer for all CPUs
+    tracer._version = (0, 17)
+    assert tracer.environment(160, 5000, streaming=True)["BPFTRACE_PERF_RB_PAGES"] == "1024"  # per CPU
+
+
+def test_a_tracer_path_from_the_option_or_the_environment(monkeypatch, tmp_path):
+    from dtrace.tools.tracers import ToolError, choose_tracer
+
+    monkeypatch.setenv("PYDTRACE_BPFTRACE", "/bin/true")
+    assert choose_tracer("bpftrace").executable() == "/bin/true"
+    assert choose_tracer("bpftrace", "/bin/false").executable() == "/bin/false"
+    with pytest.raises(ToolError, match="--tracer-path names .*missing.*not an executable"):
+        choose_tracer("bpftrace", str(tmp_path / "missing")).executable()
+    monkeypatch.setenv("PYDTRACE_BPFTRACE", str(tmp_path / "missing"))
+    with pytest.raises(ToolError, match="PYDTRACE_BPFTRACE names"):
+        choose_tracer("bpftrace").executable()
+
+
 def test_a_map_without_a_key():
     assert bpftrace_events('{"type": "map", "data": {"@instances": 160}}') == [Event("map", "@instances", {(): 160})]
 

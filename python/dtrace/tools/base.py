@@ -227,7 +227,7 @@ class Tool:
     def run(self, options: Options, out: TextIO = sys.stdout) -> int:
         """One run: the tracer's program on the target, and the report. Returns the exit status."""
         scope_text = scope.requested(options)  # --module/--file, checked before anything starts
-        tracer = tracers.choose_tracer(options.tracer)
+        tracer = tracers.choose_tracer(options.tracer, options.tracer_path)
         if not options.script:
             tracer.executable()
             tracer.check_privileges()

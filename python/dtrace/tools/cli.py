@@ -92,6 +92,9 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
                          help="print the tracer program these options run, and exit")
         sub.add_argument("--tracer", choices=["bpftrace", "dtrace"],
                          help="the tracer (default: bpftrace on Linux, dtrace on macOS and illumos)")
+        sub.add_argument("--tracer-path", metavar="PATH",
+                         help="the tracer's executable (default: $PYDTRACE_BPFTRACE or $PYDTRACE_DTRACE if set, "
+                              "else the first on PATH)")
         sub.add_argument("--max-keys", type=positive, metavar="N",
                          help=f"the most keys a map holds (bpftrace's BPFTRACE_MAP_KEYS_MAX; default: {tool.max_keys})")
         sub.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT, metavar="SECONDS",

@@ -39,8 +39,11 @@ import sys
 from dtrace.tools import elfnotes, programs
 from dtrace.tools.tracers import ToolError
 
-#: The cast that gives an argument narrower than 64 bits its type back, by its size in the note.
-CASTS = {"-1": "int8", "1": "uint8", "-2": "int16", "2": "uint16", "-4": "int32", "4": "uint32"}
+#: The cast that gives an argument narrower than 64 bits its type back, by its size in the note;
+#: and a 64-bit one the type a USDT probe's argN has (int64, where a uprobe's is uint64: bpftrace
+#: 0.27 warns when the two meet in one expression, as in flame's hash of arg0 and arg3).
+CASTS = {"-1": "int8", "1": "uint8", "-2": "int16", "2": "uint16", "-4": "int32", "4": "uint32",
+         "-8": "int64", "8": "int64"}
 
 
 def declared(pid: int, library: str | None) -> dict[str, str]:
@@ -90,7 +93,8 @@ def sites(library: str) -> dict[str, list[elfnotes.Probe]]:
 
 
 def casts(arguments: str) -> dict[str, str]:
-    """``{"arg2": "int32"}`` for each argument of a note's argument string narrower than 64 bits."""
+    """``{"arg2": "int32"}`` for each argument of a note's argument string: its type, as a USDT
+    probe would give it (see CASTS)."""
     out = {}
     for index, spec in enumerate(arguments.split()):
         size = spec.split("@", 1)[0]
@@ -99,11 +103,13 @@ def casts(arguments: str) -> dict[str, str]:
     return out
 
 
-def bind(program: str, library: str, colliding: set[str]) -> tuple[str, list[str]]:
+def bind(program: str, library: str, colliding: set[str], usdt_path: str | None = None) -> tuple[str, list[str]]:
     """The bpftrace ``program`` with its python probes bound to ``library``: those in
     ``colliding`` (declared by the interpreter too) as uprobes at their sites, the others as
-    USDT probes of that object. Returns the program and the probes attached by address (which
-    the process must be asked to fire: no semaphore is raised for them)."""
+    USDT probes of that object, named ``usdt_path`` (default: ``library``). Returns the program
+    and the probes attached by address (which the process must be asked to fire: no semaphore
+    is raised for them)."""
+    usdt_path = usdt_path or library
     ours = sites(library)
     edits: list[tuple[int, int, str]] = []
     by_address: set[str] = set()
@@ -111,17 +117,17 @@ def bind(program: str, library: str, colliding: set[str]) -> tuple[str, list[str
         clause_casts: dict[str, str] | None = None
         for point in clause.attach_points:
             probe = programs.usdt(point)
-            if probe is None or probe.provider != "python" or probe.path not in ("", "*", library):
+            if probe is None or probe.provider != "python" or probe.path not in ("", "*", library, usdt_path):
                 continue
             matched = programs.names_matching(probe.name, sorted(ours))
             if not any(name in colliding for name in matched):
-                if probe.path != library:
-                    edits.append((point.start, point.end, f"usdt:{library}:python:{probe.name}"))
+                if probe.path != usdt_path:
+                    edits.append((point.start, point.end, f"usdt:{usdt_path}:python:{probe.name}"))
                 continue
             points = []
             for name in matched:
                 if name not in colliding:
-                    points.append(f"usdt:{library}:python:{name}")
+                    points.append(f"usdt:{usdt_path}:python:{name}")
                     continue
                 by_address.add(name)
                 for site in ours[name]:
@@ -157,5 +163,8 @@ def adapt(program: str, probes: list[str], pid: int, library: str | None,
                  if any(programs.names_matching(pattern.replace("-", "__"), [name]) for pattern in used)}
     if not colliding:
         return program, probes, []
-    bound, by_address = bind(program, library, colliding)
+    # The other probes by the object's path as the process sees it: bpftrace 0.17 turns a path
+    # under -p into this itself, while later releases (0.27) attach a plain path twice, at the
+    # path and at /proc/PID/root/PATH, and each event of those probes would count twice.
+    bound, by_address = bind(program, library, colliding, f"/proc/{pid}/root{library}")
     return bound, probes, [name.replace("__", "-") for name in by_address]

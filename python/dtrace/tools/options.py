@@ -89,6 +89,8 @@ class Options:
     interval: int | None = None
     script: bool = False
     tracer: str | None = None
+    #: --tracer-path: the tracer's executable, instead of the first on PATH.
+    tracer_path: str | None = None
     max_keys: int | None = None
     startup_timeout: float = STARTUP_TIMEOUT
     #: -p on a process without the probes: load them without asking (docs/injection.md).

@@ -63,7 +63,8 @@ BEGIN_QUIET = 1.0
 #: The Python stack, in a clause of the user's program (bpftrace).
 PYSTACK = "@PYSTACK@"
 #: bpftrace's own line before its probes are attached.
-_ATTACHING = re.compile(r"^Attaching \d+ probes?\.\.\.$")
+#: bpftrace's line once it attaches: 0.17's on stdout, "Attached N probes" (0.27) on stderr.
+_ATTACHING = re.compile(r"^Attach(?:ing \d+ probes?\.\.\.|ed \d+ probes?)$")
 #: bpftrace's stderr lines that say nothing to the user.
 _NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")
 
@@ -227,7 +228,7 @@ examples:
     def _run(self, args, out) -> int:
         text, label = self.source(args)
         scope_text = scope.requested(args)  # --module/--file, checked before anything starts
-        tracer = tracers.choose_tracer(args.tracer)
+        tracer = tracers.choose_tracer(args.tracer, args.tracer_path)
         marker = f"pydtrace-run-{secrets.token_hex(6)}"
         depth = getattr(args, "depth", pystack.DEFAULT_DEPTH)
         if args.script:
@@ -427,7 +428,7 @@ class Trace:
     def _read_stderr(self) -> None:
         for raw in self.process.stderr:
             line = raw.decode(errors="replace")
-            if any(noise in line for noise in _NOISE) or not line.strip():
+            if any(noise in line for noise in _NOISE) or not line.strip() or _ATTACHING.match(line.strip()):
                 continue
             sys.stderr.write(line)
             sys.stderr.flush()

@@ -563,6 +563,10 @@ class Session:
     def _advance_stop(self) -> None:
         """The stop's next step, when one is due: the first SIGINT once the output is quiet or
         DRAIN_LIMIT has passed, then the Stopper's."""
+        if self.target.process is not None:
+            # A started command that has exited is reaped at once: bpftrace 0.17 ends when its
+            # -p process becomes a zombie, later releases (0.27) only once it is reaped.
+            self.target.process.poll()
         if self.stopper is not None:
             self.stopper.step()
             return
