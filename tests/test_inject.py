@@ -145,7 +145,7 @@ def phase(traced):
     """Once the probes the tool loaded are live (if ``traced``): the marked calls, and what must
     be unchanged."""
     module = sys.modules.get("dtrace")
-    live = traced and module is not None and module.wait_for_consumer("function-entry", timeout=60)
+    live = traced and module is not None and module.wait_for_consumer("aggregate-calls", timeout=60)
     for i in range({calls}):
         marked(i)
     import __main__

@@ -92,7 +92,7 @@ def test_bound_scripts_pass_bpftrace_check():
     require_tracer()
     for script in sorted(SCRIPTS.glob("*.bt")):
         bound, _ = interpreter.bind(script.read_text(), LIBRARY, DECLARED_BY_315)
-        strlen = next(tool.strlen for tool in TOOLS.values() if tool.script == script.stem)
+        strlen = next(tool.strlen for tool in TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
         done = subprocess.run(["bpftrace", "-d", "-p", str(os.getpid()), "-e", bound, str(os.getpid())],
                               capture_output=True, text=True, env={**os.environ, "BPFTRACE_STRLEN": str(strlen)},
                               timeout=STEP_TIMEOUT)
