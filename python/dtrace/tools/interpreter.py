@@ -103,18 +103,25 @@ def casts(arguments: str) -> dict[str, str]:
     return out
 
 
-def bind(program: str, library: str, colliding: set[str], usdt_path: str | None = None) -> tuple[str, list[str]]:
+def bind(program: str, library: str, colliding: set[str], usdt_path: str | None = None,
+         pid: int | None = None) -> tuple[str, list[str]]:
     """The bpftrace ``program`` with its python probes bound to ``library``: those in
     ``colliding`` (declared by the interpreter too) as uprobes at their sites, the others as
     USDT probes of that object, named ``usdt_path`` (default: ``library``). Returns the program
     and the probes attached by address (which the process must be asked to fire: no semaphore
-    is raised for them)."""
+    is raised for them).
+
+    bpftrace 0.17 attaches a uprobe by address to the file, for every process that maps it,
+    whatever ``-p`` says: a clause bound so gets the predicate ``pid == PID`` (with ``pid``),
+    so that another process whose probes are armed (by a tool of its own) is not counted."""
     usdt_path = usdt_path or library
     ours = sites(library)
     edits: list[tuple[int, int, str]] = []
     by_address: set[str] = set()
+    masked = programs.mask(program)
     for clause in programs.clauses(program):
         clause_casts: dict[str, str] | None = None
+        rebound = False
         for point in clause.attach_points:
             probe = programs.usdt(point)
             if probe is None or probe.provider != "python" or probe.path not in ("", "*", library, usdt_path):
@@ -130,6 +137,7 @@ def bind(program: str, library: str, colliding: set[str], usdt_path: str | None 
                     points.append(f"usdt:{usdt_path}:python:{name}")
                     continue
                 by_address.add(name)
+                rebound = True
                 for site in ours[name]:
                     points.append(f"uprobe:{library}:{site.location:#x}")
                     wanted = casts(site.arguments)
@@ -139,6 +147,14 @@ def bind(program: str, library: str, colliding: set[str], usdt_path: str | None 
                                         "interpreter; give each its own clause")
                     clause_casts = wanted
             edits.append((point.start, point.end, ", ".join(points)))
+        if rebound and pid is not None:
+            header_end = clause.attach_points[-1].end
+            header = masked[header_end:clause.brace]
+            if "/" in header:  # the clause's own predicate: both must hold
+                first, last = header_end + header.index("/"), header_end + header.rindex("/")
+                edits.append((first, last + 1, f"/pid == {pid} && ({program[first + 1:last].strip()})/"))
+            else:
+                edits.append((header_end, header_end, f" /pid == {pid}/"))
         if clause_casts:
             body = program[clause.brace:clause.end]
             code = programs.mask(program)[clause.brace:clause.end]
@@ -166,5 +182,5 @@ def adapt(program: str, probes: list[str], pid: int, library: str | None,
     # The other probes by the object's path as the process sees it: bpftrace 0.17 turns a path
     # under -p into this itself, while later releases (0.27) attach a plain path twice, at the
     # path and at /proc/PID/root/PATH, and each event of those probes would count twice.
-    bound, by_address = bind(program, library, colliding, f"/proc/{pid}/root{library}")
+    bound, by_address = bind(program, library, colliding, f"/proc/{pid}/root{library}", pid)
     return bound, probes, [name.replace("__", "-") for name in by_address]
