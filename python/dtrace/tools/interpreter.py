@@ -9,8 +9,10 @@ with ``-p`` cannot tell them apart: it fails ("couldn't get argument",
 "Could not resolve symbol"), or attaches silently to the wrong address.
 
 So on such a target a tool attaches to the probe object's sites of those
-probes by address (``uprobe:LIBRARY:0xADDRESS``), with ``-p`` as usual: the
-kernel puts the breakpoint into that process only. The note of each probe
+probes by address (``uprobe:LIBRARY:0xADDRESS``), with ``-p`` as usual and a
+``pid == PID`` predicate (bpftrace 0.17 attaches such a uprobe for every
+process that maps the file; one whose probes are not armed never reaches the
+site, so it pays nothing). The note of each probe
 pins argument N to the register a uprobe reads as ``argN`` (the C calling
 convention's; build/codegen.rs), so the clause reads the same arguments;
 one narrower than 64 bits is cast back to its type. A uprobe raises no
