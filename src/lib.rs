@@ -109,6 +109,7 @@ mod _native {
             at_exit,
             aggregate_flush,
             aggregate_stats,
+            getenv,
         );
         init(m)
     }
@@ -395,6 +396,15 @@ mod _native {
                 },
             )
         };
+    }
+
+    /// The environment variable `name` as `os.environ.get(name)` gives it (decoded as
+    /// `os.environ` decodes it), or None: read from the C environment, which `os.environ`
+    /// keeps in step, without the KeyError that `os.environ.get` raises and catches for a
+    /// variable that is not set (`import dtrace` reads four).
+    #[pyfunction]
+    fn getenv(name: &str) -> Option<std::ffi::OsString> {
+        std::env::var_os(name)
     }
 
     /// (what is gathered: bits 1 calls, 2 times, 4 lines, 8 the tree; code

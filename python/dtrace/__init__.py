@@ -125,16 +125,18 @@ def scope() -> "Scope | None":
 
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
-    if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
+    # The variables are read through _native.getenv: os.environ.get raises and catches a KeyError
+    # for each variable that is not set, a noticeable share of `import dtrace` (BENCHMARKS.md).
+    if _native is None or not available or (_native.getenv("PYDTRACE") or "").strip() == "0":
         return
     import atexit
 
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
     # without a consumer, to measure the shim's own cost.
-    forced = [name for name in _os.environ.get("PYDTRACE_FORCE", "").replace(" ", "").split(",") if name]
+    forced = [name for name in (_native.getenv("PYDTRACE_FORCE") or "").replace(" ", "").split(",") if name]
     # PYDTRACE_SCOPE=app,*/jobs/*.py: only that code fires the function and line probes
     # (a malformed scope is ignored with a RuntimeWarning: the program never sees an error).
-    base_scope = _os.environ.get("PYDTRACE_SCOPE")
+    base_scope = _native.getenv("PYDTRACE_SCOPE")
     try:
         _native.arm(forced, base_scope)
     except ValueError as error:
@@ -155,7 +157,7 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
-    if _os.environ.get(_STARTUP_VARIABLE):
+    if _native.getenv(_STARTUP_VARIABLE):
         from dtrace._startup import wait_for_tool
 
         wait_for_tool()
