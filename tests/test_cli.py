@@ -13,8 +13,11 @@ import sys
 import pytest
 
 from dtrace.tools import TOOLS, cli
-from dtrace.tools.options import Options, UsageError, flame_output, split_command
+from dtrace.tools.options import Options, UsageError, flame_output, own_python, split_command
 from tracing import require_tracer, run_tool
+
+#: How the tools name this environment's Python in their examples and messages.
+PY = own_python()
 
 PROG = "python -m dtrace"
 
@@ -79,11 +82,11 @@ def test_list_needs_no_target_and_script_needs_none():
 
 @pytest.mark.parametrize("argv, message", [
     (["calls"], "give -p PID or -c COMMAND (or --script)"),
-    (["calls", "-c", ""], '-c needs a command, e.g. -c "python3 app.py"'),
-    (["calls", "-c", "   "], '-c needs a command, e.g. -c "python3 app.py"'),
+    (["calls", "-c", ""], f'-c needs a command, e.g. -c "{PY} app.py"'),
+    (["calls", "-c", "   "], f'-c needs a command, e.g. -c "{PY} app.py"'),
     (["calls", "-c", "python3 'app.py"],
      "-c cannot split \"python3 'app.py\" like a shell: no closing quotation; quote it as a shell would, "
-     "e.g. -c \"python3 app.py 'two words'\""),
+     f"e.g. -c \"{PY} app.py 'two words'\""),
     (["calls", "-p", "0"], "-p 0 is not a process ID: give the PID of a running process"),
     (["calls", "-p", "-5"], "-p -5 is not a process ID: give the PID of a running process"),
     (["calls", "-n", "-1", "-p", "1"], "-n must be 0 (show all) or more, not -1"),
@@ -122,6 +125,10 @@ def test_flame_format_and_file(output, chosen, folded, expected):
 def test_flame_output_paths_are_checked_at_parse_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert options("flame", "-o", "here.svg", "-p", "1").output == "here.svg"
+    # A name whose suffix promises another format than the one written (issue 21: x.png got SVG).
+    assert "flame writes SVG (.svg), speedscope JSON (.json) or folded stacks (.folded), not PNG" in \
+        usage_error("flame", "-o", "x.png", "-p", "1")
+    assert options("flame", "--format", "svg", "-o", "x.out", "-p", "1").format == "svg"
     assert usage_error("flame", "-o", "nodir/x.svg", "-p", "1") == \
         "-o nodir/x.svg: there is no directory nodir: create it, or write elsewhere"
     (tmp_path / "adir").mkdir()
@@ -166,10 +173,10 @@ def test_an_option_the_tool_does_not_take_prints_that_tools_usage():
 
 
 def test_an_empty_or_unsplittable_command_is_a_usage_error():
-    check_usage(run_tool("calls", "-c", ""), "calls", '-c needs a command, e.g. -c "python3 app.py"')
+    check_usage(run_tool("calls", "-c", ""), "calls", f'-c needs a command, e.g. -c "{PY} app.py"')
     check_usage(run_tool("calls", "-c", 'python3 "app.py'), "calls",
                 "-c cannot split 'python3 \"app.py' like a shell: no closing quotation; quote it as a shell "
-                "would, e.g. -c \"python3 app.py 'two words'\"")
+                f"would, e.g. -c \"{PY} app.py 'two words'\"")
 
 
 def test_no_tool_is_a_usage_error():

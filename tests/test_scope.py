@@ -428,13 +428,29 @@ def check_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
         assert phrase in done.stderr, done.stderr
 
 
+def check_usage_error(done: subprocess.CompletedProcess, *phrases: str) -> None:
+    """A usage error: exit status 2 (docs/tools/README.md), the tool's usage, and the phrases."""
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "usage:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    for phrase in phrases:
+        assert phrase in done.stderr, done.stderr
+
+
 def test_a_malformed_option_is_refused_before_anything_starts():
     # Checked before the tracer is looked for: these need neither root nor bpftrace.
-    check_error(run_tool("calls", "--file", "app/[x", "-p", str(os.getpid())),
-                "--file app/[x: malformed file glob", "no closing ']'")
-    check_error(run_tool("flow", "--module", "my-app", "-c", "true"),
-                "--module my-app:", "not a module name")
-    check_error(run_tool("calls", "--file", "a,b", "-p", str(os.getpid())), "cannot hold a comma")
+    check_usage_error(run_tool("calls", "--file", "app/[x", "-p", str(os.getpid())),
+                      "--file app/[x: malformed file glob", "no closing ']'")
+    check_usage_error(run_tool("flow", "--module", "my-app", "-c", "true"),
+                      "--module my-app:", "not a module name")
+    check_usage_error(run_tool("calls", "--file", "a,b", "-p", str(os.getpid())), "cannot hold a comma")
+
+
+def test_a_malformed_environment_scope_is_one_usage_error_for_a_command():
+    # The command would inherit it, warn and run unscoped: refused before anything starts, and the
+    # tool's own process (which has PYDTRACE=1 too) does not warn about it as well.
+    done = run_tool("calls", "-c", "true", env={"PYDTRACE": "1", "PYDTRACE_SCOPE": "inscope,my-app"})
+    check_usage_error(done, "PYDTRACE_SCOPE='inscope,my-app' in the environment", "not a module name")
+    assert "RuntimeWarning" not in done.stderr, done.stderr
 
 
 def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):

@@ -200,6 +200,8 @@ def test_calls_latency_through_c_and_p(workload_dir, mode):
     assert done.stdout.splitlines()[0].split() == ["CALLS", "TOTAL", "AVERAGE", "FUNCTION", "FILE"]
     countdown = re.search(r"^\s*(\d+)\s+(\S+ \S+)\s+(\S+ \S+)\s+countdown\s", done.stdout, re.M)
     assert countdown and countdown.group(1) == "300", done.stdout
+    # The report says what TOTAL means (countdown recurses: its total counts nested calls again).
+    assert "TOTAL: from entry to return, callees included" in done.stdout, done.stdout
     probes = ["function-entry", "function-return"] if MODES[mode] else ["aggregate-time", "aggregate-flush"]
     workload, tool = trace_with_tool(COUNTDOWN, ["calls", "-L", *MODES[mode]], probes, workload_dir)
     countdown = re.search(r"^\s*(\d+)\s+(\S+ \S+)\s+(\S+ \S+)\s+countdown\s", tool.stdout, re.M)

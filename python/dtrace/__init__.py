@@ -123,12 +123,20 @@ def scope() -> "Scope | None":
     return Scope(*in_force)
 
 
+def _is_tool() -> bool:
+    """Whether this process is ``python -m dtrace`` or ``pydtrace`` (known before ``sys.argv`` is)."""
+    argv = getattr(_sys, "orig_argv", [])
+    return argv[1:3] == ["-m", "dtrace"] or (len(argv) > 1 and _os.path.basename(argv[1]) == "pydtrace")
+
+
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
     # The variables are read through _native.getenv: os.environ.get raises and catches a KeyError
     # for each variable that is not set, a noticeable share of `import dtrace` (BENCHMARKS.md).
     if _native is None or not available or (_native.getenv("PYDTRACE") or "").strip() == "0":
         return
+    if _is_tool():
+        return  # the tools' own process (PYDTRACE=1 in its environment is for the command it starts)
     import atexit
 
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
@@ -157,10 +165,20 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
+    if _native.getenv(_FOLLOW_VARIABLE):
+        from dtrace._startup import follow_tool
+
+        # Under a tool's --children: a process forked from this one reports to the tool before
+        # its own code runs (after the hook above has restarted its watcher).
+        _os.register_at_fork(after_in_child=follow_tool)
     if _native.getenv(_STARTUP_VARIABLE):
         from dtrace._startup import wait_for_tool
 
         wait_for_tool()
+    elif _native.getenv(_FOLLOW_VARIABLE):
+        from dtrace._startup import follow_tool
+
+        follow_tool()
     elif consumer := _native.consumer_probes():
         # A consumer attached before this process loaded the probe object (bpftrace by the
         # object's path, without -p: system-wide; the kernel raises the semaphores of every
@@ -176,6 +194,10 @@ def _arm_from_environment() -> None:
 #: Set by ``python -m dtrace TOOL -c COMMAND`` for the command it starts: the
 #: file descriptors of a pipe to the tool and a pipe from it, ``"WFD,RFD"``.
 _STARTUP_VARIABLE = "PYDTRACE_STARTUP"
+#: Set by a tool for the command it starts: the path of the tool's socket where every Python
+#: process of the command's tree reports (dtrace/tools/children.py).
+_FOLLOW_VARIABLE = "PYDTRACE_FOLLOW"
+
 
 
 def __getattr__(name: str) -> object:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import os
 import re
 import signal
 import sys
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
-from dtrace.tools import aggregate, interpreter, pystack, report, runner, scope, tracers
+from dtrace.tools import aggregate, children, interpreter, pystack, report, runner, scope, tracers
 from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
@@ -72,6 +76,9 @@ class Tool:
     intervals = True
     #: Whether the tool needs a target (-p or -c) to run.
     needs_target = True
+    #: The maps whose counts are events of the function and line probes, keyed by file first
+    #: (calls' @calls, lines' @lines): the cost note's numbers (see cost_note).
+    event_maps: tuple[str, ...] = ()
 
     # --- the command line
 
@@ -191,6 +198,10 @@ class Tool:
     def on_lost(self, count: int, out: TextIO) -> None:
         """The tracer lost ``count`` events here (its output buffer was full)."""
 
+    def events_by_file(self) -> dict[str, int]:
+        """A streaming tool's events so far, per file (for the cost note); map tools use event_maps."""
+        return {}
+
     def report(self, maps: dict[str, dict[tuple[str, ...], Any]], args: Options,
                out: TextIO, label: str | None, session: runner.Session) -> None:
         """Print what the maps say: at the end, or at each interval (``label`` is its time)."""
@@ -224,12 +235,36 @@ class Tool:
             return 0
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
+        self._children: list[threading.Thread] = []
+        self._child_sessions: list[runner.Session] = []
+        self._child_interrupts: list[Callable[[int], None]] = []
+        self._out_lock = threading.Lock()
+        follower = None
         if options.argv:
-            target = runner.start(options.argv, options.startup_timeout)
+            # Every Python process of the command's tree reports to the follower: traced with
+            # --children, counted otherwise (dtrace/tools/children.py).
+            follower = children.Follower(
+                options.children,
+                lambda child: self._follow(child, options, tracer, program, probes, scope_text, out))
+            try:
+                target = runner.start(options.argv, options.startup_timeout, follower.environment())
+            except BaseException:
+                follower.close()
+                raise
+            follower.start(target.pid)
         elif not probes and pystack.uses_walk(program):
             target = runner.attach_any(options.pid)  # the walk needs no probe: any Python process
         else:
             target = runner.attach(options.pid, options.inject, options.gdb)
+        try:
+            return self._run_target(options, tracer, program, probes, scope_text, target, follower, out)
+        finally:
+            if follower is not None:
+                follower.close()
+
+    def _run_target(self, options, tracer, program, probes, scope_text, target, follower, out) -> int:
+        """The run once the target is known: the root process's tracer, then what its
+        children's tracers report."""
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
         # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
         try:
@@ -253,9 +288,14 @@ class Tool:
         try:
             session.start()
             for sig in stops:
-                signal.signal(sig, lambda signum, frame: interrupt(signum))
-            return self._collect(options, target, session, probes, out)
+                signal.signal(sig, lambda signum, frame: self._interrupt_all(interrupt, signum))
+            code = self._collect(options, target, session, probes, self._sink(options, target, out))
+            self._end_children(session, follower, out)
+            return code
         except BaseException:
+            for child in self._child_sessions:
+                if child.process.poll() is None:
+                    child.process.kill()
             if getattr(session, "process", None) is not None and session.process.poll() is None:
                 session.process.kill()  # nothing more is read: the kernel detaches its probes
                 session.wait()
@@ -269,6 +309,110 @@ class Tool:
                 self.aggregation.close()
             if lease is not None:
                 lease.release()  # the scope goes back to what it was
+
+    # --- --children: a tracer per process of the command's tree
+
+    def _sink(self, options: Options, target: runner.Target, out: TextIO) -> TextIO:
+        """Where a process's output goes: with --children, a streaming tool's lines carry the
+        process's PID; a map tool's reports are per-process sections (see _section)."""
+        return Prefixed(out, target.pid, self._out_lock) if options.children and self.streaming else out
+
+    def _interrupt_all(self, interrupt: Callable[[int], None], signum: int) -> None:
+        """A stop signal: the command's trace (``interrupt``: its session's, or its aggregation's,
+        which asks for a last flush first) and every child's."""
+        interrupt(signum)
+        for child in list(self._child_interrupts):
+            child(signum)
+
+    def _follow(self, target: runner.Target, options, tracer, program, probes, scope_text, out) -> None:
+        """A process of the command's tree reported (from the follower's thread): trace it."""
+        thread = threading.Thread(target=self._trace_child,
+                                  args=(target, options, tracer, program, probes, scope_text, out), daemon=True)
+        self._children.append(thread)
+        thread.start()
+
+    def _trace_child(self, target: runner.Target, options, tracer, program, probes, scope_text, out) -> None:
+        """One child's tracer, from its attach to its report: the same program, scope and
+        probes as the command's. A child that cannot be traced runs on untraced, said on stderr."""
+        described = target.describe()
+        lease = tool = None
+        try:
+            program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
+            lease = scope.open_session(options, target, scope_text, asked, quiet=True)
+            env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
+            aggregated = self.aggregated(options, tracer.dialect)
+            arguments = self.aggregate_arguments(target) if aggregated else self.arguments(target)
+            session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists, arguments)
+            tool = type(self)()
+            tool.aggregation = (aggregate.Aggregation(session, target, options.interval, self.ticks(options),
+                                                      options.duration) if aggregated else None)
+            session.start()
+            self._child_sessions.append(session)
+            self._child_interrupts.append(tool.aggregation.interrupt if tool.aggregation else session.interrupt)
+            early, ready = [], None
+            for event in session.events(timeout=runner.ATTACH_TIMEOUT):
+                if event.kind == "printf" and event.data.startswith("Tracing "):
+                    ready = event
+                    break
+                early.append(event)
+            if ready is None:
+                session.stop()
+                raise session.failure("failed")
+            if tool.aggregation is not None:
+                tool.aggregation.begin(early)
+            target.release(probes)
+            sink = self._sink(options, target, out)
+            buffer = sink if self.streaming else io.StringIO()
+            tool.start(options, target, buffer)
+            gathered = tool._gather(early, session, options, buffer)
+            session.wait()
+            if gathered.maps or not self.intervals or not getattr(options, "interval", None):
+                tool.report(gathered.maps, options, buffer, None, session)
+            tool.finish(options, buffer, session)
+            ended = "ended" if not runner.alive(target.pid) else "still running"
+            if not self.streaming:
+                self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
+            tool.warn_incomplete(session, options, f"PID {target.pid}: ")
+            if tool.aggregation is not None and not session.killed:
+                tool.aggregation.warn_incomplete()
+            warn_dropped(gathered.dropped, f"PID {target.pid}: ")
+            if tool.aggregation is None:  # aggregating, the process traps once per flush, not per event
+                cost_note(gathered.by_file or tool.events_by_file(), gathered.seconds, session.lost, options,
+                          f"PID {target.pid}: ")
+        except (ToolError, OSError, TimeoutError) as error:
+            target.abandon()
+            if not runner.alive(target.pid):
+                # Its parent ended it (a pool's terminate()) while it waited: it ran none of its code.
+                self._section(out, f"{described}, a child process (ended before its tracer attached)", "")
+            else:
+                runner.warn(f"the child process {described} is not traced: {error}")
+        finally:
+            if tool is not None and tool.aggregation is not None:
+                tool.aggregation.close()
+            if lease is not None:
+                lease.release()
+
+    def _section(self, out: TextIO, title: str, text: str) -> None:
+        with self._out_lock:
+            out.write(f"\n=== {title}\n{text}")
+            out.flush()
+
+    def _end_children(self, session: runner.Session, follower, out: TextIO) -> None:
+        """After the command's trace: the children's tracers end with their processes, or are
+        stopped with the trace; a child that started untraced is said."""
+        if follower is None:
+            return
+        if session.stop_requested:
+            for child in list(self._child_sessions):
+                child.interrupt()
+        for thread in list(self._children):
+            thread.join()
+        follower.close()
+        untraced = follower.untraced
+        if untraced:
+            runner.warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
+                        f"{', '.join(map(str, untraced[:8]))}{', ...' if len(untraced) > 8 else ''}): "
+                        "--children traces them too, each from its first line")
 
     def _collect(self, options, target, session, probes, out) -> int:
         # The program's BEGIN prints "Tracing ..." once every probe is attached. Another CPU's
@@ -291,29 +435,14 @@ class Tool:
             raise session.failure(f"failed (exit status {code})")
         if self.aggregation is not None:
             self.aggregation.begin(early)  # under -p, the first flush: nothing from before counts
+        if self.aggregation is not None:
+            self.aggregation.begin(early)  # under -p, the first flush: nothing from before counts
         target.release(probes)
-        print(f"{ready.data.rstrip()}  [{target.describe()}]", file=sys.stderr, flush=True)
+        described = target.describe()
+        print(f"{ready.data.rstrip()}  [{described}]", file=sys.stderr, flush=True)
         self.start(options, target, out)
-        maps: dict[str, dict] = {}
-        intervals = 0
-        dropped = 0
-        for event in itertools.chain(early, session.events()):
-            if event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.FLUSHED:
-                self.aggregation.flushed()
-            elif event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.EXIT_FLUSHED:
-                self.aggregation.exit_flushed()
-            elif event.kind == "printf":
-                self.on_printf(event.data, out)
-            elif event.kind == "map" and event.name == "@dropped":
-                dropped += sum(event.data.values())
-            elif event.kind == "lost":
-                self.on_lost(event.data, out)
-            elif event.kind == "map":
-                maps.setdefault(event.name, {}).update(event.data)
-            elif event.kind == "time":
-                self.report(maps, options, out, event.data, session)
-                out.flush()
-                maps, intervals = {}, intervals + 1
+        gathered = self._gather(early, session, options, out)
+        maps, intervals = gathered.maps, gathered.intervals
         code = session.wait()
         # Whether the command ended by itself, before anything stopped the trace: only then is
         # its exit status its own (after Ctrl-C, the terminal's SIGINT reached it too).
@@ -325,6 +454,11 @@ class Tool:
         # With -i, what came after the last interval is reported, unless -d ended the trace
         # with that interval.
         ended_by_duration = intervals and intervals == self.ticks(options)
+        if options.children and not self.streaming:
+            # The command's own section; its children's come as they end.
+            for thread in list(self._children):
+                thread.join()
+            out.write(f"\n=== {described}, the command\n")
         if not intervals or (any(maps.get(name) for name in self.maps) and not ended_by_duration):
             self.report(maps, options, out, "at exit" if intervals else None, session)
         self.finish(options, out, session)
@@ -332,9 +466,9 @@ class Tool:
         self.warn_incomplete(session, options)
         if self.aggregation is not None and not session.killed:
             self.aggregation.warn_incomplete()
-        if dropped:
-            runner.warn(f"{dropped} calls or lines were not gathered: the process reached a bound of its "
-                        "aggregation (the call tree's nodes, a code object's lines; docs/probes.md)")
+        warn_dropped(gathered.dropped)
+        if self.aggregation is None:  # aggregating, the process traps once per flush, not per event
+            cost_note(gathered.by_file or self.events_by_file(), gathered.seconds, session.lost, options)
         if target.process is None:
             return 0
         if not command_ended:
@@ -342,6 +476,36 @@ class Tool:
         if session.stop_requested:
             return 0
         return self.command_status(target.process.returncode)
+
+    def _gather(self, early: list, session: runner.Session, options: Options, out: TextIO) -> Gathered:
+        """A process's events, from its tracer's first to its exit, passed to this tool: its
+        printed lines, lost events and, at each interval, its report. Returns the maps not yet
+        reported, the intervals, and what the cost note needs. One loop for the command's tracer
+        and each child's (--children)."""
+        gathered = Gathered()
+        began = last = time.monotonic()
+        for event in itertools.chain(early, session.events()):
+            last = time.monotonic()
+            if event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.FLUSHED:
+                self.aggregation.flushed()
+            elif event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.EXIT_FLUSHED:
+                self.aggregation.exit_flushed()
+            elif event.kind == "printf":
+                self.on_printf(event.data, out)
+            elif event.kind == "map" and event.name == "@dropped":
+                gathered.dropped += sum(event.data.values())
+            elif event.kind == "lost":
+                self.on_lost(event.data, out)
+            elif event.kind == "map":
+                gathered.maps.setdefault(event.name, {}).update(event.data)
+                if event.name in self.event_maps:
+                    count_by_file(gathered.by_file, event.data)
+            elif event.kind == "time":
+                self.report(gathered.maps, options, out, event.data, session)
+                out.flush()
+                gathered.maps, gathered.intervals = {}, gathered.intervals + 1
+        gathered.seconds = last - began  # until the last event: not the tracer's drain after a stop
+        return gathered
 
     @staticmethod
     def stop_command(target: runner.Target) -> int:
@@ -382,8 +546,8 @@ class Tool:
             )
         return [p for p in probes if p in _native.ARMABLE_PROBES]
 
-    def warn_incomplete(self, session: runner.Session, args: Options) -> None:
-        """Never a silently wrong table: say what the tracer lost."""
+    def warn_incomplete(self, session: runner.Session, args: Options, who: str = "") -> None:
+        """Never a silently wrong table: say what the tracer lost (``who``: the process, for a child)."""
         if session.killed:
             runner.warn(
                 f"{session.tracer.name} did not stop after two SIGINTs and was killed: "
@@ -391,7 +555,7 @@ class Tool:
             )
         if session.lost:
             runner.warn(
-                f"{session.lost} events were lost (the tracer's output buffer overflowed): "
+                f"{who}{session.lost} events were lost (the tracer's output buffer overflowed): "
                 "the output above is incomplete"
             )
         if session.map_full:
@@ -413,3 +577,101 @@ def cut_note(names: list[str], strlen: int) -> str | None:
     if not cut:
         return None
     return f"{len(cut)} names reached the tracer's string limit ({strlen - 1} bytes) and may be cut (marked ...)"
+
+
+@dataclass
+class Gathered:
+    """What :meth:`Tool._gather` read from one process's tracer."""
+
+    maps: dict[str, dict] = field(default_factory=dict)
+    intervals: int = 0
+    #: The events of the function and line probes per file, and the seconds they came in.
+    by_file: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    #: What the process could not gather while it aggregated (it reached a bound).
+    dropped: int = 0
+
+
+def warn_dropped(dropped: int, prefix: str = "") -> None:
+    """Say that an aggregating process reached a bound, if it did."""
+    if dropped:
+        runner.warn(f"{prefix}{dropped} calls or lines were not gathered: the process reached a bound of its "
+                    "aggregation (the call tree's nodes, a code object's lines; docs/probes.md)")
+
+
+#: Events per second above which a trace is said to slow the program: each event of the function
+#: and line probes stops the program for a trap into the kernel, about 4 us (decision 22 in
+#: docs/decisions.md), so 25,000 a second take about a tenth of its time.
+BUSY_RATE = 25_000
+#: The seconds one event costs the traced program, for the estimate the note gives.
+EVENT_COST = 4e-6
+#: Seconds of the program's time below which the trace's cost goes unsaid (a short start-up's
+#: burst of imports has a high rate and costs nothing that matters).
+NOTICEABLE = 0.1
+
+
+def count_by_file(by_file: dict[str, int], data: dict) -> None:
+    """Add a map's counts (keys with the file first) to ``by_file``."""
+    for key, value in data.items():
+        if isinstance(value, int) and key:
+            file = key[0] if isinstance(key, tuple) else str(key)
+            by_file[file] = by_file.get(file, 0) + value
+
+
+def scope_option(file: str) -> str:
+    """The --module or --file option that selects ``file``'s code: the top-level package for a
+    file of the standard library or of site-packages, the file otherwise."""
+    match = re.search(r"/(?:site-packages|dist-packages|lib/python3\.\d+t?)/(.+?)\.py$", file)
+    if match and not match.group(1).startswith(("site-packages/", "dist-packages/")):
+        return f"--module {match.group(1).split('/')[0]}"
+    if file.startswith("<"):
+        return f"--file '{file}'"
+    return f"--file {os.path.basename(file)}" if file.startswith("/") else f"--file {file}"
+
+
+def cost_note(by_file: dict[str, int], seconds: float, lost: int, options: Options, who: str = "") -> None:
+    """When the trace was busy enough to slow the program, or lost events: say so with numbers,
+    and name the cheapest way out: a scope on the code asked about (where the events came from),
+    or sampling for where time goes."""
+    events = sum(by_file.values())
+    rate = events / seconds if seconds > 0 else 0.0
+    if not lost and (rate < BUSY_RATE or events * EVENT_COST < NOTICEABLE):
+        return
+    scoped = bool(options.scope_modules or options.scope_files)
+    sources: dict[str, int] = {}
+    for file, count in by_file.items():
+        option = scope_option(file)
+        sources[option] = sources.get(option, 0) + count
+    top = [item for item in sorted(sources.items(), key=lambda item: -item[1])[:3] if item[1] * 100 >= events]
+    where = ", ".join(f"{option} ({100 * count / events:.0f}%)" for option, count in top) if events else ""
+    spent = events * EVENT_COST
+    lines = [f"{who}the trace saw {events:,} events in {seconds:.1f} s ({rate:,.0f} a second)"
+             + (f", and lost {lost:,}" if lost else "")
+             + f": at about {EVENT_COST * 1e6:.0f} us each, it took about {spent:.1f} s of the program's time."]
+    if where and not scoped:
+        lines.append(f"Most events came from: {where}. Trace only the code you are asking about, with "
+                     "--module NAME or --file GLOB (other code then costs nothing).")
+    elif where:
+        lines.append(f"Within the scope, most events came from: {where}: narrow it further.")
+    lines.append("For where time goes, sample instead of tracing every call (flame --sample, or perf, "
+                 "py-spy): the cost does not grow with the calls.")
+    runner.warn(" ".join(lines))
+
+
+class Prefixed(io.TextIOBase):
+    """An output whose lines carry a process's PID first, written whole under a lock (the
+    tracers of a command's processes write at once)."""
+
+    def __init__(self, out: TextIO, pid: int, lock: threading.Lock) -> None:
+        self.out, self.prefix, self.lock, self.pending = out, f"{pid:<7} ", lock, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            lines, self.pending = self.pending.rsplit("\n", 1)
+            with self.lock:
+                self.out.write("".join(f"{self.prefix}{line}\n" for line in lines.split("\n")))
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()

@@ -32,6 +32,7 @@ examples:
   python -m dtrace calls --script                print the bpftrace program
 """
     maps = {"@calls": "ss", "@time_ns": "ss", "@ccalls": "ssd", "@ctime_ns": "ssd"}
+    event_maps = ("@calls", "@ccalls")
 
     def add_arguments(self, parser):
         parser.add_argument("-L", "--latency", action="store_true",
@@ -73,6 +74,9 @@ examples:
         total = sum(calls.values())
         out.write(f"{total} calls of {len(calls)} functions")
         out.write(f"; {hidden} functions not shown (-n 0 shows all)\n" if hidden else "\n")
+        if args.latency:
+            out.write("TOTAL: from entry to return, callees included; a caller's time holds its callees' (and a "
+                      "recursive call's, its own again): the column adds up to more than the time traced\n")
         return [part for k in calls for part in k]
 
     def report_native(self, maps, args, out) -> list[str]:

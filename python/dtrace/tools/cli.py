@@ -17,7 +17,8 @@ import signal
 import sys
 
 from dtrace.tools import TOOLS, scope
-from dtrace.tools.options import EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive
+from dtrace.tools.options import (EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive,
+                                  with_own_python)
 from dtrace.tools.tracers import ToolError
 
 EPILOG = """\
@@ -55,14 +56,14 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
         prog=prog,
         description="Ready-made tracing tools on the probes of pydtrace-rs (bpftrace on Linux, "
                     "DTrace on macOS and illumos).",
-        epilog=EPILOG,
+        epilog=with_own_python(EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tools = top.add_subparsers(dest="tool", metavar="TOOL", title="tools")
     subparsers = {}
     for tool in TOOLS.values():
         sub = tools.add_parser(tool.name, help=tool.summary, description=tool.description,
-                               epilog=tool.examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=with_own_python(tool.examples), formatter_class=argparse.RawDescriptionHelpFormatter)
         subparsers[tool.name] = sub
         tool.add_arguments(sub)
         if tool.name != "list":
@@ -71,6 +72,11 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
         target.add_argument("-p", "--pid", type=int, help=COMMON_HELP["pid"])
         target.add_argument("-c", "--command", metavar="COMMAND",
                             help=COMMON_HELP["command"] if tool.needs_target else COMMON_HELP["list-command"])
+        if tool.needs_target:
+            sub.add_argument("--children", action="store_true",
+                             help="with -c, also trace every Python process the command starts (fork, exec, "
+                                  "multiprocessing, subprocess), each from its first line, in a section of "
+                                  "its own (or with its PID first on each line)")
         sub.add_argument("--inject", action="store_true",
                          help="with -p, on a Python process that has not loaded the probes: load them without "
                               "asking (runs `import dtrace` in it through gdb, or sys.remote_exec on 3.14+; "

@@ -45,6 +45,7 @@ examples:
     def start(self, args, target, out):
         self.first = None
         self.entries = self.returns = self.native_entries = 0
+        self.files: dict[str, int] = {}
         out.write(f"{'TIME(ms)':>10}  {'TID':<7}  FUNCTION\n")
 
     def on_printf(self, text, out):
@@ -54,6 +55,7 @@ examples:
         us, tid, depth, arrow, function, native, file, line = match.groups()
         if self.first is None:
             self.first = int(us)
+        self.files[file] = self.files.get(file, 0) + 1
         if arrow == "->":
             self.entries += 1
             self.native_entries += bool(native)
@@ -64,9 +66,25 @@ examples:
         out.write(f"{ms:10.3f}  {tid:<7}  {indent}{arrow} {report.name(function, self.strlen)}{native or ''} "
                   f"({report.path(report.name(file, self.strlen))}:{line})\n")
 
+    def events_by_file(self):
+        return self.files
+
     def on_lost(self, count, out):
         out.write(f"{'':10}  {'':7}  [{count} events lost here]\n")
 
     def finish(self, args, out, session):
         native = f" ({self.native_entries} of them calls of C functions)" if args.native else ""
+        cut = session.killed or len(session.signals) > 1
+        if cut:
+            # A second Ctrl-C (or a tracer that had to be killed) stops it at once: what was still
+            # in its buffers, entries and returns alike, is not printed (and its lost-events
+            # count may never come).
+            out.write(f"{'':10}  {'':7}  [the trace was cut here: stopped at once by "
+                      f"{'a kill' if session.killed else 'a second Ctrl-C'}; later events are missing]\n")
         out.write(f"{self.entries} entries, {self.returns} returns{native}\n")
+        if self.returns > self.entries:
+            out.write(f"{self.returns - self.entries} returns without their entry: frames entered before the trace could follow them "
+                      f"(depth 0: before tracing began, or before its first return){', or events lost or cut' if cut or session.lost else ''}\n")
+        elif self.entries > self.returns:
+            out.write(f"{self.entries - self.returns} entries without their return: frames still running when "
+                      f"the trace ended{', or events lost or cut' if cut or session.lost else ''}\n")

@@ -25,6 +25,7 @@ examples:
   python -m dtrace lines -n 50 -p 4711           the 50 hottest lines
 """
     maps = {"@lines": "ssd"}
+    event_maps = ("@lines",)
 
     def add_arguments(self, parser):
         parser.add_argument("-n", "--top", type=int, default=20, metavar="N",

@@ -11,7 +11,11 @@ line, and exits with status 2, argparse's convention for usage errors.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
+import shutil
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +29,42 @@ STARTUP_TIMEOUT = 30.0
 
 #: flame's output formats, and the file each writes when -o is not given (None: standard output).
 FLAME_FORMATS = {"svg": "flame.svg", "speedscope": "flame.speedscope.json", "folded": None}
+
+
+def own_python() -> str:
+    """How to name this environment's own Python in an example: ``python3`` when that is it on
+    PATH, else its path (relative when below the working directory). Another Python (pyenv's,
+    the system's) would run a command untraced: it has no pydtrace-rs."""
+    exe = sys.executable or "python3"
+    for name in ("python3", "python"):
+        found = shutil.which(name)
+        if found and os.path.realpath(found) == os.path.realpath(exe) and os.path.dirname(found) == os.path.dirname(exe):
+            return name
+    try:
+        relative = os.path.relpath(exe)
+    except ValueError:
+        return exe
+    return exe if relative.startswith("..") else relative
+
+
+def with_own_python(examples: str) -> str:
+    """A help's examples with ``"python3 ...`` naming this environment's Python, the columns
+    realigned."""
+    python = own_python()
+    if python == "python3":
+        return examples
+    lines = [line.replace('"python3 ', f'"{python} ') for line in examples.splitlines()]
+    split = [re.match(r"^(  \S.*?)(?:\s{2,}(\S.*))?$", line) for line in lines]
+    width = max((len(m.group(1)) for m in split if m and m.group(2)), default=0)
+    out = []
+    for line, match in zip(lines, split):
+        if match and match.group(2) and width > 64:  # too wide for one line: the words below
+            out.append(f"{match.group(1)}\n      {match.group(2)}")
+        elif match and match.group(2):
+            out.append(f"{match.group(1).ljust(width)}  {match.group(2)}")
+        else:
+            out.append(line)
+    return "\n".join(out) + ("\n" if examples.endswith("\n") else "")
 
 
 class UsageError(Exception):
@@ -55,6 +95,8 @@ class Options:
     inject: bool = False
     #: --gdb: the gdb that --inject runs on 3.12 and 3.13 (None: $PYDTRACE_GDB, else gdb on PATH).
     gdb: str | None = None
+    #: --children: trace the Python processes a -c command starts too (dtrace/tools/children.py).
+    children: bool = False
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()
     scope_files: tuple[str, ...] = ()
@@ -104,6 +146,9 @@ class Options:
             raise UsageError(f"-p {options.pid} is not a process ID: give the PID of a running process")
         if needs_target and not options.script and options.pid is None and not argv:
             raise UsageError("give -p PID or -c COMMAND (or --script)")
+        if options.children and options.pid is not None:
+            raise UsageError("--children follows the processes of a command the tool starts (-c): a running "
+                             "process (-p) cannot be told to report its children; start it with -c")
         if options.startup_timeout <= 0:
             raise UsageError(f"--startup-timeout must be more than 0 seconds, not {options.startup_timeout:g}")
         if options.top < 0:
@@ -124,10 +169,10 @@ def split_command(command: str) -> tuple[str, ...]:
     except ValueError as error:  # "No closing quotation", "No escaped character"
         raise UsageError(
             f"-c cannot split {command!r} like a shell: {str(error).lower()}; quote it as a shell would, "
-            "e.g. -c \"python3 app.py 'two words'\""
+            f"e.g. -c \"{own_python()} app.py 'two words'\""
         ) from None
     if not argv:
-        raise UsageError("-c needs a command, e.g. -c \"python3 app.py\"")
+        raise UsageError(f"-c needs a command, e.g. -c \"{own_python()} app.py\"")
     return tuple(argv)
 
 
@@ -137,6 +182,12 @@ def flame_output(output: str | None, chosen: str | None, folded: bool) -> tuple[
     if folded and chosen not in (None, "folded"):
         raise UsageError(f"--folded and --format {chosen} disagree: give one of them")
     fmt = "folded" if folded else chosen
+    suffix = Path(output).suffix.lower() if output else ""
+    by_suffix = {".svg": "svg", ".json": "speedscope", ".folded": "folded"}
+    if suffix and suffix not in by_suffix and fmt is None:
+        raise UsageError(f"-o {output}: flame writes SVG (.svg), speedscope JSON (.json) or folded stacks "
+                         f"(.folded), not {suffix[1:].upper()}; name the file for one of them, or give --format "
+                         "(a browser can save the SVG as an image)")
     if fmt is None:
         name = (output or "").lower()
         fmt = "speedscope" if name.endswith(".json") else "folded" if name.endswith(".folded") else "svg"

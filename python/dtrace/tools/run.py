@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 
-from dtrace.tools import interpreter, programs, pystack, report, runner, scope, tracers
+from dtrace.tools import children, interpreter, programs, pystack, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -240,12 +240,41 @@ examples:
         _, needed = self.prepare(text, tracer.dialect, "/probe-object", marker, args.duration, depth)
         tracer.executable()
         tracer.check_privileges()
-        if args.argv:
-            target = runner.start(args.argv, args.startup_timeout)
-        elif not needed:  # only @PYSTACK@: any Python process, nothing injected
-            target = runner.attach_any(args.pid)
-        else:
-            target = runner.attach(args.pid, args.inject, args.gdb)
+        if not args.argv:
+            if not needed:  # only @PYSTACK@: any Python process, nothing injected
+                target = runner.attach_any(args.pid)
+            else:
+                target = runner.attach(args.pid, args.inject, args.gdb)
+            return self._trace(args, text, depth, tracer, marker, label, scope_text, target, out)
+        # The command's Python processes report to the follower: each gets a tracer of its own with
+        # --children, and runs on untraced otherwise (dtrace/tools/children.py).
+        self._traces: list[Trace] = []
+        self._children: list[threading.Thread] = []
+
+        def follow(child: runner.Target) -> None:
+            thread = threading.Thread(target=self._trace_child,
+                                      args=(args, text, depth, tracer, marker, label, scope_text, child, out),
+                                      daemon=True)
+            self._children.append(thread)
+            thread.start()
+
+        follower = children.Follower(args.children, follow)
+        try:
+            target = runner.start(args.argv, args.startup_timeout, follower.environment())
+            follower.start(target.pid)
+            code = self._trace(args, text, depth, tracer, marker, label, scope_text, target, out)
+            for thread in list(self._children):
+                thread.join()
+        finally:
+            follower.close()
+        if follower.untraced:
+            runner.warn(f"{len(follower.untraced)} Python child processes of the command ran untraced: "
+                        "--children traces them too, each from its first line")
+        return code
+
+    def _trace(self, args, text, depth, tracer, marker, label, scope_text, target, out, child: bool = False) -> int:
+        """One process's trace: the program bound to its probe object (and, for @PYSTACK@, to its
+        frames' layout), its scope, its tracer."""
         resolver = None
         try:
             program, probes = self.prepare(text, tracer.dialect, target.library, marker, args.duration, depth)
@@ -259,16 +288,28 @@ examples:
                 target.stop()
             raise
         # In force before the tracer attaches, as for the other tools (base.Tool.run).
-        lease = scope.open_session(args, target, scope_text, asked)
+        lease = scope.open_session(args, target, scope_text, asked, quiet=child)
         try:
             trace = Trace(tracer, program, probes, target, marker, label, args, out)
             trace.resolver = resolver
+            if child:
+                self._traces.append(trace)  # the command's Ctrl-C reaches it
+            else:
+                trace.others = getattr(self, "_traces", [])
             return trace.run()
         finally:
             if resolver is not None:
                 resolver.close()
             if lease is not None:
                 lease.release()  # the scope goes back to what it was
+
+    def _trace_child(self, args, text, depth, tracer, marker, label, scope_text, target, out) -> None:
+        """A child's trace (in a thread of its own); one that cannot be traced runs on untraced."""
+        try:
+            self._trace(args, text, depth, tracer, marker, label, scope_text, target, out, child=True)
+        except (ToolError, OSError) as error:
+            target.abandon()
+            runner.warn(f"the child process {target.pid} is not traced: {error}")
 
 
 def _probe_names() -> list[str]:
@@ -305,6 +346,7 @@ class Trace:
         #: With @PYSTACK@: the process's code objects, and the stacks' nodes (node -> (parent, value)).
         self.resolver: pystack.Resolver | None = None
         self.nodes: dict[int, tuple[int, int]] = {}
+        self.others: list[Trace] = []
 
     def argv(self) -> list[str]:
         if self.tracer.dialect == "d":
@@ -331,8 +373,9 @@ class Trace:
                        threading.Thread(target=self._read_stderr, daemon=True)]
             for thread in threads:
                 thread.start()
-            for sig in previous:
-                signal.signal(sig, lambda *_: self.interrupt())
+            if threading.current_thread() is threading.main_thread():  # a child's trace: the command's handles them
+                for sig in previous:
+                    signal.signal(sig, lambda *_: self.interrupt())
             state = self._pass_output()
             code = self.process.wait()
             for thread in threads:
@@ -345,8 +388,9 @@ class Trace:
                 self.target.stop()
             raise
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         self.out.flush()
         if state != "begun":
             ended = ""
@@ -490,6 +534,8 @@ class Trace:
         for a moment (bpftrace stops reading its buffers at SIGINT); a second Ctrl-C sends it at
         once, a third kills the tracer."""
         self.interrupts += 1
+        for other in list(self.others):  # the tracers of the command's children (--children)
+            other.interrupt()
         if self.interrupts == 1:
             self.interrupt_at = time.monotonic()
         else:

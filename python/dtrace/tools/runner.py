@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from dtrace.tools import pyprocess
-from dtrace.tools.options import STARTUP_TIMEOUT
+from dtrace.tools.options import STARTUP_TIMEOUT, own_python
 from dtrace.tools.tracers import DTrace, Event, ToolError, Tracer
 
 #: Seconds the tracer may take to attach every probe (its BEGIN line).
@@ -248,6 +248,16 @@ def probe_object(pid: int) -> str | None:
     return None
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+
+
 def watcher_running(pid: int) -> bool | None:
     """Whether the probes' watcher thread runs in ``pid`` (the probes are armed); None if unknown."""
     if not os.path.isdir(f"/proc/{pid}/task"):
@@ -288,20 +298,26 @@ def attach_any(pid: int) -> Target:
     return Target(pid, library)
 
 
-def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT) -> Target:
+def start(command: str | Sequence[str], timeout: float = STARTUP_TIMEOUT,
+          environment: dict[str, str] | None = None) -> Target:
     """Start ``command`` (an argument list, or a string split like a shell would split it; run
-    without a shell) held at start-up, see the module doc. It gets SIGTERM if the tool dies."""
+    without a shell) held at start-up, see the module doc. It gets SIGTERM if the tool dies.
+    ``environment``: variables added to its environment (``PYDTRACE_FOLLOW``)."""
     argv = shlex.split(command) if isinstance(command, str) else list(command)
     if not argv:
-        raise ToolError("-c needs a command, e.g. -c \"python3 app.py\"")
+        raise ToolError(f"-c needs a command, e.g. -c \"{own_python()} app.py\"")
     from_child, child_writes = os.pipe()
     child_reads, to_child = os.pipe()
-    env = {**os.environ, "PYDTRACE": "1", "PYDTRACE_STARTUP": f"{child_writes},{child_reads}"}
+    env = {**os.environ, **(environment or {}), "PYDTRACE": "1",
+           "PYDTRACE_STARTUP": f"{child_writes},{child_reads}"}
     try:
         process = subprocess.Popen(argv, env=env, pass_fds=(child_writes, child_reads),
                                    preexec_fn=die_with_parent(signal.SIGTERM))
     except FileNotFoundError:
         _close_all(from_child, child_writes, child_reads, to_child)
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
+            raise ToolError(f"command not found: {argv[0]}: -c runs the command without a shell, so it cannot "
+                            f"set a variable that way; use env: -c \"env {shlex.join(argv)}\"") from None
         raise ToolError(f"command not found: {argv[0]}") from None
     except PermissionError:
         _close_all(from_child, child_writes, child_reads, to_child)

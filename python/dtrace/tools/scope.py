@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dtrace.tools import pyprocess, runner
+from dtrace.tools.options import UsageError
 from dtrace.tools.tracers import ToolError
 
 #: The channel's symbol in the probe object's dynamic symbol table.
@@ -104,9 +105,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def requested(args: argparse.Namespace) -> str | None:
     """The scope the options ask for, as the channel's text; None without --module or --file.
 
-    Raises ToolError for a malformed module name or glob (parsed by the same code the
-    process uses, where the native module can be loaded here).
+    Raises UsageError for a malformed module name or glob (parsed by the same code the
+    process uses, where the native module can be loaded here), and for a malformed
+    ``PYDTRACE_SCOPE`` that a command started by -c would inherit (it would warn and run
+    unscoped).
     """
+    inherited = os.environ.get("PYDTRACE_SCOPE")
+    if getattr(args, "argv", None) and inherited is not None:
+        error = _parse_error(inherited)
+        if error:
+            raise UsageError(f"PYDTRACE_SCOPE={inherited!r} in the environment, which the command would inherit, "
+                             f"is malformed: {error}; correct it, or unset it and give --module/--file")
     modules = getattr(args, "scope_modules", None) or []
     files = getattr(args, "scope_files", None) or []
     if not modules and not files:
@@ -114,14 +123,14 @@ def requested(args: argparse.Namespace) -> str | None:
     entries = [f"module:{m.strip()}" for m in modules] + [f"file:{g.strip()}" for g in files]
     for entry, option in zip(entries, [f"--module {m}" for m in modules] + [f"--file {g}" for g in files]):
         if "\n" in entry or "," in entry:
-            raise ToolError(f"{option}: a scope entry cannot hold a comma or a newline "
+            raise UsageError(f"{option}: a scope entry cannot hold a comma or a newline "
                             "(match such a character with ? in a --file glob)")
         error = _parse_error(entry)
         if error:
-            raise ToolError(f"{option}: {error}")
+            raise UsageError(f"{option}: {error}")
     text = "\n".join(entries)
     if len(text.encode()) > LAYOUT["slot_text_capacity"]:
-        raise ToolError(f"the scope is {len(text.encode())} bytes long; at most "
+        raise UsageError(f"the scope is {len(text.encode())} bytes long; at most "
                         f"{LAYOUT['slot_text_capacity']} fit in a lease")
     return text
 
@@ -419,7 +428,7 @@ class Lease:
 
 
 def open_session(args: argparse.Namespace, target: runner.Target, text: str | None,
-                 probes: Sequence[str] = ()) -> Lease | None:
+                 probes: Sequence[str] = (), quiet: bool = False) -> Lease | None:
     """Set the session's scope in ``target`` (``text`` from :func:`requested`), ask it to fire
     ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py), and
     say what scope is in force.
@@ -429,7 +438,8 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     ``-c`` is stopped, not left waiting.
     """
     if text is None:
-        _note_scope_in_force(target)
+        if not quiet:
+            _note_scope_in_force(target)
         if not probes:
             return None
     text = "\n".join([text or ""] + [f"probe:{name}" for name in probes]).strip("\n")

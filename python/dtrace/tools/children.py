@@ -1,0 +1,149 @@
+"""``--children``: the Python processes a traced command starts, each traced from its first line.
+
+Mechanism: one tracer per process of the tree. ``-c`` puts ``PYDTRACE_FOLLOW``
+in the command's environment: the path of a Unix socket of the tool, in a
+directory only the tool's user can enter. Every Python process of the tree that
+arms the probes afterwards reports there and waits, as the command itself does
+through ``PYDTRACE_STARTUP`` (``dtrace._startup.follow_tool``): a process started by
+exec (``subprocess``, multiprocessing's spawn, ``python -m test -jN``) when it
+imports dtrace at start-up (``PYDTRACE=1`` is inherited), a process forked
+from a Python process (multiprocessing's fork and forkserver) in its
+``os.register_at_fork`` hook, before any of its own code runs. The tool
+answers ``go PROBES`` once a tracer of its own is attached to that PID (``-p``,
+as for the command: the same program, the same scope and, on an interpreter
+that declares provider python itself, the same probes by address asked for
+through a lease), or closes the connection at once without ``--children``:
+then the process runs untraced and the tool only counts it, to say so.
+
+Why not one tracer attached system-wide by the probe object's path, with a
+predicate on the process tree: bpftrace would raise the probes' semaphores in
+every process that maps the object, inside the tree or not, and each of them
+would switch its hooks on and trap into the kernel at every event, to be
+filtered out there (docs/decisions.md has the measurement). One tracer per
+process costs nothing outside the tree; it costs the tree a tracer's start-up
+(about a second of bpftrace 0.17's compiling) per Python process, during
+which that process waits.
+
+The tool checks who reports: the connecting process's PID (``SO_PEERCRED``)
+must be the PID it reports, and a descendant of the command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from typing import Callable
+
+from dtrace.tools import runner
+
+#: The variable that names the tool's socket in the traced command's environment.
+VARIABLE = "PYDTRACE_FOLLOW"
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent PID of ``pid`` (field 4 of /proc/PID/stat), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 1:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` is ``ancestor`` or one of its descendants (a process whose parent
+    died is re-parented and no longer counts)."""
+    seen = 0
+    while pid and pid > 1 and seen < 4096:
+        if pid == ancestor:
+            return True
+        pid = parent_of(pid) or 0
+        seen += 1
+    return False
+
+
+class Follower:
+    """The tool's socket for the processes of a traced command: it accepts their reports and
+    hands each to ``on_child(target)`` (with ``--children``), or lets it run untraced."""
+
+    def __init__(self, follow: bool, on_child: Callable[[runner.Target], None]) -> None:
+        self.follow = follow
+        self.on_child = on_child
+        self.root = 0
+        #: The processes that reported, in order: (PID, whether it is traced).
+        self.reported: list[tuple[int, bool]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.directory = tempfile.mkdtemp(prefix="pydtrace-follow-")  # mode 0700
+        self.path = os.path.join(self.directory, "socket")
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket.bind(self.path)
+        self.socket.listen(64)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def environment(self) -> dict[str, str]:
+        """What the command's environment gets."""
+        return {VARIABLE: self.path}
+
+    def start(self, root: int) -> None:
+        """Accept reports from the descendants of process ``root`` from now on."""
+        self.root = root
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return  # closed
+            try:
+                self._take(connection)
+            except OSError:
+                connection.close()
+
+    def _take(self, connection: socket.socket) -> None:
+        creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer = struct.unpack("3i", creds)[0]
+        connection.settimeout(5)
+        data = b""
+        while not data.endswith(b"\n") and len(data) < 4096:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            pid_text, library = data.decode(errors="replace").strip().split(" ", 1)
+            pid = int(pid_text)
+        except ValueError:
+            connection.close()
+            return
+        if pid != peer or not descends_from(pid, self.root):
+            connection.close()  # not one of the command's processes: it gets no tracer
+            return
+        with self._lock:
+            follow = self.follow and not self._closed
+            self.reported.append((pid, follow))
+        if not follow:
+            connection.close()  # runs on untraced at once
+            return
+        connection.settimeout(None)
+        target = runner.Target(pid, library if library != "None" else None, None, connection.detach())
+        self.on_child(target)
+
+    def close(self) -> None:
+        """Stop accepting: processes that report later run untraced."""
+        with self._lock:
+            self._closed = True
+        try:
+            self.socket.close()
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def untraced(self) -> list[int]:
+        with self._lock:
+            return [pid for pid, traced in self.reported if not traced]
