@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyFrozenSet, PyList};
+use pyo3::types::{IntoPyDict, PyFrozenSet, PyList, PyString};
 
 use crate::probes::{ProbeSet, PROBE_DTRACE_NAMES};
 
@@ -65,19 +65,24 @@ fn timeout_duration(timeout: Option<f64>) -> PyResult<Option<Duration>> {
 mod _native {
     use super::*;
 
-    /// Builds the module: a function-style PyO3 module rather than a declarative one, so that
-    /// `__all__` exists before the first item is added. PyO3 appends every name to `__all__`; when it
-    /// is missing, the failed attribute lookup's error handling creates PyO3's `PanicException`
-    /// type: a third of the module's initialisation (79 thousand instructions of `import dtrace`,
-    /// BENCHMARKS.md).
+    /// Builds the module: a function-style PyO3 module rather than a declarative one, whose
+    /// functions are set here with `__all__` built alongside. A declarative module adds each item
+    /// through PyO3's `add`, which looks up the function's `__name__` and the module's `__all__`
+    /// every time; the first lookup of `__all__` fails, and the error's handling creates PyO3's
+    /// `PanicException` type: together about half of the module's initialisation (110 thousand
+    /// instructions of `import dtrace`, BENCHMARKS.md).
     #[pymodule(gil_used = true)]
     #[pyo3(name = "_native")]
     fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.setattr("__all__", PyList::empty(m.py()))?;
+        let all = PyList::empty(m.py());
         // Each function, in this order (that of `__all__`).
         macro_rules! add_functions {
             ($($function:ident),* $(,)?) => {
-                $(m.add_function(wrap_pyfunction!(self::$function, m)?)?;)*
+                $(
+                    let name = PyString::new(m.py(), stringify!($function));
+                    m.setattr(&name, wrap_pyfunction!(self::$function, m)?)?;
+                    all.append(name)?;
+                )*
             };
         }
         add_functions!(
@@ -111,6 +116,7 @@ mod _native {
             aggregate_stats,
             getenv,
         );
+        m.setattr("__all__", all)?;
         init(m)
     }
 
