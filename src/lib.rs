@@ -37,7 +37,7 @@ mod codegen;
 
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyAttributeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyFrozenSet, PyList, PyString};
 
@@ -126,14 +126,44 @@ mod _native {
         crate::scope::init(m.py());
         interpreter::detect(m.py());
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-        m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
-        m.add("PROBE_ARGUMENTS", probes::PROBE_ARGUMENTS.to_vec())?;
-        m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
-        m.add(
-            "UNSUPPORTED_PROBES",
-            arming::unsupported().into_py_dict(m.py())?,
-        )?;
-        Ok(())
+        let all = m.index()?;
+        for name in LAZY_CONSTANTS {
+            all.append(name)?;
+        }
+        m.setattr("__getattr__", wrap_pyfunction!(module_getattr, m)?)
+    }
+
+    /// The module's constants that are built on first use, by `module_getattr`.
+    const LAZY_CONSTANTS: [&str; 4] = [
+        "PROBE_NAMES",
+        "PROBE_ARGUMENTS",
+        "ARMABLE_PROBES",
+        "UNSUPPORTED_PROBES",
+    ];
+
+    /// The module's `__getattr__` (PEP 562): builds each of `LAZY_CONSTANTS` on first use and
+    /// keeps it in the module, since `import dtrace` needs none of them and building them at
+    /// import cost about a tenth of the module's initialisation (BENCHMARKS.md).
+    #[pyfunction]
+    #[pyo3(pass_module, name = "__getattr__")]
+    fn module_getattr<'py>(m: &Bound<'py, PyModule>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let py = m.py();
+        let value = match name {
+            "PROBE_NAMES" => PROBE_DTRACE_NAMES.to_vec().into_pyobject(py)?.into_any(),
+            "PROBE_ARGUMENTS" => probes::PROBE_ARGUMENTS
+                .to_vec()
+                .into_pyobject(py)?
+                .into_any(),
+            "ARMABLE_PROBES" => frozenset(py, arming::ARMABLE)?.into_any(),
+            "UNSUPPORTED_PROBES" => arming::unsupported().into_py_dict(py)?.into_any(),
+            _ => {
+                return Err(PyAttributeError::new_err(format!(
+                    "module 'dtrace._native' has no attribute '{name}'"
+                )))
+            }
+        };
+        m.setattr(name, &value)?;
+        Ok(value)
     }
 
     /// Whether this build has a probe mechanism (Linux SDT, or DTrace).
