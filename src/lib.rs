@@ -69,8 +69,8 @@ mod _native {
     /// functions are set here with `__all__` built alongside. A declarative module adds each item
     /// through PyO3's `add`, which looks up the function's `__name__` and the module's `__all__`
     /// every time; the first lookup of `__all__` fails, and the error's handling creates PyO3's
-    /// `PanicException` type: together about half of the module's initialisation (110 thousand
-    /// instructions of `import dtrace`, BENCHMARKS.md).
+    /// `PanicException` type: together about 95 thousand
+    /// instructions of `import dtrace` (BENCHMARKS.md).
     #[pymodule(gil_used = true)]
     #[pyo3(name = "_native")]
     fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -143,7 +143,7 @@ mod _native {
 
     /// The module's `__getattr__` (PEP 562): builds each of `LAZY_CONSTANTS` on first use and
     /// keeps it in the module, since `import dtrace` needs none of them and building them at
-    /// import cost about a tenth of the module's initialisation (BENCHMARKS.md).
+    /// import cost about 50 thousand instructions (BENCHMARKS.md).
     #[pyfunction]
     #[pyo3(pass_module, name = "__getattr__")]
     fn module_getattr<'py>(m: &Bound<'py, PyModule>, name: &str) -> PyResult<Bound<'py, PyAny>> {
