@@ -169,10 +169,11 @@ def watcher_cost(python: str) -> dict[str, Any]:
     code = ("import dtrace, time; time.sleep(0.5); "
             "print(*dtrace._native.watcher_stats())")
     counts = _callgrind([python, "-c", code], _env(), [])
-    polls, gil = (int(x) for x in str(counts["stdout"]).split()[-2:])
+    # watcher_stats(): (polls, times the watcher took the GIL, changes handed off to the main thread)
+    polls, gil, handed_off = (int(x) for x in str(counts["stdout"]).split()[-3:])
     threads = {k: v for k, v in counts.items() if k.isdigit() and k != "1"}
     watcher = max(threads.values()) if threads else 0
-    return {"polls": polls, "gil_acquisitions": gil, "instructions": watcher,
+    return {"polls": polls, "gil_acquisitions": gil, "handed_off": handed_off, "instructions": watcher,
             "per_poll": watcher / polls if polls else None}
 
 

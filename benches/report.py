@@ -390,7 +390,8 @@ def callgrind_section(runs: list[Run]) -> list[str]:
         if watcher:
             out.append("")
             out.append(f"The idle watcher thread: {watcher['per_poll']:.0f} instructions per poll "
-                       f"({watcher['polls']} polls, {watcher['gil_acquisitions']} GIL acquisitions), i.e. about "
+                       f"({watcher['polls']} polls, {watcher['gil_acquisitions']} GIL acquisitions, "
+                       f"{watcher.get('handed_off', 0)} changes handed off), i.e. about "
                        f"{watcher['per_poll'] * 50 / 1000:.0f} thousand instructions per second at 50 polls per second.")
         out.append("")
     return out

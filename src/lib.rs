@@ -37,9 +37,9 @@ mod codegen;
 
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyAttributeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyFrozenSet};
+use pyo3::types::{IntoPyDict, PyFrozenSet, PyList, PyString};
 
 use crate::probes::{ProbeSet, PROBE_DTRACE_NAMES};
 
@@ -61,25 +61,109 @@ fn timeout_duration(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
-#[pymodule(gil_used = true)]
+/// The module's functions, and `PyInit__native` (`native_module`).
 mod _native {
     use super::*;
 
-    #[pymodule_init]
+    /// Builds the module: a function-style PyO3 module rather than a declarative one, whose
+    /// functions are set here with `__all__` built alongside. A declarative module adds each item
+    /// through PyO3's `add`, which looks up the function's `__name__` and the module's `__all__`
+    /// every time; the first lookup of `__all__` fails, and the error's handling creates PyO3's
+    /// `PanicException` type: together about 95 thousand
+    /// instructions of `import dtrace` (BENCHMARKS.md).
+    #[pymodule(gil_used = true)]
+    #[pyo3(name = "_native")]
+    fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        let all = PyList::empty(m.py());
+        // Each function, in this order (that of `__all__`).
+        macro_rules! add_functions {
+            ($($function:ident),* $(,)?) => {
+                $(
+                    let name = PyString::new(m.py(), stringify!($function));
+                    m.setattr(&name, wrap_pyfunction!(self::$function, m)?)?;
+                    all.append(name)?;
+                )*
+            };
+        }
+        add_functions!(
+            backend_available,
+            enabled_probes,
+            interpreter_probes,
+            interpreter_firing,
+            interpreter_objects,
+            consumer_probes,
+            wait_for_consumer,
+            arm,
+            scope,
+            parse_scope,
+            scope_covers,
+            scope_stats,
+            scope_channel_layout,
+            set_origin,
+            is_armed,
+            noop_callback,
+            watcher_stats,
+            report_internal_error,
+            name_cache_entries,
+            cfunction_cache_stats,
+            hooked_classes,
+            monitoring_tool_id,
+            before_fork,
+            after_fork_parent,
+            after_fork_child,
+            at_exit,
+            aggregate_flush,
+            aggregate_stats,
+            getenv,
+        );
+        m.setattr("__all__", all)?;
+        init(m)
+    }
+
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         probes::register();
         names::init()?;
         crate::scope::init(m.py());
         interpreter::detect(m.py());
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-        m.add("PROBE_NAMES", PROBE_DTRACE_NAMES.to_vec())?;
-        m.add("PROBE_ARGUMENTS", probes::PROBE_ARGUMENTS.to_vec())?;
-        m.add("ARMABLE_PROBES", frozenset(m.py(), arming::ARMABLE)?)?;
-        m.add(
-            "UNSUPPORTED_PROBES",
-            arming::unsupported().into_py_dict(m.py())?,
-        )?;
-        Ok(())
+        let all = m.index()?;
+        for name in LAZY_CONSTANTS {
+            all.append(name)?;
+        }
+        m.setattr("__getattr__", wrap_pyfunction!(module_getattr, m)?)
+    }
+
+    /// The module's constants that are built on first use, by `module_getattr`.
+    const LAZY_CONSTANTS: [&str; 4] = [
+        "PROBE_NAMES",
+        "PROBE_ARGUMENTS",
+        "ARMABLE_PROBES",
+        "UNSUPPORTED_PROBES",
+    ];
+
+    /// The module's `__getattr__` (PEP 562): builds each of `LAZY_CONSTANTS` on first use and
+    /// keeps it in the module, since `import dtrace` needs none of them and building them at
+    /// import cost about 50 thousand instructions (BENCHMARKS.md).
+    #[pyfunction]
+    #[pyo3(pass_module, name = "__getattr__")]
+    fn module_getattr<'py>(m: &Bound<'py, PyModule>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let py = m.py();
+        let value = match name {
+            "PROBE_NAMES" => PROBE_DTRACE_NAMES.to_vec().into_pyobject(py)?.into_any(),
+            "PROBE_ARGUMENTS" => probes::PROBE_ARGUMENTS
+                .to_vec()
+                .into_pyobject(py)?
+                .into_any(),
+            "ARMABLE_PROBES" => frozenset(py, arming::ARMABLE)?.into_any(),
+            "UNSUPPORTED_PROBES" => arming::unsupported().into_py_dict(py)?.into_any(),
+            _ => {
+                return Err(PyAttributeError::new_err(format!(
+                    "module 'dtrace._native' has no attribute '{name}'"
+                )))
+            }
+        };
+        m.setattr(name, &value)?;
+        Ok(value)
     }
 
     /// Whether this build has a probe mechanism (Linux SDT, or DTrace).
@@ -348,6 +432,15 @@ mod _native {
                 },
             )
         };
+    }
+
+    /// The environment variable `name` as `os.environ.get(name)` gives it (decoded as
+    /// `os.environ` decodes it), or None: read from the C environment, which `os.environ`
+    /// keeps in step, without the KeyError that `os.environ.get` raises and catches for a
+    /// variable that is not set (`import dtrace` reads four).
+    #[pyfunction]
+    fn getenv(name: &str) -> Option<std::ffi::OsString> {
+        std::env::var_os(name)
     }
 
     /// (what is gathered: bits 1 calls, 2 times, 4 lines, 8 the tree; code

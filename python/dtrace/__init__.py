@@ -20,6 +20,11 @@ limits the function and line probes to some modules and files (see
 import os as _os
 import sys as _sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from dtrace._scope import Scope
+del TYPE_CHECKING
+
 __all__ = [
     "available",
     "enabled_probes",
@@ -96,34 +101,7 @@ def wait_for_consumer(*names: str, timeout: float | None = None) -> bool:
     return _native.wait_for_consumer(list(names), timeout)
 
 
-class Scope:
-    """The scope in force: which code fires the function and line probes.
-
-    ``modules``: module names (each covers its submodules); ``files``: file path
-    globs matched against ``co_filename``; ``tools``: the PIDs of the tools whose
-    sessions set it (empty when it comes from ``PYDTRACE_SCOPE``).
-    """
-
-    __slots__ = ("modules", "files", "tools")
-
-    def __init__(self, modules: tuple[str, ...], files: tuple[str, ...], tools: tuple[int, ...] = ()) -> None:
-        self.modules = tuple(modules)
-        self.files = tuple(files)
-        self.tools = tuple(tools)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Scope):
-            return NotImplemented
-        return (self.modules, self.files, self.tools) == (other.modules, other.files, other.tools)
-
-    def __hash__(self) -> int:
-        return hash((self.modules, self.files, self.tools))
-
-    def __repr__(self) -> str:
-        return f"Scope(modules={self.modules!r}, files={self.files!r}, tools={self.tools!r})"
-
-
-def scope() -> Scope | None:
+def scope() -> "Scope | None":
     """The scope in force, or None while every piece of code fires the probes.
 
     Code is in scope when the module that runs it (its frame's ``__name__``;
@@ -138,7 +116,11 @@ def scope() -> Scope | None:
     if _native is None:
         return None
     in_force = _native.scope()
-    return None if in_force is None else Scope(*in_force)
+    if in_force is None:
+        return None
+    from dtrace._scope import Scope
+
+    return Scope(*in_force)
 
 
 def _is_tool() -> bool:
@@ -149,7 +131,9 @@ def _is_tool() -> bool:
 
 def _arm_from_environment() -> None:
     """Arm the probes unless ``PYDTRACE=0``; called once, at import."""
-    if _native is None or not available or _os.environ.get("PYDTRACE", "").strip() == "0":
+    # The variables are read through _native.getenv: os.environ.get raises and catches a KeyError
+    # for each variable that is not set, a noticeable share of `import dtrace` (BENCHMARKS.md).
+    if _native is None or not available or (_native.getenv("PYDTRACE") or "").strip() == "0":
         return
     if _is_tool():
         return  # the tools' own process (PYDTRACE=1 in its environment is for the command it starts)
@@ -157,10 +141,10 @@ def _arm_from_environment() -> None:
 
     # Benchmarks only: PYDTRACE_FORCE=function-entry,line arms those probes
     # without a consumer, to measure the shim's own cost.
-    forced = [name for name in _os.environ.get("PYDTRACE_FORCE", "").replace(" ", "").split(",") if name]
+    forced = [name for name in (_native.getenv("PYDTRACE_FORCE") or "").replace(" ", "").split(",") if name]
     # PYDTRACE_SCOPE=app,*/jobs/*.py: only that code fires the function and line probes
     # (a malformed scope is ignored with a RuntimeWarning: the program never sees an error).
-    base_scope = _os.environ.get("PYDTRACE_SCOPE")
+    base_scope = _native.getenv("PYDTRACE_SCOPE")
     try:
         _native.arm(forced, base_scope)
     except ValueError as error:
@@ -181,14 +165,20 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
-    if _os.environ.get(_FOLLOW_VARIABLE):
+    if _native.getenv(_FOLLOW_VARIABLE):
+        from dtrace._startup import follow_tool
+
         # Under a tool's --children: a process forked from this one reports to the tool before
         # its own code runs (after the hook above has restarted its watcher).
-        _os.register_at_fork(after_in_child=_follow_tool)
-    if _os.environ.get(_STARTUP_VARIABLE):
-        _wait_for_tool()
-    elif _os.environ.get(_FOLLOW_VARIABLE):
-        _follow_tool()
+        _os.register_at_fork(after_in_child=follow_tool)
+    if _native.getenv(_STARTUP_VARIABLE):
+        from dtrace._startup import wait_for_tool
+
+        wait_for_tool()
+    elif _native.getenv(_FOLLOW_VARIABLE):
+        from dtrace._startup import follow_tool
+
+        follow_tool()
     elif consumer := _native.consumer_probes():
         # A consumer attached before this process loaded the probe object (bpftrace by the
         # object's path, without -p: system-wide; the kernel raises the semaphores of every
@@ -204,84 +194,25 @@ def _arm_from_environment() -> None:
 #: Set by ``python -m dtrace TOOL -c COMMAND`` for the command it starts: the
 #: file descriptors of a pipe to the tool and a pipe from it, ``"WFD,RFD"``.
 _STARTUP_VARIABLE = "PYDTRACE_STARTUP"
-#: Seconds the started command waits for the tool's probes to be live before it runs untraced.
-_STARTUP_TIMEOUT = 30.0
-
-
-def _wait_for_tool() -> None:
-    """The first interpreter of a command started by a dtrace tool reports to the tool and
-    waits until the tool's consumer is attached (its ``BEGIN`` ran) and the probes it asked
-    for are live, so that the command is traced from its first line (docs/decisions.md, 9).
-
-    The variable is removed first, so the command's own children do not wait. Protocol:
-    this process writes ``"PID LIBRARY\\n"``; the tool answers ``"go NAME,NAME\\n"`` once
-    its tracer is attached (or closes the pipe to give up); then this process waits for
-    those probes to be live.
-    """
-    import sys
-
-    setting = _os.environ.pop(_STARTUP_VARIABLE, "")
-    try:
-        to_tool, from_tool = (int(fd) for fd in setting.split(","))
-    except ValueError:
-        print(f"pydtrace: ignoring malformed {_STARTUP_VARIABLE}={setting!r}", file=sys.stderr)
-        return
-    try:
-        with open(to_tool, "w", closefd=True) as out:
-            out.write(f"{_os.getpid()} {library_path()}\n")
-        with open(from_tool, "r", closefd=True) as answer:
-            words = answer.readline().split()
-    except OSError as error:
-        print(f"pydtrace: cannot talk to the tool that started this process: {error}", file=sys.stderr)
-        return
-    if words[:1] != ["go"]:
-        return  # the tool gave up: run untraced
-    probes = [name for name in (words[1] if len(words) > 1 else "").split(",") if name]
-    if not wait_for_consumer(*probes, timeout=_STARTUP_TIMEOUT):
-        print(f"pydtrace: the tool's probes were not live within {_STARTUP_TIMEOUT:g} s; running on", file=sys.stderr)
-
-
 #: Set by a tool for the command it starts: the path of the tool's socket where every Python
 #: process of the command's tree reports (dtrace/tools/children.py).
 _FOLLOW_VARIABLE = "PYDTRACE_FOLLOW"
-#: Seconds a process of the tree waits for the tool's answer (its tracer's start-up).
-_FOLLOW_TIMEOUT = 60.0
 
 
-def _follow_tool() -> None:
-    """A process of a traced command's tree (a child, started by exec or fork) reports to the
-    tool: ``"PID LIBRARY\\n"`` on its socket. Under ``--children`` the tool answers
-    ``"go NAME,NAME\\n"`` once a tracer is attached to this process, and this process waits
-    until those probes are live; otherwise the tool closes the connection and this process
-    runs on at once, untraced. Nothing is waited for when the tool is gone."""
-    path = _os.environ.get(_FOLLOW_VARIABLE)
-    if not path:
-        return
-    import _socket  # the C module: `import socket` would cost this start-up more
 
-    words: list[str] = []
-    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        connection.settimeout(_FOLLOW_TIMEOUT)
-        connection.connect(path)
-        connection.sendall(f"{_os.getpid()} {library_path()}\n".encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = connection.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        words = data.decode(errors="replace").split()
-    except OSError:
-        return  # the tool has gone (or never listened): run untraced
-    finally:
-        connection.close()
-    if words[:1] != ["go"]:
-        return
-    probes = [name for name in (words[1] if len(words) > 1 else "").split(",") if name]
-    if not wait_for_consumer(*probes, timeout=_STARTUP_TIMEOUT):
-        print(f"pydtrace: the tool's probes were not live within {_STARTUP_TIMEOUT:g} s; running on",
-              file=_sys.stderr)
+def __getattr__(name: str) -> object:
+    """``Scope``, imported from ``dtrace._scope`` on first use (PEP 562): creating a class is
+    among the dearest parts of ``import dtrace`` (BENCHMARKS.md), and few programs need it."""
+    if name == "Scope":
+        from dtrace._scope import Scope
+
+        globals()["Scope"] = Scope
+        return Scope
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "Scope"})
 
 
 _arm_from_environment()

@@ -112,3 +112,6 @@ def after_fork_child() -> None:
 
 def at_exit() -> None:
     """``atexit``: stop the watcher thread for good before the interpreter finalizes."""
+
+def getenv(name: str) -> str | None:
+    """The environment variable ``name`` as ``os.environ.get(name)`` gives it, read from the C environment."""

@@ -4,7 +4,7 @@ Mechanism: one tracer per process of the tree. ``-c`` puts ``PYDTRACE_FOLLOW``
 in the command's environment: the path of a Unix socket of the tool, in a
 directory only the tool's user can enter. Every Python process of the tree that
 arms the probes afterwards reports there and waits, as the command itself does
-through ``PYDTRACE_STARTUP`` (``dtrace._follow_tool``): a process started by
+through ``PYDTRACE_STARTUP`` (``dtrace._startup.follow_tool``): a process started by
 exec (``subprocess``, multiprocessing's spawn, ``python -m test -jN``) when it
 imports dtrace at start-up (``PYDTRACE=1`` is inherited), a process forked
 from a Python process (multiprocessing's fork and forkserver) in its

@@ -8,7 +8,7 @@ The steps, for ``python -m dtrace TOOL``:
    probe object (``dtrace/_native*.so``), else offers to load it (``inject.py``);
    ``-c COMMAND`` starts the command with ``PYDTRACE=1`` and
    ``PYDTRACE_STARTUP=WFD,RFD`` (two pipes): its first
-   interpreter reports ``PID LIBRARY`` and waits (see ``dtrace._wait_for_tool``).
+   interpreter reports ``PID LIBRARY`` and waits (see ``dtrace._startup``).
 3. The tracer attaches with ``-p PID`` and runs the program; its ``BEGIN``
    prints the "Tracing ..." line once every probe is attached.
 4. For ``-c``, the command is then told ``go PROBES``: it waits until those
