@@ -233,7 +233,8 @@ def targets_section(runs: list[Run]) -> list[str]:
             if "new_shim_to_noop" in obj:
                 parts.append(f"instance-new (object): {obj['new_shim_to_noop']:.2f}x: "
                              f"{verdict(obj['new_shim_to_noop'] <= SHIM_BOUND)}; instance-delete: "
-                             f"{obj['delete_shim_per_event']:.0f} instructions per event, no dispatch floor")
+                             + (f"{obj['delete_shim_per_event']:.0f} instructions per event, no dispatch floor"
+                                if "delete_shim_per_event" in obj else "not armed on this version"))
         if r.timing:
             rows = {row_["workload"]: row_["shim_to_noop"] for row_ in r.timing.rows()
                     if row_["shim_to_noop"] and row_["workload"] != "object"}
@@ -400,7 +401,8 @@ def callgrind_section(runs: list[Run]) -> list[str]:
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     out.append("")
     out += ["### One run of each workload, main thread only", "",
-            "Counted inside the measured call only (`--toggle-collect=_operator_call`, after a warm-up run "
+            "Counted inside the measured call only (`--toggle-collect=ffi_call`: the driver calls the workload "
+            "through ctypes, after a warm-up run "
             "in the same process). Per event: (mode − bare) / events. *Disarmed*: `import dtrace` under "
             "`PYDTRACE=0`. *In pydtrace's code*: instructions executed inside its shared object.", ""]
     for r in runs:
@@ -420,8 +422,9 @@ def callgrind_section(runs: list[Run]) -> list[str]:
                        f"instructions per event against its dispatch floor (no-op on CALL, C_RETURN, C_RAISE) of "
                        f"{obj['new_noop_per_event']:.0f} ({obj['new_shim_to_noop']:.2f}x; in pydtrace's code "
                        f"{obj['shim-new_own'] / (obj['events'] / 2):.0f}); instance-delete "
-                       f"{obj['delete_shim_per_event']:.0f} per event (no dispatch floor: a deallocator of ours replaces "
-                       f"CPython's).")
+                       + (f"{obj['delete_shim_per_event']:.0f} per event (no dispatch floor: a deallocator of ours "
+                          f"replaces CPython's)." if "delete_shim_per_event" in obj else "not measured: "
+                          f"{r.cg.get('unsupported', {}).get('instance-delete-start', 'not armed')}."))
         watcher = r.cg.get("watcher")
         if watcher:
             out.append("")
@@ -511,17 +514,16 @@ def findings_section(runs: list[Run]) -> list[str]:
             shim = r.timing.per_event("call", "shim")
             if theirs and ours_ratio and paired:
                 ours = analysis.Figure.of(paired["per_event_ns"])
+                own = Path(r.timing.get("call", "cpython-attached").get("interpreter_object") or "?").name
+                premium = ours.median - theirs.median
                 text = (f"call, the interpreter's own `function__entry`: {theirs.median:.0f} ns per call with "
-                        f"bpftrace attached to it (`usdt:{display_path(r.timing.get('call', 'cpython-attached').get('interpreter_object'))}"
-                        f":python:function__entry`, `-p`, no dtrace imported); pydtrace's, attached in the same "
-                        f"rounds, {ours.median:.0f} ns ({ours_ratio.value:.2f}x), each event counted once by its "
-                        f"consumer.")
+                        f"bpftrace attached to it by the interpreter's path (`usdt:.../{own}:python:function__entry`"
+                        f", `-p`, no dtrace imported); pydtrace's, attached in the same rounds, {ours.median:.0f} ns "
+                        f"({ours_ratio.value:.2f}x), each event counted once by its consumer.")
                 if shim:
-                    text += (f" pydtrace's premium, {ours.median - theirs.median:.0f} ns, against its shim's "
-                             f"{shim.median:.0f} ns (the sys.monitoring callback, the qualified name: what "
-                             f"CPython's probe lacks, arg3)")
-                    text += "." if abs(ours.median - theirs.median) <= 2 * shim.median else (
-                        "; the rest is the spread of the uprobe trap between processes.")
+                    text += (f" pydtrace's premium, {premium:.0f} ns per call, is "
+                             f"{'within' if premium <= shim.median else 'more than'} its shim's {shim.median:.0f} ns "
+                             f"(its sys.monitoring callback and the qualified name, arg3, which CPython's probe lacks).")
                 notes.append(text)
             obj = r.timing.get("object", "shim")
             if obj and tuple(obj["probes"]) == workloads.INSTANCE_PROBES:
@@ -643,9 +645,10 @@ def write_report(results: Path, output: Path, section: bool = False) -> None:
         names = " and ".join(r.tag.rsplit(".", 1)[0] for r in runs)
         lines = [begin, f"## Interpreters built --with-dtrace: Python {names}", "",
                  "Written by `python benches/report.py --section` from a run of its own (the page's other "
-                 "figures come from the run above), measured the same way (see "How it is measured"). These interpreters (Debian's) "
-                 "declare provider `python` themselves (docs/interpreter-probes.md): 3.14 the gc, import and "
-                 "audit probes, 3.15 `function__entry` and `function__return` too.", ""]
+                 "figures come from the run above), measured the same way (see \"How it is measured\"). "
+                 "These interpreters (Debian's) declare provider `python` themselves "
+                 "(docs/interpreter-probes.md): 3.14 the gc, import and audit probes, 3.15 `function__entry` "
+                 "and `function__return` too.", ""]
         lines += run_lines(machine, runs) + [""]
         lines += ["#" + line if line.startswith("#") else line for line in results_of(runs)]
         lines.append(end)
@@ -679,11 +682,12 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     if args.only_callgrind:
         for python in args.python or [sys.executable]:
-            measure(python, results, args.quick, True, with_timing=False)
+            measure(os.path.abspath(python), results, args.quick, True, with_timing=False)
         write_report(results, Path(args.output), args.section)
         return
     machine = machine_info()
     for python in args.python or [sys.executable]:
+        python = os.path.abspath(python)  # callgrind runs it from a temporary directory
         measure(python, results, args.quick, not args.no_callgrind)
     machine["load_after"] = os.getloadavg()
     (results / "machine.json").write_text(json.dumps(machine, indent=2))
