@@ -615,6 +615,7 @@ RERUNNING = [
     "python benches/callgrind.py              # the instruction counts only",
     "python benches/scope.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python"
     "   # the Scoped tracing section",
+    "sudo .venv-3.12/bin/python benches/tool_overhead.py --per-event --markdown   # the counting tools on call-heavy code",
     "```", "",
     "Needs root and bpftrace for the attached modes (they skip otherwise), a C compiler and "
     "`sys/sdt.h` (Debian: systemtap-sdt-dev) for the floor, valgrind for the instruction counts, "

@@ -1,8 +1,9 @@
 """The sections of BENCHMARKS.md that one script each writes, found by their markers.
 
 benches/report.py rewrites the page from its own results; the sections measured apart
-(interpreters built --with-dtrace, scoped tracing, C function probes, attach latency) sit
-between markers, and each script replaces only its own. This module is the one place that finds, keeps and replaces them.
+(interpreters built --with-dtrace, scoped tracing, C function probes, attach latency, Python
+stacks) sit between markers, and each script replaces only its own. This module is the one
+place that finds, keeps and replaces them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ WITH_DTRACE = ("<!-- with-dtrace:begin -->", "<!-- with-dtrace:end -->")  # benc
 SCOPE = ("<!-- scope:begin -->", "<!-- scope:end -->")  # benches/scope.py
 CFUNCTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")  # measured apart, written by hand
 ATTACH_LATENCY = ("<!-- attach-latency: written by benches/attach_latency.py -->", "<!-- /attach-latency -->")
+PYSTACK = ("<!-- pystack:begin -->", "<!-- pystack:end -->")  # benches/pystack_cost.py's output, written by hand
 
 #: Every owned section, in the order report.py keeps them.
-OWNED = (WITH_DTRACE, SCOPE, CFUNCTION, ATTACH_LATENCY)
+OWNED = (WITH_DTRACE, SCOPE, CFUNCTION, ATTACH_LATENCY, PYSTACK)
 
 
 def kept(output: Path, markers: tuple[str, str]) -> list[str]:

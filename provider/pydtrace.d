@@ -65,4 +65,41 @@ provider python {
 	 * raised; the same arguments as its entry.
 	 */
 	probe cfunction__return(char *, char *, int32_t, char *);
+	/*
+	 * The aggregate probes: this provider's addition (docs/probes.md). While
+	 * a consumer enables one of the first four, the process counts (and
+	 * times) inside itself, with no event per call or line, and reports what
+	 * it gathered through them at each flush: every second, when a tool asks
+	 * (the exported array pydtrace_flush_requests), and at exit. Each
+	 * report is what was gathered since the previous flush.
+	 */
+	/*
+	 * (filename, funcname, lineno, qualname, calls): calls of one code
+	 * object since the last flush; lineno is its entry line, as
+	 * function__entry passes it. Generators count once per resume.
+	 */
+	probe aggregate__calls(char *, char *, int32_t, char *, int64_t);
+	/*
+	 * (filename, funcname, lineno, qualname, calls, time_ns): as
+	 * aggregate__calls, and the time from each entry to its return, callees
+	 * included, summed over the calls that returned.
+	 */
+	probe aggregate__time(char *, char *, int32_t, char *, int64_t, int64_t);
+	/* (filename, funcname, lineno, qualname, count): how often one line of one code object started. */
+	probe aggregate__lines(char *, char *, int32_t, char *, int64_t);
+	/*
+	 * (node, parent, filename, qualname, calls, time_ns): one node of the
+	 * call tree (a Python stack; parent 0 is the root), its calls and the
+	 * time from entry to return of those that returned, callees included.
+	 * Node numbers stay the same while the tree is gathered.
+	 */
+	probe aggregate__node(int64_t, int64_t, char *, char *, int64_t, int64_t);
+	/*
+	 * (requester, dropped): a flush ended. Every flush fires it once with
+	 * requester 0 (-1 for the exit flush) and dropped, the calls and lines
+	 * not gathered since the last flush because a bound was reached
+	 * (docs/probes.md); then once per tool that asked for it, with the
+	 * tool's PID and dropped 0.
+	 */
+	probe aggregate__flush(int32_t, int64_t);
 };

@@ -12,6 +12,10 @@
 //! | gc-start, gc-done               | a callback in `gc.callbacks`                   |
 //! | import-find-load-start, -done   | a wrapper around `importlib._bootstrap._find_and_load` |
 //! | audit                           | a C audit hook, added once (it cannot be removed) |
+//! | aggregate-calls                  | sys.monitoring PY_START, PY_RESUME, PY_THROW (counted in the process, `aggregate`) |
+//! | aggregate-time, aggregate-node       | those and PY_RETURN, PY_YIELD, PY_UNWIND (timed, the tree built in the process) |
+//! | aggregate-lines                      | sys.monitoring LINE (counted in the process)   |
+//! | aggregate-flush                 | nothing: fired at each flush                   |
 //!
 //! Where the interpreter was built `--with-dtrace` and fires a probe itself,
 //! that probe is left to the interpreter (docs/decisions.md, 6).
@@ -30,6 +34,7 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyString};
 
+use crate::aggregate;
 use crate::callbacks::{self, Hook};
 use crate::cfunctions;
 use crate::error::Error;
@@ -52,13 +57,23 @@ const CFUNCTION_PROBES: ProbeSet =
     ProbeSet::of(&[probes::CFUNCTION_ENTRY, probes::CFUNCTION_RETURN]);
 /// Probes served by CALL, C_RETURN and C_RAISE.
 const CALL_PROBES: ProbeSet = INSTANCE_NEW_PROBES.union(CFUNCTION_PROBES);
+/// The aggregate probes that switch gathering on (`aggregate`).
+const AGGREGATE_PROBES: ProbeSet = ProbeSet::of(&[
+    probes::AGGREGATE_CALLS,
+    probes::AGGREGATE_TIME,
+    probes::AGGREGATE_LINES,
+    probes::AGGREGATE_NODE,
+]);
+/// The probe that ends each flush: fired, nothing to hook in.
+const FLUSH_PROBES: ProbeSet = ProbeSet::of(&[probes::AGGREGATE_FLUSH]);
 /// Probes that `sys.monitoring` serves.
 const CODE_PROBES: ProbeSet = ProbeSet::of(&[
     probes::FUNCTION_ENTRY,
     probes::FUNCTION_RETURN,
     probes::LINE,
 ])
-.union(CALL_PROBES);
+.union(CALL_PROBES)
+.union(AGGREGATE_PROBES);
 /// Probes that the class deallocation hook serves.
 const DELETE_PROBES: ProbeSet =
     ProbeSet::of(&[probes::INSTANCE_DELETE_START, probes::INSTANCE_DELETE_DONE]);
@@ -73,6 +88,7 @@ pub(crate) const IMPORT_PROBES: ProbeSet = ProbeSet::of(&[
 pub(crate) const AUDIT_PROBES: ProbeSet = ProbeSet::of(&[probes::AUDIT]);
 /// Probes this build can arm.
 pub const ARMABLE: ProbeSet = CODE_PROBES
+    .union(FLUSH_PROBES)
     .union(GC_PROBES)
     .union(IMPORT_PROBES)
     .union(AUDIT_PROBES)
@@ -210,13 +226,24 @@ impl EventBits {
     /// The events that serve `probes`.
     fn for_probes(&self, probes: ProbeSet) -> u32 {
         let mut events = 0;
-        if probes.contains(probes::FUNCTION_ENTRY) {
+        let entries = ProbeSet::of(&[
+            probes::FUNCTION_ENTRY,
+            probes::AGGREGATE_CALLS,
+            probes::AGGREGATE_TIME,
+            probes::AGGREGATE_NODE,
+        ]);
+        let returns = ProbeSet::of(&[
+            probes::FUNCTION_RETURN,
+            probes::AGGREGATE_TIME,
+            probes::AGGREGATE_NODE,
+        ]);
+        if !probes.intersection(entries).is_empty() {
             events |= self.py_start | self.py_resume | self.py_throw;
         }
-        if probes.contains(probes::FUNCTION_RETURN) {
+        if !probes.intersection(returns).is_empty() {
             events |= self.py_return | self.py_yield | self.py_unwind;
         }
-        if probes.contains(probes::LINE) {
+        if probes.contains(probes::LINE) || probes.contains(probes::AGGREGATE_LINES) {
             events |= self.line;
         }
         // C_RETURN and C_RAISE come only with CALL (sys.monitoring refuses
@@ -464,6 +491,7 @@ impl State {
             // Nothing is kept alive for the C function probes while they are off.
             cfunctions::clear();
         }
+        set_gathering(py, wanted);
         self.code_live = wanted;
         Ok(())
     }
@@ -559,6 +587,23 @@ impl State {
     }
 }
 
+/// Tells the callbacks which per-event probes to fire and what to gather
+/// (`aggregate`) for the code probes `wanted`.
+fn set_gathering(py: Python<'_>, wanted: ProbeSet) {
+    let bit = |probe: usize, bit: u8| if wanted.contains(probe) { bit } else { 0 };
+    let per_event = bit(probes::FUNCTION_ENTRY, callbacks::FIRE_ENTRY)
+        | bit(probes::FUNCTION_RETURN, callbacks::FIRE_RETURN)
+        | bit(probes::LINE, callbacks::FIRE_LINE);
+    callbacks::PER_EVENT.store(per_event, Ordering::Relaxed);
+    aggregate::set_mode(
+        py,
+        bit(probes::AGGREGATE_CALLS, aggregate::COUNT)
+            | bit(probes::AGGREGATE_TIME, aggregate::TIME)
+            | bit(probes::AGGREGATE_LINES, aggregate::LINES)
+            | bit(probes::AGGREGATE_NODE, aggregate::TREE),
+    );
+}
+
 /// Whether tool id `id` goes by our name.
 fn holds_tool_id(monitoring: &Bound<'_, PyAny>, id: u8) -> PyResult<bool> {
     let holder = monitoring.call_method1("get_tool", (id,))?;
@@ -600,6 +645,7 @@ pub fn apply(py: Python<'_>, wanted: ProbeSet) -> Result<ProbeSet, Error> {
     // Publish what is hooked in, also when a step failed part-way.
     let live = state
         .code_live
+        .union(wanted.intersection(FLUSH_PROBES))
         .union(state.gc_live)
         .union(state.import_live)
         .union(state.delete_live)

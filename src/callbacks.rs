@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::aggregate;
 use crate::cfunctions;
 use crate::faults;
 use crate::instances;
@@ -25,6 +26,23 @@ use crate::probes::{self, fire};
 use crate::scope;
 
 type FastCallArgs = *mut *mut ffi::PyObject;
+
+/// [`PER_EVENT`]: `function__entry` is armed.
+pub const FIRE_ENTRY: u8 = 1;
+/// [`PER_EVENT`]: `function__return` is armed.
+pub const FIRE_RETURN: u8 = 2;
+/// [`PER_EVENT`]: `line` is armed.
+pub const FIRE_LINE: u8 = 4;
+
+/// Which per-event code probes the callbacks fire (set by `arming`): the
+/// same callbacks serve the aggregate probes, and a probe that the
+/// interpreter fires itself (3.15 `--with-dtrace`) must not fire twice.
+pub static PER_EVENT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+#[inline(always)]
+fn per_event(bit: u8) -> bool {
+    PER_EVENT.load(Ordering::Relaxed) & bit != 0
+}
 
 /// `None`, the one result every callback gives.
 unsafe fn none() -> *mut ffi::PyObject {
@@ -67,12 +85,18 @@ unsafe extern "C" fn on_start(
         if !scope::allows_names(code, names) {
             return scope::disable();
         }
-        fire::function_entry(
-            names.filename(),
-            names.name(),
-            names.entry_line(),
-            names.qualname(),
-        );
+        let mode = aggregate::mode();
+        if mode != 0 {
+            aggregate::enter(code, names.counts(), mode);
+        }
+        if per_event(FIRE_ENTRY) {
+            fire::function_entry(
+                names.filename(),
+                names.name(),
+                names.entry_line(),
+                names.qualname(),
+            );
+        }
     }
     none()
 }
@@ -90,8 +114,14 @@ unsafe extern "C" fn on_resume(
             let resume = ffi::PyVectorcall_NARGS(nargs as usize) == 2;
             return if resume { scope::disable() } else { none() };
         }
-        let line = names.line_at(code, int_arg(args, nargs, 1));
-        fire::function_entry(names.filename(), names.name(), line, names.qualname());
+        let mode = aggregate::mode();
+        if mode != 0 {
+            aggregate::enter(code, names.counts(), mode);
+        }
+        if per_event(FIRE_ENTRY) {
+            let line = names.line_at(code, int_arg(args, nargs, 1));
+            fire::function_entry(names.filename(), names.name(), line, names.qualname());
+        }
     }
     none()
 }
@@ -107,8 +137,14 @@ unsafe extern "C" fn on_leave(
         if !scope::allows_names(code, names) {
             return scope::disable();
         }
-        let line = names.line_at(code, int_arg(args, nargs, 1));
-        fire::function_return(names.filename(), names.name(), line, names.qualname());
+        let mode = aggregate::mode();
+        if mode != 0 {
+            aggregate::leave(code, names.counts(), mode);
+        }
+        if per_event(FIRE_RETURN) {
+            let line = names.line_at(code, int_arg(args, nargs, 1));
+            fire::function_return(names.filename(), names.name(), line, names.qualname());
+        }
     }
     none()
 }
@@ -123,8 +159,14 @@ unsafe extern "C" fn on_unwind(
 ) -> *mut ffi::PyObject {
     if let Some((code, names)) = code_names(args, nargs, probes::FUNCTION_RETURN) {
         if scope::allows_names(code, names) {
-            let line = names.line_at(code, int_arg(args, nargs, 1));
-            fire::function_return(names.filename(), names.name(), line, names.qualname());
+            let mode = aggregate::mode();
+            if mode != 0 {
+                aggregate::leave(code, names.counts(), mode);
+            }
+            if per_event(FIRE_RETURN) {
+                let line = names.line_at(code, int_arg(args, nargs, 1));
+                fire::function_return(names.filename(), names.name(), line, names.qualname());
+            }
         }
     }
     none()
@@ -140,12 +182,13 @@ unsafe extern "C" fn on_line(
         if !scope::allows_names(code, names) {
             return scope::disable();
         }
-        fire::line(
-            names.filename(),
-            names.name(),
-            int_arg(args, nargs, 1) as i32,
-            names.qualname(),
-        );
+        let line = int_arg(args, nargs, 1) as i32;
+        if aggregate::mode() & aggregate::LINES != 0 {
+            aggregate::line(names.counts(), line);
+        }
+        if per_event(FIRE_LINE) {
+            fire::line(names.filename(), names.name(), line, names.qualname());
+        }
     }
     none()
 }

@@ -15,6 +15,7 @@
 //! This module is the thin PyO3 layer over that; the public API is the
 //! Python package `dtrace`, which documents it.
 
+mod aggregate;
 mod arming;
 mod callbacks;
 mod cfunctions;
@@ -317,12 +318,42 @@ mod _native {
     /// `os.register_at_fork(after_in_child=...)`.
     #[pyfunction]
     fn after_fork_child() -> PyResult<()> {
+        aggregate::after_fork_child();
         watcher::after_fork_child().map_err(PyErr::from)
     }
 
-    /// `atexit`: stops the watcher for good before finalization.
+    /// `atexit`: stops the watcher for good before finalization, then
+    /// reports what the aggregate probes gathered and did not report yet.
     #[pyfunction]
     fn at_exit(py: Python<'_>) {
         watcher::at_exit(py);
+        aggregate::at_exit(py);
+    }
+
+    /// Reports what the aggregate probes gathered, now, as a flush that
+    /// `requester` asked for (for tests; tools ask through
+    /// `pydtrace_flush_requests`).
+    #[pyfunction]
+    #[pyo3(signature = (requester=0))]
+    fn aggregate_flush(py: Python<'_>, requester: u32) {
+        let _ = py;
+        // SAFETY: GIL held (`py`).
+        unsafe {
+            aggregate::flush(
+                0,
+                if requester == 0 {
+                    &[]
+                } else {
+                    std::slice::from_ref(&requester)
+                },
+            )
+        };
+    }
+
+    /// (what is gathered: bits 1 calls, 2 times, 4 lines, 8 the tree; code
+    /// objects with unreported counts; call-tree nodes), for tests.
+    #[pyfunction]
+    fn aggregate_stats(py: Python<'_>) -> (u8, usize, usize) {
+        aggregate::stats(py)
     }
 }

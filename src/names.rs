@@ -201,6 +201,8 @@ pub struct CodeNames {
     lines: OnceCell<Option<LineTable>>,
     /// Whether the code is in the scope in force (`scope`), and under which generation.
     scope: crate::scope::Verdict,
+    /// What the aggregate probes gathered for the code since their last flush.
+    counts: crate::aggregate::CodeCounts,
 }
 
 impl CodeNames {
@@ -220,6 +222,12 @@ impl CodeNames {
     #[inline]
     pub fn qualname(&self) -> *const c_char {
         self.qualname
+    }
+
+    /// What the aggregate probes gathered for this code object (`aggregate`).
+    #[inline(always)]
+    pub fn counts(&self) -> &crate::aggregate::CodeCounts {
+        &self.counts
     }
 
     /// The cached scope verdict (see `scope::allows_names`).
@@ -272,13 +280,20 @@ impl CodeNames {
                     ProbeString::from_str_object(qualname),
                 ];
                 let first_line = ffi::PyLong_AsLong(first_line) as i32;
+                let entry_line = first_instruction_line(code).unwrap_or(first_line);
                 Some(CodeNames {
                     filename: held[0].as_ptr(),
                     name: held[1].as_ptr(),
                     qualname: held[2].as_ptr(),
+                    counts: crate::aggregate::CodeCounts::new(
+                        held[0].as_ptr(),
+                        held[1].as_ptr(),
+                        held[2].as_ptr(),
+                        entry_line,
+                    ),
                     _held: held,
                     first_line,
-                    entry_line: first_instruction_line(code).unwrap_or(first_line),
+                    entry_line,
                     lines: OnceCell::new(),
                     scope: crate::scope::Verdict::new(),
                 })
@@ -406,10 +421,13 @@ unsafe fn create_entry<'a>(
     Some(&*names)
 }
 
-/// Frees a cache entry when its code object is freed.
+/// Frees a cache entry when its code object is freed (first reporting what
+/// the aggregate probes gathered for it: its names are alive until then).
 unsafe extern "C" fn free_code_names(extra: *mut c_void) {
     if !extra.is_null() {
-        drop(Box::from_raw(extra as *mut CodeNames));
+        let names = Box::from_raw(extra as *mut CodeNames);
+        names.counts.retire();
+        drop(names);
         LIVE_ENTRIES.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -39,6 +39,7 @@ use std::time::Duration;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::aggregate;
 use crate::arming;
 use crate::channel;
 use crate::enablement;
@@ -369,7 +370,9 @@ fn watch(control: &Control, mut named: u8) {
             .union(channel::leased_probes())
             .union(forced());
         let kicked = faults::take_kick();
-        if applied != wanted || kicked || scope_changed {
+        // A tool's flush request, or the periodic flush: run with the GIL too.
+        let flush = aggregate::poll();
+        if applied != wanted || kicked || scope_changed || flush {
             if !apply_with_gil(wanted) {
                 return; // the interpreter is going away
             }
@@ -480,6 +483,7 @@ fn apply_requested(py: Python<'_>) -> bool {
     if let Err(err) = arming::apply(py, wanted) {
         faults::report_arming_error(py, &err.to_string());
     }
+    aggregate::flush_pending(py);
     channel::acknowledge(&acks);
     let mut handoff = handoff();
     handoff.applied = handoff.applied.max(request);

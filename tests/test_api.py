@@ -43,6 +43,11 @@ def test_probe_names_are_the_providers_in_dtrace_spelling():
         "audit",
         "cfunction-entry",
         "cfunction-return",
+        "aggregate-calls",
+        "aggregate-time",
+        "aggregate-lines",
+        "aggregate-node",
+        "aggregate-flush",
     )
 
 
@@ -70,7 +75,7 @@ def test_wait_for_consumer_rejects_unknown_probes_with_the_list_of_known_ones():
         'unknown probe "function_entry": provider python has function-entry, function-return, line, '
         "gc-start, gc-done, instance-new-start, instance-new-done, instance-delete-start, "
         "instance-delete-done, import-find-load-start, import-find-load-done, audit, cfunction-entry, "
-        "cfunction-return"
+        "cfunction-return, aggregate-calls, aggregate-time, aggregate-lines, aggregate-node, aggregate-flush"
     )
 
 

@@ -16,12 +16,19 @@ that never reaches a safe point, a process that exits during the injection, a si
 that raises while the code runs. Each gives a one-line reason and exit status 1, and leaves no
 gdb and no stopped or traced process behind.
 
-Tests that need root, bpftrace or gdb skip where they are missing, and fail under
-PYDTRACE_REQUIRE_TRACER=1 (tests/tracing.py).
+A gdb that cannot write the registers back (Debian 12's gdb 13.1 on CPUs with AMX) is refused
+before anything changes in the process: a stand-in debugger (the working gdb, whose ptrace calls
+that write the extended register state fail as 13.1's do there) shows it on any CPU, with the
+process sleeping, blocked in accept and busy.
+
+Tests that need root, bpftrace or a gdb that can write registers back skip where they are
+missing, and fail under PYDTRACE_REQUIRE_TRACER=1 (tests/tracing.py). The gdb is PYDTRACE_GDB's,
+which tests/conftest.py sets to the one scripts/dev sets up where it is there.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -39,6 +46,7 @@ import pytest
 
 import dtrace
 from dtrace.tools import inject
+from dtrace.tools.tracers import ToolError
 from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
@@ -46,14 +54,54 @@ MARKED_CALLS = 1500
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def require_gdb() -> None:
-    """Skip where injection cannot run (no root, bpftrace or gdb); fail under PYDTRACE_REQUIRE_TRACER=1."""
+#: gdb commands that write another value into a general register and into one of the extended
+#: state (SSE, part of the XSAVE area), then the old values back, each read back from the process.
+REGISTER_ROUND_TRIP = [
+    command
+    for register in ("$r11", "$xmm0.v2_int64[0]")
+    for command in (f"p/x {register}", f"set var {register} = ~{register}", "maintenance flush register-cache",
+                    f"p/x {register}", f"set var {register} = ~{register}", "maintenance flush register-cache",
+                    f"p/x {register}")
+]
+
+
+@functools.cache
+def register_problem(gdb: str) -> str | None:
+    """Why ``gdb`` cannot write registers of a process back on this machine (None: it can), seen
+    on a process of its own (``sleep``)."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        argv = [gdb, "-batch", "-nx", "-p", str(sleeper.pid)]
+        for command in REGISTER_ROUND_TRIP:
+            argv += ["-ex", command]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    values = re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", done.stdout, re.M)
+    if len(values) == 6 and values[0] == values[2] != values[1] and values[3] == values[5] != values[4]:
+        return None
+    return next((line for line in done.stderr.splitlines() if "write" in line), done.stderr.strip()[-200:])
+
+
+def require_gdb() -> str:
+    """The gdb the tools run (PYDTRACE_GDB, else gdb on PATH), checked to write registers back here.
+    Skip where injection cannot run (no root, bpftrace or such a gdb); fail under
+    PYDTRACE_REQUIRE_TRACER=1."""
     require_tracer()
-    if shutil.which("gdb") is None:
-        reason = "gdb is not installed (Debian: apt-get install gdb)"
+    try:
+        gdb = inject.gdb_path()
+        problem = register_problem(gdb)
+        reason = (None if problem is None else
+                  f"{gdb} cannot write registers back on this machine ({problem}): set PYDTRACE_GDB to a gdb "
+                  "that can (scripts/dev sets up Debian sid's)")
+    except ToolError as error:
+        reason = str(error)
+    if reason is not None:
         if REQUIRE_TRACER:
             pytest.fail(f"{reason}; PYDTRACE_REQUIRE_TRACER=1 makes this a failure, not a skip")
         pytest.skip(reason)
+    return gdb
 
 
 def base_interpreter() -> str:
@@ -622,7 +670,9 @@ def test_a_process_that_exits_during_the_injection():
     workload = Workload("sleep", sys.executable, preamble=preamble)
     try:
         done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"process {workload.pid} exited during the injection")
+        check_error(done, f"process {workload.pid} exited during the injection", "while the injected code ran")
+        # Its exit status when gdb saw the exit before the process was gone.
+        assert "(status" not in done.stderr or "(status 7)" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert workload.process.wait(STEP_TIMEOUT) == 7
         assert_nothing_left(workload.pid)
@@ -668,6 +718,50 @@ def test_no_safe_point_in_time_leaves_the_process_untouched():
         assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
         assert process.poll() is None
     finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_process_stopped_by_someone_else_during_the_injection_stays_stopped():
+    """A SIGSTOP from another process while gdb waits for the safe point: the process ends up
+    stopped, as it would have without the tool, and the tool says so; continued, it runs on."""
+    require_gdb()
+    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=clean_environment())
+    stdout = Lines(process.stdout, "the blocked workload")
+    tool = None
+    try:
+        _, pid, write_end = stdout.next().split()
+        pid = int(pid)
+        tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "3"})
+        said = Lines(tool.stderr, "the tool's stderr")
+        while True:
+            line = said.next()
+            assert line is not None, said.seen
+            if '"kind": "waiting"' in line:
+                break
+        os.kill(pid, signal.SIGSTOP)  # from this test's process
+        assert tool.wait(STEP_TIMEOUT) == 1, said.seen
+        said.rest()
+        text = "\n".join(said.seen)
+        assert f"process {pid} was stopped by process {os.getpid()}" in text, text
+        assert "it is left stopped, as it would have been without the tool" in text, text
+        assert "nothing was run in it" in text, text
+        assert re.search(r"^State:\s+T", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert not gdb_processes_for(pid)
+        assert re.search(r"^TracerPid:\s+0$", Path(f"/proc/{pid}/status").read_text(), re.M)
+        os.kill(pid, signal.SIGCONT)
+        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
+            pipe.write("x")
+        line = stdout.next()
+        assert line is not None and line.startswith("AFTER "), (line, process.stderr)
+        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
+    finally:
+        if tool is not None and tool.poll() is None:
+            tool.kill()
+            tool.wait()
         process.kill()
         process.wait()
 
@@ -915,6 +1009,55 @@ def test_a_forked_child_of_an_injected_process_says_so():
         workload.kill()
 
 
+#: A thread forks children until the probes are loaded, each of which runs Python code for a moment
+#: and exits 0: a child that inherited gdb's breakpoint would die of SIGTRAP. (It stops then: the
+#: test is about forks during the injection.)
+FORKS_ALL_THE_TIME = '''
+import warnings
+warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a process with threads
+
+
+def forker():
+    while "dtrace" not in sys.modules:
+        child = os.fork()
+        if child == 0:
+            for i in range(20000):
+                spin(i)
+            time.sleep(0.01)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+        counts[1] += 1
+        if status != 0:
+            say("CHILD-ENDED", status)
+
+threading.Thread(target=forker, daemon=True).start()
+'''
+
+
+def test_a_process_that_forks_during_the_injection():
+    """Children forked while gdb is attached (and its breakpoint in the parent) end as they would
+    have; the parent gets its probes and runs on."""
+    require_gdb()
+    workload = Workload("busy-threads", sys.executable, body=FORKS_ALL_THE_TIME + SHAPES["busy-threads"])
+    try:
+        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
+        try:
+            tool.start()
+            info = workload.phase()
+            stop(tool)
+        finally:
+            tool.kill()
+        assert tool.code == 0, tool.stderr
+        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
+        assert info["live"] is True and info["counts"][1] > 0, info
+        assert_nothing_left(workload.pid)
+        assert not any(line.startswith(("CHILD-ENDED", "WRONG")) for line in workload.stdout.seen), \
+            workload.stdout.seen
+        assert workload.process.poll() is None
+    finally:
+        workload.kill()
+
+
 def other_version_python() -> str | None:
     """A CPython 3.12+ of another minor version than this one (pyenv's), without pydtrace-rs."""
     for candidate in sorted(Path(os.path.expanduser("~/.pyenv/versions")).glob("3.1[2-9].*/bin/python3.1[2-9]")):
@@ -974,5 +1117,158 @@ def test_a_main_thread_that_runs_a_subinterpreter():
         assert_nothing_left(workload.pid)
         assert not probe_object_mapped(workload.pid)
         assert workload.process.poll() is None
+    finally:
+        workload.kill()
+
+
+# --- A gdb that cannot write the registers back: refused, the process untouched -----------------
+
+#: Interposed on gdb's ptrace(): every write of the x86 extended register state (XSAVE area) or of
+#: the floating-point registers fails with EFAULT ("Bad address"), as Debian 12's gdb 13.1's do on
+#: CPUs with AMX; general registers are written as ever. An inferior call then writes the general
+#: registers, fails on the extended state and leaves without restoring them, as 13.1 does there.
+BROKEN_PTRACE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <elf.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <sys/ptrace.h>
+#include <sys/types.h>
+
+long ptrace(enum __ptrace_request request, ...) {
+    static long (*real)(int, ...);
+    va_list arguments;
+    va_start(arguments, request);
+    pid_t pid = va_arg(arguments, pid_t);
+    void *address = va_arg(arguments, void *);
+    void *data = va_arg(arguments, void *);
+    va_end(arguments);
+    if ((request == PTRACE_SETREGSET && ((long)address == NT_X86_XSTATE || (long)address == NT_PRFPREG))
+        || request == PTRACE_SETFPREGS) {
+        errno = EFAULT;
+        return -1;
+    }
+    if (!real)
+        real = (long (*)(int, ...))dlsym(RTLD_NEXT, "ptrace");
+    return real(request, pid, address, data);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def stand_in_gdb(tmp_path_factory) -> str:
+    """The working gdb with BROKEN_PTRACE: a gdb that fails as 13.1 does on CPUs with AMX."""
+    gdb = require_gdb()
+    compiler = shutil.which("cc")
+    if compiler is None:
+        if REQUIRE_TRACER:
+            pytest.fail("no C compiler for the stand-in debugger; PYDTRACE_REQUIRE_TRACER=1 makes this a failure")
+        pytest.skip("no C compiler for the stand-in debugger")
+    directory = tmp_path_factory.mktemp("broken-gdb")
+    (directory / "ptrace.c").write_text(BROKEN_PTRACE)
+    library = directory / "broken-ptrace.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(directory / "ptrace.c"), "-ldl"], check=True)
+    wrapper = directory / "gdb"
+    wrapper.write_text(f'#!/bin/sh\n# {gdb}, whose writes of the extended register state fail (tests/test_inject.py)\n'
+                       f'LD_PRELOAD={library}${{LD_PRELOAD:+:$LD_PRELOAD}} exec {gdb} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+#: The main thread blocks in accept(); each connection gets a line.
+ACCEPTS = READY.replace('print("READY", os.getpid(), flush=True)', '') + '''
+import socket
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+print("READY", os.getpid(), server.getsockname()[1], flush=True)
+while True:
+    connection, _ = server.accept()
+    counts[0] += 1
+    connection.sendall(b"hello %d\\n" % counts[0])
+    connection.close()
+'''
+
+#: Where the stand-in is pointed: the main thread sleeping (time.sleep), blocked in accept, busy.
+BROKEN_GDB_SHAPES = {"sleep": None, "accept": ACCEPTS, "busy-threads": None}
+
+
+def greeting(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT) as connection:
+        return connection.makefile("r").readline().strip()
+
+
+def test_the_stand_in_breaks_a_sleeping_process_as_gdb_13_1_does(stand_in_gdb):
+    """What the refusal protects from: with the stand-in, calling a function in a process that
+    sleeps in time.sleep (as --inject did) kills it with the kernel's restart code (Errno 514)."""
+    workload = Workload("sleep", sys.executable)
+    try:
+        done = subprocess.run([stand_in_gdb, "-batch", "-nx", "-p", str(workload.pid), "-ex",
+                               "print ((int (*)(void))getpid)()"], capture_output=True, text=True,
+                              timeout=STEP_TIMEOUT)
+        assert "Couldn't write extended state status: Bad address" in done.stderr, done.stderr
+        assert workload.process.wait(STEP_TIMEOUT) != 0
+        assert "514" in "\n".join(workload.stderr.rest()), workload.stderr.seen
+    finally:
+        workload.kill()
+
+
+def broken_gdbs(stand_in: str) -> list[str]:
+    """The stand-in, and this machine's own gdb where it is broken the same way (gdb 13.1 on a CPU
+    with AMX)."""
+    found = [stand_in]
+    system = shutil.which("gdb")
+    if system is not None and os.path.realpath(system) != os.path.realpath(inject.gdb_path()) \
+            and register_problem(system) is not None:
+        found.append(system)
+    return found
+
+
+@pytest.mark.parametrize("shape", sorted(BROKEN_GDB_SHAPES))
+def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives_on(shape, stand_in_gdb):
+    for gdb in broken_gdbs(stand_in_gdb):
+        workload = Workload(shape, sys.executable, body=BROKEN_GDB_SHAPES[shape])
+        try:
+            if shape == "accept":
+                assert greeting(workload.port) == "hello 1"
+            # Named with --gdb, or with PYDTRACE_GDB: the same refusal.
+            how = ["--gdb", gdb] if gdb == stand_in_gdb else []
+            done = run_tool("calls", "-p", str(workload.pid), "--inject", *how, env={"PYDTRACE_GDB": gdb})
+            check_error(done, f"cannot inject into process {workload.pid}: {gdb} (GNU gdb",
+                        "cannot write back the registers", "writing xmm0.v2_int64[0] failed",
+                        "Couldn't write extended state status: Bad address", "nothing was changed in it",
+                        "--gdb PATH or PYDTRACE_GDB=PATH", "sys.remote_exec")
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert_nothing_left(workload.pid)
+            assert not probe_object_mapped(workload.pid)
+            # It runs on as before: sleeps as long as asked, answers, computes right.
+            if shape == "sleep":
+                before = len(workload.slept)
+                while len(workload.slept) < before + 2:
+                    workload.expect("SLEPT")
+                assert all(s >= 0.7 for s in workload.slept), workload.slept
+            elif shape == "accept":
+                assert greeting(workload.port) == "hello 2"
+            else:
+                first = workload.phase(traced=False)
+                time.sleep(0.5)  # the threads get the GIL meanwhile
+                again = workload.phase(traced=False)
+                assert all(after > before for after, before in zip(again["counts"], first["counts"])), (first, again)
+                assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
+            assert workload.process.poll() is None, workload.stderr.available()
+            assert workload.stderr.available() == [], workload.stderr.available()
+        finally:
+            workload.kill()
+
+
+def test_a_gdb_that_is_not_there():
+    require_tracer()
+    workload = Workload("sleep", sys.executable)
+    try:
+        done = run_tool("calls", "-p", str(workload.pid), "--inject", "--gdb", "/nonexistent/gdb")
+        check_error(done, "--gdb names /nonexistent/gdb, which is not an executable gdb")
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert_nothing_left(workload.pid)
     finally:
         workload.kill()

@@ -1,4 +1,4 @@
-"""The built shared object: fourteen probes of provider python, as readelf sees them."""
+"""The built shared object: the nineteen probes of provider python, as readelf sees them."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ EXPECTED_ARGUMENT_SIZES = {
     "audit": ["8", "8"],
     "cfunction__entry": ["8", "8", "-4", "8"],
     "cfunction__return": ["8", "8", "-4", "8"],
+    "aggregate__calls": ["8", "8", "-4", "8", "-8"],
+    "aggregate__time": ["8", "8", "-4", "8", "-8", "-8"],
+    "aggregate__lines": ["8", "8", "-4", "8", "-8"],
+    "aggregate__node": ["-8", "-8", "8", "8", "-8", "-8"],
+    "aggregate__flush": ["-4", "-8"],
 }
 
 NOTE = re.compile(
@@ -60,10 +65,10 @@ def sections() -> dict[str, tuple[int, int, int]]:
     return found
 
 
-def test_fourteen_probes_in_provider_python():
+def test_nineteen_probes_in_provider_python():
     notes = probe_notes()
     assert sorted(n["name"] for n in notes if n["provider"] == "python") == sorted(EXPECTED_ARGUMENT_SIZES)
-    assert len(notes) == 14, "each probe has exactly one site"
+    assert len(notes) == 19, "each probe has exactly one site"
 
 
 def test_probe_names_follow_the_provider_file():

@@ -202,8 +202,8 @@ for line in sys.stdin:
         while scope_now() != wanted and time.monotonic() < deadline:
             tick.wait(0.002)
         send("SCOPE", scope_now())
-    elif command == "wait-live":  # until a consumer's function-entry probe is live (bounded)
-        send("LIVE", dtrace.wait_for_consumer("function-entry", timeout=TIMEOUT))
+    elif command == "wait-live":  # until a consumer's aggregate-calls probe is live (bounded)
+        send("LIVE", dtrace.wait_for_consumer("aggregate-calls", timeout=TIMEOUT))
     elif command == "work":
         before = native.scope_stats()
         work(int(argument))
@@ -548,7 +548,8 @@ def test_environment_scope_counts_exactly_and_nothing_else(workload_dir, setting
 def test_tool_module_counts_exactly_and_the_scope_goes_back(workload_dir):
     (workload_dir / "inscope.py").write_text(INSCOPE)
     body = WORKLOAD.replace("range(N)", f"range({N})")
-    workload, tool = trace_with_tool(body, ["calls", "--module", "inscope"], ["function-entry"], workload_dir)
+    workload, tool = trace_with_tool(body, ["calls", "--module", "inscope"], ["aggregate-calls", "aggregate-flush"],
+                                     workload_dir)
     assert tool.code == 0, tool.stderr
     counts = {words[1]: int(words[0]) for words in (line.split() for line in tool.stdout.splitlines()[1:])
               if len(words) == 3 and words[0].isdigit()}

@@ -85,18 +85,26 @@ def bpftrace_check(program: str, *arguments: str, strlen: int = 200) -> None:
 
 
 def tool_of(script: Path):
-    return next(tool for tool in TOOLS.values() if tool.script == script.stem)
+    return next(tool for tool in TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
+
+
+#: The probes a -p workload waits for: a tool's default (counted in the process) and --per-event.
+AGGREGATE_CALLS = ["aggregate-calls", "aggregate-flush"]
+MODES = {"aggregate": [], "per-event": ["--per-event"]}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS.glob("*.bt")), ids=lambda p: p.name)
 def test_bundled_script_passes_bpftrace_check(script):
-    # where.bt takes the PID as $1; objdel.bt takes 1 for a command started by the tool.
-    bpftrace_check(script.read_text(), str(os.getpid()), strlen=tool_of(script).strlen)
+    # where.bt takes the PID as $1; objdel.bt takes 1 for a command started by the tool; the
+    # aggregating scripts take the tool's PID and 1.
+    bpftrace_check(script.read_text(), str(os.getpid()), "1", strlen=tool_of(script).strlen)
 
 
 def test_both_dialects_of_every_tool_are_bundled():
     tools = {tool.script for tool in TOOLS.values() if tool.script}
-    assert {p.stem for p in SCRIPTS.glob("*.bt")} == tools
+    # The aggregating scripts are bpftrace's alone: the flush requests go through /proc/PID/mem.
+    aggregating = {tool.aggregate_script for tool in TOOLS.values() if tool.aggregate_script}
+    assert {p.stem for p in SCRIPTS.glob("*.bt")} == tools | aggregating
     assert {p.stem for p in SCRIPTS.glob("*.d")} == tools
     for script in SCRIPTS.iterdir():
         text = script.read_text()
@@ -107,11 +115,16 @@ def test_both_dialects_of_every_tool_are_bundled():
 VARIANTS = [
     ["calls"], ["calls", "--latency", "-i", "2", "-d", "5"], ["lines", "-i", "1"], ["gc", "-i", "1", "-d", "3"],
     ["objnew", "-i", "2"], ["objdel", "-d", "2"], ["flow", "-d", "1"], ["flame", "-d", "2"],
-    ["where", "connect"], ["where", "--no-lines", "write", "-d", "4"],
+    ["where", "connect", "--trace-calls"], ["where", "--trace-calls", "--no-lines", "write", "-d", "4"],
     # --native (tests/test_tools_native.py traces with them)
     ["calls", "--native"], ["calls", "--native", "-L", "-i", "1", "-d", "3"], ["flow", "--native", "-d", "1"],
     ["flame", "--native"],
+    # --per-event: the per-event scripts of the tools that count in the process by default
+    ["calls", "--per-event"], ["calls", "--per-event", "-L", "-i", "2", "-d", "5"], ["lines", "--per-event", "-i", "1"],
+    ["flame", "--per-event", "-d", "2"],
 ]
+#: The lines the tool adds to an aggregating script with -i (at the end of its flushes).
+INTERVAL_BODY = re.compile(r"\t(if \(@on\) \{|\t(print|clear)\(@\w+\);|\ttime\(.*\);|\})")
 
 
 @pytest.mark.parametrize("args", VARIANTS, ids=" ".join)
@@ -124,8 +137,12 @@ def test_generated_variants_pass_bpftrace_check_and_keep_to_the_file(args):
         assert "cfunction__entry" in done.stdout and ("-L" not in args or "cfunction__return" in done.stdout)
     # Apart from the appended interval and duration clauses (and a probe named on the
     # command line), the program is the file's lines, in the file's order.
-    shipped = iter((SCRIPTS / f"{tool.script}.bt").read_text().splitlines())
+    aggregated = tool.aggregate_script and not {"--per-event", "--native"} & set(args)
+    shipped = iter((SCRIPTS / f"{tool.aggregate_script if aggregated else tool.script}.bt").read_text().splitlines())
     program = done.stdout.split("\ninterval:")[0]
+    if aggregated:
+        assert "interval:" not in done.stdout  # the tool times -i and -d itself, by its flushes
+        program = "\n".join(line for line in program.splitlines() if not INTERVAL_BODY.fullmatch(line))
     if args[0] == "where":
         function = next(a for a in args[1:] if not a.startswith("-") and not a.isdigit())
         program = program.replace(f"uprobe:libc:{function}", "uprobe:libc:connect")
@@ -138,7 +155,10 @@ def test_script_is_the_file_when_no_option_changes_it():
     # (calls, flame and flow have optional parts: --latency, --native.)
     for name in ("gc", "lines", "objnew"):
         done = run_tool(name, "--script")
-        assert done.stdout == (SCRIPTS / f"{TOOLS[name].script}.bt").read_text(), name
+        tool = TOOLS[name]
+        assert done.stdout == (SCRIPTS / f"{tool.aggregate_script or tool.script}.bt").read_text(), name
+    done = run_tool("lines", "--per-event", "--script")
+    assert done.stdout == (SCRIPTS / "lines.bt").read_text()
 
 
 # --- calls --------------------------------------------------------------------------------------
@@ -164,28 +184,32 @@ COUNTDOWN = """
 """
 
 
-def test_calls_through_p_counts_a_recursive_function_exactly(workload_dir):
-    workload, tool = trace_with_tool(COUNTDOWN, ["calls"], ["function-entry"], workload_dir)
+@pytest.mark.parametrize("mode", MODES)
+def test_calls_through_p_counts_a_recursive_function_exactly(workload_dir, mode):
+    probes = ["function-entry"] if MODES[mode] else AGGREGATE_CALLS
+    workload, tool = trace_with_tool(COUNTDOWN, ["calls", *MODES[mode]], probes, workload_dir)
     assert tool.code == 0, tool.stderr
     assert rows(tool.stdout, 1, "countdown")[0][0] == "300"
     assert rows(tool.stdout, 1, "run")[0][0] == "1"
 
 
-def test_calls_latency_through_c_and_p(workload_dir):
+@pytest.mark.parametrize("mode", MODES)
+def test_calls_latency_through_c_and_p(workload_dir, mode):
     body = as_script(COUNTDOWN)
-    done = traced_command(workload_dir, "calls", "--latency", "-n", "0", body=body)
+    done = traced_command(workload_dir, "calls", "--latency", "-n", "0", *MODES[mode], body=body)
     assert done.stdout.splitlines()[0].split() == ["CALLS", "TOTAL", "AVERAGE", "FUNCTION", "FILE"]
     countdown = re.search(r"^\s*(\d+)\s+(\S+ \S+)\s+(\S+ \S+)\s+countdown\s", done.stdout, re.M)
     assert countdown and countdown.group(1) == "300", done.stdout
-    workload, tool = trace_with_tool(COUNTDOWN, ["calls", "-L"], ["function-entry", "function-return"],
-                                     workload_dir)
+    probes = ["function-entry", "function-return"] if MODES[mode] else ["aggregate-time", "aggregate-flush"]
+    workload, tool = trace_with_tool(COUNTDOWN, ["calls", "-L", *MODES[mode]], probes, workload_dir)
     countdown = re.search(r"^\s*(\d+)\s+(\S+ \S+)\s+(\S+ \S+)\s+countdown\s", tool.stdout, re.M)
     assert countdown and countdown.group(1) == "300", tool.stdout
     # Every call of countdown returned while traced: its time is there.
     assert not countdown.group(2).startswith("0 "), tool.stdout
 
 
-def test_calls_intervals_through_p_end_with_the_duration(workload_dir):
+@pytest.mark.parametrize("mode", MODES)
+def test_calls_intervals_through_p_end_with_the_duration(workload_dir, mode):
     # The workload calls tick() until the tool has detached (its probes are off again); the tool
     # ends by itself (-d). A Ctrl-C sent then could land while it gives back what it asked the
     # process for (an interpreter with probes of its own: its lease), which is a Ctrl-C's exit.
@@ -199,7 +223,8 @@ def test_calls_intervals_through_p_end_with_the_duration(workload_dir):
             while dtrace.enabled_probes():
                 tick()
     """
-    workload, tool = trace_with_tool(body, ["calls", "-i", "1", "-d", "2"], ["function-entry"], workload_dir,
+    probes = ["function-entry"] if MODES[mode] else AGGREGATE_CALLS
+    workload, tool = trace_with_tool(body, ["calls", "-i", "1", "-d", "2", *MODES[mode]], probes, workload_dir,
                                      stop_signal=None)
     assert tool.code == 0, tool.stderr
     blocks = re.split(r"^\d\d:\d\d:\d\d$", tool.stdout, flags=re.M)
@@ -284,11 +309,13 @@ LOOP = """
 """
 
 
-def test_lines_through_c_and_p_count_a_loop_body_exactly(workload_dir):
-    done = traced_command(workload_dir, "lines", "-n", "0", body=as_script(LOOP))
+@pytest.mark.parametrize("mode", MODES)
+def test_lines_through_c_and_p_count_a_loop_body_exactly(workload_dir, mode):
+    done = traced_command(workload_dir, "lines", "-n", "0", *MODES[mode], body=as_script(LOOP))
     hot = f"workload.py:{line_of(workload_dir / 'workload.py', '# hot')}"
     assert rows(done.stdout, 1, hot)[0] == ["25", hot, "loop"]
-    workload, tool = trace_with_tool(LOOP, ["lines", "-n", "5"], ["line"], workload_dir)
+    probes = ["line"] if MODES[mode] else ["aggregate-lines", "aggregate-flush"]
+    workload, tool = trace_with_tool(LOOP, ["lines", "-n", "5", *MODES[mode]], probes, workload_dir)
     hot = f"{workload.path}:{workload.line_of('# hot')}"
     assert [r[0] for r in rows(tool.stdout, 1, hot)] == ["25"], tool.stdout
 
@@ -486,8 +513,8 @@ def test_where_connect_through_c_counts_the_stacks(workload_dir):
 
 
 def test_where_connect_through_p_counts_the_stacks(workload_dir):
-    workload, tool = trace_with_tool(SOCKETS, ["where", "connect"], ["function-entry", "function-return", "line"],
-                                     workload_dir)
+    workload, tool = trace_with_tool(SOCKETS, ["where", "connect", "--trace-calls"],
+                                     ["function-entry", "function-return", "line"], workload_dir)
     assert tool.code == 0, tool.stderr
     check_where(tool.stdout, str(workload.path), workload.path)
 
@@ -517,7 +544,7 @@ def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(wor
     tool = None
     try:
         pid = int(process.stdout.readline())
-        tool = ToolRun(["where", "connect"], pid)
+        tool = ToolRun(["where", "connect", "--trace-calls"], pid)
         tool.start()
         process.stdin.write("go\n")
         process.stdin.flush()
@@ -559,9 +586,10 @@ def test_flame_through_c_writes_an_svg_and_folded_stacks(workload_dir):
     assert int(stacks[path]) > 0, stacks
 
 
-def test_flame_through_p_folds_the_stacks_entered_after_attaching(workload_dir):
-    workload, tool = trace_with_tool(NESTED, ["flame", "--folded"], ["function-entry", "function-return"],
-                                     workload_dir)
+@pytest.mark.parametrize("mode", MODES)
+def test_flame_through_p_folds_the_stacks_entered_after_attaching(workload_dir, mode):
+    probes = ["function-entry", "function-return"] if MODES[mode] else ["aggregate-node", "aggregate-flush"]
+    workload, tool = trace_with_tool(NESTED, ["flame", "--folded", *MODES[mode]], probes, workload_dir)
     assert tool.code == 0, tool.stderr
     f = f"({workload.path})"
     stacks = dict(line.rsplit(" ", 1) for line in tool.stdout.splitlines())
@@ -608,7 +636,7 @@ def test_list_without_a_target_prints_the_probe_object():
     from dtrace.tools.listing import ARGUMENTS
 
     listed = [line.split()[0] for line in done.stdout.splitlines() if line.split()[:1] and line.split()[0] in ARGUMENTS]
-    assert listed == list(ARGUMENTS)  # all fourteen, in the provider file's order
+    assert listed == list(ARGUMENTS)  # all nineteen, in the provider file's order
 
 
 def test_list_through_p_shows_which_probes_are_enabled(workload_dir):

@@ -170,6 +170,8 @@ def main():
         "hooked_classes": dtrace._native.hooked_classes(),
         "scope": dtrace._native.scope(),
         "cfunction_cache": dtrace._native.cfunction_cache_stats()[0],
+        # (what is gathered, code objects with unreported counts, call-tree nodes)
+        "aggregate": list(dtrace._native.aggregate_stats()),
     })
 
 

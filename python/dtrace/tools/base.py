@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from dtrace.tools import interpreter, report, runner, scope, tracers
+from dtrace.tools import aggregate, interpreter, pystack, report, runner, scope, tracers
 from dtrace.tools.options import Options
 from dtrace.tools.tracers import ToolError
 
@@ -50,6 +51,11 @@ class Tool:
     examples = ""  # the help's epilog
     #: Script files: scripts/SCRIPT.bt and scripts/SCRIPT.d.
     script = ""
+    #: The bpftrace script on the aggregate probes (scripts/NAME.bt), run unless --per-event:
+    #: the process counts inside itself and reports at each flush (tools/aggregate.py).
+    aggregate_script = ""
+    #: The run's flushes, while it aggregates.
+    aggregation: aggregate.Aggregation | None = None
     #: BPFTRACE_STRLEN: the most the script's strings fit on bpftrace 0.17's 512-byte stack.
     strlen = 160
     #: BPFTRACE_MAP_KEYS_MAX, unless --max-keys.
@@ -82,13 +88,27 @@ class Tool:
 
     # --- the program
 
+    def aggregated(self, args: Options, dialect: str) -> bool:
+        """Whether this run counts in the process (the aggregate probes) rather than per event: the
+        default where the tool has such a script, on Linux (the flush requests go through
+        /proc/PID/mem), unless --per-event or --native (C functions are per event only)."""
+        return bool(self.aggregate_script) and dialect == "bt" and not args.per_event and not args.native
+
     def program(self, args: Options, dialect: str) -> str:
         """The exact program the tracer runs for these options."""
-        text = keep_sections(script_text(self.script, dialect), self.sections(args))
+        aggregated = self.aggregated(args, dialect)
+        name = self.aggregate_script if aggregated else self.script
+        text = keep_sections(script_text(name, dialect), self.sections(args))
         text = self.customize(text, args, dialect)
         if not text.endswith("\n"):
             text += "\n"
         interval = getattr(args, "interval", None)
+        if aggregated:
+            # The tool times -d and -i itself: it asks for a flush, and the end of the flush prints
+            # the interval's maps (tools/aggregate.py).
+            if interval:
+                text = text.replace("\t// interval\n", self._interval_body(text) + "\n", 1)
+            return text
         if interval:
             # With -i, the interval clause also ends the trace (after -d, rounded up to whole
             # intervals): an exit of its own could overtake the last interval's print and clear.
@@ -103,9 +123,19 @@ class Tool:
         interval = getattr(args, "interval", None)
         return -(-args.duration // interval) if interval and args.duration else 0
 
-    def _interval_clause(self, seconds: int, ticks: int, dialect: str, program: str) -> str:
+    def _printed_maps(self, program: str) -> list[str]:
+        """The maps of the report that ``program`` uses (outside comments)."""
         code = re.sub(r"/\*.*?\*/|//[^\n]*", "", program, flags=re.S)
-        maps = [m for m in self.maps if re.search(re.escape(m) + r"(?!\w)", code)]
+        return [m for m in self.maps if re.search(re.escape(m) + r"(?!\w)", code)]
+
+    def _interval_body(self, program: str) -> str:
+        """Print and clear the maps, then the time: the end of an aggregating tool's interval,
+        once it counts (``@on``)."""
+        body = "".join(f"\t\tprint({m});\n\t\tclear({m});\n" for m in self._printed_maps(program))
+        return f"\tif (@on) {{\n{body}\t\ttime(\"%H:%M:%S\\n\");\n\t}}"
+
+    def _interval_clause(self, seconds: int, ticks: int, dialect: str, program: str) -> str:
+        maps = self._printed_maps(program)
         if dialect == "bt":
             body = "".join(f"\tprint({m});\n\tclear({m});\n" for m in maps)
             body += '\ttime("%H:%M:%S\\n");\n'
@@ -135,14 +165,20 @@ class Tool:
         """The program's positional parameters ($1, ...) for this target."""
         return []
 
+    def aggregate_arguments(self, target: runner.Target) -> list[str]:
+        """The aggregating scripts' parameters: the PID that asks for flushes, and 1 when the tool
+        started the process (every report counts: nothing ran before the tool)."""
+        return [str(os.getpid()), "1" if target.process is not None else "0"]
+
     def probes(self, program: str) -> list[str]:
         """The probes of provider python the program uses, as DTrace spells them."""
         names = re.findall(r"(?:usdt:[^:\s]*:python:|python\$target:::)([\w-]+)", program)
         return sorted({name.replace("__", "-") for name in names})
 
     def key_arity(self) -> dict[str, int]:
-        """How many parts each map's key has (bpftrace joins them with commas)."""
-        return {name: len(types) for name, types in self.maps.items()}
+        """How many parts each map's key has (bpftrace joins them with commas); ``@dropped`` is the
+        aggregating scripts' count of what the process could not gather (a bound was reached)."""
+        return {"@dropped": 0, **{name: len(types) for name, types in self.maps.items()}}
 
     # --- the run
 
@@ -162,6 +198,14 @@ class Tool:
     def finish(self, args: Options, out: TextIO, session: runner.Session) -> None:
         """Called after the last report."""
 
+    def bind(self, program: str, pid: int) -> str:
+        """The program for process ``pid``: a Python stack walk (pystack) gets the process's
+        checked layout in place of its ``PY_...`` names (ToolError when it has none)."""
+        if not pystack.uses_walk(program):
+            return program
+        self.layout = pystack.layout_of(pid)
+        return pystack.bind(program, self.layout)
+
     def check(self, options: Options, tracer: tracers.Tracer) -> None:
         """Before anything starts: UsageError for options that cannot work here (e.g. a function
         that resolves to no probe)."""
@@ -175,14 +219,21 @@ class Tool:
             tracer.check_privileges()
         program = self.program(options, tracer.dialect)
         if options.script:
-            out.write(program)
+            # A Python stack walk names the target's addresses: filled in when there is a target.
+            out.write(self.bind(program, options.pid) if options.pid is not None else program)
             return 0
         self.check(options, tracer)
         probes = self.fired(self.probes(program))
-        target = runner.start(options.argv, options.startup_timeout) if options.argv else runner.attach(options.pid, options.inject)
+        if options.argv:
+            target = runner.start(options.argv, options.startup_timeout)
+        elif not probes and pystack.uses_walk(program):
+            target = runner.attach_any(options.pid)  # the walk needs no probe: any Python process
+        else:
+            target = runner.attach(options.pid, options.inject, options.gdb)
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
         # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
         try:
+            program = self.bind(program, target.pid)
             program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
         except BaseException:
             if target.held:
@@ -191,14 +242,18 @@ class Tool:
         # In force before the tracer attaches, so no out-of-scope event reaches it.
         lease = scope.open_session(options, target, scope_text, asked)
         env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
-        session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists,
-                                 self.arguments(target))
+        aggregated = self.aggregated(options, tracer.dialect)
+        arguments = self.aggregate_arguments(target) if aggregated else self.arguments(target)
+        session = runner.Session(tracer, program, target, env, self.key_arity(), self.hists, arguments)
+        self.aggregation = (aggregate.Aggregation(session, target, options.interval, self.ticks(options),
+                                                  options.duration) if aggregated else None)
+        interrupt = self.aggregation.interrupt if self.aggregation else session.interrupt
         stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {sig: signal.getsignal(sig) for sig in stops}
         try:
             session.start()
             for sig in stops:
-                signal.signal(sig, lambda signum, frame: session.interrupt(signum))
+                signal.signal(sig, lambda signum, frame: interrupt(signum))
             return self._collect(options, target, session, probes, out)
         except BaseException:
             if getattr(session, "process", None) is not None and session.process.poll() is None:
@@ -210,6 +265,8 @@ class Tool:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.aggregation is not None:
+                self.aggregation.close()
             if lease is not None:
                 lease.release()  # the scope goes back to what it was
 
@@ -232,14 +289,23 @@ class Tool:
             if session.signals:  # stopped before tracing began: the status says by what
                 return 128 + session.signals[0]
             raise session.failure(f"failed (exit status {code})")
+        if self.aggregation is not None:
+            self.aggregation.begin(early)  # under -p, the first flush: nothing from before counts
         target.release(probes)
         print(f"{ready.data.rstrip()}  [{target.describe()}]", file=sys.stderr, flush=True)
         self.start(options, target, out)
         maps: dict[str, dict] = {}
         intervals = 0
+        dropped = 0
         for event in itertools.chain(early, session.events()):
-            if event.kind == "printf":
+            if event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.FLUSHED:
+                self.aggregation.flushed()
+            elif event.kind == "printf" and self.aggregation is not None and event.data.strip() == aggregate.EXIT_FLUSHED:
+                self.aggregation.exit_flushed()
+            elif event.kind == "printf":
                 self.on_printf(event.data, out)
+            elif event.kind == "map" and event.name == "@dropped":
+                dropped += sum(event.data.values())
             elif event.kind == "lost":
                 self.on_lost(event.data, out)
             elif event.kind == "map":
@@ -264,6 +330,11 @@ class Tool:
         self.finish(options, out, session)
         out.flush()
         self.warn_incomplete(session, options)
+        if self.aggregation is not None and not session.killed:
+            self.aggregation.warn_incomplete()
+        if dropped:
+            runner.warn(f"{dropped} calls or lines were not gathered: the process reached a bound of its "
+                        "aggregation (the call tree's nodes, a code object's lines; docs/probes.md)")
         if target.process is None:
             return 0
         if not command_ended:

@@ -9,6 +9,7 @@ from dtrace.tools.base import Tool, cut_note
 class Calls(Tool):
     name = "calls"
     script = "calls"
+    aggregate_script = "calls_aggregate"
     summary = "calls per function, with --latency their total and average time"
     description = (
         "Count Python function calls per file and function (co_qualname), most called first. "
@@ -16,7 +17,9 @@ class Calls(Tool):
         "(a recursive function counts its nested calls again), sorted by total time. "
         "A generator or coroutine counts once per resume. With --native, also the calls of C "
         "functions (builtin functions, methods of builtin types, any callable that is not Python "
-        "code) per caller, the file and line that called them, timed too with --latency."
+        "code) per caller, the file and line that called them, timed too with --latency. "
+        "The process counts (and times) the calls itself and reports them to the tracer at each flush, "
+        "with no event per call; --per-event (and --native) trace each call instead."
     )
     examples = """\
 examples:
@@ -25,6 +28,7 @@ examples:
   python -m dtrace calls -L -n 10 -d 5 -p 4711   top 10 by time, for 5 seconds
   python -m dtrace calls -i 1 -p 4711            a table per second
   python -m dtrace calls --native -L -p 4711     with the C functions and their callers, timed
+  python -m dtrace calls --per-event -p 4711     a probe per call, counted by the tracer
   python -m dtrace calls --script                print the bpftrace program
 """
     maps = {"@calls": "ss", "@time_ns": "ss", "@ccalls": "ssd", "@ctime_ns": "ssd"}
@@ -37,10 +41,13 @@ examples:
                                  "(default: %(default)s)")
         parser.add_argument("--native", action="store_true",
                             help="also count (and with --latency time) the C functions Python code calls, "
-                                 "per calling line")
+                                 "per calling line (per event)")
+        parser.add_argument("--per-event", action="store_true",
+                            help="fire a probe per call and count in the tracer, as before aggregation in the "
+                                 "process (slower: a trap per event)")
 
     def sections(self, args):
-        keep = {"latency"} if args.latency else set()
+        keep = {"latency"} if args.latency else {"count"}
         if args.native:
             keep |= {"native", "native_latency"} if args.latency else {"native"}
         return keep

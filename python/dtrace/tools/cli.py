@@ -75,6 +75,9 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
                          help="with -p, on a Python process that has not loaded the probes: load them without "
                               "asking (runs `import dtrace` in it through gdb, or sys.remote_exec on 3.14+; "
                               "see docs/injection.md)")
+        sub.add_argument("--gdb", metavar="PATH",
+                         help="with --inject on Python 3.12 and 3.13: the gdb to use (default: $PYDTRACE_GDB, "
+                              "else gdb on PATH)")
         sub.add_argument("-d", "--duration", type=positive, metavar="SECONDS", help=COMMON_HELP["duration"])
         if tool.intervals:
             sub.add_argument("-i", "--interval", type=positive, metavar="SECONDS",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from dtrace.tools import flamegraph, report, runner
+from dtrace.tools import flamegraph, pystack, report, runner
 from dtrace.tools.base import Tool, cut_note
-from dtrace.tools.options import FLAME_FORMATS
+from dtrace.tools.options import FLAME_FORMATS, UsageError
 
 #: What the times are, said with every report.
 TIMES = (
@@ -15,19 +15,27 @@ TIMES = (
     "waited (I/O, locks, sleep) counts, and so does the probes' own cost per call, so frames that make "
     "many small calls weigh more here than in a sampling profiler's share of CPU samples (py-spy, perf)."
 )
+#: What the values are with --sample.
+SAMPLES = (
+    "These are samples: each counts a thread found running on a CPU, at the rate asked for, with the Python "
+    "stack read from its frames (code waiting for I/O, locks or sleep is not on a CPU and is not sampled). "
+    "A frame's share is its share of the samples, an estimate that is better the more samples there are."
+)
 
 
 class Flame(Tool):
     name = "flame"
     script = "flame"
+    aggregate_script = "flame_aggregate"
     strlen = 200
     max_keys = 65536
     intervals = False
     summary = "a flame graph of time by Python stack (SVG, speedscope or folded stacks)"
     description = (
         "Draw a flame graph of the time spent per Python stack, measured from function entries to "
-        "returns. The stacks are aggregated in the kernel, so no event is lost however busy the "
-        "program. Write an interactive SVG (open it in a browser: hover for times, click to zoom, "
+        "returns. The process keeps the call tree itself and reports it to the tracer at each flush, "
+        "with no event per call (--per-event: the stacks are aggregated in the kernel from an event per "
+        "call and return); no event is lost however busy the program. Write an interactive SVG (open it in a browser: hover for times, click to zoom, "
         "Search to highlight), a speedscope profile (--format speedscope, or -o NAME.json; open it at "
         "https://www.speedscope.app), or folded stacks for flamegraph.pl (--format folded). "
         "The times are wall time from entry to return, callees included: not samples. A frame that "
@@ -44,6 +52,7 @@ examples:
   python -m dtrace flame -c "python3 app.py" -o app.speedscope.json   for https://www.speedscope.app
   python -m dtrace flame -c "python3 app.py" --folded > app.folded    for flamegraph.pl
   python -m dtrace flame --native -c "python3 app.py"        with the C functions as leaves
+  python -m dtrace flame --sample -p 4711 -d 10              samples at 99 Hz, any Python 3.12+ process
 """
     # flame.bt keeps a node's parent and names in maps of their own; flame.d in one, @names.
     # @native marks the nodes of C functions (--native).
@@ -59,7 +68,96 @@ examples:
                                  "suffix of -o: .json is speedscope, .folded is folded; else svg)")
         parser.add_argument("--folded", action="store_true", help="the same as --format folded")
         parser.add_argument("--native", action="store_true",
-                            help="add the C functions that Python code calls as frames, marked [C]")
+                            help="add the C functions that Python code calls as frames, marked [C] (per event)")
+        parser.add_argument("--per-event", action="store_true",
+                            help="fire a probe per call and return and count in the tracer, as before aggregation in the "
+                                 "process (slower: a trap per event)")
+        parser.add_argument("--sample", nargs="?", type=int, const=99, metavar="HZ",
+                            help="sample the on-CPU Python stacks HZ times a second per CPU (default 99), read "
+                                 "from the frames: no Python probe is enabled, and -p works on any Python 3.12+ "
+                                 "process (bpftrace)")
+        parser.add_argument("--depth", type=int, default=pystack.DEFAULT_DEPTH, metavar="N",
+                            help="with --sample: frames read per stack (default: %(default)s)")
+
+    def program(self, args, dialect):
+        self.sampling = getattr(args, "sample", None) is not None
+        if not self.sampling:
+            return super().program(args, dialect)
+        if dialect != "bt":
+            raise UsageError("--sample reads the frames with bpftrace (Linux)")
+        if args.native:
+            raise UsageError("--sample and --native cannot be combined: the samples hold Python frames only")
+        if not 1 <= args.sample <= 10000:
+            raise UsageError(f"--sample {args.sample}: give a rate of 1 to 10000 Hz")
+        if not 1 <= args.depth <= pystack.MAX_DEPTH:
+            raise UsageError(f"--depth {args.depth}: give 1 to {pystack.MAX_DEPTH}")
+        if getattr(args, "scope_modules", None) or getattr(args, "scope_files", None):
+            raise UsageError("--module and --file scope the entry/return events, not --sample's frames")
+        text = pystack.stack_program(f"profile:hz:{args.sample}",
+                                     f"samples of the Python stacks at {args.sample} Hz", args.depth)
+        return text + (self._duration_clause(args.duration, dialect) if args.duration else "")
+
+    def arguments(self, target):
+        return [str(target.pid)] if self.sampling else []  # the walk's predicate: pid == $1
+
+    def start(self, args, target, out):
+        self.resolver = pystack.Resolver(target.pid, self.layout) if self.sampling else None
+
+    def on_printf(self, text, out):
+        if self.sampling:
+            pystack.on_printf(text, self.resolver)
+
+    def sampled_tree(self, maps) -> tuple[flamegraph.Frame, int]:
+        """The tree of the sampled stacks (values: samples), and the samples outside Python code."""
+        counted, broken = pystack.count_stacks(maps, self.resolver)
+        self.resolver.close()
+        root, outside = flamegraph.Frame("all", "all"), broken
+        self.names = []
+        for frames, count in counted.items():
+            if frames[0].qualname in (pystack.MARKERS[pystack.NO_THREAD], pystack.MARKERS[pystack.NO_FRAME]):
+                outside += count
+                continue
+            node = root
+            root.value += count
+            for frame in reversed(frames):  # outermost first
+                title = f"{frame.qualname} ({report.path(frame.file)})" if frame.file else frame.qualname
+                child = next((c for c in node.children if c.title == title), None)
+                if child is None:
+                    child = flamegraph.Frame(label=frame.qualname, title=title, name=frame.qualname,
+                                             file=frame.file)
+                    node.children.append(child)
+                    self.names += [frame.qualname, frame.file]
+                child.value += count
+                node = child
+        return root, outside
+
+    def report_samples(self, maps, args, out) -> None:
+        root, outside = self.sampled_tree(maps)
+        samples = int(root.value)
+        said = f"{samples} samples of Python stacks at {args.sample} Hz" + (
+            f" ({outside} more found the thread outside Python code)" if outside else "")
+        if not samples:
+            out.write(f"no sample found Python code running ({outside} outside it)\n")
+            return
+        if args.format == "folded":
+            text = "\n".join(flamegraph.folded(root)) + "\n"
+            if args.output is None:
+                out.write(text)
+            else:
+                self.write(args.output, text)
+                out.write(f"wrote {args.output}: folded stacks, {said}\n")
+        elif args.format == "speedscope":
+            self.write(args.output, flamegraph.speedscope_json(root, f"Python stacks, {said}", unit="none"))
+            out.write(f"wrote {args.output}: {said}; open it at https://www.speedscope.app\n")
+        else:
+            title = f"Python stacks on CPU: {samples} samples at {args.sample} Hz"
+            subtitle = "samples of the threads running on a CPU, stacks read from the frames; click to zoom"
+            self.write(args.output, flamegraph.svg(root, title, subtitle, unit="samples"))
+            out.write(f"wrote {args.output}: {said}; open it in a browser\n")
+        if args.output is None:
+            runner.warn(SAMPLES)
+        else:
+            out.write(SAMPLES + "\n")
 
     def sections(self, args):
         return {"native"} if args.native else set()
@@ -113,6 +211,9 @@ examples:
         return root
 
     def report(self, maps, args, out, label, session):
+        if self.sampling:
+            self.report_samples(maps, args, out)
+            return
         root = self.tree(maps)
         if not root.children:
             out.write("no Python function returned while tracing\n")

@@ -198,7 +198,8 @@ def svg(root: Frame, title: str, subtitle: str = "", unit: str = "ns", width: in
         y = height - pad_bottom - (level + 1) * frame_height
         share = 100 * frame.value / root.value
         calls = f", {frame.calls} calls" if frame.calls else ""
-        tip = f"{frame.title}: {frame.value / 1e6:.3f} ms ({share:.2f}%){calls}" if unit == "ns" else frame.title
+        tip = (f"{frame.title}: {frame.value / 1e6:.3f} ms ({share:.2f}%){calls}" if unit == "ns"
+               else f"{frame.title}: {frame.value:.0f} {unit} ({share:.2f}%)")
         out.append(f'<g class="frame" data-label="{escape(frame.label)}" data-level="{level}">'
                    f"<title>{escape(tip)}</title>")
         out.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{frame_height - 1}" '
@@ -233,7 +234,7 @@ def folded(root: Frame) -> list[str]:
     return sorted(f"{';'.join(f.title for f in path)} {own:.0f}" for path, own in stacks(root))
 
 
-def speedscope(root: Frame, name: str) -> dict[str, Any]:
+def speedscope(root: Frame, name: str, unit: str = "nanoseconds") -> dict[str, Any]:
     """The tree as a speedscope profile (https://www.speedscope.app/file-format-schema.json): a
     "sampled" profile whose samples are the stacks and whose weights are their own time in
     nanoseconds, as speedscope imports folded stacks."""
@@ -256,7 +257,7 @@ def speedscope(root: Frame, name: str) -> dict[str, Any]:
         "profiles": [{
             "type": "sampled",
             "name": name,
-            "unit": "nanoseconds",
+            "unit": unit,
             "startValue": 0,
             "endValue": sum(weights),
             "samples": samples,
@@ -268,5 +269,5 @@ def speedscope(root: Frame, name: str) -> dict[str, Any]:
     }
 
 
-def speedscope_json(root: Frame, name: str) -> str:
-    return json.dumps(speedscope(root, name), indent=None, separators=(",", ":")) + "\n"
+def speedscope_json(root: Frame, name: str, unit: str = "nanoseconds") -> str:
+    return json.dumps(speedscope(root, name, unit), indent=None, separators=(",", ":")) + "\n"

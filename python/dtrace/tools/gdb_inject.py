@@ -11,9 +11,17 @@ come in the environment variable PYDTRACE_INJECT (JSON):
   with debug information takes seconds to load, with the process stopped);
 - ``python_object``: the file that holds the interpreter (libpython or the executable).
 
-What it does to the target (docs/injection.md says why each step is safe):
+What it does to the target (docs/injection.md says why each step is safe, and how each is
+undone):
 
-1. Attach (every thread stops). Check that the interpreter is initialized and not finalizing.
+0. Attach (every thread stops). Before any register of the process changes, prove in its main
+   thread that gdb can write back every register set an inferior call writes and restores: a
+   general register and one of the extended state (x86-64: the XSAVE area, which gdb writes
+   whole), each written with another value, read back from the process, then written back and
+   read back again. A gdb that cannot (Debian 12's gdb 13.1 on CPUs with AMX: "Couldn't write
+   extended state status") would leave an inferior call's registers in the process; it fails
+   the first write, which changes nothing: refused, the process untouched.
+1. Check that the interpreter is initialized and not finalizing.
 2. In the main thread: map one anonymous page (``mmap``), write the code into it, and queue a
    pending call ``Py_AddPendingCall(PyErr_CheckSignals, NULL)``: at its next eval-breaker check
    the main thread calls ``PyErr_CheckSignals()``, which runs the handlers of signals that came
@@ -99,6 +107,14 @@ class Failure(Exception):
     """A step failed; the message says which, for the user."""
 
 
+class Unprovable(Exception):
+    """gdb cannot write back a register set of the process: nothing was changed in it."""
+
+
+class Damaged(Exception):
+    """gdb wrote a register of the process and could not put its value back."""
+
+
 class Exited(Exception):
     """The process exited while gdb was attached."""
 
@@ -112,6 +128,24 @@ def alive():
             return not any(line.startswith("State:") and line.split()[1] in ("Z", "X") for line in status)
     except OSError:
         return False
+
+
+def exit_status():
+    """How the process ended, as gdb saw it ("status 7", "killed by SIGKILL"), or None."""
+    for variable, text in (("$_exitcode", "status {}"), ("$_exitsignal", "killed by signal {}")):
+        try:
+            value = gdb.parse_and_eval(variable)
+            if value.type.code != gdb.TYPE_CODE_VOID:
+                number = int(value)
+                if "signal" in text:
+                    try:
+                        return f"killed by {signal.Signals(number).name}"
+                    except ValueError:
+                        pass
+                return text.format(number)
+        except (gdb.error, RuntimeError):
+            pass
+    return None
 
 
 def evaluate(expression):
@@ -139,6 +173,72 @@ ARCH = ""
 
 def x86_64():
     return ARCH in ("i386:x86-64", "x86_64")
+
+
+#: Per architecture (as gdb names it): a 64-bit part of a general register and one of the
+#: extended state, as gdb names them. gdb writes a register set whole (x86-64: the general
+#: registers with PTRACE_SETREGS, the XSAVE area, x87, SSE, AVX, AVX-512, AMX, PKRU, with
+#: PTRACE_SETREGSET), so one register of each set shows that the set can be written back.
+#: The aarch64 entry is untested (the project's machine is x86-64).
+PROOF_REGISTERS = {
+    "i386:x86-64": ("$r11", "$xmm0.v2_int64[0]"),
+    "aarch64": ("$x9", "$v0.d.s[0]"),
+}
+
+
+def read_back(expression):
+    """A register's value as the process holds it: gdb's cached copy is dropped first (after a
+    write, gdb keeps the value written, whether or not it reached the process)."""
+    try:
+        gdb.execute("maintenance flush register-cache", to_string=True)
+    except gdb.error:
+        gdb.execute("flushregs", to_string=True)  # its name before gdb 12
+    return int(evaluate(expression))
+
+
+def signed64(value):
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+def prove_registers():
+    """In the selected (main) thread, before any register of the process changes: write another
+    value into each register of PROOF_REGISTERS, read it back from the process, write the old
+    value back, read it back. A write of the value a register already holds is skipped by gdb
+    and would prove nothing. Unprovable (nothing changed) when the first write fails or does not
+    reach the process; Damaged when the old value cannot be put back."""
+    names = PROOF_REGISTERS.get(ARCH)
+    if names is None:
+        raise Unprovable(f"gdb's registers of architecture {ARCH} are not known to this tool, so it cannot show "
+                         "first that gdb can write them back")
+    for expression in names:
+        old = read_back(expression)
+        other = signed64(old ^ 0x5A5A5A5A5A5A5A5A)
+        try:
+            gdb.execute(f"set var {expression} = {other}", to_string=True)
+        except gdb.error as error:
+            if read_back(expression) == old:
+                raise Unprovable(f"writing {expression[1:]} failed: {error}") from None
+            put_back(expression, old, error)
+            raise Unprovable(f"writing {expression[1:]} failed: {error}") from None
+        written = read_back(expression)
+        put_back(expression, old, None)
+        if written != other:
+            raise Unprovable(f"a value written into {expression[1:]} did not reach the process")
+
+
+def put_back(expression, old, first_error):
+    """Write ``old`` back into a register (a few tries); Damaged if it does not stay there."""
+    error = first_error
+    for _ in range(3):
+        try:
+            gdb.execute(f"set var {expression} = {old}", to_string=True)
+            if read_back(expression) == old:
+                return
+        except gdb.error as failure:
+            error = failure
+    raise Damaged(f"gdb wrote {expression[1:]} of its main thread and could not write its value back "
+                  f"({old:#x}): {error}")
 
 
 class Anchor(gdb.Breakpoint):
@@ -281,6 +381,17 @@ def describe_main_thread():
     return " <- ".join(names)
 
 
+def sigstop_sender():
+    """At a stop by SIGSTOP: the process that sent it (None if gdb cannot tell)."""
+    try:
+        info = gdb.parse_and_eval("$_siginfo")
+        if int(info["si_signo"]) != signal.SIGSTOP:
+            return None
+        return int(info["_sifields"]["_kill"]["si_pid"])
+    except (gdb.error, RuntimeError):
+        return None
+
+
 def inject():
     global ARCH
     for setting in (
@@ -292,6 +403,8 @@ def inject():
         # Signals reach the program as they would without gdb, and stop nothing.
         "handle all nostop noprint pass",
         "handle SIGINT nostop noprint pass",
+        # Except SIGSTOP, which would stop a call gdb makes: kept, while gdb waits (below), or lost.
+        "handle SIGSTOP nostop noprint nopass",
     ):
         gdb.execute(setting, to_string=True)
     attached = time.monotonic()  # the process stops during the attach: counted from here
@@ -300,16 +413,27 @@ def inject():
     except gdb.error as error:
         emit("attach_failed", message=str(error))
         return
+    emit("step", step="attached")
     anchors = []
     page = size = 0
     started = False  # whether the code was started in the process
+    queued = False  # whether the pending call was queued (it cannot be taken back; harmless)
+    restart = None  # the interrupted system call's restart code, while it is changed and not yet run on
+    stopped_by = None  # a SIGSTOP that another process sent meanwhile: sent again after the detach
     try:
         ARCH = gdb.selected_inferior().architecture().name()
         main_thread().switch()
+        prove_registers()
+        emit("step", step="proven")
         if not call("Py_IsInitialized"):
             raise Failure("its interpreter is not initialized (yet, or any more)")
         if call("Py_IsFinalizing"):
             raise Failure("its interpreter is shutting down")
+        main_interpreter = call("PyInterpreterState_Main")
+        # Running a sub-interpreter's bytecode now? (Its thread state, if it has one attached: a TLS
+        # read, safe anywhere.) Then the main interpreter's pending call waits for it to come back.
+        current = call("PyThreadState_GetUnchecked")
+        in_subinterpreter = bool(current) and call("PyThreadState_GetInterpreter", current) != main_interpreter
         size = (len(CODE) + len(REPORT_KEY) + 2 + 4095) // 4096 * 4096
         page = call("mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0)
         if page in (-1, 0):
@@ -319,28 +443,32 @@ def inject():
         key = page + len(CODE) + 1
         if call("Py_AddPendingCall", FUNCTIONS["PyErr_CheckSignals"], 0) != 0:
             raise Failure("its queue of pending calls is full")
+        queued = True
         blocked = blocked_in_cpython_call()
         if blocked:
-            gdb.execute(f"set var $rax = {-EINTR}", to_string=True)  # after the last call: calls restore registers
+            # The last change before the process runs on (an inferior call would restore it); put
+            # back below if the process does not run on.
+            restart = register("rax")
+            gdb.execute(f"set var $rax = {-EINTR}", to_string=True)
         anchors.append(Anchor())
         gdb.execute("handle SIGSTOP stop print nopass", to_string=True)
         emit("waiting", blocked=blocked)
-        main_interpreter = call("PyInterpreterState_Main")
-        # Running a sub-interpreter's bytecode now? (Its thread state, if it has one attached: a TLS
-        # read, safe anywhere.) Then the main interpreter's pending call waits for it to come back.
-        current = call("PyThreadState_GetUnchecked")
-        in_subinterpreter = bool(current) and call("PyThreadState_GetInterpreter", current) != main_interpreter
         watchdog = Watchdog()
         watchdog.start()
         watchdog.waiting = True
         resumed = time.monotonic()
         try:
             while True:
+                restart = None
                 gdb.execute("continue", to_string=True)
                 if not alive():
                     raise Exited()
                 if not Anchor.hit:
-                    break  # given up (SIGSTOP)
+                    sender = sigstop_sender()
+                    if watchdog.reason is None and sender is not None and sender != os.getpid():
+                        stopped_by = sender  # someone else's SIGSTOP: the process stops after the detach
+                        continue
+                    break  # given up (our SIGSTOP)
                 main_thread().switch()
                 if call("PyInterpreterState_Get") == main_interpreter:
                     break
@@ -362,6 +490,7 @@ def inject():
             return  # the page is unmapped below; the queued call stays a mere signal check
         hit = time.monotonic()
         started = True
+        emit("step", step="running")
         report, handed = run_code(page, key)
         ran = time.monotonic()
         call("munmap", page, size)  # compiled and run: nothing refers to the page any more
@@ -375,32 +504,51 @@ def inject():
              report=report.decode("ascii", "replace") if report is not None else None,
              stopped_ms=round((resumed - attached) * 1000, 1), wait_ms=round((hit - resumed) * 1000, 1),
              code_ms=round((ran - hit) * 1000, 1))
+    except Unprovable as reason:
+        emit("unprovable", message=str(reason))
+    except Damaged as damage:
+        emit("damaged", message=str(damage))
     except Exited:
-        emit("exited")
+        emit("exited", started=started, status=exit_status())
     except Failure as failure:
         emit("failed", message=str(failure), started=started)
     except gdb.error as error:
         if alive():
             emit("failed", message=f"gdb: {error}", started=started)
         else:
-            emit("exited")
+            emit("exited", started=started, status=exit_status())
     finally:
+        left = []
         for anchor in anchors:
             try:
                 anchor.delete()
             except (gdb.error, RuntimeError):
                 pass
         if alive():
+            if restart is not None:  # never run on
+                # The system call restarts as it would have (the EINTR was never seen).
+                try:
+                    main_thread().switch()
+                    gdb.execute(f"set var $rax = {restart}", to_string=True)
+                    if read_back("$rax") != restart:
+                        left.append("its interrupted system call returns EINTR (CPython retries it)")
+                except (Failure, Exited, gdb.error):
+                    left.append("its interrupted system call returns EINTR (CPython retries it)")
             if page:
                 try:
                     main_thread().switch()
                     call("munmap", page, size)
                 except (Failure, Exited, gdb.error):
-                    pass
+                    left.append(f"a page of {size} bytes mapped at {page:#x} (the code, not run)")
+            if queued and not started:
+                left.append("a queued call of PyErr_CheckSignals (the signal check the interpreter makes anyway)")
             try:
                 gdb.execute("detach", to_string=True)
             except gdb.error as error:
                 emit("detach_failed", message=str(error))
+            if stopped_by is not None:
+                os.kill(PID, signal.SIGSTOP)  # as it would have been: stopped
+            emit("left", left=left, stopped_by=stopped_by)
         elif gdb.selected_inferior().pid != 0:
             # It exited and gdb has not taken note yet: let it (a detach would trip over the
             # threads that are gone). The process is gone already; SIGKILL changes nothing.
@@ -408,7 +556,6 @@ def inject():
                 gdb.execute("kill", to_string=True)
             except gdb.error:
                 pass
-
 
 try:
     inject()

@@ -254,13 +254,15 @@ def method(process: pyprocess.PythonProcess) -> str:
     return "remote_exec" if process.version >= (3, 14) else "gdb"
 
 
-def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
+def load_probes(pid: int, inject: bool, describe: str, not_loaded: str, gdb: str | None = None) -> None:
     """Load pydtrace-rs into process ``pid``: asked on a terminal, at once with ``inject``.
     ``not_loaded`` is the message for a process whose owner must arm it (no terminal, no
-    --inject). Raises ToolError, with the reason, when the probes cannot or may not be loaded."""
+    --inject); ``gdb`` the debugger chosen with --gdb (:func:`gdb_path`). Raises ToolError, with
+    the reason, when the probes cannot or may not be loaded."""
     process = pyprocess.identify(pid)
     pyprocess.check_supported(process)
     how = method(process)
+    debugger = gdb_path(gdb) if how == "gdb" else None  # before anything: a missing gdb is said first
     if not inject:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise ToolError(not_loaded)
@@ -278,7 +280,7 @@ def load_probes(pid: int, inject: bool, describe: str, not_loaded: str) -> None:
     if current in (None, "Z", "X"):
         raise pyprocess.gone(pid)
     offered = offered_package(process)
-    report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered)
+    report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered, debugger)
     outcome(process, report, offered, how)
 
 
@@ -364,11 +366,40 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
     return found
 
 
-def gdb_command() -> list[str]:
-    gdb = shutil.which("gdb")
-    if gdb is None:
+#: The environment variable that names the gdb to use (``--gdb PATH`` wins over it).
+GDB_VARIABLE = "PYDTRACE_GDB"
+#: What to do when the gdb cannot do it: the remedies, for the messages.
+GDB_REMEDY = (f"use a gdb that can (a newer one) with --gdb PATH or {GDB_VARIABLE}=PATH, or run the program on "
+              "Python 3.14 or later, where --inject uses the interpreter's own sys.remote_exec and needs no gdb")
+
+
+def gdb_path(chosen: str | None = None) -> str:
+    """The gdb to run: ``chosen`` (--gdb), else $PYDTRACE_GDB, else ``gdb`` on PATH; ToolError when
+    it is not there."""
+    given = chosen or os.environ.get(GDB_VARIABLE) or None
+    source = "--gdb" if chosen else GDB_VARIABLE
+    if given is not None:
+        found = shutil.which(given)
+        if found is None:
+            raise ToolError(f"{source} names {given}, which is not an executable gdb")
+        return found
+    found = shutil.which("gdb")
+    if found is None:
         raise ToolError("--inject needs gdb for Python 3.12 and 3.13: sudo apt-get install gdb (Debian, Ubuntu), "
-                        "sudo dnf install gdb (Fedora)")
+                        f"sudo dnf install gdb (Fedora), or name one with --gdb PATH or {GDB_VARIABLE}=PATH")
+    return found
+
+
+def gdb_version(gdb: str) -> str:
+    """gdb's version line (``GNU gdb (Debian 13.1-3) 13.1``), for the messages."""
+    try:
+        done = subprocess.run([gdb, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "version unknown"
+    return (done.stdout.splitlines() or ["version unknown"])[0].strip()
+
+
+def gdb_command(gdb: str) -> list[str]:
     return [
         gdb, "-batch", "-nx", "-q",
         # No symbol files beyond the minimum: the script calls functions by address.
@@ -378,10 +409,12 @@ def gdb_command() -> list[str]:
     ]
 
 
-def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
-    """Run the code in the target through gdb; the code's report, or ToolError."""
+def with_gdb(process: pyprocess.PythonProcess, offered: str | None, gdb: str | None = None) -> dict:
+    """Run the code in the target through ``gdb`` (:func:`gdb_path`); the code's report, or ToolError.
+    Every message says what was done to the process, as far as the tool knows it."""
     pid = process.pid
-    argv = gdb_command()
+    gdb = gdb or gdb_path()
+    argv = gdb_command(gdb)
     argv += ["-ex", f"symbol-file -readnever /proc/{pid}/exe", "-x", str(GDB_SCRIPT)]
     before = state(pid)
     abort_read, abort_write = os.pipe()
@@ -408,21 +441,43 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
                 records.append(json.loads(line[len("PYDTRACE-INJECT "):]))
             except json.JSONDecodeError:
                 pass
-    _check_not_left_stopped(pid, before)
+    steps = [record.get("step") for record in records if record.get("kind") == "step"]
+    left = next((record for record in reversed(records) if record.get("kind") == "left"), {})
+    stopped_by = left.get("stopped_by")
+    _check_not_left_stopped(pid, before, stopped_by)
+    if stopped_by:
+        print(f"pydtrace: process {pid} was stopped by process {stopped_by} ({pyprocess.command_name(stopped_by)}, "
+              "SIGSTOP) during the injection: it is left stopped, as it would have been without the tool",
+              file=sys.stderr, flush=True)
+    stays = "; ".join(left.get("left") or [])
+    stays = f"; what stays in it: {stays}" if stays else ""
     errors = "\n".join(line for line in lines if not line.startswith("PYDTRACE-INJECT ")).strip()
-    if returncode < 0:  # gdb itself died (an internal error aborts it)
+    crash = ""
+    if returncode < 0:  # gdb itself died (an internal error aborts it, or someone killed it)
         import signal
 
-        crash = signal.Signals(-returncode).name
+        crash = f"gdb died of {signal.Signals(-returncode).name}"
         detail = next((line for line in errors.splitlines() if "internal-error" in line), "")
-        print(f"pydtrace: gdb died of {crash} while attached to process {pid} {detail}".rstrip(),
-              file=sys.stderr, flush=True)
-    if not records:
+        print(f"pydtrace: {crash} while attached to process {pid} {detail}".rstrip(), file=sys.stderr, flush=True)
+    outcomes = [record for record in records if record.get("kind") not in ("step", "left", "waiting", "detach_failed")]
+    if not outcomes:
         if "Python scripting is not supported" in errors:
-            raise ToolError("this gdb has no Python support, which --inject needs (Debian's gdb has it)")
-        raise ToolError(f"gdb failed (exit status {returncode}) before injecting anything into process "
-                        f"{pid}:\n{errors or '(no message)'}")
-    last = records[-1]
+            raise ToolError(f"this gdb ({gdb}) has no Python support, which --inject needs (Debian's gdb has it)")
+        ended = crash or f"gdb failed (exit status {returncode})"
+        if not steps:
+            raise ToolError(f"{ended} before it attached to process {pid}: nothing was done to it:\n"
+                            f"{errors or '(no message)'}")
+        check = (f"check that it runs as it should (its output, its logs; `python -m dtrace list -p {pid}` shows "
+                 "whether the probes got in)")
+        if "proven" not in steps:
+            raise ToolError(f"{ended} while it checked, in process {pid}, that it can write back its registers: a "
+                            "register of its main thread may hold another value than before; " + check)
+        if "running" not in steps:
+            raise ToolError(f"{ended} while attached to process {pid}, before its code ran: the process may have "
+                            "been left in the middle of a call gdb made, or with a breakpoint that stops it with "
+                            "SIGTRAP; " + check)
+        raise ToolError(f"{ended} while the code ran in process {pid}: it may be left in the middle of it; " + check)
+    last = outcomes[-1]
     kind = last.get("kind")
     if kind == "attach_failed":
         message = last.get("message", "")
@@ -431,31 +486,47 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None) -> dict:
         if not _running(pid):
             raise ToolError(f"process {pid} exited before gdb could attach")
         raise ToolError(f"cannot attach gdb to process {pid}: {message}")
+    if kind == "unprovable":
+        raise ToolError(
+            f"cannot inject into process {pid}: {gdb} ({gdb_version(gdb)}) cannot write back the registers that "
+            f"calling a function in the process changes ({last.get('message')}), and would leave the process "
+            "with them; nothing was changed in it. (Debian 12's gdb 13.1 fails so on CPUs with AMX, Intel's "
+            f"servers since Sapphire Rapids.) Remedy: {GDB_REMEDY}")
+    if kind == "damaged":
+        raise ToolError(
+            f"injecting into process {pid} through {gdb} ({gdb_version(gdb)}) went wrong before anything else was "
+            f"done: {last.get('message')}. The process may misbehave from now on: check its output and logs, and "
+            f"restart it if it does. Remedy: {GDB_REMEDY}")
     if kind == "exited":
-        raise ToolError(f"process {pid} exited during the injection")
+        status = f" ({last['status']})" if last.get("status") else ""
+        when = "while the injected code ran" if last.get("started") else "before the injected code ran"
+        raise ToolError(f"process {pid} exited during the injection{status}, {when}")
     if kind == "failed":
         if last.get("started"):
-            raise ToolError(f"loading the probes into process {pid} failed while its code ran: {last.get('message')}")
-        raise ToolError(f"cannot load the probes into process {pid}: {last.get('message')}; nothing was run in it")
+            raise ToolError(f"loading the probes into process {pid} failed while its code ran: {last.get('message')}"
+                            f"; `python -m dtrace list -p {pid}` shows whether the probes got in")
+        raise ToolError(f"cannot load the probes into process {pid}: {last.get('message')}; nothing was run in it"
+                        f"{stays}")
     if kind == "no_safe_point":
         if last.get("reason") == "aborted":
-            print(f"pydtrace: nothing was run in process {pid}", file=sys.stderr, flush=True)
+            print(f"pydtrace: nothing was run in process {pid}{stays}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         if last.get("subinterpreter"):
             raise ToolError(
                 f"process {pid}'s main thread runs a sub-interpreter's code, where pydtrace-rs cannot load (PyO3 "
                 f"refuses sub-interpreters), and did not come back to the main interpreter within "
-                f"{SAFE_POINT_TIMEOUT:g} s: nothing was run in it")
+                f"{SAFE_POINT_TIMEOUT:g} s: nothing was run in it{stays}")
         raise ToolError(
             f"process {pid}'s main thread did not reach a point where it can run Python code within "
-            f"{SAFE_POINT_TIMEOUT:g} s (it is in {last.get('where')}): nothing was run in it. It must be running "
-            "Python code, or waiting in a call CPython can interrupt (sleep, select, a lock); try again later, "
-            "or wait longer with PYDTRACE_INJECT_TIMEOUT=SECONDS")
+            f"{SAFE_POINT_TIMEOUT:g} s (it is in {last.get('where')}): nothing was run in it{stays}. It must be "
+            "running Python code, or waiting in a call CPython can interrupt (sleep, select, a lock); try again "
+            "later, or wait longer with PYDTRACE_INJECT_TIMEOUT=SECONDS")
     if kind != "ran":
         raise ToolError(f"gdb stopped unexpectedly ({kind}) while injecting into process {pid}:\n{errors}")
     if last.get("report") is None:
         raise ToolError(f"the code run in process {pid} left no report: it was interrupted"
-                        + (" (an exception went on to the program)" if last.get("handed") else ""))
+                        + (" (an exception went on to the program)" if last.get("handed") else "")
+                        + f"; `python -m dtrace list -p {pid}` shows whether the probes got in")
     report = _parse_report(pid, last["report"])
     report["note"] = (f"the process was stopped {last.get('stopped_ms')} ms, the code ran "
                       f"{last.get('code_ms')} ms")
@@ -537,10 +608,11 @@ def _running(pid: int) -> bool:
     return state(pid) not in (None, "Z", "X")
 
 
-def _check_not_left_stopped(pid: int, before: str | None) -> None:
-    """A safety net: a process that was not stopped before must not stay stopped."""
+def _check_not_left_stopped(pid: int, before: str | None, stopped_by: int | None = None) -> None:
+    """A safety net: a process that was not stopped before must not stay stopped (unless someone
+    else stopped it meanwhile: ``stopped_by``)."""
     after = state(pid)
-    if after == "T" and before != "T":
+    if after == "T" and before != "T" and not stopped_by:
         import signal
 
         os.kill(pid, signal.SIGCONT)

@@ -9,11 +9,14 @@ from dtrace.tools.base import Tool, cut_note
 class Lines(Tool):
     name = "lines"
     script = "lines"
+    aggregate_script = "lines_aggregate"
     summary = "the hottest lines"
     description = (
         "Count the Python lines executed, per file, line and function, hottest first. "
         "A loop's `for` line counts once per iteration and once more to end the loop. "
-        "The line probe fires for every line: the traced program runs several times slower."
+        "The process counts the lines itself and reports the counts to the tracer at each flush; "
+        "with --per-event the line probe fires for every line, and the traced program runs several "
+        "times slower."
     )
     examples = """\
 examples:
@@ -26,6 +29,9 @@ examples:
     def add_arguments(self, parser):
         parser.add_argument("-n", "--top", type=int, default=20, metavar="N",
                             help="show the N hottest lines; 0 for all (default: %(default)s)")
+        parser.add_argument("--per-event", action="store_true",
+                            help="fire a probe per line and count in the tracer, as before aggregation in the "
+                                 "process (slower: a trap per event)")
 
     def report(self, maps, args, out, label, session):
         lines = maps.get("@lines", {})

@@ -53,6 +53,8 @@ class Options:
     startup_timeout: float = STARTUP_TIMEOUT
     #: -p on a process without the probes: load them without asking (docs/injection.md).
     inject: bool = False
+    #: --gdb: the gdb that --inject runs on 3.12 and 3.13 (None: $PYDTRACE_GDB, else gdb on PATH).
+    gdb: str | None = None
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()
     scope_files: tuple[str, ...] = ()
@@ -62,6 +64,8 @@ class Options:
     latency: bool = False
     # calls, flow, flame: C functions too (the cfunction probes)
     native: bool = False
+    # calls, lines, flame: the per-event probes rather than aggregation in the process
+    per_event: bool = False
     # where
     function: str | None = None
     no_lines: bool = False

@@ -185,6 +185,20 @@ def load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
     return None
 
 
+def symbol_address(pid: int, library: str, name: str) -> int | None:
+    """Where process ``pid`` has the dynamic symbol ``name`` of ``library`` (an object it loaded and
+    that was not replaced since); None when the object has no such symbol or is not mapped."""
+    try:
+        elf = ElfFile(library)
+    except (OSError, ValueError, IndexError, struct.error):  # unreadable, or no 64-bit ELF object
+        return None
+    symbol = elf.symbols.get(name)
+    if symbol is None:
+        return None
+    bias = load_bias([m for m in mappings(pid) if not m.deleted], library, elf)
+    return None if bias is None else bias + symbol[0]
+
+
 def _executable(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/exe")

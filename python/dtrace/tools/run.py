@@ -22,7 +22,14 @@ What the tool adds to the program, and nothing else:
   names the probe object's sites by address, and the tool asks the process
   to fire them while it runs (``interpreter``; the clause's ``probe``
   builtin then names a uprobe);
-- with ``-d``, a clause that ends the trace.
+- with ``-d``, a clause that ends the trace;
+- ``@PYSTACK@`` in a clause's body stands for the Python stack of the thread that hit the probe,
+  read from the interpreter's frames (``pystack``): the walk goes first in that clause (on its
+  first line, so that bpftrace's messages keep the program's line numbers), and the placeholder
+  becomes the stack's node (a number). In the output, every number that is such a node is
+  printed as the stack, one ``file:line qualname`` per line, innermost first, as bpftrace prints
+  a ``ustack``. A program whose only Python is ``@PYSTACK@`` needs no probe of pydtrace-rs: with
+  ``-p`` it runs on any CPython 3.12+ process.
 
 The program's output goes to stdout as bpftrace prints it, the maps it prints
 at exit included; bpftrace's "Attaching N probes..." line is left out, and
@@ -41,7 +48,7 @@ import sys
 import threading
 import time
 
-from dtrace.tools import interpreter, programs, runner, scope, tracers
+from dtrace.tools import interpreter, programs, pystack, report, runner, scope, tracers
 from dtrace.tools.base import Tool
 from dtrace.tools.tracers import ToolError
 
@@ -53,6 +60,8 @@ RESEND_AFTER = 3.0
 #: Seconds of quiet after the first line of BEGIN, without its last, after which BEGIN is taken
 #: to have returned early (a `return` in it), and the command is let run.
 BEGIN_QUIET = 1.0
+#: The Python stack, in a clause of the user's program (bpftrace).
+PYSTACK = "@PYSTACK@"
 #: bpftrace's own line before its probes are attached.
 _ATTACHING = re.compile(r"^Attaching \d+ probes?\.\.\.$")
 #: bpftrace's stderr lines that say nothing to the user.
@@ -82,6 +91,8 @@ examples:
   python -m dtrace run -e 'usdt:*:python:function__entry { @[str(arg1)] = count(); }' -p 4711
   python -m dtrace run -e 'usdt:@TARGET@:python:gc__done { @collected = sum(arg0); }' -c "python3 app.py"
   python -m dtrace run calls.bt --script         the program as the tool runs it
+  python -m dtrace run -e 'uprobe:libc:connect { @[@PYSTACK@] = count(); }' -p 4711
+                                                 the Python stacks that call connect(), from the frames
 """
     intervals = False
 
@@ -89,6 +100,8 @@ examples:
         parser.add_argument("program_file", nargs="?", metavar="PROGRAM_FILE",
                             help="the program: a bpftrace file (a D script on macOS and illumos)")
         parser.add_argument("-e", dest="program_text", metavar="PROGRAM", help="the program itself, instead of a file")
+        parser.add_argument("--depth", type=int, default=pystack.DEFAULT_DEPTH, metavar="N",
+                            help=f"frames read per {PYSTACK} stack (default: %(default)s)")
 
     # --- the program
 
@@ -107,7 +120,7 @@ examples:
             raise ProgramError(f"cannot read {args.program_file}: {error.strerror or error}") from None
 
     def prepare(self, text: str, dialect: str, library: str | None,
-                marker: str, duration: int | None) -> tuple[str, list[str]]:
+                marker: str, duration: int | None, depth: int = pystack.DEFAULT_DEPTH) -> tuple[str, list[str]]:
         """The program as the tracer runs it, and the probes it uses (DTrace's spelling). It prints
         ``MARKER-attached`` first in its ``BEGIN`` and ``MARKER-begun`` last."""
         if dialect == "d":
@@ -117,6 +130,8 @@ examples:
         used: set[str] = set()
         edits: list[tuple[int, int, str]] = []
         begin = None
+        walks = self._walks(text, clauses, depth)
+        edits += walks
         for clause in clauses:
             for point in clause.attach_points:
                 if point.kind == "BEGIN" and begin is None:
@@ -135,7 +150,7 @@ examples:
                         raise ProgramError("@TARGET@: the process reported no probe object")
                     provider = f":{probe.provider}" if probe.provider else ""
                     edits.append((point.start, point.end, f"usdt:{library}{provider}:{probe.name}"))
-        if not used:
+        if not used and not walks:
             if not any(p.kind not in ("BEGIN", "END") for c in clauses for p in c.attach_points):
                 raise ProgramError("the program names no probe at all; trace Python with usdt:*:python:PROBE "
                                    f"(probes: {', '.join(names)})")
@@ -156,6 +171,30 @@ examples:
         if duration and complete:
             program += f"\ninterval:s:{duration}\n{{\n\texit();\n}}\n"
         return program, sorted(name.replace("__", "-") for name in used)
+
+    @staticmethod
+    def _walks(text: str, clauses: list, depth: int) -> list[tuple[int, int, str]]:
+        """The edits that put the Python stack walk in each clause that uses @PYSTACK@."""
+        code = programs.mask(text)
+        edits = []
+        if PYSTACK not in code:
+            return edits
+        if not 1 <= depth <= pystack.MAX_DEPTH:
+            raise ProgramError(f"--depth {depth}: give 1 to {pystack.MAX_DEPTH}")
+        walk = " ".join(line.strip() for line in pystack.bpftrace_walk(None, depth, announce=True).splitlines()
+                        if line.strip() and not line.strip().startswith("//"))
+        for clause in clauses:
+            body = code[clause.brace + 1:clause.end]
+            places = [m.start() for m in re.finditer(re.escape(PYSTACK), body)]
+            if not places:
+                continue
+            edits.append((clause.brace + 1, clause.brace + 1, f" {walk} "))
+            edits += [(clause.brace + 1 + at, clause.brace + 1 + at + len(PYSTACK), pystack.STACK_VARIABLE)
+                      for at in places]
+        if not edits:
+            raise ProgramError(f"{PYSTACK} stands for the Python stack in a clause's body, e.g. "
+                               "uprobe:libc:connect { @[@PYSTACK@] = count(); }")
+        return edits
 
     def _prepare_d(self, text: str, marker: str, duration: int | None) -> tuple[str, list[str]]:
         """A D script (UNTESTED: DTrace cannot be run here): python$target:::NAME probes."""
@@ -190,21 +229,31 @@ examples:
         scope_text = scope.requested(args)  # --module/--file, checked before anything starts
         tracer = tracers.choose_tracer(args.tracer)
         marker = f"pydtrace-run-{secrets.token_hex(6)}"
+        depth = getattr(args, "depth", pystack.DEFAULT_DEPTH)
         if args.script:
             import dtrace
 
-            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), marker, args.duration)
-            out.write(program)
+            program, _ = self.prepare(text, tracer.dialect, dtrace.library_path(), marker, args.duration, depth)
+            out.write(self.bind(program, args.pid) if args.pid is not None else program)
             return 0
         # The program is checked before anything is started.
-        self.prepare(text, tracer.dialect, "/probe-object", marker, args.duration)
+        _, needed = self.prepare(text, tracer.dialect, "/probe-object", marker, args.duration, depth)
         tracer.executable()
         tracer.check_privileges()
-        target = runner.start(args.argv, args.startup_timeout) if args.argv else runner.attach(args.pid, args.inject)
+        if args.argv:
+            target = runner.start(args.argv, args.startup_timeout)
+        elif not needed:  # only @PYSTACK@: any Python process, nothing injected
+            target = runner.attach_any(args.pid)
+        else:
+            target = runner.attach(args.pid, args.inject, args.gdb)
+        resolver = None
         try:
-            program, probes = self.prepare(text, tracer.dialect, target.library, marker, args.duration)
+            program, probes = self.prepare(text, tracer.dialect, target.library, marker, args.duration, depth)
             program, probes, asked = interpreter.adapt(program, self.fired(probes), target.pid, target.library,
                                                        tracer.dialect)
+            if pystack.uses_walk(program):
+                program = self.bind(program, target.pid)
+                resolver = pystack.Resolver(target.pid, self.layout)
         except BaseException:
             if target.held:
                 target.stop()
@@ -212,8 +261,12 @@ examples:
         # In force before the tracer attaches, as for the other tools (base.Tool.run).
         lease = scope.open_session(args, target, scope_text, asked)
         try:
-            return Trace(tracer, program, probes, target, marker, label, args, out).run()
+            trace = Trace(tracer, program, probes, target, marker, label, args, out)
+            trace.resolver = resolver
+            return trace.run()
         finally:
+            if resolver is not None:
+                resolver.close()
             if lease is not None:
                 lease.release()  # the scope goes back to what it was
 
@@ -249,6 +302,9 @@ class Trace:
         self.interrupt_at: float | None = None
         self.sigint_sent_at: float | None = None
         self.last_output = time.monotonic()
+        #: With @PYSTACK@: the process's code objects, and the stacks' nodes (node -> (parent, value)).
+        self.resolver: pystack.Resolver | None = None
+        self.nodes: dict[int, tuple[int, int]] = {}
 
     def argv(self) -> list[str]:
         if self.tracer.dialect == "d":
@@ -364,7 +420,7 @@ class Trace:
                     raise ToolError(f"{self.tracer.name} did not attach within {runner.ATTACH_TIMEOUT:g} s")
                 continue
             if chunk is None:
-                self._write(self._clean(pending, markers))
+                self._write(self._stacks(self._clean(pending, markers)))
                 return state
             pending += chunk
             if state != "begun":
@@ -379,8 +435,8 @@ class Trace:
             # clause); so does a partial line that cannot become a marker.
             cut = pending.rfind(b"\n") + 1
             done, pending = pending[:cut], pending[cut:]
-            self._write(self._clean(done, markers))
-            if pending and not any(marker.startswith(pending) for marker in markers):
+            self._write(self._stacks(self._clean(done, markers)))
+            if pending and self.resolver is None and not any(marker.startswith(pending) for marker in markers):
                 self._write(pending)
                 pending = b""
 
@@ -391,6 +447,35 @@ class Trace:
         print(f"Tracing with {self.label}... Hit Ctrl-C to end.  [{self.target.describe()}]",
               file=sys.stderr, flush=True)
         return "begun"
+
+    def _stacks(self, data: bytes) -> bytes:
+        """With @PYSTACK@: the walk's own lines taken out (read), and each stack node in the rest
+        printed as its stack."""
+        if self.resolver is None or not data:
+            return data
+        out = []
+        for line in data.decode(errors="replace").splitlines(keepends=True):
+            if line.startswith(pystack.NODE_LINE + " "):
+                try:
+                    node, parent, value = (int(word) & pystack.MASK for word in line.split()[1:4])
+                    self.nodes[node] = (parent, value)
+                except ValueError:
+                    pass
+                continue
+            if pystack.on_printf(line, self.resolver) or line.startswith(pystack.WALK_MAPS):
+                continue  # the walk's own output and maps (printed at exit)
+            out.append(re.sub(r"-?\b\d{6,20}\b", self._stack_text, line))
+        return "".join(out).encode()
+
+    def _stack_text(self, match: re.Match) -> str:
+        node = int(match.group(0)) & pystack.MASK
+        if node not in self.nodes:
+            return match.group(0)
+        frames = {n: v for n, (_, v) in self.nodes.items()}
+        parents = {n: p for n, (p, _) in self.nodes.items()}
+        stack = self.resolver.stack(node, frames, parents) or []
+        return "\n" + "".join(f"    {report.path(f.file)}:{f.line} {f.qualname}\n" if f.file else f"    {f.qualname}\n"
+                               for f in stack)
 
     @staticmethod
     def _clean(data: bytes, markers: tuple[bytes, ...]) -> bytes:

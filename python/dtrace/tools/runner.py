@@ -255,10 +255,10 @@ def watcher_running(pid: int) -> bool | None:
     return bool(pyprocess.watcher_names(pid))
 
 
-def attach(pid: int, inject: bool = False) -> Target:
+def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
     """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux). A Python
     process that has not is offered the probes (dtrace/tools/inject.py): on a terminal the user
-    is asked; with ``inject`` they are loaded at once."""
+    is asked; with ``inject`` they are loaded at once (through ``gdb``, on 3.12 and 3.13, when given)."""
     check_running(pid)
     if not sys.platform.startswith("linux"):
         return Target(pid, None)  # DTrace reports a process without the provider itself
@@ -268,7 +268,7 @@ def attach(pid: int, inject: bool = False) -> Target:
 
         not_loaded = (f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}; "
                       "or pass --inject to load it into the running process now")
-        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded)
+        injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded, gdb)
         library = probe_object(pid)
         if library is None:
             raise ToolError(f"the probes were loaded into process {pid}, but its maps show no probe object")
@@ -277,6 +277,14 @@ def attach(pid: int, inject: bool = False) -> Target:
             f"process {pid} has loaded dtrace but its probes are not armed (PYDTRACE=0 in its "
             "environment?): they will not fire"
         )
+    return Target(pid, library)
+
+
+def attach_any(pid: int) -> Target:
+    """The target of ``-p PID`` for a program that enables no probe of pydtrace-rs (a Python stack
+    walk): any running process, whether or not it loaded dtrace; nothing is injected."""
+    check_running(pid)
+    library = probe_object(pid) if sys.platform.startswith("linux") else None
     return Target(pid, library)
 
 
@@ -519,9 +527,17 @@ class Session:
         else:
             self.stopper.step(hurry=True)
 
+    def request_stop(self) -> None:
+        """Stop the tracer once its output has been quiet for a moment, as after Ctrl-C, without a
+        signal to the tool (the end of an aggregating tool's last flush)."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+
     @property
     def stop_requested(self) -> bool:
-        return self._stop_requested_at is not None
+        """Whether a stop was asked for: a stop signal to the tool (also one an aggregating tool
+        answers with a last flush first), or the end of its last flush."""
+        return self._stop_requested_at is not None or bool(self.signals)
 
     def _begin_stop(self) -> None:
         if self.stopper is None:

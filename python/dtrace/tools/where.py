@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from dtrace.tools import report, runner
+from dtrace.tools import pystack, report, runner
 from dtrace.tools.base import Tool, cut_note
 from dtrace.tools.options import UsageError
 
@@ -43,11 +43,13 @@ class Where(Tool):
     description = (
         "Count the Python stacks (file:line function, innermost first) from which a native "
         "function is called: FUNC in libc (connect, open, write, ...), LIBRARY:FUNCTION for another "
-        "library, or a whole tracer probe (uprobe:..., kprobe:..., tracepoint:...). bpftrace has no "
-        "Python stack walker, so the program keeps each thread's Python stack from the entry, return "
-        "and line probes, and prints it when FUNC is called. Of the frames entered before tracing "
-        "began (-p), the one running below the others is shown, marked, from its line events "
-        "(not with --no-lines); its callers are not known."
+        "library, or a whole tracer probe (uprobe:..., kprobe:..., tracepoint:...). The stack is read "
+        "from the interpreter's own frames when FUNC is called (bpftrace, CPython 3.12+): no Python probe "
+        "is enabled, so the program pays nothing per Python call, and -p works on any Python process, "
+        "whether or not it imported dtrace. --trace-calls keeps each thread's stack from the entry, "
+        "return and line probes instead (the way of DTrace platforms); of the frames entered before "
+        "tracing began (-p), the one running below the others is then shown, marked, from its line "
+        "events (not with --no-lines); its callers are not known."
     )
     examples = """\
 examples:
@@ -56,18 +58,44 @@ examples:
   python -m dtrace where write -p 4711 -d 10           who writes, for 10 seconds
   python -m dtrace where /usr/lib/x86_64-linux-gnu/libssl.so.3:SSL_write -p 4711
   python -m dtrace where kprobe:tcp_sendmsg -p 4711    a kernel function, from the process's threads
+  python -m dtrace where connect -p 4711 --trace-calls   from entry/return events (needs dtrace loaded)
 """
 
     def add_arguments(self, parser):
         parser.add_argument("function", metavar="FUNC",
                             help="a libc function (connect), LIBRARY:FUNCTION, or a tracer probe")
+        parser.add_argument("--trace-calls", action="store_true",
+                            help="rebuild the stacks from function entry/return (and line) events instead of "
+                                 "reading the frames: every Python call then costs a probe")
         parser.add_argument("--no-lines", action="store_true",
-                            help="do not follow lines (cheaper): frames show the line they were entered at")
+                            help="with --trace-calls: do not follow lines (cheaper): frames show the line they "
+                                 "were entered at")
+        parser.add_argument("--depth", type=int, default=pystack.DEFAULT_DEPTH, metavar="N",
+                            help="frames read per stack, innermost first (default: %(default)s); deeper "
+                                 "stacks end in a marker")
         parser.add_argument("-n", "--top", type=int, default=10, metavar="N",
                             help="show the N most frequent stacks; 0 for all (default: %(default)s)")
 
     def sections(self, args):
         return set() if args.no_lines else {"lines"}
+
+    def walking(self, args, dialect) -> bool:
+        """Whether the stacks are read from the frames (else rebuilt from entry/return events)."""
+        return dialect == "bt" and not args.trace_calls
+
+    def program(self, args, dialect):
+        self.walk = self.walking(args, dialect)
+        if not self.walk:
+            return super().program(args, dialect)
+        if not 1 <= args.depth <= pystack.MAX_DEPTH:
+            raise UsageError(f"--depth {args.depth}: give 1 to {pystack.MAX_DEPTH}")
+        if getattr(args, "scope_modules", None) or getattr(args, "scope_files", None):
+            raise UsageError("--module and --file scope the entry/return events: give them with --trace-calls "
+                             "(the frames are read whole)")
+        self.what = args.function if ":" in args.function else f"{args.function}()"
+        text = pystack.stack_program(native_probe(args.function, dialect), f"the Python stacks that call {self.what}",
+                                     args.depth)
+        return text + (self._duration_clause(args.duration, dialect) if args.duration else "")
 
     def customize(self, program, args, dialect):
         probe = native_probe(args.function, dialect)
@@ -99,8 +127,12 @@ examples:
     def start(self, args, target, out):
         self.stacks: dict[tuple[str, str], dict] = {}
         self.order: list[tuple[str, str]] = []
+        self.resolver = pystack.Resolver(target.pid, self.layout) if self.walk else None
 
     def on_printf(self, text, out):
+        if self.walk:
+            pystack.on_printf(text, self.resolver)
+            return
         words = text.rstrip("\n").split(" ", 5)
         if len(words) < 4:
             return
@@ -120,6 +152,9 @@ examples:
             self.stacks[key]["basefunc"] = text.rstrip("\n").split(" ", 3)[3]
 
     def report(self, maps, args, out, label, session):
+        if self.walk:
+            self.report_walked(maps, args, out)
+            return
         counted: Counter[tuple] = Counter()
         incomplete = 0
         names = []
@@ -175,3 +210,31 @@ examples:
         note = cut_note(names, self.strlen)
         if note:
             out.write(note + "\n")
+
+    def report_walked(self, maps, args, out) -> None:
+        """The stacks read from the frames, counted, innermost frame first."""
+        counted, broken = pystack.count_stacks(maps, self.resolver)
+        self.resolver.close()
+        total = sum(counted.values())
+        if not total:
+            out.write(f"{self.what} was not called from the process's threads\n" if not broken else "")
+        else:
+            out.write(f"{self.what}: {total} calls from {len(counted)} Python stacks, innermost frame first "
+                      "(read from the frames)\n")
+            shown, hidden = report.top(sorted(counted.items(), key=lambda item: -item[1]), args.top)
+            for frames, count in shown:
+                places = [f"{report.path(f.file)}:{f.line}" if f.file else "" for f in frames]
+                width = max(len(place) for place in places)
+                lines = [f"{place.ljust(width)}  {frame.qualname}" for place, frame in zip(places, frames)]
+                out.write(f"\n{count:>7}  " + ("\n" + " " * 9).join(lines) + "\n")
+            if hidden:
+                out.write(f"\n{hidden} less frequent stacks not shown (-n 0 shows all)\n")
+            callers: Counter[tuple] = Counter()
+            for frames, count in counted.items():
+                callers[(frames[0].qualname, f"{report.path(frames[0].file)}:{frames[0].line}" if frames[0].file else "")] += count
+            out.write("\nby innermost Python function:\n")
+            report.table(out, ["CALLS", "FUNCTION", "LINE"], [
+                [count, func, place] for (func, place), count in callers.most_common()
+            ], left=["FUNCTION", "LINE"])
+        if broken:
+            out.write(f"{broken} stacks could not be put together (a map update failed) and are not counted\n")
