@@ -122,13 +122,35 @@ class Results:
 
     def attached_to_pyusdt(self, workload: str) -> Ratio | None:
         """pydtrace's attached cost per event over pyusdt's, taken round by round."""
-        paired = self.companion(workload, "pyusdt-attached", "pydtrace")
+        return self._pydtrace_over_subject(workload, "pyusdt-attached")
+
+    def attached_to_cpython(self, workload: str) -> Ratio | None:
+        """pydtrace's attached cost per event over that of the interpreter's own probe (CPython
+        3.15+ built --with-dtrace), taken round by round."""
+        return self._pydtrace_over_subject(workload, "cpython-attached")
+
+    def _pydtrace_over_subject(self, workload: str, mode: str) -> Ratio | None:
+        """pydtrace (attached beside the subject of ``mode``) over that subject, per event."""
+        paired = self.companion(workload, mode, "pydtrace")
         if paired and paired.get("subject_over_pair"):
-            q = paired["subject_over_pair"]  # pyusdt over pydtrace: invert
+            q = paired["subject_over_pair"]  # the subject over pydtrace: invert
             return Ratio(1 / q["median"], 1 / q["q3"], 1 / q["q1"])
         attached = self.per_event(workload, "attached")
-        pyusdt = self.per_event(workload, "pyusdt-attached")
-        return attached.ratio_to(pyusdt) if attached and pyusdt else None
+        other = self.per_event(workload, mode)
+        return attached.ratio_to(other) if attached and other else None
+
+    def subject_to_floor(self, workload: str, mode: str) -> Ratio | None:
+        """The subject of ``mode`` over the C floor measured beside it, per event, round by round."""
+        paired = self.companion(workload, mode, "floor")
+        q = paired.get("subject_over_pair") if paired else None
+        return Ratio(q["median"], q["q1"], q["q3"]) if q else None
+
+    def companion_to_floor(self, workload: str, mode: str, name: str) -> Ratio | None:
+        """Companion ``name`` of ``mode`` over the C floor measured in the same rounds, per event,
+        round by round (pydtrace and the floor both beside the interpreter's own probe)."""
+        paired = self.companion(workload, mode, name)
+        q = paired.get("over_floor") if paired else None
+        return Ratio(q["median"], q["q1"], q["q3"]) if q else None
 
     def events(self, workload: str) -> float | None:
         info = self.get(workload, "bare")
@@ -145,7 +167,7 @@ class Results:
             row["bare_ns_per_event"] = (bare["reference"]["median"] / bare["events_per_round"]
                                         if bare and bare.get("events_per_round") else None)
             for mode in ("bare", "idle", "noop", "builtin", "shim", "pyusdt-idle", "attached", "attached-gc",
-                         "pyusdt-attached"):
+                         "pyusdt-attached", "cpython-attached"):
                 row[mode] = {"per_event": self.per_event(w, mode), "ratio": self.ratio(w, mode)}
             noop = row["noop"]["per_event"]
             shim = row["shim"]["per_event"]
@@ -155,6 +177,7 @@ class Results:
             row["shim_to_noop"] = shim.ratio_to(noop) if shim else None
             row["attached_to_floor"] = self.attached_to_floor(w)
             row["attached_to_pyusdt"] = self.attached_to_pyusdt(w)
+            row["attached_to_cpython"] = self.attached_to_cpython(w)
             paired = self.companion(w, "pyusdt-attached", "pydtrace")
             row["pydtrace_beside_pyusdt"] = Figure.of(paired["per_event_ns"]) if paired else None
             out.append(row)
@@ -184,6 +207,11 @@ def summary_lines(results: Results) -> list[str]:
             f"{r(row['attached_to_floor']):>9} {r(row['attached_to_pyusdt']):>10} "
             f"{'-' if gc_only is None else f'{gc_only.median:.4f}':>13}"
         )
+    for row in results.rows():
+        if row["attached_to_cpython"]:
+            theirs = row["cpython-attached"]["per_event"]
+            lines.append(f"{row['workload']}: the interpreter's own probe attached {f(theirs)} ns/event; pydtrace "
+                         f"attached in the same rounds {r(row['attached_to_cpython'])}x that")
     floors = [(w, results.per_event(w, "floor")) for (w, mode) in results.by_key if mode == "floor"]
     if floors:
         lines.append("uprobe floors (C loop, ns/event): " + ", ".join(

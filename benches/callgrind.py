@@ -8,9 +8,11 @@ Timings on a shared 2-core machine are noisy; instruction counts are not
 - per workload, the instructions of one run of the workload in each mode
   (bare, idle, the no-op dispatch floor, shim), counted only inside the
   measured call: the driver warms the workload up, then runs it once through
-  ``operator.call``, and callgrind collects only inside its C function
-  (``--collect-atstart=no --toggle-collect=_operator_call``), in the main
-  thread (``--separate-threads=yes``);
+  ctypes (``PyObject_CallObject``, called by libffi's ``ffi_call``), and
+  callgrind collects only inside ``ffi_call`` (:data:`MEASURED`), in the main
+  thread (``--separate-threads=yes``). ``ffi_call`` is a symbol every build
+  exports (distributions strip the interpreter's static functions), and
+  nothing else calls it in these processes;
 - the watcher thread's instructions per poll while idle.
 
 Run directly (``python benches/callgrind.py [--quick] [--json OUT]``) or from report.py.
@@ -36,6 +38,10 @@ sys.path.insert(0, str(BENCHES))
 import workloads  # noqa: E402
 
 MODES = ("bare", "disarmed", "idle", "noop", "shim")
+#: Runs of a measurement that died of SIGTRAP before it is given up (see _callgrind).
+TRIES = 5
+#: Callgrind's options that count the measured call of DRIVER only.
+MEASURED = ["--collect-atstart=no", "--toggle-collect=ffi_call"]
 #: For the object workload: the instance probes' two halves on their own, since only the
 #: instance-new half has a dispatch floor (CALL, C_RETURN, C_RAISE).
 SPLIT_MODES = {"shim-new": ("instance-new-start", "instance-new-done"),
@@ -65,9 +71,12 @@ elif mode == "noop":
     sys.path.insert(0, {benches!r})
     import child
     child.register_floor(_native.noop_callback(), w.probes)
-import operator
+import ctypes
+measured = ctypes.pythonapi.PyObject_CallObject
+measured.restype = ctypes.py_object
+measured.argtypes = [ctypes.py_object, ctypes.py_object]
 w.function(n)  # warm-up: specialisation, the probes' name caches
-operator.call(w.function, n)  # the measured run: callgrind collects inside _operator_call only
+measured(w.function, (n,))  # the measured run: callgrind collects inside ffi_call only
 sys.stdout.flush()
 os._exit(0)  # finalization is not measured (and must not be able to fail the measurement)
 """
@@ -111,7 +120,12 @@ def _callgrind(argv: list[str], env: dict[str, str], options: list[str]) -> dict
         out = Path(directory) / "cg.out"
         command = ["valgrind", "--tool=callgrind", "-q", "--separate-threads=yes",
                    f"--callgrind-out-file={out}", *options, *argv]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=directory)
+        for _ in range(TRIES):
+            result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=directory)
+            # A uprobe that another process's consumer put on the same interpreter file (system-wide,
+            # by path) is an int3 in the code valgrind translates: the run dies of SIGTRAP. Again.
+            if result.returncode == 0 or "SIGTRAP" not in result.stderr:
+                break
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed under callgrind: {result.stderr[-2000:]}")
         counts: dict[str, int] = {}
@@ -190,7 +204,7 @@ def workload_run(python: str, name: str, mode: str, n: int) -> tuple[int, int, l
         extra["PYDTRACE"] = "0"
     code = DRIVER.format(benches=str(BENCHES), mode=mode, name=name, n=n)
     counts = _callgrind([python, "-c", code], _env(**extra),
-                        ["--collect-atstart=no", "--toggle-collect=_operator_call"])
+                        MEASURED)
     return counts["1"], counts["own_main"], counts["own_top"]
 
 
@@ -203,11 +217,24 @@ def event_counts(python: str, name: str, n: int) -> dict[str, int]:
     raise RuntimeError(f"counting {name} failed: {proc.stderr}")
 
 
+def unsupported_probes(python: str) -> dict[str, str]:
+    """The probes pydtrace never arms on ``python``, each with the reason."""
+    code = "import json, dtrace; print(json.dumps(dict(dtrace._native.UNSUPPORTED_PROBES)))"
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, env=_env(PYDTRACE="0"))
+    if done.returncode != 0:
+        raise RuntimeError(f"{python}: {done.stderr}")
+    return json.loads(done.stdout)
+
+
 def measure(python: str, quick: bool = False, jobs: int = 2) -> dict[str, Any]:
-    """Every deterministic figure for ``python``."""
+    """Every deterministic figure for ``python``. A mode that forces a probe this interpreter's
+    build never arms (``UNSUPPORTED_PROBES``) is left out, with the reason in ``unsupported``."""
     result: dict[str, Any] = {"python": subprocess.run(
         [python, "-c", "import sys; print('.'.join(map(str, sys.version_info[:3])))"],
         capture_output=True, text=True).stdout.strip()}
+    unsupported = unsupported_probes(python)
+    if unsupported:
+        result["unsupported"] = unsupported
     result["import"] = import_costs(python)
     result["imported_by_dtrace"] = modules_imported_by_dtrace(python)
     result["watcher"] = watcher_cost(python)
@@ -218,6 +245,8 @@ def measure(python: str, quick: bool = False, jobs: int = 2) -> dict[str, Any]:
             n = max(1, workload.n_callgrind // (4 if quick else 1))
             runs[name] = {"n": n, "probes": list(workload.probes)}
             modes = MODES + (tuple(SPLIT_MODES) if workload.probes == workloads.INSTANCE_PROBES else ())
+            forced = {"shim": workload.probes, **SPLIT_MODES}
+            modes = tuple(m for m in modes if not set(forced.get(m, ())) & set(unsupported))
             for mode in modes:
                 tasks[(name, mode)] = pool.submit(workload_run, python, name, mode, n)
             tasks[(name, "count")] = pool.submit(event_counts, python, name, n)
@@ -242,6 +271,7 @@ def measure(python: str, quick: bool = False, jobs: int = 2) -> dict[str, Any]:
         if events:
             run["idle_per_event"] = (run["idle"] - bare) / events
             run["noop_per_event"] = (run["noop"] - bare) / events
+        if events and "shim" in run:
             run["shim_per_event"] = (run["shim"] - bare) / events
             run["shim_to_noop"] = (run["shim"] - bare) / (run["noop"] - bare) if run["noop"] != bare else None
             run["shim_own_per_event"] = run["shim_own"] / events
@@ -251,7 +281,8 @@ def measure(python: str, quick: bool = False, jobs: int = 2) -> dict[str, Any]:
             run["new_noop_per_event"] = (run["noop"] - bare) / half
             run["new_shim_per_event"] = (run["shim-new"] - bare) / half
             run["new_shim_to_noop"] = (run["shim-new"] - bare) / (run["noop"] - bare)
-            run["delete_shim_per_event"] = (run["shim-delete"] - bare) / half
+        if "shim-delete" in run:
+            run["delete_shim_per_event"] = (run["shim-delete"] - bare) / (events / 2)
     result["workloads"] = runs
     return result
 

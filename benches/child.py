@@ -20,7 +20,9 @@ Modes: ``bare`` (no dtrace), ``idle`` (dtrace imported and armed),
 ``attached-gc`` (a consumer attaches), ``noop`` and ``builtin`` (a native
 no-op, or ``operator.is_``, as the callback of the probes' events: the
 dispatch floor), ``pyusdt-idle`` and ``pyusdt-attached`` (PyPI's pyusdt),
-``count`` (counts the events of one round).
+``cpython-attached`` (no dtrace: a consumer attaches to the interpreter's own
+probes, on a CPython 3.15+ built ``--with-dtrace``; the harness waits for
+their semaphores), ``count`` (counts the events of one round).
 """
 
 import gc
@@ -164,7 +166,7 @@ def main():
         import pyusdt  # noqa: F401
 
         library = libpyusdt.__file__
-    elif mode not in ("bare", "count"):
+    elif mode not in ("bare", "count", "cpython-attached"):
         fail(f"unknown mode {mode}")
 
     send("READY", {"pid": os.getpid(), "library": library, "state": state()})

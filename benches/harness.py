@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ sys.path.insert(0, str(BENCHES))
 
 import tracing  # noqa: E402  (tests/tracing.py: Bpftrace, the handshake, require_tracer)
 import workloads  # noqa: E402
+from dtrace.tools import elfnotes, interpreter  # noqa: E402
 
 STEP_TIMEOUT = tracing.STEP_TIMEOUT
 QUICK = os.environ.get("PYDTRACE_BENCH_QUICK") == "1"
@@ -227,16 +229,47 @@ def probe_program(probes: tuple[str, ...], provider: str = "python") -> str:
     )
 
 
-def start_tracer(program: str, proc: Proc) -> tracing.Bpftrace:
-    """Attaches bpftrace to ``proc`` and completes both sides of the handshake."""
-    assert proc.library, f"{proc.name} has no probe object"
-    tracer = tracing.Bpftrace(program, proc.pid, proc.library)
+def start_tracer(program: str, proc: Proc, library: str | None = None) -> tracing.Bpftrace:
+    """Attaches bpftrace to ``proc``'s probe object (or to ``library``) and returns once its BEGIN ran."""
+    library = library or proc.library
+    assert library, f"{proc.name} has no probe object"
+    tracer = tracing.Bpftrace(program, proc.pid, library)
     try:
         tracer.start()  # returns after BEGIN: every probe of the program is attached
     except BaseException:
         tracer.kill()
         raise
     return tracer
+
+
+# -- the interpreter's own probes (a CPython built --with-dtrace) --------------------------------
+
+
+def interpreter_object(pid: int, probes: tuple[str, ...]) -> str | None:
+    """The object of process ``pid``'s interpreter (its executable or libpython) that declares
+    every one of ``probes`` itself, or None where it does not declare them all (only CPython 3.15+
+    built ``--with-dtrace`` declares the function probes)."""
+    declared = interpreter.declared(pid, None)
+    paths = {declared.get(probe.replace("-", "__")) for probe in probes}
+    return paths.pop() if len(paths) == 1 and None not in paths else None
+
+
+def wait_for_interpreter_consumer(pid: int, path: str, probes: tuple[str, ...]) -> None:
+    """The second side of the handshake for a consumer of the interpreter's own probes: returns
+    once the interpreter's semaphore of each of ``probes`` is raised in process ``pid`` (bpftrace
+    0.17 raises them after its BEGIN), read from the process's memory at the notes' addresses.
+    A process without ``dtrace`` has no ``wait_for_consumer``."""
+    obj = elfnotes.read(path)
+    assert obj is not None, f"{path} has no SDT notes"
+    names = [probe.replace("-", "__") for probe in probes]
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while True:
+        counters = elfnotes.semaphores(pid, obj) or {}
+        if all(counters.get(name) for name in names):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the interpreter's semaphores of {names} in process {pid} stayed down: {counters}")
+        time.sleep(0.001)
 
 
 # -- event counts ---------------------------------------------------------------------------------
@@ -400,18 +433,26 @@ def record(benchmark, info: dict[str, Any], m: Measurement, events: float | None
     )
     for metric, key in _KEY.items():
         info[metric] = figures(m.subject[key], m.reference[key], events)
+    def per_event(pair: Pair, key: str) -> list[float]:
+        events_of_pair = pair_events(pair, events)
+        return [(t - r) / events_of_pair for t, r in zip(pair.traced_rounds[key], pair.reference_rounds[key])]
+
+    floor = next((pair for pair in m.companions if pair.name == "floor"), None)
     for pair in m.companions:
-        # Per round: the companion pair's cost per event, and the subject's cost per event over it.
+        # Per round: the companion pair's cost per event, and the subject's cost per event over it
+        # (and, beside a floor pair, the companion's over the floor's).
         pair_info: dict[str, Any] = {"n": pair.n, "rounds_ns": {"traced": pair.traced_rounds,
                                                                   "reference": pair.reference_rounds}}
-        events_of_pair = pair_events(pair, events)
         for metric, key in _KEY.items():
             subject_pe = [(s - r) / events for s, r in zip(m.subject[key], m.reference[key])] if events else []
-            pair_pe = [(t - r) / events_of_pair for t, r in zip(pair.traced_rounds[key], pair.reference_rounds[key])]
+            pair_pe = per_event(pair, key)
             pair_info[metric] = {
                 "per_event_ns": quartiles(pair_pe),
                 "subject_over_pair": quartiles([a / b for a, b in zip(subject_pe, pair_pe) if b > 0]) if subject_pe else None,
             }
+            if floor is not None and pair is not floor:
+                over = [a / b for a, b in zip(pair_pe, per_event(floor, key)) if b > 0]
+                pair_info[metric]["over_floor"] = quartiles(over) if over else None
         pair_info.update(pair_info[METRIC])
         info.setdefault("companions", {})[pair.name] = pair_info
     info.update(info[METRIC])

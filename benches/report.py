@@ -80,8 +80,10 @@ def python_info(python: str) -> dict[str, Any]:
         "def v(name):\n"
         "    try: return m.version(name)\n"
         "    except m.PackageNotFoundError: return None\n"
+        "import sysconfig\n"
         "print(json.dumps({'version': '.'.join(map(str, sys.version_info[:3])), 'executable': sys.executable,"
-        " 'pydtrace': v('pydtrace-rs'), 'pyusdt': v('pyusdt'), 'pytest_benchmark': v('pytest-benchmark')}))"
+        " 'pydtrace': v('pydtrace-rs'), 'pyusdt': v('pyusdt'), 'pytest_benchmark': v('pytest-benchmark'),"
+        " 'with_dtrace': bool(sysconfig.get_config_var('WITH_DTRACE'))}))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
     return json.loads(run_command([python, "-c", code], env=env) or "{}")
@@ -196,11 +198,14 @@ def targets_section(runs: list[Run]) -> list[str]:
             ratios = {w: f for w, f in ratios.items() if f}
             if ratios:
                 worst_w, worst_f = max(ratios.items(), key=lambda kv: kv[1].median)
-                decided = [True if f.q3 <= IDLE_BOUND else (False if f.q1 > IDLE_BOUND else None)
-                           for f in ratios.values()]
-                ok = False if any(d is False for d in decided) else (None if None in decided else True)
                 aa = [r.timing.ratio(w, "bare") for w in ratios]
                 spread = max(max(abs(f.q1 - 1), abs(f.q3 - 1)) for f in aa if f) if any(aa) else 0
+                # The rounds' range is noise within one pair of processes; two bare processes differ by
+                # up to the A/A spread (their layouts differ). A ratio inside that cannot decide either.
+                decided = [True if f.q3 <= IDLE_BOUND else
+                           (False if f.q1 > IDLE_BOUND and f.median - 1 > spread else None)
+                           for f in ratios.values()]
+                ok = False if any(d is False for d in decided) else (None if None in decided else True)
                 parts.append(f"time: medians {min(f.median for f in ratios.values()):.3f} to "
                              f"{worst_f.median:.3f}x ({worst_w}), A/A spread ±{spread:.1%}: {verdict(ok)}")
         cells.append("<br>".join(parts) or "n/a")
@@ -231,7 +236,8 @@ def targets_section(runs: list[Run]) -> list[str]:
             if "new_shim_to_noop" in obj:
                 parts.append(f"instance-new (object): {obj['new_shim_to_noop']:.2f}x: "
                              f"{verdict(obj['new_shim_to_noop'] <= SHIM_BOUND)}; instance-delete: "
-                             f"{obj['delete_shim_per_event']:.0f} instructions per event, no dispatch floor")
+                             + (f"{obj['delete_shim_per_event']:.0f} instructions per event, no dispatch floor"
+                                if "delete_shim_per_event" in obj else "not armed on this version"))
         if r.timing:
             rows = {row_["workload"]: row_["shim_to_noop"] for row_ in r.timing.rows()
                     if row_["shim_to_noop"] and row_["workload"] != "object"}
@@ -269,7 +275,28 @@ def targets_section(runs: list[Run]) -> list[str]:
                      f"{ratio.value:.2f} [{ratio.lo:.2f}, {ratio.hi:.2f}] of pyusdt's cost per call: "
                      f"{verdict(ratio.decided(PYUSDT_BOUND))}")
     row(f"attached at most {PYUSDT_BOUND}x pyusdt's cost per call (call-heavy loop)", cells)
+
+    # The interpreter's own function probe (CPython 3.15+ built --with-dtrace): a comparison, no target.
+    cells = [cpython_cell(r) for r in runs]
+    if any(cell != "n/a" for cell in cells):
+        row("attached, beside CPython's own `function__entry` (call-heavy loop, same rounds; no target)",
+            [cell if cell != "n/a" else "n/a: the interpreter declares no function probes" for cell in cells])
     return out
+
+
+def cpython_cell(r: Run) -> str:
+    """pydtrace's attached cost per call over the interpreter's own probe's, and each over the C
+    floor, all measured in the same rounds; "n/a" where the interpreter declares no such probe."""
+    res = r.timing
+    ratio = res.attached_to_cpython("call") if res else None
+    if ratio is None:
+        return "n/a"
+    ours = res.companion_to_floor("call", "cpython-attached", "pydtrace")
+    theirs = res.subject_to_floor("call", "cpython-attached")
+    text = f"pydtrace {fmt_ratio(ratio)} of CPython's cost per call"
+    if ours and theirs:
+        text += f"; over the C floor: pydtrace {fmt_ratio(ours)}, CPython's {fmt_ratio(theirs)}"
+    return text
 
 
 MODE_TEXT = {
@@ -282,6 +309,7 @@ MODE_TEXT = {
     "attached": "attached: bpftrace counts the probes",
     "attached-gc": "attached: bpftrace counts only gc-start/gc-done",
     "pyusdt-attached": "pyusdt attached: bpftrace counts its probe",
+    "cpython-attached": "CPython's own probe attached: bpftrace counts the interpreter's copy (no dtrace imported)",
 }
 
 
@@ -323,6 +351,18 @@ def workload_section(run: Run) -> list[str]:
                 if r and paired:
                     floor_text = (f"pydtrace beside it: {fmt_ns(analysis.Figure.of(paired['per_event_ns']))} ns, "
                                   f"{fmt_ratio(r)} of pyusdt")
+            elif mode == "cpython-attached":
+                r = res.attached_to_cpython(w)
+                paired = res.companion(w, mode, "pydtrace")
+                floor = res.companion(w, mode, "floor")
+                theirs = res.subject_to_floor(w, mode)
+                ours = res.companion_to_floor(w, mode, "pydtrace")
+                if r and paired:
+                    floor_text = (f"pydtrace beside it: {fmt_ns(analysis.Figure.of(paired['per_event_ns']))} ns, "
+                                  f"{fmt_ratio(r)} of CPython's")
+                if floor and theirs and ours:
+                    floor_text += (f"; the C floor beside both: {fmt_ns(analysis.Figure.of(floor['per_event_ns']))} "
+                                   f"ns; CPython's {fmt_ratio(theirs)} of it, pydtrace's {fmt_ratio(ours)}")
             wall = analysis.Figure.of(info.get("wall", {}).get("per_event_ns"))
             out.append(f"| {MODE_TEXT[mode]} | {fmt_ns(pe)} | {fmt_ratio_fig(ratio)} | {floor_text} | "
                        f"{'n/a' if wall is None else f'{wall.median:.1f}'} |")
@@ -364,7 +404,8 @@ def callgrind_section(runs: list[Run]) -> list[str]:
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     out.append("")
     out += ["### One run of each workload, main thread only", "",
-            "Counted inside the measured call only (`--toggle-collect=_operator_call`, after a warm-up run "
+            "Counted inside the measured call only (`--toggle-collect=ffi_call`: the driver calls the workload "
+            "through ctypes, after a warm-up run "
             "in the same process). Per event: (mode − bare) / events. *Disarmed*: `import dtrace` under "
             "`PYDTRACE=0`. *In pydtrace's code*: instructions executed inside its shared object.", ""]
     for r in runs:
@@ -384,8 +425,9 @@ def callgrind_section(runs: list[Run]) -> list[str]:
                        f"instructions per event against its dispatch floor (no-op on CALL, C_RETURN, C_RAISE) of "
                        f"{obj['new_noop_per_event']:.0f} ({obj['new_shim_to_noop']:.2f}x; in pydtrace's code "
                        f"{obj['shim-new_own'] / (obj['events'] / 2):.0f}); instance-delete "
-                       f"{obj['delete_shim_per_event']:.0f} per event (no dispatch floor: a deallocator of ours replaces "
-                       f"CPython's).")
+                       + (f"{obj['delete_shim_per_event']:.0f} per event (no dispatch floor: a deallocator of ours "
+                          f"replaces CPython's)." if "delete_shim_per_event" in obj else "not measured: "
+                          f"{r.cg.get('unsupported', {}).get('instance-delete-start', 'not armed')}."))
         watcher = r.cg.get("watcher")
         if watcher:
             out.append("")
@@ -420,6 +462,19 @@ def findings_section(runs: list[Run]) -> list[str]:
             own = sum(w.get("idle_own", 0) for w in ws.values())
             spread = max(abs(w["idle_ratio"] - 1) for w in ws.values())
             disarmed = max(abs(w["disarmed"] / w["bare"] - 1) for w in ws.values())
+            for w, v in ws.items():
+                timed = r.timing.ratio(w, "idle") if r.timing else None
+                if timed and timed.q1 > IDLE_BOUND and v.get("idle_own", 0) == 0:
+                    notes.append(f"{w}, idle: {timed.median:.3f}x bare's time [{timed.q1:.3f}, {timed.q3:.3f}] while "
+                                 f"executing {v['idle_ratio']:.4f}x bare's instructions, none in pydtrace's code, "
+                                 f"and {v['idle'] / v['disarmed']:.4f}x those of `import dtrace` under `PYDTRACE=0` "
+                                 f"(imported, not armed): the time goes with the import's different start-up "
+                                 f"(memory layout), not with a hook; the instruction count decides "
+                                 f"(docs/decisions.md, 11).")
+            if own == 0 and r.info.get("with_dtrace"):
+                notes.append("Built `--with-dtrace`: the interpreter's own probe sites (each a test of its "
+                             "semaphore, never raised in these runs) are in bare and idle alike, so idle / bare "
+                             "is what `import dtrace` adds to such an interpreter.")
             if own == 0:
                 notes.append(f"Idle: pydtrace's shared object executes no instruction in the main thread during any "
                              f"idle run. The idle runs' instruction counts still differ from bare by up to "
@@ -466,6 +521,23 @@ def findings_section(runs: list[Run]) -> list[str]:
                 notes.append(f"{w}: attached {att.median:.0f} ns/event = shim {shim.median:.0f} + "
                              f"{in_situ:.0f} for the uprobe hit in the running interpreter, against "
                              f"{floor.median:.0f} in the C loop ({in_situ / floor.median:.2f}x).")
+            theirs = r.timing.per_event("call", "cpython-attached")
+            ours_ratio = r.timing.attached_to_cpython("call")
+            paired = r.timing.companion("call", "cpython-attached", "pydtrace")
+            shim = r.timing.per_event("call", "shim")
+            if theirs and ours_ratio and paired:
+                ours = analysis.Figure.of(paired["per_event_ns"])
+                own = Path(r.timing.get("call", "cpython-attached").get("interpreter_object") or "?").name
+                premium = ours.median - theirs.median
+                text = (f"call, the interpreter's own `function__entry`: {theirs.median:.0f} ns per call with "
+                        f"bpftrace attached to it by the interpreter's path (`usdt:.../{own}:python:function__entry`"
+                        f", `-p`, no dtrace imported); pydtrace's, attached in the same rounds, {ours.median:.0f} ns "
+                        f"({ours_ratio.value:.2f}x), each event counted once by its consumer.")
+                if shim:
+                    text += (f" pydtrace's premium, {premium:.0f} ns per call, is "
+                             f"{'within' if premium <= shim.median else 'more than'} its shim's {shim.median:.0f} ns "
+                             f"(its sys.monitoring callback and the qualified name, arg3, which CPython's probe lacks).")
+                notes.append(text)
             obj = r.timing.get("object", "shim")
             if obj and tuple(obj["probes"]) == workloads.INSTANCE_PROBES:
                 notes.append("object: the instance probes' dispatch floor is the no-op callback on CALL, C_RETURN "
@@ -502,66 +574,109 @@ def display_path(path: str | None) -> str:
         return Path(path).name
 
 
-def write_report(results: Path, output: Path) -> None:
-    machine = json.loads((results / "machine.json").read_text())
-    tags = sorted(p.stem.removeprefix("python-") for p in results.glob("python-*.json"))
-    runs = [Run(results, tag) for tag in tags]
-    lines = ["# Benchmarks", "",
-             "Written by `python benches/report.py` from one run; rerun it to check these figures "
-             "(see the end of this page).", "",
-             f"- Date: {machine['date']}; commit {machine['commit']}",
+def run_lines(machine: dict[str, Any], runs: list[Run]) -> list[str]:
+    """When, where and on what a run measured, as a list of the page's header."""
+    lines = [f"- Date: {machine['date']}; commit {machine['commit']}",
              f"- Machine: {machine['cpu']}, {machine['cores']} cores, Linux {machine['kernel']} ({machine['machine']}); "
              f"load average {machine['load_before'][0]:.2f} at the start, "
              f"{machine.get('load_after', [0])[0]:.2f} at the end (other jobs shared the machine)",
-             f"- Tools: {machine['bpftrace']}; {machine['valgrind']}",
-             ]
+             f"- Tools: {machine['bpftrace']}; {machine['valgrind']}"]
     for r in runs:
-        lines.append(f"- Python {r.tag} ({display_path(r.info.get('executable'))}): pydtrace-rs {r.info.get('pydtrace')}, "
-                     f"pyusdt {r.info.get('pyusdt') or 'not installed'}; timings took "
+        built = ", built --with-dtrace" if r.info.get("with_dtrace") else ""
+        lines.append(f"- Python {r.tag} ({display_path(r.info.get('executable'))}{built}): pydtrace-rs "
+                     f"{r.info.get('pydtrace')}, pyusdt {r.info.get('pyusdt') or 'not installed'}; timings took "
                      f"{r.info.get('timing_minutes', 0):.1f} min")
-    lines.append("")
-    lines += targets_section(runs)
-    lines.append("")
-    lines += [
-        "## How it is measured", "",
-        "- Every timed figure comes from two processes run side by side, round by round: the subject "
-        "(a workload in one mode) and a bare interpreter running the same workload; the order alternates "
-        "each round. Each process times its own rounds. A round's cost per event is (subject − bare) / "
-        "events; figures are medians over rounds with the interquartile range.",
-        "- The clock is the measured thread's CPU time (`time.thread_time_ns`, `CLOCK_THREAD_CPUTIME_ID`): "
-        "it includes the kernel's uprobe trap and the consumer's BPF program (they run in the traced "
-        "thread), and excludes time spent waiting for a CPU that another job holds, which on this shared "
-        "2-core machine would otherwise dominate the spread. Wall-clock figures are recorded too.",
-        "- The attached mode attaches a real `bpftrace -p PID` counting the workload's probes, with the "
-        "two-sided handshake of the tests (its `BEGIN` line, then `dtrace.wait_for_consumer`); the C uprobe "
-        "floor (`benches/floor/probe_floor.c`) runs under the same program in the same rounds, so their "
-        "ratio is taken round by round. pyusdt is attached the same way, with pydtrace attached beside it "
-        "in the same rounds.",
-        "- The dispatch floor is `dtrace._native.noop_callback()` (a native METH_FASTCALL function that does "
-        "nothing, the probe callbacks' calling convention) registered for exactly the events the probe "
-        "uses, under the same tool id; for gc, appended to `gc.callbacks`.",
-        "- Instruction counts: see the callgrind section.",
-        "",
-    ]
+    return lines
+
+
+HOW_MEASURED = [
+    "## How it is measured", "",
+    "- Every timed figure comes from two processes run side by side, round by round: the subject "
+    "(a workload in one mode) and a bare interpreter running the same workload; the order alternates "
+    "each round. Each process times its own rounds. A round's cost per event is (subject − bare) / "
+    "events; figures are medians over rounds with the interquartile range.",
+    "- The clock is the measured thread's CPU time (`time.thread_time_ns`, `CLOCK_THREAD_CPUTIME_ID`): "
+    "it includes the kernel's uprobe trap and the consumer's BPF program (they run in the traced "
+    "thread), and excludes time spent waiting for a CPU that another job holds, which on this shared "
+    "2-core machine would otherwise dominate the spread. Wall-clock figures are recorded too.",
+    "- The attached mode attaches a real `bpftrace -p PID` counting the workload's probes, with the "
+    "two-sided handshake of the tests (its `BEGIN` line, then `dtrace.wait_for_consumer`); the C uprobe "
+    "floor (`benches/floor/probe_floor.c`) runs under the same program in the same rounds, so their "
+    "ratio is taken round by round. pyusdt is attached the same way, with pydtrace attached beside it "
+    "in the same rounds. On an interpreter that declares the workload's probes itself, bpftrace attaches "
+    "ours as the tools do there (by address, asked for through a lease: docs/interpreter-probes.md).",
+    "- On a CPython that declares `function__entry` itself (3.15 and later built `--with-dtrace`), the "
+    "call workload also runs without dtrace under bpftrace counting the interpreter's own probe "
+    "(`usdt:INTERPRETER:python:function__entry` with `-p`; the handshake's second side reads the "
+    "interpreter's semaphore in the process's memory), with pydtrace attached and the C floor beside it "
+    "in the same rounds.",
+    "- The dispatch floor is `dtrace._native.noop_callback()` (a native METH_FASTCALL function that does "
+    "nothing, the probe callbacks' calling convention) registered for exactly the events the probe "
+    "uses, under the same tool id; for gc, appended to `gc.callbacks`.",
+    "- Instruction counts: see the callgrind section.",
+    "",
+]
+
+RERUNNING = [
+    "## Rerunning", "",
+    "```",
+    "python benches/report.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python",
+    "python benches/report.py --section --python .venv-3.14/bin/python --python .venv-3.15/bin/python"
+    "   # the section of interpreters built --with-dtrace",
+    "python benches/report.py --quick          # fewer, shorter rounds",
+    "pytest benches --benchmark-only          # the timings only, with a summary table at the end",
+    "python benches/callgrind.py              # the instruction counts only",
+    "python benches/scope.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python"
+    "   # the Scoped tracing section",
+    "sudo .venv-3.12/bin/python benches/tool_overhead.py --per-event --markdown   # the counting tools on call-heavy code",
+    "```", "",
+    "Needs root and bpftrace for the attached modes (they skip otherwise), a C compiler and "
+    "`sys/sdt.h` (Debian: systemtap-sdt-dev) for the floor, valgrind for the instruction counts, "
+    "and `pip install pyusdt` for the comparison.", "",
+]
+
+
+def results_of(runs: list[Run], how_measured: list[str] = ()) -> list[str]:
+    """Targets, ``how_measured``, timings, instruction counts and findings of one run, as the
+    page's sections."""
+    lines = targets_section(runs) + [""] + list(how_measured)
     lines += ["## Timings", ""]
     for r in runs:
         lines += workload_section(r)
     lines += callgrind_section(runs)
     lines += findings_section(runs)
+    return lines
+
+
+def write_report(results: Path, output: Path, section: bool = False) -> None:
+    """BENCHMARKS.md from the run in ``results``, keeping the sections measured apart; or, with
+    ``section``, only the section of interpreters built --with-dtrace from that run."""
+    machine = json.loads((results / "machine.json").read_text())
+    tags = sorted(p.stem.removeprefix("python-") for p in results.glob("python-*.json"))
+    runs = [Run(results, tag) for tag in tags]
+    if section:
+        begin, end = sections.WITH_DTRACE
+        names = " and ".join(r.tag.rsplit(".", 1)[0] for r in runs)
+        lines = [begin, f"## Interpreters built --with-dtrace: Python {names}", "",
+                 "Written by `python benches/report.py --section` from a run of its own (the page's other "
+                 "figures come from the run above), measured the same way (see \"How it is measured\"). "
+                 "These interpreters (Debian's) declare provider `python` themselves "
+                 "(docs/interpreter-probes.md): 3.14 the gc, import and audit probes, 3.15 `function__entry` "
+                 "and `function__return` too.", ""]
+        lines += run_lines(machine, runs) + [""]
+        lines += ["#" + line if line.startswith("#") else line for line in results_of(runs)]
+        lines.append(end)
+        sections.splice(output, sections.WITH_DTRACE, lines, before=sections.SCOPE[0])
+        print(f"==> wrote its section of {output}")
+        return
+    lines = ["# Benchmarks", "",
+             "Written by `python benches/report.py` from one run; rerun it to check these figures "
+             "(see the end of this page).", ""]
+    lines += run_lines(machine, runs) + [""]
+    lines += results_of(runs, HOW_MEASURED)
     for markers in sections.OWNED:  # measured apart: kept as they are
         lines += sections.kept(output, markers)
-    lines += ["## Rerunning", "",
-              "```",
-              "python benches/report.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python",
-              "python benches/report.py --quick          # fewer, shorter rounds",
-              "pytest benches --benchmark-only          # the timings only, with a summary table at the end",
-              "python benches/callgrind.py              # the instruction counts only",
-              "python benches/scope.py --python .venv-3.12/bin/python --python .venv-3.13/bin/python"
-              "   # the Scoped tracing section",
-              "```", "",
-              "Needs root and bpftrace for the attached modes (they skip otherwise), a C compiler and "
-              "`sys/sdt.h` (Debian: systemtap-sdt-dev) for the floor, valgrind for the instruction counts, "
-              "and `pip install pyusdt` for the comparison.", ""]
+    lines += RERUNNING
     output.write_text("\n".join(lines))
     print(f"==> wrote {output}")
 
@@ -570,24 +685,28 @@ def main() -> None:
     parser = sections.run_arguments(__doc__, "the report")
     parser.add_argument("--only-callgrind", action="store_true",
                         help="measure the instruction counts again into --results, keeping its timings")
+    parser.add_argument("--section", action="store_true",
+                        help="write the run as the section of interpreters built --with-dtrace (3.14, 3.15), "
+                             "keeping the rest of the page")
     args = parser.parse_args()
     if args.from_dir:
-        write_report(Path(args.from_dir), Path(args.output))
+        write_report(Path(args.from_dir), Path(args.output), args.section)
         return
     results = Path(args.results) if args.results else Path(tempfile.mkdtemp(prefix="pydtrace-bench-"))
     results.mkdir(parents=True, exist_ok=True)
     if args.only_callgrind:
         for python in args.python or [sys.executable]:
-            measure(python, results, args.quick, True, with_timing=False)
-        write_report(results, Path(args.output))
+            measure(os.path.abspath(python), results, args.quick, True, with_timing=False)
+        write_report(results, Path(args.output), args.section)
         return
     machine = machine_info()
     for python in args.python or [sys.executable]:
+        python = os.path.abspath(python)  # callgrind runs it from a temporary directory
         measure(python, results, args.quick, not args.no_callgrind)
     machine["load_after"] = os.getloadavg()
     (results / "machine.json").write_text(json.dumps(machine, indent=2))
     print(f"==> raw results in {results}")
-    write_report(results, Path(args.output))
+    write_report(results, Path(args.output), args.section)
 
 
 if __name__ == "__main__":

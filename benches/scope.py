@@ -61,7 +61,7 @@ def instructions(python: str, name: str, mode: str, n: int, **env: str) -> tuple
     """Main-thread instructions of one measured run, and how many were in pydtrace's object."""
     code = callgrind.DRIVER.format(benches=str(BENCHES), mode=mode, name=name, n=n)
     counts = callgrind._callgrind([python, "-c", code], callgrind._env(**env),
-                                  ["--collect-atstart=no", "--toggle-collect=_operator_call"])
+                                  callgrind.MEASURED)
     return counts["1"], counts["own_main"]
 
 

@@ -1,8 +1,9 @@
 """The sections of BENCHMARKS.md that one script each writes, found by their markers.
 
 benches/report.py rewrites the page from its own results; the sections measured apart
-(scoped tracing, C function probes, attach latency) sit between markers, and each script
-replaces only its own. This module is the one place that finds, keeps and replaces them.
+(interpreters built --with-dtrace, scoped tracing, C function probes, attach latency, Python
+stacks) sit between markers, and each script replaces only its own. This module is the one
+place that finds, keeps and replaces them.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 #: Markers of each owned section, by the script (or hand) that writes it.
+WITH_DTRACE = ("<!-- with-dtrace:begin -->", "<!-- with-dtrace:end -->")  # benches/report.py --section
 SCOPE = ("<!-- scope:begin -->", "<!-- scope:end -->")  # benches/scope.py
 CFUNCTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")  # measured apart, written by hand
 ATTACH_LATENCY = ("<!-- attach-latency: written by benches/attach_latency.py -->", "<!-- /attach-latency -->")
 PYSTACK = ("<!-- pystack:begin -->", "<!-- pystack:end -->")  # benches/pystack_cost.py's output, written by hand
 
 #: Every owned section, in the order report.py keeps them.
-OWNED = (SCOPE, CFUNCTION, ATTACH_LATENCY, PYSTACK)
+OWNED = (WITH_DTRACE, SCOPE, CFUNCTION, ATTACH_LATENCY, PYSTACK)
 
 
 def kept(output: Path, markers: tuple[str, str]) -> list[str]:
@@ -32,16 +34,20 @@ def kept(output: Path, markers: tuple[str, str]) -> list[str]:
     return text[start:stop + len(end)].splitlines() + [""] if stop >= 0 else []
 
 
-def splice(output: Path, markers: tuple[str, str], lines: list[str]) -> None:
-    """Replace the section between ``markers`` with ``lines`` (which carry the markers), or
-    add it at the end of ``output`` when it has none yet."""
+def splice(output: Path, markers: tuple[str, str], lines: list[str], before: str | None = None) -> None:
+    """Replace the section between ``markers`` with ``lines`` (which carry the markers); when
+    ``output`` has none yet, put it before the line ``before`` where given and present, else at
+    the end."""
     begin, end = markers
     text = output.read_text() if output.exists() else ""
     block = "\n".join(lines)
     start = text.find(begin)
     stop = text.find(end, start) if start >= 0 else -1
+    at = text.find(before) if before else -1
     if stop >= 0:
         text = text[:start] + block + text[stop + len(end):]
+    elif at >= 0:
+        text = text[:at] + block + "\n\n" + text[at:]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     output.write_text(text)

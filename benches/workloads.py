@@ -277,6 +277,9 @@ class Workload:
     n_callgrind: int = 0
     #: Whether the workload also runs with only the gc probes attached (to show it stays idle).
     gc_only_check: bool = False
+    #: Whether the workload also runs under a consumer of the interpreter's own copy of its probes,
+    #: where the interpreter declares them (CPython 3.15+ built --with-dtrace: function__entry).
+    cpython_check: bool = False
     description: str = ""
     #: Events per unit of ``n`` where sys.monitoring cannot count them (the instance probes);
     #: the attached run checks it against the consumer's count.
@@ -298,7 +301,7 @@ WORKLOADS = {
         ),
         Workload(
             "call", calls, ("function-entry",), n_quiet=250_000, n_traced=25_000,
-            pyusdt_probes=("PY_START",), n_callgrind=25_000, gc_only_check=True,
+            pyusdt_probes=("PY_START",), n_callgrind=25_000, gc_only_check=True, cpython_check=True,
             description="a loop calling a one-line Python function 4 times per iteration",
         ),
         Workload(
