@@ -212,9 +212,7 @@ def test_calls_latency_through_c_and_p(workload_dir, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_calls_intervals_through_p_end_with_the_duration(workload_dir, mode):
-    # The workload calls tick() until the tool has detached (its probes are off again); the tool
-    # ends by itself (-d). A Ctrl-C sent then could land while it gives back what it asked the
-    # process for (an interpreter with probes of its own: its lease), which is a Ctrl-C's exit.
+    # The workload calls tick() until the tool has detached (its probes are off again).
     body = """
         import dtrace
 
@@ -226,8 +224,11 @@ def test_calls_intervals_through_p_end_with_the_duration(workload_dir, mode):
                 tick()
     """
     probes = ["function-entry"] if MODES[mode] else AGGREGATE_CALLS
+    # Per event, the tool ends by itself (-d) and is not signalled: a Ctrl-C sent then could land
+    # while it gives back what it asked the process for (its lease, on an interpreter with probes
+    # of its own), which is a Ctrl-C's exit.
     workload, tool = trace_with_tool(body, ["calls", "-i", "1", "-d", "2", *MODES[mode]], probes, workload_dir,
-                                     stop_signal=None)
+                                     stop_signal=None if MODES[mode] else signal.SIGINT)
     assert tool.code == 0, tool.stderr
     blocks = re.split(r"^\d\d:\d\d:\d\d$", tool.stdout, flags=re.M)
     assert len(blocks) == 3 and not blocks[0].strip(), tool.stdout  # two intervals, nothing after

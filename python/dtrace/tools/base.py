@@ -438,8 +438,6 @@ class Tool:
             raise session.failure(f"failed (exit status {code})")
         if self.aggregation is not None:
             self.aggregation.begin(early)  # under -p, the first flush: nothing from before counts
-        if self.aggregation is not None:
-            self.aggregation.begin(early)  # under -p, the first flush: nothing from before counts
         target.release(probes)
         described = target.describe()
         print(f"{ready.data.rstrip()}  [{described}]", file=sys.stderr, flush=True)
