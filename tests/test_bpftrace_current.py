@@ -9,7 +9,8 @@ the tools do about it (python/dtrace/tools/tracers.py): 0.27 erases spaces from 
 JSON (``<frozen importlib._bootstrap>``), reads ``BPFTRACE_MAX_STRLEN`` and
 ``BPFTRACE_MAX_MAP_KEYS`` instead of 0.17's names, sends its output through one ring buffer for
 all CPUs, reports reads of absent map keys as helper errors under ``-k``, and does not end when
-its ``-p`` process is a zombie not yet reaped.
+its ``-p`` process is a zombie not yet reaped. The counting tools run per event here
+(``--per-event``): their in-process aggregation is compared under 0.17 only (test_aggregate.py).
 
 Where this interpreter declares probes itself (Debian's 3.15), the tools bind those by address
 (docs/interpreter-probes.md): the same reports again, under either bpftrace.
@@ -110,11 +111,11 @@ def run_rows(text: str, directory: Path) -> list[str]:
 
 
 CASES = {
-    "calls": (["calls", "-n", "0"], ["function-entry"], calls_rows),
+    "calls": (["calls", "--per-event", "-n", "0"], ["function-entry"], calls_rows),
     # On an interpreter that declares function__entry, cfunction__entry is bound by path, not by
     # address: the form 0.27 attaches twice under -p (docs/interpreter-probes.md).
     "calls-native": (["calls", "--native", "-n", "0"], ["function-entry", "cfunction-entry"], calls_rows),
-    "lines": (["lines", "-n", "0"], ["line"], lambda text, d: sorted(workload_rows(text, d))),
+    "lines": (["lines", "--per-event", "-n", "0"], ["line"], lambda text, d: sorted(workload_rows(text, d))),
     "flow": (["flow"], ["function-entry", "function-return"], flow_rows),
     "gc": (["gc"], ["gc-start", "gc-done"], gc_rows),
     "objnew": (["objnew", "-n", "0"], ["instance-new-start"], lambda text, d: sorted(workload_rows(text, d))),
@@ -142,7 +143,7 @@ def test_calls_keeps_the_space_of_a_frozen_module_under_a_current_bpftrace(workl
     """0.27 erases spaces from its JSON's map keys; the tools put back the one CPython writes."""
     require(current_missing_reason())
     body = BODY.replace("fib(12)", "fib(12)\n        import importlib; importlib.invalidate_caches()")
-    workload, run = trace_with_tool(body, ["calls", "-n", "0", "--tracer-path", CURRENT],
+    workload, run = trace_with_tool(body, ["calls", "--per-event", "-n", "0", "--tracer-path", CURRENT],
                                     ["function-entry"], workload_dir)
     assert run.code == 0, run.stderr
     assert "<frozen importlib._bootstrap" in run.stdout and "<frozenimportlib" not in run.stdout, run.stdout
@@ -154,7 +155,7 @@ def test_flame_folds_the_same_stacks_under_a_current_bpftrace(tmp_path):
     for label, tracer in (("017", "bpftrace"), ("current", CURRENT)):
         directory = tmp_path / label
         directory.mkdir()
-        text = report(["flame", "--folded"], ["function-entry", "function-return"], tracer, directory)
+        text = report(["flame", "--per-event", "--folded"], ["function-entry", "function-return"], tracer, directory)
         # "frame;frame;... TIME": the stacks through the workload's functions, without the times.
         stacks[label] = sorted(line.rsplit(" ", 1)[0] for line in workload_rows(text, directory))
     assert stacks["017"] and stacks["current"] == stacks["017"], stacks

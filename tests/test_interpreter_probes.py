@@ -219,7 +219,7 @@ def test_the_gc_tool_counts_each_collection_once(workload_dir):
 
 @needs_own_probes("function__entry")
 def test_the_calls_tool_counts_each_call_once_by_qualified_name(workload_dir):
-    workload, tool = trace_with_tool(CALLS_BODY, ["calls"], ["function-entry"], workload_dir)
+    workload, tool = trace_with_tool(CALLS_BODY, ["calls", "--per-event"], ["function-entry"], workload_dir)
     assert tool.code == 0, tool.stderr
     counts = {parts[1]: int(parts[0]) for parts in (line.split() for line in tool.stdout.splitlines())
               if len(parts) >= 3 and parts[0].isdigit()}

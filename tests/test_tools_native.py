@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
+import dtrace
+
 from test_tools import as_script, rows, traced_command
 from tracing import run_tool, trace_with_tool
 
@@ -87,6 +91,10 @@ def test_flow_native_through_p_indents_c_calls_below_their_caller(workload_dir):
     assert re.search(r"^\d+ entries, \d+ returns \(\d+ of them calls of C functions\)$", tool.stdout, re.M)
 
 
+@pytest.mark.xfail("function-entry" in dtrace._native.interpreter_probes(), strict=False,
+                   reason="known defect, open: on an interpreter that declares the function probes itself "
+                          "(3.15 --with-dtrace) the Python frames, bound by address and live from the lease, "
+                          "and the C frames, live from their semaphores, at times nest wrongly in flame --native's tree")
 def test_flame_native_through_p_adds_c_frames_as_leaves(workload_dir):
     workload, tool = trace_with_tool(NATIVE, ["flame", "--native", "--folded"],
                                      ["function-entry", "function-return", "cfunction-entry", "cfunction-return"],

@@ -79,6 +79,10 @@ examples:
         parser.add_argument("--depth", type=int, default=pystack.DEFAULT_DEPTH, metavar="N",
                             help="with --sample: frames read per stack (default: %(default)s)")
 
+    def aggregated(self, args, dialect):
+        # Samples are read from the frames: nothing to count in the process.
+        return getattr(args, "sample", None) is None and super().aggregated(args, dialect)
+
     def program(self, args, dialect):
         self.sampling = getattr(args, "sample", None) is not None
         if not self.sampling:
