@@ -270,7 +270,11 @@ pub fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
         let _ = write!(
             out,
             r#"/// Fires probe `{provider}:{name}`; a `nop` unless a consumer is attached.
+/// Exported, so that a stripped object (the release wheels) still names the
+/// function around the probe site: bpftrace attaches a uprobe by address only
+/// inside a function it can name (docs/interpreter-probes.md).
 #[inline(never)]
+#[export_name = "pydtrace_probe_{provider}_{name}"]
 #[allow(dead_code, unused_variables, clippy::too_many_arguments)]
 pub fn {fn_name}({params}) {{
     // SAFETY: the template only emits a nop and a non-allocated note that

@@ -297,8 +297,19 @@ def test_argument_operands_parse_in_bcc_and_libbpf(wheel, so):
 
 
 def fresh_venv(path: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    return path / "bin" / "python"
+    """A new venv of this interpreter, with pip. Debian's venv module takes pip's wheel from
+    /usr/share/python-wheels (its python3.X-venv package); an interpreter of Debian's unpacked
+    elsewhere (scripts/dev's) has that folder under its own prefix, so pip comes from there."""
+    python = path / "bin" / "python"
+    done = subprocess.run([sys.executable, "-m", "venv", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        wheels = sorted((Path(sys.base_prefix) / "share" / "python-wheels").glob("pip-*.whl"))
+        assert wheels, done.stderr + done.stdout
+        shutil.rmtree(path)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+        subprocess.run([str(python), f"{wheels[-1]}/pip", "install", "-q", "--no-index", str(wheels[-1])],
+                       check=True)
+    return python
 
 
 def describe(python: Path) -> dict:
