@@ -4,6 +4,7 @@ SVG, a speedscope profile, or folded stacks."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from dtrace.tools import flamegraph, pystack, report, runner
 from dtrace.tools.base import Tool, cut_note
@@ -143,25 +144,12 @@ examples:
         if not samples:
             out.write(f"no sample found Python code running ({outside} outside it)\n")
             return
-        if args.format == "folded":
-            text = "\n".join(flamegraph.folded(root)) + "\n"
-            if args.output is None:
-                out.write(text)
-            else:
-                self.write(args.output, text)
-                out.write(f"wrote {args.output}: folded stacks, {said}\n")
-        elif args.format == "speedscope":
-            self.write(args.output, flamegraph.speedscope_json(root, f"Python stacks, {said}", unit="none"))
-            out.write(f"wrote {args.output}: {said}; open it at https://www.speedscope.app\n")
-        else:
-            title = f"Python stacks on CPU: {samples} samples at {args.sample} Hz"
-            subtitle = "samples of the threads running on a CPU, stacks read from the frames; click to zoom"
-            self.write(args.output, flamegraph.svg(root, title, subtitle, unit="samples"))
-            out.write(f"wrote {args.output}: {said}; open it in a browser\n")
-        if args.output is None:
-            runner.warn(SAMPLES)
-        else:
-            out.write(SAMPLES + "\n")
+        self.emit(root, args, out, said, said,
+                  lambda: flamegraph.speedscope_json(root, f"Python stacks, {said}", unit="none"),
+                  lambda: flamegraph.svg(root, f"Python stacks on CPU: {samples} samples at {args.sample} Hz",
+                                         "samples of the threads running on a CPU, stacks read from the "
+                                         "frames; click to zoom", unit="samples"),
+                  SAMPLES)
 
     def sections(self, args):
         return {"native"} if args.native else set()
@@ -223,30 +211,40 @@ examples:
             out.write("no Python function returned while tracing\n")
             return
         total = report.duration(root.value)
+        title = f"Python time by stack ({total} in all)"
+        self.emit(root, args, out, f"{total} of Python time",
+                  f"{len(self.names) // 2} stack nodes, {total} of Python time",
+                  lambda: flamegraph.speedscope_json(root, title),
+                  lambda: flamegraph.svg(root, title, "wall time from entry to return, callees included "
+                                                      "(not CPU samples); click to zoom"),
+                  TIMES)
+        note = cut_note(self.names, self.strlen)
+        if note:
+            runner.warn(note)
+
+    def emit(self, root: flamegraph.Frame, args, out, folded_said: str, said: str,
+             speedscope: Callable[[], str], svg: Callable[[], str], note: str) -> None:
+        """The tree in the format asked for: folded stacks (on standard output, or the file ``-o``
+        names), a speedscope profile or an SVG; then ``note``, which says what the values are (on
+        stderr when standard output holds the stacks alone). ``folded_said`` and ``said`` sum up what
+        was written, for folded stacks and for the other formats."""
         if args.format == "folded":
             text = "\n".join(flamegraph.folded(root)) + "\n"
             if args.output is None:
                 out.write(text)
             else:
                 self.write(args.output, text)
-                out.write(f"wrote {args.output}: folded stacks, {total} of Python time\n")
+                out.write(f"wrote {args.output}: folded stacks, {folded_said}\n")
         elif args.format == "speedscope":
-            self.write(args.output, flamegraph.speedscope_json(root, f"Python time by stack ({total} in all)"))
-            out.write(f"wrote {args.output}: {len(self.names) // 2} stack nodes, {total} of Python time; "
-                      "open it at https://www.speedscope.app\n")
+            self.write(args.output, speedscope())
+            out.write(f"wrote {args.output}: {said}; open it at https://www.speedscope.app\n")
         else:
-            title = f"Python time by stack ({total} in all)"
-            subtitle = "wall time from entry to return, callees included (not CPU samples); click to zoom"
-            self.write(args.output, flamegraph.svg(root, title, subtitle))
-            out.write(f"wrote {args.output}: {len(self.names) // 2} stack nodes, {total} "
-                      f"of Python time; open it in a browser\n")
+            self.write(args.output, svg())
+            out.write(f"wrote {args.output}: {said}; open it in a browser\n")
         if args.output is None:
-            runner.warn(TIMES)  # standard output holds the stacks alone
-        else:
-            out.write(TIMES + "\n")
-        note = cut_note(self.names, self.strlen)
-        if note:
             runner.warn(note)
+        else:
+            out.write(note + "\n")
 
     @staticmethod
     def write(path: str, text: str) -> None:
