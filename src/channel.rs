@@ -56,6 +56,10 @@
 //! the same probes itself: `interpreter`), which raises no semaphore. A lease
 //! may name probes, a scope, or both; it is acknowledged once both are in
 //! force (the probes armed).
+//!
+//! A lease may also name a Unix socket, one `follow:PATH` line: while it
+//! is held, the processes this one starts report to that tool (`-p PID
+//! --children`, see `follow`). One lease at a time may: another is refused.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -246,10 +250,12 @@ struct Tracked {
     asked: Option<Request>,
 }
 
-/// An accepted lease's request: a scope (`None`: the lease sets none), probes, or both.
+/// An accepted lease's request: a scope (`None`: the lease sets none), probes,
+/// the socket where this process's children report (`follow`), or several.
 struct Request {
     scope: Option<Arc<Scope>>,
     probes: ProbeSet,
+    follow: Option<String>,
 }
 
 /// What the watcher knows about the slots.
@@ -415,7 +421,7 @@ pub fn poll() -> bool {
         };
         // A refused scope is tracked too, so that the slot is freed if its
         // tool dies without clearing it.
-        let accepted = match parse_lease(text) {
+        let accepted = match parse_lease(text).and_then(|r| one_follower(&watch, index, r)) {
             Ok(accepted) => {
                 acks.push(ack);
                 changed = true;
@@ -445,6 +451,7 @@ pub fn poll() -> bool {
     LEASES.store(requests().any(|r| r.scope.is_some()), Ordering::Release);
     let probes = requests().fold(ProbeSet::EMPTY, |set, r| set.union(r.probes));
     LEASED_PROBES.store(probes.bits(), Ordering::Release);
+    crate::follow::want(requests().find_map(|r| r.follow.clone()));
     if changed || warning.is_some() || !acks.is_empty() {
         let change = changed.then(|| effective(&watch));
         scope::propose(Proposal {
@@ -499,28 +506,71 @@ fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, scope::Sc
     Some((text, hash))
 }
 
-/// A lease's request: its `probe:NAME` lines, and the rest as a scope;
-/// well formed, and asking for something.
+/// A lease's request: its `probe:NAME` lines, its `follow:PATH` line, and
+/// the rest as a scope; well formed, and asking for something.
 fn parse_lease(text: Result<String, scope::ScopeError>) -> Result<Request, scope::ScopeError> {
     let text = text?;
-    let (probe_lines, scope_lines): (Vec<&str>, Vec<&str>) = text
-        .split([',', '\n'])
-        .map(str::trim)
-        .partition(|entry| entry.starts_with("probe:"));
-    let names: Vec<&str> = probe_lines
-        .iter()
-        .map(|e| e["probe:".len()..].trim())
-        .collect();
+    let mut names = Vec::new();
+    let mut follow = None;
+    let mut scope_lines = Vec::new();
+    for entry in text.split([',', '\n']).map(str::trim) {
+        if let Some(name) = entry.strip_prefix("probe:") {
+            names.push(name.trim());
+        } else if let Some(path) = entry.strip_prefix("follow:") {
+            follow = Some(follow_path(path.trim(), follow.is_some())?);
+        } else {
+            scope_lines.push(entry);
+        }
+    }
     let probes =
         ProbeSet::from_names(&names).map_err(|unknown| scope::ScopeError::Probe(unknown.0))?;
     let scope = Scope::parse(&scope_lines.join("\n"))?;
-    if scope.is_empty() && probes.is_empty() {
+    if scope.is_empty() && probes.is_empty() && follow.is_none() {
         return Err(scope::ScopeError::Empty);
     }
     Ok(Request {
         scope: (!scope.is_empty()).then(|| Arc::new(scope)),
         probes,
+        follow,
     })
+}
+
+/// A `follow:PATH` line's socket path: absolute, without a NUL (it goes into
+/// the environment), and the lease's only one.
+fn follow_path(path: &str, again: bool) -> Result<String, scope::ScopeError> {
+    if again {
+        return Err(scope::ScopeError::Follow(
+            "a lease names one socket at most".into(),
+        ));
+    }
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(scope::ScopeError::Follow(format!(
+            "{path:?} is not an absolute path"
+        )));
+    }
+    Ok(path.to_owned())
+}
+
+/// `request`, unless it names a socket while another slot's lease does: the
+/// environment names one socket, so one tool at a time follows children.
+fn one_follower(
+    watch: &Watch,
+    index: usize,
+    request: Request,
+) -> Result<Request, scope::ScopeError> {
+    if request.follow.is_none() {
+        return Ok(request);
+    }
+    let other = watch.slots.iter().enumerate().find_map(|(i, tracked)| {
+        let tracked = tracked.as_ref().filter(|_| i != index)?;
+        tracked.asked.as_ref()?.follow.as_ref().map(|_| tracked.pid)
+    });
+    match other {
+        Some(pid) => Err(scope::ScopeError::Follow(format!(
+            "tool {pid} follows the children of this process already (one tool at a time)"
+        ))),
+        None => Ok(request),
+    }
 }
 
 /// A forked child does not inherit its parent's leases (the tools leased
@@ -538,6 +588,7 @@ pub fn after_fork_child() {
     TRACKING.store(false, Ordering::Relaxed);
     LEASES.store(false, Ordering::Release);
     LEASED_PROBES.store(0, Ordering::Release);
+    crate::follow::after_fork_child();
     SEEN_DOORBELL.store(
         channel().doorbell.load(Ordering::Acquire),
         Ordering::Relaxed,

@@ -23,6 +23,7 @@ mod channel;
 mod enablement;
 mod error;
 mod faults;
+mod follow;
 mod instances;
 mod interpreter;
 mod names;
@@ -110,6 +111,7 @@ mod _native {
             monitoring_tool_id,
             before_fork,
             after_fork_parent,
+            set_follow_hook,
             after_fork_child,
             at_exit,
             aggregate_flush,
@@ -397,6 +399,14 @@ mod _native {
     #[pyfunction]
     fn after_fork_parent(py: Python<'_>) -> PyResult<()> {
         watcher::after_fork_parent(py).map_err(PyErr::from)
+    }
+
+    /// Registers `hook(path or None)`, which makes the environment name the
+    /// socket of the tool that follows this process's children, or no longer
+    /// (`-p PID --children`: src/follow.rs); called in the watcher's hand-off.
+    #[pyfunction]
+    fn set_follow_hook(hook: Py<PyAny>) {
+        crate::follow::set_hook(hook);
     }
 
     /// `os.register_at_fork(after_in_child=...)`.

@@ -79,6 +79,8 @@ pub enum ScopeError {
     NotUtf8,
     /// A lease's `probe:NAME` names no probe of the provider.
     Probe(String),
+    /// A lease's `follow:PATH` is malformed, or another lease follows already.
+    Follow(String),
 }
 
 impl fmt::Display for ScopeError {
@@ -95,6 +97,7 @@ impl fmt::Display for ScopeError {
             }
             ScopeError::NotUtf8 => write!(f, "the scope is not UTF-8 text"),
             ScopeError::Probe(name) => write!(f, "provider python has no probe {name:?}"),
+            ScopeError::Follow(why) => write!(f, "follow: {why}"),
         }
     }
 }

@@ -372,7 +372,7 @@ fn watch(control: &Control, mut named: u8) {
             named = origin;
         }
         // A tool's scope or probe request (or the end of its lease): applied with the GIL too.
-        let scope_changed = channel::poll();
+        let scope_changed = channel::poll() || crate::follow::waiting();
         // A probe the interpreter declares too is left to it while a consumer
         // has the interpreter's own on (one event, one firing: `interpreter`),
         // unless a tool asked for ours through the channel.
@@ -521,6 +521,7 @@ fn apply_requested(py: Python<'_>) -> bool {
         faults::report_arming_error(py, &err.to_string());
     }
     aggregate::flush_pending(py);
+    crate::follow::apply(py); // -p --children: the environment, before the lease is acknowledged
     channel::acknowledge(&acks);
     let mut handoff = handoff();
     handoff.applied = handoff.applied.max(request);

@@ -3,6 +3,8 @@
 Use the :mod:`dtrace` package; this module is its implementation and may change.
 """
 
+from collections.abc import Callable
+
 __version__: str
 #: All probes, as DTrace spells them (``"function-entry"``), in the provider file's order.
 PROBE_NAMES: list[str]
@@ -109,6 +111,10 @@ def after_fork_parent() -> None:
 
 def after_fork_child() -> None:
     """``os.register_at_fork(after_in_child=...)``: start it again."""
+
+def set_follow_hook(hook: Callable[[str | None], None]) -> None:
+    """Register ``hook(path or None)``: called in the watcher's hand-off when a tool's lease starts or
+    stops following this process's children (``-p PID --children``), to set or restore the environment."""
 
 def at_exit() -> None:
     """``atexit``: stop the watcher thread for good before the interpreter finalizes."""
