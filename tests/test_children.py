@@ -225,6 +225,56 @@ def test_run_p_children_gives_each_new_process_a_tracer(tmp_path):
                                                    "PYDTRACE_FOLLOW": [earlier, earlier]}, workload.idle
 
 
+#: A process that says, once its environment names a tool's socket or no longer does (as asked on its
+#: stdin: "set" or "unset"), what its environment holds.
+WATCHED = """\
+import json, os, sys, time
+import dtrace
+
+print(os.getpid(), flush=True)
+for line in sys.stdin:
+    deadline = time.monotonic() + 60
+    while (os.environ.get("PYDTRACE_FOLLOW") is None) == (line.strip() == "set") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    print(json.dumps({name: [os.environ.get(name), dtrace._native.getenv(name)]
+                      for name in ("PYDTRACE", "PYDTRACE_FOLLOW")}), flush=True)
+"""
+
+
+def test_p_children_environment_comes_back_when_the_tool_is_killed(tmp_path):
+    """A tool killed with SIGKILL cannot give its lease back: the process notices that its holder has gone
+    and takes the variables back all the same, exactly as they were."""
+    import json
+    import signal
+
+    from tracing import Lines, ToolRun
+
+    require_tracer()
+    script = tmp_path / "watched.py"
+    script.write_text(WATCHED)
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYDTRACE": "yes"})
+    lines = Lines(process.stdout, "the process")
+    tool = ToolRun(["calls", "--children"], int(lines.next()), stop_signal=signal.SIGKILL)
+    try:
+        tool.start()
+        process.stdin.write("set\n")
+        process.stdin.flush()
+        during = json.loads(lines.next())
+        assert during["PYDTRACE"] == ["1", "1"], during
+        assert during["PYDTRACE_FOLLOW"][0] == during["PYDTRACE_FOLLOW"][1] is not None, during
+        tool.stop()
+        assert tool.code == -signal.SIGKILL
+        process.stdin.write("unset\n")
+        process.stdin.flush()
+        after = json.loads(lines.next())
+        assert after == {"PYDTRACE": ["yes", "yes"], "PYDTRACE_FOLLOW": [None, None]}, after
+    finally:
+        tool.kill()
+        process.kill()
+        process.wait()
+
+
 def test_a_variable_in_c_gets_a_hint_about_env():
     require_tracer()
     done = run_tool("calls", "-c", "FOO=1 python3 app.py")
