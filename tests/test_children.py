@@ -275,6 +275,67 @@ def test_p_children_environment_comes_back_when_the_tool_is_killed(tmp_path):
         process.wait()
 
 
+#: A process of another user whose child, started once the tool follows, calls work() 4 times.
+OTHER_USER = """\
+import json, os, subprocess, sys
+import dtrace
+
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+path = os.environ["PYDTRACE_FOLLOW"]
+info = os.stat(path)
+subprocess.run([sys.executable, "-c", "work = lambda: None; [work() for _ in range(4)]"], check=True)
+print(json.dumps([info.st_uid, info.st_mode & 0o777, os.stat(os.path.dirname(path)).st_mode & 0o777]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_p_children_of_another_users_process():
+    """A tool run as root on another user's process: that user's children can report (the socket is
+    theirs, mode 0600, in the tool's directory, mode 0711), and are traced with exact counts."""
+    import json
+
+    from tracing import Lines, ToolRun
+
+    require_tracer()
+    nobody = 65534
+
+    def as_nobody() -> None:
+        os.setgid(nobody)
+        os.setuid(nobody)
+
+    try:
+        runnable = os.geteuid() == 0 and subprocess.run([sys.executable, "-c", "import dtrace"], cwd="/",
+                                                        preexec_fn=as_nobody, capture_output=True).returncode == 0
+    except PermissionError:
+        runnable = False
+    if not runnable:
+        pytest.skip("needs root, and an interpreter and dtrace that user nobody can run (a pyenv one under /root "
+                    "is not)")
+    # In one line (its command line heads its section), from no file (user nobody cannot read tmp_path).
+    process = subprocess.Popen([sys.executable, "-c", f"exec({OTHER_USER!r})"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, preexec_fn=as_nobody, cwd="/")
+    lines = Lines(process.stdout, "the process")
+    tool = ToolRun(["calls", "-n", "0", "--children"], int(lines.next()))
+    try:
+        tool.start()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert json.loads(lines.next()) == [nobody, 0o600, 0o711]
+        tool.stop()
+        assert tool.code == 0, tool.stderr
+        process.stdin.write("done\n")
+        process.stdin.flush()
+        assert process.wait(60) == 0
+    finally:
+        tool.kill()
+        process.kill()
+        process.wait()
+    found = sections(tool.stdout)
+    child = [text for title, text in found.items() if "a child process" in title]
+    assert len(child) == 1 and calls_of(child[0], "<lambda>", "<string>") == 4, tool.stdout
+
+
 def test_a_variable_in_c_gets_a_hint_about_env():
     require_tracer()
     done = run_tool("calls", "-c", "FOO=1 python3 app.py")

@@ -43,6 +43,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 from typing import Callable
@@ -177,6 +178,9 @@ def follow_running(pid: int, on_child: Callable[[runner.Target], None]) -> Follo
     """``-p PID --children``: a socket where the processes that ``pid`` starts report, each handed to
     ``on_child``; its path goes into the tool's lease (``follow:PATH``), which puts it into the
     process's environment while the tool runs."""
+    if not sys.platform.startswith("linux"):
+        raise ToolError("-p --children needs Linux: the process is told through its scope channel "
+                        "(/proc/PID/mem); start the program with -c --children instead")
     follower = Follower(True, on_child)
     try:
         follower.admit(pid)
