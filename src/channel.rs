@@ -429,7 +429,10 @@ pub fn poll() -> bool {
             }
             Err(err) => {
                 write_ack(&ack, STATUS_REFUSED, &format!("refused: {err}"));
-                warning = Some(format!("the scope from tool {pid}: {err}"));
+                if !matches!(err, scope::ScopeError::Follow(_)) {
+                    // (Two tools that both follow children is the tools' business, not the program's.)
+                    warning = Some(format!("the scope from tool {pid}: {err}"));
+                }
                 None
             }
         };

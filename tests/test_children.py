@@ -185,6 +185,7 @@ def trace_running(tmp_path: Path, args: list[str], env: dict[str, str] | None = 
         tool.stop()
         assert tool.code == 0, tool.stderr
         assert workload.finish() == 0, workload.stderr_text
+        assert "Warning" not in workload.stderr_text, workload.stderr_text  # the refusal was the tool's only
     finally:
         tool.kill()
         workload.kill()
