@@ -2,8 +2,9 @@
 
     python benches/attach_latency.py [--python PY ...] [--processes 20] [--write BENCHMARKS.md]
 
-For every Python and every shape of a busy process (below), it starts ``--processes`` processes
-that ``import dtrace`` and run without any handshake, and attaches ``bpftrace -p PID`` to each
+For every Python and every shape of a busy process (below; the programs are
+tests/workloads/busy.py's, which tests/test_attach.py attaches to as well), it starts
+``--processes`` processes that ``import dtrace`` and run without any handshake, and attaches ``bpftrace -p PID`` to each
 twice (the process's first attach, then a later one). Measured:
 
 - attach: from the consumer's first instruction (its ``BEGIN``) to its first event, both read
@@ -42,52 +43,18 @@ GIVE_UP_S = 30.0
 
 BEGIN_MARK, END_MARK = sections.ATTACH_LATENCY  # the section this script owns in BENCHMARKS.md
 
-PRELUDE = """
-import os, sys, threading, time
-import dtrace
+#: The busy-process program the attach tests run too (tests/test_attach.py): run by path under
+#: each --python, which has neither tests/ nor benches/ on its path.
+BUSY = Path(__file__).resolve().parent.parent / "tests" / "workloads" / "busy.py"
 
-def spin(n):
-    return n + 1
-
-print("READY", os.getpid(), dtrace.library_path(), flush=True)
-"""
-
+#: The shapes of busy process measured, each with what it is: busy.py's shape, and whether the page
+#: cache is dropped before each attach.
 SHAPES = {
-    "cpu-bound": ("a CPU-bound main thread, no I/O", """
-while True:
-    spin(1)
-"""),
-    "writing": ("a CPU-bound main thread writing a line every ~2 ms", """
-out = open(os.devnull, "w")
-deadline = time.monotonic()
-while True:
-    spin(1)
-    now = time.monotonic()
-    if now >= deadline:
-        out.write("tick\\n"); out.flush()
-        deadline = now + 0.002
-"""),
-    "cold-cache": ("as 'writing', with the page cache dropped before each attach", None),
-    "blocked-main": ("the main thread blocked in C (time.sleep) while two threads run Python", """
-def worker():
-    while True:
-        spin(1)
-for _ in range(2):
-    threading.Thread(target=worker, daemon=True).start()
-while True:
-    time.sleep(3600)
-"""),
-    "asyncio": ("an asyncio loop: tasks that compute and await", """
-import asyncio
-async def task():
-    while True:
-        for _ in range(500):
-            spin(1)
-        await asyncio.sleep(0.001)
-async def main():
-    await asyncio.gather(task(), task())
-asyncio.run(main())
-"""),
+    "cpu-bound": ("a CPU-bound main thread, no I/O", "cpu-bound", False),
+    "writing": ("a CPU-bound main thread writing a line every ~2 ms", "writing", False),
+    "cold-cache": ("as 'writing', with the page cache dropped before each attach", "writing", True),
+    "lock-wait": ("the main thread blocked in C (a lock's wait) while two threads run Python", "lock-wait", False),
+    "asyncio": ("an asyncio loop: a task that computes and yields, one that sleeps", "asyncio", False),
 }
 
 PROGRAM = """
@@ -191,18 +158,21 @@ def attach_once(pid: int, library: str, live_at: int, semaphore_at: int, cold: b
 
 
 def measure_shape(python: str, shape: str, processes: int) -> dict[str, list[float | None]]:
-    body = SHAPES[shape][1] if SHAPES[shape][1] is not None else SHAPES["writing"][1]
+    _, program, cold = SHAPES[shape]
     figures: dict[str, list[float | None]] = {"first": [], "later": [], "ours": [], "detach": []}
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
     for _ in range(processes):
-        process = subprocess.Popen([python, "-c", PRELUDE + body], stdout=subprocess.PIPE, text=True, env=env)
+        process = subprocess.Popen([python, str(BUSY), program, "--import-dtrace"], stdout=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, text=True, env=env)
         try:
             assert process.stdout is not None
-            ready = process.stdout.readline().split()
-            pid, library = int(ready[1]), ready[2]
+            word, facts = process.stdout.readline().split(" ", 1)
+            assert word == "READY", word
+            ready = json.loads(facts)
+            pid, library = ready["pid"], ready["library"]
             live_at, semaphore_at = addresses(pid, library)
             for which in ("first", "later"):
-                got = attach_once(pid, library, live_at, semaphore_at, cold=shape == "cold-cache")
+                got = attach_once(pid, library, live_at, semaphore_at, cold=cold)
                 figures[which].append(got["attach"])
                 figures["ours"].append(got["ours"])
                 figures["detach"].append(got["detach"])
@@ -241,7 +211,7 @@ def table(results: dict[str, dict[str, dict[str, list[float | None]]]]) -> list[
         "| shape | | " + " | ".join(f"Python {p}" for p in pythons) + " |",
         "|---|---|" + "---|" * len(pythons),
     ]
-    for shape, (description, _) in SHAPES.items():
+    for shape, (description, _, _) in SHAPES.items():
         for which, label in (("first", "first attach, BEGIN to first event"),
                              ("later", "later attach, BEGIN to first event"),
                              ("ours", "every attach, semaphore up to hooks live"),

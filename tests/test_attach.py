@@ -19,119 +19,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from tracing import STEP_TIMEOUT, Lines, bound_for, parse_json_line, require_tracer, stop_with_sigint
+from tracing import STEP_TIMEOUT, BusyProcess, Lines, bound_for, parse_json_line, require_tracer, stop_with_sigint
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1234
 
-COMMON = '''
-import os, signal, sys, threading, time
-{arm}
-
-go = threading.Event()
-requested = threading.Event()
-
-
-def spin(n):
-    return n + 1
-
-
-def marked(n):
-    return n * 2
-
-
-def phase():
-    for i in range({calls}):
-        marked(i)
-    print("DONE", flush=True)
-
-
-def on_usr1(signum, frame):
-    requested.set()
-
-
-def on_usr2(signum, frame):
-    # After the consumer left: report once the probes are off again.
-    deadline = time.monotonic() + 30
-    while dtrace.enabled_probes() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    print("IDLE", sorted(dtrace.enabled_probes()), flush=True)
-
-
-signal.signal(signal.SIGUSR1, on_usr1)
-signal.signal(signal.SIGUSR2, on_usr2)
-import dtrace
-print("READY", os.getpid(), dtrace.library_path(), flush=True)
-'''
-
-#: Shapes of a busy process. Each runs spin() without end, and phase() once requested.
-SHAPES = {
-    # The main thread runs Python and never releases the GIL by itself.
-    "cpu-bound": '''
-def main():
-    while True:
-        spin(1)
-        if requested.is_set():
-            requested.clear()
-            phase()
-main()
-''',
-    # The main thread writes a line every few milliseconds (releases the GIL for I/O).
-    "writing": '''
-def main():
-    out = open(os.devnull, "w")
-    i = 0
-    while True:
-        spin(i)
-        i += 1
-        if i % 2000 == 0:
-            out.write("tick\\n"); out.flush()
-        if requested.is_set():
-            requested.clear()
-            phase()
-main()
-''',
-    # The main thread is blocked in C for good; two worker threads run Python.
-    "main-blocked-in-c": '''
-def worker(me):
-    while True:
-        spin(me)
-        if me == 0 and requested.is_set():
-            requested.clear()
-            phase()
-for me in range(2):
-    threading.Thread(target=worker, args=(me,), daemon=True).start()
-threading.Event().wait()
-''',
-    # An asyncio loop with tasks that await.
-    "asyncio": '''
-import asyncio
-
-async def ticker():
-    while True:
-        for _ in range(200):
-            spin(0)
-        await asyncio.sleep(0)
-
-async def phaser():
-    while True:
-        await asyncio.sleep(0.001)
-        if requested.is_set():
-            requested.clear()
-            phase()
-
-async def main():
-    await asyncio.gather(ticker(), phaser())
-asyncio.run(main())
-''',
-}
+#: The shapes of a busy process (tests/workloads/busy.py) attached to here: the main thread busy
+#: in Python, or writing a line every ~2 ms, or blocked in C while two threads run Python, or an
+#: asyncio loop. Each runs spin() without end, and the marked phase once requested.
+SHAPES = ["asyncio", "cpu-bound", "lock-wait", "writing"]
 
 PROGRAM = '''
 usdt:{lib}:python:function__entry /str(arg1) == "spin" && @first == 0/ {{ @first = 1; printf("FIRST\\n"); }}
@@ -140,94 +42,64 @@ usdt:{lib}:python:function__return /str(arg1) == "marked"/ {{ @marked_return = c
 '''
 
 
-class BusyProcess:
-    """A workload that runs without any handshake; lines on stdout say what it did."""
-
-    def __init__(self, shape: str, arm: str, env: dict[str, str] | None = None) -> None:
-        source = COMMON.format(arm=arm, calls=MARKED_CALLS) + SHAPES[shape]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
-        environment.update(env or {})
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=environment,
-        )
-        self.stdout = Lines(self.process.stdout, "the busy workload")
-        self.stderr = Lines(self.process.stderr, "the busy workload's stderr")
-        ready = self.stdout.next()
-        assert ready and ready.startswith("READY "), (ready, self.stderr.rest(5))
-        _, pid, self.library = ready.split(" ", 2)
-        self.pid = int(pid)
-
-    def expect(self, word: str) -> str:
-        line = self.stdout.next()
-        assert line is not None and line.startswith(word), (line, self.stderr.available())
-        return line
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+@pytest.fixture
+def busy(cleanup):
+    """A busy process that imports dtrace and runs; killed at the end of the test."""
+    def start(shape: str, env: dict[str, str] | None = None) -> BusyProcess:
+        return cleanup.ends(BusyProcess(shape, sys.executable, "--import-dtrace", "--calls", str(MARKED_CALLS),
+                                        env=env))
+    return start
 
 
-def attach_and_count(workload: BusyProcess) -> dict[str, int]:
+def attach_and_count(workload: BusyProcess, cleanup) -> dict[str, int]:
     """bpftrace -p on the busy workload: wait for its first event, run the marked phase, detach,
     and return the counts; then check that the workload goes idle again."""
     # Where the interpreter declares the function probes itself (3.15 --with-dtrace), bpftrace
     # 0.17's -p cannot attach them by name: bound as the tools bind them there (tests/tracing.py).
     program, lease = bound_for(PROGRAM.format(lib=workload.library), workload.pid, workload.library)
-    tracer = subprocess.Popen(
+    if lease is not None:
+        cleanup.callback(lease.release)
+    tracer = cleanup.popen(
         ["bpftrace", "-f", "json", "-p", str(workload.pid), "-e", program],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="backslashreplace",
     )
     out = Lines(tracer.stdout, "bpftrace")
     err = Lines(tracer.stderr, "bpftrace's stderr")
-    try:
-        while True:  # the first event: the probes went live without the workload's help
-            line = out.next()
-            assert line is not None, err.rest(5)
+    while True:  # the first event: the probes went live without the workload's help
+        line = out.next()
+        assert line is not None, err.rest(5)
+        event = parse_json_line(line)
+        if event.get("type") == "printf" and event["data"] == "FIRST\n":
+            break
+    workload.phase()
+    counts: dict[str, int] = {}
+    for line in stop_with_sigint(tracer, out):
+        if line.strip():
             event = parse_json_line(line)
-            if event.get("type") == "printf" and event["data"] == "FIRST\n":
-                break
-        workload.process.send_signal(signal.SIGUSR1)
-        workload.expect("DONE")
-        counts: dict[str, int] = {}
-        for line in stop_with_sigint(tracer, out):
-            if line.strip():
-                event = parse_json_line(line)
-                if event.get("type") == "map":
-                    counts.update(event["data"])
-        tracer.wait(STEP_TIMEOUT)
-    finally:
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
-        if lease is not None:
-            lease.release()
-    workload.process.send_signal(signal.SIGUSR2)
-    assert workload.expect("IDLE") == "IDLE []"
+            if event.get("type") == "map":
+                counts.update(event["data"])
+    tracer.wait(STEP_TIMEOUT)
+    if lease is not None:
+        lease.release()
+    # After the consumer left: the probes go off again.
+    assert workload.phase(traced=False)["idle"] == []
     return counts
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_bpftrace_p_on_a_busy_process_counts_a_marked_phase_exactly(shape):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bpftrace_p_on_a_busy_process_counts_a_marked_phase_exactly(shape, busy, cleanup):
     require_tracer()
-    workload = BusyProcess(shape, arm="")
-    try:
-        for attach in ("first", "second"):  # a later attach goes through the same path
-            counts = attach_and_count(workload)
-            assert counts == {"@first": 1, "@marked_entry": MARKED_CALLS, "@marked_return": MARKED_CALLS}, attach
-    finally:
-        workload.kill()
+    workload = busy(shape)
+    for attach in ("first", "second"):  # a later attach goes through the same path
+        counts = attach_and_count(workload, cleanup)
+        assert counts == {"@first": 1, "@marked_entry": MARKED_CALLS, "@marked_return": MARKED_CALLS}, attach
 
 
-def test_pydtrace_1_arms_a_busy_process_without_an_import():
+def test_pydtrace_1_arms_a_busy_process_without_an_import(busy, cleanup):
     require_tracer()
-    workload = BusyProcess("writing", arm="", env={"PYDTRACE": "1"})
-    try:
-        counts = attach_and_count(workload)
-        assert counts["@marked_entry"] == counts["@marked_return"] == MARKED_CALLS
-    finally:
-        workload.kill()
+    workload = busy("writing", env={"PYDTRACE": "1"})
+    counts = attach_and_count(workload, cleanup)
+    assert counts["@marked_entry"] == counts["@marked_return"] == MARKED_CALLS
 
 
 FORKS = {

@@ -1,7 +1,7 @@
 """``-p PID --inject``: loading the probes into a Python process that never imported dtrace.
 
 Each workload here runs without pydtrace-rs loaded, in one of the shapes a user finds a process
-in: busy in Python with threads, blocked in C (``time.sleep`` in the main thread), the main thread
+in (tests/workloads/busy.py): busy in Python with threads, blocked in C (``time.sleep`` in the main thread), the main thread
 waiting on a lock while threads run, an idle asyncio server. The test runs the real tool,
 ``python -m dtrace calls -p PID --inject``, which injects ``import dtrace`` through gdb (3.12,
 3.13) or ``sys.remote_exec`` (3.14 and later: :data:`VIA`, checked for in the tool's messages) and traces; once its "Tracing ..." line is out, the workload is asked for a marked phase,
@@ -29,7 +29,6 @@ which tests/conftest.py sets to the one scripts/dev sets up where it is there.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pty
 import re
@@ -47,7 +46,8 @@ import pytest
 import dtrace
 from dtrace.tools import inject
 from dtrace.tools.tracers import ToolError
-from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
+from tracing import (REQUIRE_TRACER, STEP_TIMEOUT, BusyProcess, Cleanup, Lines, ToolRun, clean_environment, require,
+                     require_tracer, run_tool, tool_command)
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1500
@@ -73,15 +73,12 @@ REGISTER_ROUND_TRIP = [
 def register_problem(gdb: str) -> str | None:
     """Why ``gdb`` cannot write registers of a process back on this machine (None: it can), seen
     on a process of its own (``sleep``)."""
-    sleeper = subprocess.Popen(["sleep", "60"])
-    try:
+    with Cleanup() as cleanup:
+        sleeper = cleanup.popen(["sleep", "60"])
         argv = [gdb, "-batch", "-nx", "-p", str(sleeper.pid)]
         for command in REGISTER_ROUND_TRIP:
             argv += ["-ex", command]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
     values = re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", done.stdout, re.M)
     if len(values) == 6 and values[0] == values[2] != values[1] and values[3] == values[5] != values[4]:
         return None
@@ -113,202 +110,37 @@ def base_interpreter() -> str:
     return getattr(sys, "_base_executable", sys.executable)
 
 
-def clean_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PYDTRACE", "PYTHONPATH"))}
+#: The shapes of tests/workloads/busy.py the tracing tests inject into: the main thread busy in
+#: Python with two more threads; sleeping in C (time.sleep) while a thread waits; waiting on a lock
+#: while two threads run Python; an idle asyncio server.
+SHAPES = ["asyncio-server", "busy-threads", "lock-wait", "sleep"]
 
 
-COMMON = '''
-import json, os, signal, sys, threading, time
-
-requested = threading.Event()
-counts = [0, 0, 0]
-PATH0 = list(sys.path)
-said = threading.Lock()
-
-
-def say(*words):
-    """One whole line, from any thread (print() writes its words one by one)."""
-    with said:
-        sys.stdout.write(" ".join(str(word) for word in words) + "\\n")
-        sys.stdout.flush()
+@pytest.fixture
+def busy(cleanup):
+    """Start a process in one of tests/workloads/busy.py's shapes, without pydtrace-rs loaded (its
+    phase under a consumer waits for the calls tool's probe); killed at the end of the test."""
+    def start(shape: str, python: str = sys.executable, *options: str,
+              env: dict[str, str] | None = None) -> BusyProcess:
+        return cleanup.ends(BusyProcess(shape, python, "--calls", str(MARKED_CALLS), "--wait-for", "aggregate-calls",
+                                        *options, env=env))
+    return start
 
 
-def spin(n):
-    return n + 1
+@pytest.fixture
+def tool(cleanup):
+    """A ToolRun of ``python -m dtrace ARGS -p PID`` (not started), killed at the end of the test."""
+    return lambda args, pid: cleanup.ends(ToolRun(args, pid))
 
 
-def marked(n):
-    return n * 2
-
-
-def phase(traced):
-    """Once the probes the tool loaded are live (if ``traced``): the marked calls, and what must
-    be unchanged."""
-    module = sys.modules.get("dtrace")
-    live = traced and module is not None and module.wait_for_consumer("aggregate-calls", timeout=60)
-    for i in range({calls}):
-        marked(i)
-    import __main__
-    return dict(
-        live=live,
-        dtrace=getattr(module, "__file__", None),
-        main_added=sorted(set(vars(__main__)) - BASELINE),
-        path_same=sys.path == PATH0,
-        last_exc=repr(getattr(sys, "last_exc", None)),
-        counts=list(counts),
-    )
-
-
-def on_signal(signum, frame):
-    # SIGUSR1: the phase under the tool; SIGUSR2: the same, after the tool left.
-    traced.append(signum == signal.SIGUSR1)
-    requested.set()
-
-
-traced = []
-signal.signal(signal.SIGUSR1, on_signal)
-signal.signal(signal.SIGUSR2, on_signal)
-BASELINE = None
-'''
-
-READY = '''
-BASELINE = frozenset(vars()) | {"BASELINE"}
-print("READY", os.getpid(), flush=True)
-'''
-
-SHAPES = {
-    # The main thread and two more run Python without end; each checks its own arithmetic.
-    "busy-threads": '''
-def worker(me):
-    while True:
-        n = counts[me]
-        if spin(n) != n + 1:
-            say("WRONG", me)
-        counts[me] = n + 1
-
-for me in (1, 2):
-    threading.Thread(target=worker, args=(me,), daemon=True).start()
-''' + READY + '''
-while True:
-    counts[0] = spin(counts[0])
-    if requested.is_set():
-        requested.clear()
-        say("DONE", json.dumps(phase(traced.pop(0))))
-''',
-    # The main thread sleeps in C, in time.sleep; a thread waits to run the phase. Every sleep
-    # must last as long as asked, injection or not.
-    "sleep": '''
-def worker():
-    while True:
-        requested.wait()
-        requested.clear()
-        say("DONE", json.dumps(phase(traced.pop(0))))
-
-threading.Thread(target=worker, daemon=True).start()
-started = None
-''' + READY + '''
-while True:
-    started = time.monotonic()
-    time.sleep(0.7)
-    counts[0] += 1
-    say("SLEPT", time.monotonic() - started)
-''',
-    # The main thread waits on a lock for good; two threads run Python.
-    "lock-wait": '''
-def worker(me):
-    while True:
-        counts[me] = spin(counts[me])
-        if me == 1 and requested.is_set():
-            requested.clear()
-            say("DONE", json.dumps(phase(traced.pop(0))))
-
-for me in (1, 2):
-    threading.Thread(target=worker, args=(me,), daemon=True).start()
-''' + READY + '''
-threading.Event().wait()
-''',
-    # An idle asyncio server (its loop blocked in epoll_wait): an echo, and the phase on request.
-    "asyncio-server": '''
-import asyncio
-
-async def handle(reader, writer):
-    while line := await reader.readline():
-        counts[0] += 1
-        if line in (b"phase\\n", b"status\\n"):
-            writer.write(("DONE " + json.dumps(phase(line == b"phase\\n")) + "\\n").encode())
-        else:
-            writer.write(b"echo " + line)
-        await writer.drain()
-    writer.close()
-
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    global BASELINE
-    BASELINE = frozenset(vars(sys.modules["__main__"])) | {"BASELINE"}
-    print("READY", os.getpid(), server.sockets[0].getsockname()[1], flush=True)
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-''',
-}
-
-
-class Workload:
-    """A Python process in one of SHAPES, without pydtrace-rs loaded; its stdout, line by line."""
-
-    def __init__(self, shape: str, python: str, preamble: str = "", body: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        source = preamble + COMMON.format(calls=MARKED_CALLS) + (SHAPES[shape] if body is None else body)
-        self.shape = shape
-        self.process = subprocess.Popen([python, "-c", source], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env={**clean_environment(), **(env or {})})
-        self.stdout = Lines(self.process.stdout, f"the {shape} workload")
-        self.stderr = Lines(self.process.stderr, f"the {shape} workload's stderr")
-        self.slept: list[float] = []
-        words = self.expect("READY").split()
-        self.pid = int(words[1])
-        self.port = int(words[2]) if len(words) > 2 else None
-        self.client: socket.socket | None = None
-
-    def expect(self, word: str) -> str:
-        """The next line that starts with ``word`` (SLEPT lines are kept aside)."""
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while True:
-            line = self.stdout.next(max(0.0, deadline - time.monotonic()))
-            assert line is not None, f"the workload ended: {self.stderr.rest(5)}"
-            if line.startswith("SLEPT "):
-                self.slept.append(float(line.split()[1]))
-                if word != "SLEPT":
-                    continue
-            assert line.startswith(word), (line, self.stderr.available())
-            return line
-
-    def request(self, text: str) -> str:
-        """A line to the asyncio server, and its answer."""
-        if self.client is None:
-            self.client = socket.create_connection(("127.0.0.1", self.port), timeout=STEP_TIMEOUT)
-            self.reader = self.client.makefile("r")
-        self.client.sendall(text.encode() + b"\n")
-        return self.reader.readline().rstrip("\n")
-
-    def phase(self, traced: bool = True) -> dict:
-        """Run the marked phase (waiting until the probes are live, if ``traced``) and return what
-        the workload reported."""
-        if self.shape == "asyncio-server":
-            line = self.request("phase" if traced else "status")
-            assert line.startswith("DONE "), line
-        else:
-            self.process.send_signal(signal.SIGUSR1 if traced else signal.SIGUSR2)
-            line = self.expect("DONE")
-        return json.loads(line.split(" ", 1)[1])
-
-    def kill(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+def traced_phase(tool, workload: BusyProcess, inject: bool = True) -> tuple[ToolRun, dict]:
+    """``calls -n 0 [--inject] -p PID`` on the workload, its marked phase under the tool, and the
+    tool stopped: the tool's run, and what the workload reported."""
+    run = tool(["calls", "-n", "0", *(["--inject"] if inject else [])], workload.pid)
+    run.start()
+    info = workload.phase()
+    stop(run)
+    return run, info
 
 
 #: Shapes whose main thread runs no Python code until something outside wakes it: sys.remote_exec
@@ -396,67 +228,61 @@ SOURCES = {
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
-@pytest.mark.parametrize("shape", sorted(SHAPES) if VIA == "gdb" else sorted(set(SHAPES) - MAIN_THREAD_BLOCKED))
-def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source):
+@pytest.mark.parametrize("shape", SHAPES if VIA == "gdb" else sorted(set(SHAPES) - MAIN_THREAD_BLOCKED))
+def test_inject_then_trace_counts_a_marked_phase_exactly(shape, source, busy, tool):
     require_gdb()
     python = SOURCES[source]()
     if source == "tool's copy":
         probe = subprocess.run([python, "-c", "import dtrace"], capture_output=True, env=clean_environment())
         assert probe.returncode != 0, f"{python} has pydtrace-rs of its own: the tool's copy would not be used"
-    workload = Workload(shape, python)
-    try:
-        if shape == "asyncio-server":
-            assert workload.request("before") == "echo before"
-        assert not probe_object_mapped(workload.pid)
-        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
-        try:
-            tool.start()
-            loaded = [line for line in tool.err.seen if line.startswith("pydtrace: loaded ")]
-            where = "the program's own" if source == "own" else "this tool's"
-            assert loaded and f"loaded {where} pydtrace-rs {dtrace.__version__} into process {workload.pid} " \
-                f"through {THROUGH}: " in loaded[0], tool.err.seen
-            info = workload.phase()
-            stop(tool)
-        finally:
-            tool.kill()
-        assert tool.code == 0, tool.stderr
-        assert rows(tool.stdout, 1, "marked") and rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), \
-            tool.stdout
-        # What the injection must leave as it was.
-        assert info["live"] is True
-        assert info["main_added"] == [], info
-        assert info["path_same"] is True, info
-        assert info["last_exc"] == "None", info
-        if source == "own":
-            assert info["dtrace"] == dtrace.__file__
-        else:
-            assert info["dtrace"] == str(Path(dtrace.__file__).resolve())
-        assert_nothing_left(workload.pid)
-        # list -p says how the probes got there, and which pydtrace-rs.
-        listing = run_tool("list", "-p", str(workload.pid))
-        assert listing.returncode == 0, listing.stderr
-        assert f"probes loaded: yes, injected by python -m dtrace --inject, through {THROUGH}\n" in listing.stdout, \
-            listing.stdout
-        assert f"pydtrace-rs: {dtrace.__version__} (" in listing.stdout, listing.stdout
-        assert injection_files(workload.pid) == []  # sys.remote_exec's script and report are gone
-        # The process runs on, correctly, after the tool left.
-        again = workload.phase(traced=False)
-        if shape != "sleep":  # there the SLEPT lines show it (below)
-            assert all(after > before for after, before in zip(again["counts"], info["counts"]) if before), \
-                (info, again)
-        if shape == "asyncio-server":
-            assert workload.request("after") == "echo after"
-        if shape == "sleep":
-            workload.expect("SLEPT")  # one more sleep ends after the tool left
-            assert workload.slept and all(s >= 0.7 for s in workload.slept), workload.slept
-        assert workload.process.poll() is None, workload.stderr.available()
-        assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
-        assert "Traceback" not in "\n".join(workload.stderr.available())
-    finally:
-        workload.kill()
+    workload = busy(shape, python)
+    if shape == "asyncio-server":
+        assert workload.request("before") == "echo before"
+    assert not probe_object_mapped(workload.pid)
+    run = tool(["calls", "-n", "0", "--inject"], workload.pid)
+    run.start()
+    loaded = [line for line in run.err.seen if line.startswith("pydtrace: loaded ")]
+    where = "the program's own" if source == "own" else "this tool's"
+    assert loaded and f"loaded {where} pydtrace-rs {dtrace.__version__} into process {workload.pid} " \
+        f"through {THROUGH}: " in loaded[0], run.err.seen
+    info = workload.phase()
+    stop(run)
+    assert run.code == 0, run.stderr
+    assert rows(run.stdout, 1, "marked") and rows(run.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), \
+        run.stdout
+    # What the injection must leave as it was.
+    assert info["live"] is True
+    assert info["main_added"] == [], info
+    assert info["path_same"] is True, info
+    assert info["last_exc"] == "None", info
+    if source == "own":
+        assert info["dtrace"] == dtrace.__file__
+    else:
+        assert info["dtrace"] == str(Path(dtrace.__file__).resolve())
+    assert_nothing_left(workload.pid)
+    # list -p says how the probes got there, and which pydtrace-rs.
+    listing = run_tool("list", "-p", str(workload.pid))
+    assert listing.returncode == 0, listing.stderr
+    assert f"probes loaded: yes, injected by python -m dtrace --inject, through {THROUGH}\n" in listing.stdout, \
+        listing.stdout
+    assert f"pydtrace-rs: {dtrace.__version__} (" in listing.stdout, listing.stdout
+    assert injection_files(workload.pid) == []  # sys.remote_exec's script and report are gone
+    # The process runs on, correctly, after the tool left.
+    again = workload.phase(traced=False)
+    if shape != "sleep":  # there the SLEPT lines show it (below)
+        assert all(after > before for after, before in zip(again["counts"], info["counts"]) if before), \
+            (info, again)
+    if shape == "asyncio-server":
+        assert workload.request("after") == "echo after"
+    if shape == "sleep":
+        workload.line("SLEPT")  # one more sleep ends after the tool left
+        assert workload.slept and all(s >= 0.7 for s in workload.slept), workload.slept
+    assert workload.process.poll() is None, workload.stderr.available()
+    assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
+    assert "Traceback" not in "\n".join(workload.stderr.available())
 
 
-def test_an_interpreter_deleted_on_disk_since_the_process_started(workload_dir):
+def test_an_interpreter_deleted_on_disk_since_the_process_started(workload_dir, busy, tool):
     """An upgrade replaced the interpreter's library under a running process: its symbols are
     read from the mapping itself (/proc/PID/map_files)."""
     require_gdb()
@@ -466,44 +292,26 @@ def test_an_interpreter_deleted_on_disk_since_the_process_started(workload_dir):
     if library is None:
         pytest.skip(f"{python} is linked statically: no libpython to delete")
     shutil.copy(library, workload_dir)
-    workload = Workload("busy-threads", python, env={"LD_LIBRARY_PATH": str(workload_dir)})
-    try:
-        copy = workload_dir / Path(library).name
-        assert str(copy) in Path(f"/proc/{workload.pid}/maps").read_text()
-        copy.unlink()
-        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
-        try:
-            tool.start()
-            workload.phase()
-            stop(tool)
-        finally:
-            tool.kill()
-        assert tool.code == 0, tool.stderr
-        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
-        assert_nothing_left(workload.pid)
-    finally:
-        workload.kill()
+    workload = busy("busy-threads", python, env={"LD_LIBRARY_PATH": str(workload_dir)})
+    copy = workload_dir / Path(library).name
+    assert str(copy) in Path(f"/proc/{workload.pid}/maps").read_text()
+    copy.unlink()
+    run, _ = traced_phase(tool, workload)
+    assert run.code == 0, run.stderr
+    assert rows(run.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), run.stdout
+    assert_nothing_left(workload.pid)
 
 
-def test_a_second_tool_finds_the_probes_already_loaded():
+def test_a_second_tool_finds_the_probes_already_loaded(busy, tool):
     require_gdb()
-    workload = Workload("busy-threads", sys.executable)
-    try:
-        for attempt in range(2):
-            tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
-            try:
-                tool.start()
-                workload.phase()
-                stop(tool)
-            finally:
-                tool.kill()
-            assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS)
-            injected = any(line.startswith("pydtrace: loaded ") for line in tool.err.seen)
-            assert injected == (attempt == 0), tool.err.seen  # the second run traces what is there
-        assert [name for name in os.listdir(f"/proc/{workload.pid}/task")
-                if Path(f"/proc/{workload.pid}/task/{name}/comm").read_text().startswith("pydtrace-watch")] != []
-    finally:
-        workload.kill()
+    workload = busy("busy-threads")
+    for attempt in range(2):
+        run, _ = traced_phase(tool, workload)
+        assert rows(run.stdout, 1, "marked")[0][0] == str(MARKED_CALLS)
+        injected = any(line.startswith("pydtrace: loaded ") for line in run.err.seen)
+        assert injected == (attempt == 0), run.err.seen  # the second run traces what is there
+    assert [name for name in os.listdir(f"/proc/{workload.pid}/task")
+            if Path(f"/proc/{workload.pid}/task/{name}/comm").read_text().startswith("pydtrace-watch")] != []
 
 
 def check_blocked(done: subprocess.CompletedProcess, pid: int) -> None:
@@ -516,164 +324,96 @@ def check_blocked(done: subprocess.CompletedProcess, pid: int) -> None:
     assert [name.rsplit(".", 1)[1] for name in injection_files(pid)] == ["py"]
 
 
+def remove_left_scripts(cleanup, pid: int) -> None:
+    """The sys.remote_exec script the process has not run yet: removed at the end of the test."""
+    for name in injection_files(pid):
+        cleanup.file(f"/tmp/{name}")
+
+
 @pytest.mark.skipif(VIA != "remote_exec", reason="gdb runs the code in a blocked main thread itself "
                     "(test_inject_then_trace_counts_a_marked_phase_exactly)")
 @pytest.mark.parametrize("shape", sorted(MAIN_THREAD_BLOCKED))
-def test_a_blocked_main_thread_runs_the_script_when_it_next_runs_python(shape):
+def test_a_blocked_main_thread_runs_the_script_when_it_next_runs_python(shape, busy, tool, cleanup):
     """sys.remote_exec: a main thread that waits in C (a lock, epoll) runs the script only when it
     runs Python again. The tool says so and leaves the script; the process runs it (and removes
     it) when woken, and a tool run then traces without injecting anything."""
     require_gdb()
-    workload = Workload(shape, sys.executable)
-    leftovers = []
-    try:
-        done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
-        check_blocked(done, workload.pid)
-        leftovers = injection_files(workload.pid)
-        assert not probe_object_mapped(workload.pid)
-        assert_nothing_left(workload.pid)
-        # Woken: the lock's wait by a signal whose handler is Python code, the event loop by a
-        # request. The main thread runs Python again, and the script with it.
-        if shape == "lock-wait":
-            workload.phase(traced=False)
-        else:
-            assert workload.request("wake") == "echo wake"
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while not probe_object_mapped(workload.pid):
-            assert time.monotonic() < deadline, workload.stderr.available()
-            time.sleep(0.01)
-        assert injection_files(workload.pid) == []
-        listing = run_tool("list", "-p", str(workload.pid))
-        assert "probes loaded: yes, injected by python -m dtrace --inject, through sys.remote_exec\n" \
-            in listing.stdout, listing.stdout
-        tool = ToolRun(["calls", "-n", "0"], workload.pid)  # loaded already: no --inject
-        try:
-            tool.start()
-            info = workload.phase()
-            stop(tool)
-        finally:
-            tool.kill()
-        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
-        assert info["live"] is True and info["main_added"] == [] and info["path_same"] is True, info
-        assert "Traceback" not in "\n".join(workload.stderr.available())
-    finally:
-        workload.kill()
-        for name in leftovers:
-            try:
-                os.unlink(f"/tmp/{name}")
-            except FileNotFoundError:
-                pass
+    workload = busy(shape)
+    done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+    check_blocked(done, workload.pid)
+    remove_left_scripts(cleanup, workload.pid)
+    assert not probe_object_mapped(workload.pid)
+    assert_nothing_left(workload.pid)
+    # Woken: the lock's wait by a signal whose handler is Python code, the event loop by a
+    # request. The main thread runs Python again, and the script with it.
+    if shape == "lock-wait":
+        workload.phase(traced=False)
+    else:
+        assert workload.request("wake") == "echo wake"
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not probe_object_mapped(workload.pid):
+        assert time.monotonic() < deadline, workload.stderr.available()
+        time.sleep(0.01)
+    assert injection_files(workload.pid) == []
+    listing = run_tool("list", "-p", str(workload.pid))
+    assert "probes loaded: yes, injected by python -m dtrace --inject, through sys.remote_exec\n" \
+        in listing.stdout, listing.stdout
+    run, info = traced_phase(tool, workload, inject=False)  # loaded already
+    assert rows(run.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), run.stdout
+    assert info["live"] is True and info["main_added"] == [] and info["path_same"] is True, info
+    assert "Traceback" not in "\n".join(workload.stderr.available())
 
 
 # --- A signal handler of the program that raises while the code runs: the program gets it -------
 
-#: An audit hook that raises SIGINT once, while the injected code imports dtrace: the program's
-#: handler (KeyboardInterrupt) runs inside the injected code.
-INTERRUPT_ONCE = '''
-import os, signal, sys
-_interrupted = []
-def _hook(event, args):
-    if event == "import" and args[0] == "dtrace" and not _interrupted:
-        _interrupted.append(1)
-        signal.raise_signal(signal.SIGINT)
-sys.addaudithook(_hook)
-'''
-
-INTERRUPTED_SHAPES = {
-    # The check is in a function: CPython 3.14 leaves the backward jump that follows an `if` in a
-    # loop out of the enclosing try's exception table, so an exception raised by the eval breaker
-    # there (the program's own Ctrl-C too) would pass its `except` by.
-    "busy": '''
-x = 0
-
-def step(x):
-    if requested.is_set():
-        requested.clear()
-        say("DONE", json.dumps(phase(traced.pop(0))))
-    return spin(x)
-''' + READY + '''
-while True:
-    try:
-        while True:
-            x = step(x)
-    except KeyboardInterrupt:
-        say("GOT KeyboardInterrupt")
-''',
-    "sleep": '''
-def worker():
-    while True:
-        requested.wait()
-        requested.clear()
-        say("DONE", json.dumps(phase(traced.pop(0))))
-
-threading.Thread(target=worker, daemon=True).start()
-''' + READY + '''
-while True:
-    try:
-        time.sleep(3600)
-    except KeyboardInterrupt:
-        say("GOT KeyboardInterrupt")
-''',
-}
+#: The shapes of tests/workloads/busy.py whose own handler of KeyboardInterrupt says GOT: the
+#: main thread busy in Python, or sleeping. The program's audit hook raises SIGINT once, while
+#: the injected code imports dtrace (busy.py --on-dtrace-import interrupt): the program's handler
+#: runs inside the injected code.
+INTERRUPTED_SHAPES = {"busy": "busy-catching-ctrl-c", "sleep": "sleep-catching-ctrl-c"}
 
 
 # sys.remote_exec runs nothing in a main thread that sleeps for an hour (MAIN_THREAD_BLOCKED).
 @pytest.mark.parametrize("shape", sorted(INTERRUPTED_SHAPES) if VIA == "gdb" else ["busy"])
-def test_an_exception_from_a_signal_handler_during_the_injection_goes_to_the_program(shape):
+def test_an_exception_from_a_signal_handler_during_the_injection_goes_to_the_program(shape, busy, tool):
     """Through gdb the code's exception is raised where the program was; sys.remote_exec would
     report it as unraisable, so the code raises it in the main thread once the script has ended."""
     require_gdb()
-    workload = Workload(shape, sys.executable, preamble=INTERRUPT_ONCE, body=INTERRUPTED_SHAPES[shape])
-    try:
-        first = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(first, f"loading the probes into process {workload.pid} was interrupted",
-                    "raised KeyboardInterrupt")
-        workload.expect("GOT KeyboardInterrupt")  # where the program was: its own handler's exception
-        assert "Traceback" not in "\n".join(workload.stderr.available())  # not reported as unraisable
-        assert_nothing_left(workload.pid)
-        assert not probe_object_mapped(workload.pid)
-        # The hook raised once: the next try loads the probes, and the program runs on.
-        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
-        try:
-            tool.start()
-            info = workload.phase()
-            stop(tool)
-        finally:
-            tool.kill()
-        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
-        assert info["live"] and info["main_added"] == [], info
-        assert_nothing_left(workload.pid)
-    finally:
-        workload.kill()
+    workload = busy(INTERRUPTED_SHAPES[shape], sys.executable, "--on-dtrace-import", "interrupt")
+    first = run_tool("calls", "-p", str(workload.pid), "--inject")
+    check_error(first, f"loading the probes into process {workload.pid} was interrupted",
+                "raised KeyboardInterrupt")
+    workload.line("GOT KeyboardInterrupt")  # where the program was: its own handler's exception
+    assert "Traceback" not in "\n".join(workload.stderr.available())  # not reported as unraisable
+    assert_nothing_left(workload.pid)
+    assert not probe_object_mapped(workload.pid)
+    # The hook raised once: the next try loads the probes, and the program runs on.
+    run, info = traced_phase(tool, workload)
+    assert rows(run.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), run.stdout
+    assert info["live"] and info["main_added"] == [], info
+    assert_nothing_left(workload.pid)
 
 
 # --- Failures: a reason, exit status 1, and nothing left behind ---------------------------------
 
 
-def test_refused_without_a_terminal_and_without_inject():
+def test_refused_without_a_terminal_and_without_inject(busy):
     require_gdb()
-    workload = Workload("busy-threads", sys.executable)
-    try:
-        done = run_tool("calls", "-p", str(workload.pid))  # stdin is no terminal here
-        check_error(done, f"process {workload.pid} has not loaded the dtrace module", "--inject", "import dtrace",
-                    "PYDTRACE=1")
-        assert not probe_object_mapped(workload.pid)
-        assert_nothing_left(workload.pid)
-    finally:
-        workload.kill()
+    workload = busy("busy-threads")
+    done = run_tool("calls", "-p", str(workload.pid))  # stdin is no terminal here
+    check_error(done, f"process {workload.pid} has not loaded the dtrace module", "--inject", "import dtrace",
+                "PYDTRACE=1")
+    assert not probe_object_mapped(workload.pid)
+    assert_nothing_left(workload.pid)
 
 
-def test_a_process_that_is_not_python():
+def test_a_process_that_is_not_python(cleanup):
     require_gdb()
-    sleeper = subprocess.Popen(["sleep", "100"])
-    try:
-        done = run_tool("calls", "-p", str(sleeper.pid), "--inject")
-        check_error(done, f"process {sleeper.pid} (sleep, ", "is not a Python interpreter")
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert_nothing_left(sleeper.pid)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    sleeper = cleanup.popen(["sleep", "100"])
+    done = run_tool("calls", "-p", str(sleeper.pid), "--inject")
+    check_error(done, f"process {sleeper.pid} (sleep, ", "is not a Python interpreter")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(sleeper.pid)
 
 
 def older_python(minor: str) -> str | None:
@@ -687,25 +427,21 @@ def older_python(minor: str) -> str | None:
 
 
 @pytest.mark.parametrize("minor", ["11", "10"])
-def test_a_python_older_than_3_12(minor):
+def test_a_python_older_than_3_12(minor, cleanup):
     """3.11 says its version in Py_Version; older ones only in their file names."""
     require_gdb()
     python = older_python(minor)
     if python is None:
         pytest.skip(f"no Python 3.{minor} here (/usr/bin/python3.{minor} or pyenv's 3.{minor}.*)")
-    old = subprocess.Popen([python, "-c", "import sys, time; print('up', flush=True); time.sleep(100)"],
-                           stdout=subprocess.PIPE, text=True, env=clean_environment())
-    try:
-        assert old.stdout.readline() == "up\n"
-        done = run_tool("calls", "-p", str(old.pid), "--inject")
-        check_error(done, f"process {old.pid} runs Python 3.{minor}", "pydtrace-rs needs CPython 3.12 or later")
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert_nothing_left(old.pid)
-        listing = run_tool("list", "-p", str(old.pid))
-        check_error(listing, "pydtrace-rs needs CPython 3.12 or later")
-    finally:
-        old.kill()
-        old.wait()
+    old = cleanup.popen([python, "-c", "import sys, time; print('up', flush=True); time.sleep(100)"],
+                        stdout=subprocess.PIPE, text=True, env=clean_environment())
+    assert old.stdout.readline() == "up\n"
+    done = run_tool("calls", "-p", str(old.pid), "--inject")
+    check_error(done, f"process {old.pid} runs Python 3.{minor}", "pydtrace-rs needs CPython 3.12 or later")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(old.pid)
+    listing = run_tool("list", "-p", str(old.pid))
+    check_error(listing, "pydtrace-rs needs CPython 3.12 or later")
 
 
 FAKE_LIBPYTHON = """
@@ -720,7 +456,7 @@ int main(void) { Py_Initialize(); write(1, "up\\n", 3); pause(); return 0; }
 """
 
 
-def test_a_free_threaded_build(workload_dir):
+def test_a_free_threaded_build(workload_dir, cleanup):
     """No free-threaded CPython here: a stand-in that looks like one from outside (libpython3.13t
     with the symbols such a build exports) shows the check, which runs before anything touches it."""
     require_gdb()
@@ -733,216 +469,159 @@ def test_a_free_threaded_build(workload_dir):
                     str(workload_dir / "lib.c")], check=True)
     subprocess.run([compiler, "-o", str(workload_dir / "python3.13t"), str(workload_dir / "main.c"),
                     f"-L{workload_dir}", "-lpython3.13t", f"-Wl,-rpath,{workload_dir}"], check=True)
-    fake = subprocess.Popen([str(workload_dir / "python3.13t")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert fake.stdout.readline() == "up\n"
-        done = run_tool("calls", "-p", str(fake.pid), "--inject")
-        check_error(done, f"process {fake.pid} runs a free-threaded build, CPython 3.13.0 free-threaded",
-                    "pydtrace-rs needs a build with the GIL")
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert_nothing_left(fake.pid)
-    finally:
-        fake.kill()
-        fake.wait()
+    fake = cleanup.popen([str(workload_dir / "python3.13t")], stdout=subprocess.PIPE, text=True)
+    assert fake.stdout.readline() == "up\n"
+    done = run_tool("calls", "-p", str(fake.pid), "--inject")
+    check_error(done, f"process {fake.pid} runs a free-threaded build, CPython 3.13.0 free-threaded",
+                "pydtrace-rs needs a build with the GIL")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(fake.pid)
 
 
-def test_a_process_that_exits_during_the_injection():
+def test_a_process_that_exits_during_the_injection(busy):
     """The program's audit hook ends it (os._exit(7)) as the injected code imports dtrace."""
     require_gdb()
-    preamble = ('import os, sys\n'
-                'sys.addaudithook(lambda event, args: os._exit(7) if event == "import" and args[0] == "dtrace" '
-                'else None)\n')
-    workload = Workload("sleep", sys.executable, preamble=preamble)
-    try:
-        done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"process {workload.pid} exited during the injection", "while the injected code ran")
-        # Its exit status when gdb saw the exit before the process was gone.
-        assert "(status" not in done.stderr or "(status 7)" in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert workload.process.wait(STEP_TIMEOUT) == 7
-        assert_nothing_left(workload.pid)
-    finally:
-        workload.kill()
+    workload = busy("sleep", sys.executable, "--on-dtrace-import", "exit")
+    done = run_tool("calls", "-p", str(workload.pid), "--inject")
+    check_error(done, f"process {workload.pid} exited during the injection", "while the injected code ran")
+    # Its exit status when gdb saw the exit before the process was gone.
+    assert "(status" not in done.stderr or "(status 7)" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert workload.process.wait(STEP_TIMEOUT) == 7
+    assert_nothing_left(workload.pid)
 
 
-#: The main thread blocks in C holding the GIL (read() through ctypes.PyDLL, which keeps it)
-#: until the test writes a byte: no Python code runs in the process meanwhile.
-HOLDS_THE_GIL = '''
-import ctypes, os, sys, time
-read_end, write_end = os.pipe()
-print("READY", os.getpid(), write_end, flush=True)
-buffer = ctypes.create_string_buffer(1)
-ctypes.PyDLL(None).read(read_end, buffer, 1)
-for i in range(100000):  # Python code again: a pending call left queued runs here
-    pass
-print("AFTER", json.dumps({"dtrace": "dtrace" in sys.modules, "maps": "dtrace/_native" in open("/proc/self/maps").read()}),
-      flush=True)
-time.sleep(100)
-'''
+def release(workload: BusyProcess) -> dict:
+    """Let a holds-the-gil workload go on (a byte through its pipe) and return its AFTER line:
+    whether dtrace got loaded meanwhile."""
+    with open(f"/proc/{workload.pid}/fd/{workload.ready['pipe']}", "w") as pipe:
+        pipe.write("x")
+    return workload.expect("AFTER")
 
 
-def test_no_safe_point_in_time_leaves_the_process_untouched():
+def test_no_safe_point_in_time_leaves_the_process_untouched(busy):
+    # The main thread blocks in C holding the GIL until the test writes a byte: no Python code
+    # runs in the process meanwhile (tests/workloads/busy.py, holds-the-gil).
     require_gdb()
-    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=clean_environment())
-    stdout = Lines(process.stdout, "the blocked workload")
-    try:
-        _, pid, write_end = stdout.next().split()
-        pid = int(pid)
-        done = run_tool("calls", "-p", str(pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
-        if VIA == "gdb":
-            check_error(done, f"process {pid}'s main thread did not reach a point where it can run Python code "
-                              "within 2 s", "nothing was run in it")
-        else:
-            check_blocked(done, pid)
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert_nothing_left(pid)
-        assert not probe_object_mapped(pid)
-        # Released: through gdb it runs on as if nothing had happened (nothing of the tool's is
-        # loaded); through sys.remote_exec it runs the script as it runs Python again, as said.
-        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
-            pipe.write("x")
-        line = stdout.next()
-        assert line is not None and line.startswith("AFTER "), (line, process.stderr)
-        loaded = VIA == "remote_exec"
-        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": loaded, "maps": loaded}
-        assert injection_files(pid) == []
-        assert process.poll() is None
-    finally:
-        process.kill()
-        process.wait()
+    workload = busy("holds-the-gil")
+    pid = workload.pid
+    done = run_tool("calls", "-p", str(pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+    if VIA == "gdb":
+        check_error(done, f"process {pid}'s main thread did not reach a point where it can run Python code "
+                          "within 2 s", "nothing was run in it")
+    else:
+        check_blocked(done, pid)
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(pid)
+    assert not probe_object_mapped(pid)
+    # Released: through gdb it runs on as if nothing had happened (nothing of the tool's is
+    # loaded); through sys.remote_exec it runs the script as it runs Python again, as said.
+    loaded = VIA == "remote_exec"
+    assert release(workload) == {"dtrace": loaded, "maps": loaded}
+    assert injection_files(pid) == []
+    assert workload.process.poll() is None
 
 
-def test_a_process_stopped_by_someone_else_during_the_injection_stays_stopped():
+def test_a_process_stopped_by_someone_else_during_the_injection_stays_stopped(busy, cleanup):
     """A SIGSTOP from another process while gdb waits for the safe point: the process ends up
     stopped, as it would have without the tool, and the tool says so; continued, it runs on."""
     require_gdb()
-    process = subprocess.Popen([gdb_way_python(), "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=clean_environment())
-    stdout = Lines(process.stdout, "the blocked workload")
-    tool = None
-    try:
-        _, pid, write_end = stdout.next().split()
-        pid = int(pid)
-        tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "3"})
-        said = Lines(tool.stderr, "the tool's stderr")
-        while True:
-            line = said.next()
-            assert line is not None, said.seen
-            if '"kind": "waiting"' in line:
-                break
-        os.kill(pid, signal.SIGSTOP)  # from this test's process
-        assert tool.wait(STEP_TIMEOUT) == 1, said.seen
-        said.rest()
-        text = "\n".join(said.seen)
-        assert f"process {pid} was stopped by process {os.getpid()}" in text, text
-        assert "it is left stopped, as it would have been without the tool" in text, text
-        assert "nothing was run in it" in text, text
-        assert re.search(r"^State:\s+T", Path(f"/proc/{pid}/status").read_text(), re.M)
-        assert not gdb_processes_for(pid)
-        assert re.search(r"^TracerPid:\s+0$", Path(f"/proc/{pid}/status").read_text(), re.M)
-        os.kill(pid, signal.SIGCONT)
-        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
-            pipe.write("x")
-        line = stdout.next()
-        assert line is not None and line.startswith("AFTER "), (line, process.stderr)
-        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": False, "maps": False}
-    finally:
-        if tool is not None and tool.poll() is None:
-            tool.kill()
-            tool.wait()
-        process.kill()
-        process.wait()
+    workload = busy("holds-the-gil", gdb_way_python())
+    pid = workload.pid
+    tool = cleanup.popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "3"})
+    said = Lines(tool.stderr, "the tool's stderr")
+    while True:
+        line = said.next()
+        assert line is not None, said.seen
+        if '"kind": "waiting"' in line:
+            break
+    os.kill(pid, signal.SIGSTOP)  # from this test's process
+    assert tool.wait(STEP_TIMEOUT) == 1, said.seen
+    said.rest()
+    text = "\n".join(said.seen)
+    assert f"process {pid} was stopped by process {os.getpid()}" in text, text
+    assert "it is left stopped, as it would have been without the tool" in text, text
+    assert "nothing was run in it" in text, text
+    assert re.search(r"^State:\s+T", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert not gdb_processes_for(pid)
+    assert re.search(r"^TracerPid:\s+0$", Path(f"/proc/{pid}/status").read_text(), re.M)
+    os.kill(pid, signal.SIGCONT)
+    assert release(workload) == {"dtrace": False, "maps": False}
 
 
-def test_a_process_another_debugger_traces():
+def test_a_process_another_debugger_traces(busy, cleanup):
     """ptrace allows one tracer: with another debugger attached (the process runs on under it),
     the tool says so instead of trying."""
     require_gdb()
-    workload = Workload("busy-threads", sys.executable)
-    holder = None
-    try:
-        holder = subprocess.Popen(["gdb", "-batch", "-nx", "-p", str(workload.pid), "-ex", "echo attached\\n",
-                                   "-ex", "continue"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-        said = Lines(holder.stdout, "the other debugger")
-        while True:
-            line = said.next()
-            assert line is not None, "the other debugger did not attach"
-            if line == "attached":
-                break
-        done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"process {workload.pid} is already traced by process {holder.pid} (gdb)",
-                    "only one ptrace tracer")
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert not probe_object_mapped(workload.pid)
-        assert not gdb_processes_for(workload.pid)
-    finally:
-        if holder is not None:
-            os.killpg(holder.pid, signal.SIGKILL)
-            holder.wait()
-        workload.kill()
+    workload = busy("busy-threads")
+    holder = subprocess.Popen(["gdb", "-batch", "-nx", "-p", str(workload.pid), "-ex", "echo attached\\n",
+                               "-ex", "continue"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    cleanup.callback(holder.wait)
+    cleanup.callback(os.killpg, holder.pid, signal.SIGKILL)  # first: the debugger's whole session
+    said = Lines(holder.stdout, "the other debugger")
+    while True:
+        line = said.next()
+        assert line is not None, "the other debugger did not attach"
+        if line == "attached":
+            break
+    done = run_tool("calls", "-p", str(workload.pid), "--inject")
+    check_error(done, f"process {workload.pid} is already traced by process {holder.pid} (gdb)",
+                "only one ptrace tracer")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not probe_object_mapped(workload.pid)
+    assert not gdb_processes_for(workload.pid)
 
 
-def test_without_ptrace_rights_the_message_explains_yama():
+def test_without_ptrace_rights_the_message_explains_yama(busy):
     """Not root, not the owner: refused before gdb runs, with what ptrace needs and Yama's values."""
     require_gdb()
-    workload = Workload("busy-threads", sys.executable)
-    try:
-        code = ("import os, sys\n"
-                "from dtrace.tools import inject, pyprocess\n"
-                "from dtrace.tools.tracers import ToolError\n"
-                f"process = pyprocess.identify({workload.pid})\n"
-                "os.seteuid(65534)\n"
-                "try:\n"
-                "    inject.check_privileges(process)\n"
-                "except ToolError as error:\n"
-                "    print(error)\n")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP_TIMEOUT)
-        assert done.returncode == 0, done.stderr
-        assert f"cannot inject into process {workload.pid}: Permission denied" in done.stdout, done.stdout
-        for phrase in ("CAP_SYS_PTRACE", "ptrace_scope", "0 (classic)", "1 (restricted)", "2 (admin-only)",
-                       "3 (no attach)"):
-            assert phrase in done.stdout or phrase in inject.ptrace_explanation(workload.pid), phrase
-        assert "ptrace" in done.stdout
-    finally:
-        workload.kill()
+    workload = busy("busy-threads")
+    code = ("import os, sys\n"
+            "from dtrace.tools import inject, pyprocess\n"
+            "from dtrace.tools.tracers import ToolError\n"
+            f"process = pyprocess.identify({workload.pid})\n"
+            "os.seteuid(65534)\n"
+            "try:\n"
+            "    inject.check_privileges(process)\n"
+            "except ToolError as error:\n"
+            "    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert f"cannot inject into process {workload.pid}: Permission denied" in done.stdout, done.stdout
+    for phrase in ("CAP_SYS_PTRACE", "ptrace_scope", "0 (classic)", "1 (restricted)", "2 (admin-only)",
+                   "3 (no attach)"):
+        assert phrase in done.stdout or phrase in inject.ptrace_explanation(workload.pid), phrase
+    assert "ptrace" in done.stdout
 
 
 # --- list -p: loaded or not, how, and which version -----------------------------------------------
 
 
-def test_list_says_the_probes_are_not_loaded():
+def test_list_says_the_probes_are_not_loaded(busy):
     require_gdb()
-    workload = Workload("sleep", sys.executable)
-    try:
-        done = run_tool("list", "-p", str(workload.pid))
-        assert done.returncode == 0, done.stderr
-        assert f"python: CPython {sys.version.split()[0]} (" in done.stdout, done.stdout
-        assert "probes loaded: no, the program has not imported dtrace" in done.stdout, done.stdout
-        assert not probe_object_mapped(workload.pid)
-    finally:
-        workload.kill()
+    workload = busy("sleep")
+    done = run_tool("list", "-p", str(workload.pid))
+    assert done.returncode == 0, done.stderr
+    assert f"python: CPython {sys.version.split()[0]} (" in done.stdout, done.stdout
+    assert "probes loaded: no, the program has not imported dtrace" in done.stdout, done.stdout
+    assert not probe_object_mapped(workload.pid)
 
 
 @pytest.mark.parametrize("how", ["import dtrace", "PYDTRACE=1"])
-def test_list_says_how_the_probes_got_there(how):
+def test_list_says_how_the_probes_got_there(how, cleanup):
     require_tracer()
     code = "import dtrace, sys; print('up', flush=True); sys.stdin.read()"
     environment = clean_environment()
     if how == "PYDTRACE=1":
         environment["PYDTRACE"] = "1"
         code = "import sys; print('up', flush=True); sys.stdin.read()"
-    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True, env=environment)
-    try:
-        assert process.stdout.readline() == "up\n"
-        done = run_tool("list", "-p", str(process.pid))
-    finally:
-        process.kill()
-        process.wait()
+    process = cleanup.popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=environment)
+    assert process.stdout.readline() == "up\n"
+    done = run_tool("list", "-p", str(process.pid))
     assert done.returncode == 0, done.stderr
     expected = ("probes loaded: yes, imported by the program (import dtrace)" if how == "import dtrace" else
                 "probes loaded: yes, PYDTRACE=1 in its environment: pydtrace-rs.pth imported dtrace at start-up")
@@ -996,172 +675,103 @@ class Terminal:
 
 
 @pytest.mark.parametrize("answer", ["y", "n"])
-def test_on_a_terminal_the_tool_asks_first(answer):
+def test_on_a_terminal_the_tool_asks_first(answer, busy, cleanup):
     require_gdb()
-    workload = Workload("busy-threads", sys.executable)
+    workload = busy("busy-threads")
     terminal = Terminal()
-    tool = subprocess.Popen(tool_command("calls", "-n", "0", "-p", str(workload.pid)), stdin=terminal.slave,
-                            stdout=subprocess.PIPE, stderr=terminal.slave, text=True)
-    try:
-        prompt = terminal.read_until("[y/N] ")
-        assert f"PID {workload.pid} (" in prompt and "has not loaded the probes" in prompt, prompt
-        assert f"runs `import dtrace` in it, through {THROUGH} " in prompt, prompt
-        assert not probe_object_mapped(workload.pid)  # nothing before the answer
-        os.write(terminal.master, f"{answer}\n".encode())
-        if answer == "n":
-            assert tool.wait(STEP_TIMEOUT) == 1
-            assert f"not loading the probes into process {workload.pid}" in terminal.read_until("--inject")
-            assert not probe_object_mapped(workload.pid)
-        else:
-            terminal.read_until("Tracing ")
-            workload.phase()
-            tool.send_signal(signal.SIGINT)
-            out, _ = tool.communicate(timeout=STEP_TIMEOUT)
-            assert tool.returncode == 0, terminal.seen
-            assert rows(out, 1, "marked")[0][0] == str(MARKED_CALLS), out
-        assert_nothing_left(workload.pid)
-    finally:
-        if tool.poll() is None:
-            tool.kill()
-            tool.wait()
-        terminal.close()
-        workload.kill()
+    cleanup.callback(terminal.close)
+    tool = cleanup.popen(tool_command("calls", "-n", "0", "-p", str(workload.pid)), stdin=terminal.slave,
+                         stdout=subprocess.PIPE, stderr=terminal.slave, text=True)
+    prompt = terminal.read_until("[y/N] ")
+    assert f"PID {workload.pid} (" in prompt and "has not loaded the probes" in prompt, prompt
+    assert f"runs `import dtrace` in it, through {THROUGH} " in prompt, prompt
+    assert not probe_object_mapped(workload.pid)  # nothing before the answer
+    os.write(terminal.master, f"{answer}\n".encode())
+    if answer == "n":
+        assert tool.wait(STEP_TIMEOUT) == 1
+        assert f"not loading the probes into process {workload.pid}" in terminal.read_until("--inject")
+        assert not probe_object_mapped(workload.pid)
+    else:
+        terminal.read_until("Tracing ")
+        workload.phase()
+        tool.send_signal(signal.SIGINT)
+        out, _ = tool.communicate(timeout=STEP_TIMEOUT)
+        assert tool.returncode == 0, terminal.seen
+        assert rows(out, 1, "marked")[0][0] == str(MARKED_CALLS), out
+    assert_nothing_left(workload.pid)
 
 
-def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly():
+def test_ctrl_c_while_waiting_for_a_safe_point_gives_up_cleanly(busy, cleanup):
     """The tool says when gdb waits for the safe point (PYDTRACE_INJECT_DEBUG shows gdb's lines);
     Ctrl-C then makes gdb give up at once, long before its time is up. Through sys.remote_exec the
     script is in the process's /tmp once it is sent: Ctrl-C ends the wait, says that the process
     runs the script when it next runs Python, and leaves the script for it."""
     require_gdb()
-    process = subprocess.Popen([sys.executable, "-c", "import json\n" + HOLDS_THE_GIL], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=clean_environment())
-    stdout = Lines(process.stdout, "the blocked workload")
-    tool = None
-    try:
-        _, pid, write_end = stdout.next().split()
-        pid = int(pid)
-        tool = subprocess.Popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "600"})
-        said = Lines(tool.stderr, "the tool's stderr")
-        if VIA == "gdb":
-            while True:
-                line = said.next()
-                assert line is not None, said.seen
-                if '"kind": "waiting"' in line:
-                    break
-        else:
-            deadline = time.monotonic() + STEP_TIMEOUT
-            while not injection_files(pid):
-                assert time.monotonic() < deadline and tool.poll() is None, said.rest()
-                time.sleep(0.01)
-            time.sleep(0.2)  # past sys.remote_exec's return: the tool waits for the report
-        assert not probe_object_mapped(pid)
-        tool.send_signal(signal.SIGINT)
-        assert tool.wait(STEP_TIMEOUT) == 130, said.seen
-        said.rest()
-        if VIA == "gdb":
-            assert "pydtrace: nothing was run in process" in "\n".join(said.seen), said.seen
-        else:
-            assert f"pydtrace: process {pid} runs the script (/tmp/pydtrace-inject-" in "\n".join(said.seen), said.seen
-            assert [name.rsplit(".", 1)[1] for name in injection_files(pid)] == ["py"]
-        assert_nothing_left(pid)
-        with open(f"/proc/{pid}/fd/{write_end}", "w") as pipe:
-            pipe.write("x")
-        line = stdout.next()
-        assert line is not None and line.startswith("AFTER "), line
-        loaded = VIA == "remote_exec"
-        assert json.loads(line.split(" ", 1)[1]) == {"dtrace": loaded, "maps": loaded}
-        assert injection_files(pid) == []
-    finally:
-        if tool is not None and tool.poll() is None:
-            tool.kill()
-            tool.wait()
-        process.kill()
-        process.wait()
-
-
-#: SIGHUP makes the main thread fork a child that prints its PID and sleeps.
-FORKS_ON_SIGHUP = '''
-def fork_child(signum, frame):
-    child = os.fork()
-    if child == 0:
-        print("CHILD", os.getpid(), flush=True)
-        time.sleep(100)
-        os._exit(0)
-
-signal.signal(signal.SIGHUP, fork_child)
-'''
-
-
-def test_a_forked_child_of_an_injected_process_says_so():
-    require_gdb()
-    workload = Workload("sleep", sys.executable, body=FORKS_ON_SIGHUP + SHAPES["sleep"])
-    child = None
-    try:
-        injected = run_tool("calls", "-p", str(workload.pid), "--inject", "-d", "1")
-        assert injected.returncode == 0, injected.stderr
-        workload.process.send_signal(signal.SIGHUP)
-        child = int(workload.expect("CHILD").split()[1])
-        listing = run_tool("list", "-p", str(child))
-        assert listing.returncode == 0, listing.stderr
-        assert f"probes loaded: yes, injected by python -m dtrace --inject, through {THROUGH}\n" in listing.stdout, \
-            listing.stdout
-        assert "probes armed: yes" in listing.stdout
-    finally:
-        if child is not None:
-            os.kill(child, signal.SIGKILL)
-        workload.kill()
-
-
-#: A thread forks children until the probes are loaded, each of which runs Python code for a moment
-#: and exits 0: a child that inherited gdb's breakpoint would die of SIGTRAP. (It stops then: the
-#: test is about forks during the injection.)
-FORKS_ALL_THE_TIME = '''
-import warnings
-warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a process with threads
-
-
-def forker():
-    while "dtrace" not in sys.modules:
-        child = os.fork()
-        if child == 0:
-            for i in range(20000):
-                spin(i)
+    workload = busy("holds-the-gil")
+    pid = workload.pid
+    tool = cleanup.popen(tool_command("calls", "-p", str(pid), "--inject"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYDTRACE_INJECT_DEBUG": "1", "PYDTRACE_INJECT_TIMEOUT": "600"})
+    said = Lines(tool.stderr, "the tool's stderr")
+    if VIA == "gdb":
+        while True:
+            line = said.next()
+            assert line is not None, said.seen
+            if '"kind": "waiting"' in line:
+                break
+    else:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not injection_files(pid):
+            assert time.monotonic() < deadline and tool.poll() is None, said.rest()
             time.sleep(0.01)
-            os._exit(0)
-        _, status = os.waitpid(child, 0)
-        counts[1] += 1
-        if status != 0:
-            say("CHILD-ENDED", status)
+        remove_left_scripts(cleanup, pid)
+        time.sleep(0.2)  # past sys.remote_exec's return: the tool waits for the report
+    assert not probe_object_mapped(pid)
+    tool.send_signal(signal.SIGINT)
+    assert tool.wait(STEP_TIMEOUT) == 130, said.seen
+    said.rest()
+    if VIA == "gdb":
+        assert "pydtrace: nothing was run in process" in "\n".join(said.seen), said.seen
+    else:
+        assert f"pydtrace: process {pid} runs the script (/tmp/pydtrace-inject-" in "\n".join(said.seen), said.seen
+        assert [name.rsplit(".", 1)[1] for name in injection_files(pid)] == ["py"]
+    assert_nothing_left(pid)
+    loaded = VIA == "remote_exec"
+    assert release(workload) == {"dtrace": loaded, "maps": loaded}
+    assert injection_files(pid) == []
 
-threading.Thread(target=forker, daemon=True).start()
-'''
 
-
-def test_a_process_that_forks_during_the_injection():
-    """Children forked while gdb is attached (and its breakpoint in the parent) end as they would
-    have; the parent gets its probes and runs on."""
+def test_a_forked_child_of_an_injected_process_says_so(busy, cleanup):
+    # SIGHUP makes the main thread fork a child that prints its PID and sleeps.
     require_gdb()
-    workload = Workload("busy-threads", sys.executable, body=FORKS_ALL_THE_TIME + SHAPES["busy-threads"])
-    try:
-        tool = ToolRun(["calls", "-n", "0", "--inject"], workload.pid)
-        try:
-            tool.start()
-            info = workload.phase()
-            stop(tool)
-        finally:
-            tool.kill()
-        assert tool.code == 0, tool.stderr
-        assert rows(tool.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), tool.stdout
-        assert info["live"] is True and info["counts"][1] > 0, info
-        assert_nothing_left(workload.pid)
-        assert not any(line.startswith(("CHILD-ENDED", "WRONG")) for line in workload.stdout.seen), \
-            workload.stdout.seen
-        assert workload.process.poll() is None
-    finally:
-        workload.kill()
+    workload = busy("sleep", sys.executable, "--fork-on-sighup")
+    injected = run_tool("calls", "-p", str(workload.pid), "--inject", "-d", "1")
+    assert injected.returncode == 0, injected.stderr
+    workload.process.send_signal(signal.SIGHUP)
+    child = int(workload.line("CHILD"))
+    cleanup.callback(os.kill, child, signal.SIGKILL)
+    listing = run_tool("list", "-p", str(child))
+    assert listing.returncode == 0, listing.stderr
+    assert f"probes loaded: yes, injected by python -m dtrace --inject, through {THROUGH}\n" in listing.stdout, \
+        listing.stdout
+    assert "probes armed: yes" in listing.stdout
+
+
+def test_a_process_that_forks_during_the_injection(busy, tool):
+    """Children forked while gdb is attached (and its breakpoint in the parent) end as they would
+    have; the parent gets its probes and runs on. (A thread forks children until the probes are
+    loaded, each of which runs Python code for a moment and exits 0: a child that inherited gdb's
+    breakpoint would die of SIGTRAP.)"""
+    require_gdb()
+    workload = busy("busy-threads", sys.executable, "--fork-until-loaded")
+    run, info = traced_phase(tool, workload)
+    assert run.code == 0, run.stderr
+    assert rows(run.stdout, 1, "marked")[0][0] == str(MARKED_CALLS), run.stdout
+    assert info["live"] is True and info["counts"][1] > 0, info
+    assert_nothing_left(workload.pid)
+    assert not any(line.startswith(("CHILD-ENDED", "WRONG")) for line in workload.stdout.seen), \
+        workload.stdout.seen
+    assert workload.process.poll() is None
 
 
 def other_version_python() -> str | None:
@@ -1174,64 +784,42 @@ def other_version_python() -> str | None:
     return None
 
 
-def test_neither_the_process_nor_the_tool_has_a_pydtrace_rs_for_it():
+def test_neither_the_process_nor_the_tool_has_a_pydtrace_rs_for_it(busy):
     """Another Python version, without pydtrace-rs: the tool's copy cannot serve; the message says
     what to install where, and the process runs on without it."""
     require_gdb()
     python = other_version_python()
     if python is None:
         pytest.skip("no other CPython 3.12+ version here")
-    workload = Workload("sleep", python)
-    try:
-        done = run_tool("calls", "-p", str(workload.pid), "--inject")
-        check_error(done, f"process {workload.pid} runs CPython 3.", "which cannot import pydtrace-rs",
-                    f"this tool's copy is for Python {sys.version_info[0]}.{sys.version_info[1]}",
-                    f"{python} -m pip install pydtrace-rs")
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert_nothing_left(workload.pid)
-        assert not probe_object_mapped(workload.pid)
-        info = workload.phase(traced=False)
-        assert info["dtrace"] is None and info["main_added"] == [] and info["path_same"], info
-    finally:
-        workload.kill()
+    workload = busy("sleep", python)
+    done = run_tool("calls", "-p", str(workload.pid), "--inject")
+    check_error(done, f"process {workload.pid} runs CPython 3.", "which cannot import pydtrace-rs",
+                f"this tool's copy is for Python {sys.version_info[0]}.{sys.version_info[1]}",
+                f"{python} -m pip install pydtrace-rs")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(workload.pid)
+    assert not probe_object_mapped(workload.pid)
+    info = workload.phase(traced=False)
+    assert info["dtrace"] is None and info["main_added"] == [] and info["path_same"], info
 
 
-#: The main thread runs a sub-interpreter's code for good: it sleeps there (so the tool finds it
-#: blocked in a call CPython retries, whose PyErr_CheckSignals comes in the sub-interpreter); the
-#: sub-interpreter says READY, so the main thread is in it.
-IN_A_SUBINTERPRETER = '''
-try:
-    import _interpreters as interpreters  # 3.13
-except ImportError:
-    import _xxsubinterpreters as interpreters  # 3.12
-sub = interpreters.create()
-interpreters.run_string(sub, "import os, time\\nprint('READY', os.getpid(), flush=True)\\n"
-                             "while True:\\n    time.sleep(3600)\\n")
-'''
-
-
-def test_a_main_thread_that_runs_a_subinterpreter():
+def test_a_main_thread_that_runs_a_subinterpreter(busy, cleanup):
     """pydtrace-rs cannot load into a sub-interpreter (PyO3 refuses them): its calls at the safe
-    points are let pass, and the tool gives up when the main interpreter does not come back."""
+    points are let pass, and the tool gives up when the main interpreter does not come back. The
+    main thread sleeps in the sub-interpreter (tests/workloads/busy.py, subinterpreter)."""
     require_gdb()
-    leftovers = []
-    workload = Workload("subinterpreter", sys.executable, body=IN_A_SUBINTERPRETER)
-    try:
-        done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
-        if VIA == "gdb":
-            check_error(done, f"process {workload.pid}'s main thread runs a sub-interpreter's code",
-                        "nothing was run in it")
-        else:  # the main interpreter's code runs no more in the main thread: the script waits
-            check_blocked(done, workload.pid)
-            leftovers = injection_files(workload.pid)
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert_nothing_left(workload.pid)
-        assert not probe_object_mapped(workload.pid)
-        assert workload.process.poll() is None
-    finally:
-        workload.kill()
-        for name in leftovers if VIA == "remote_exec" else []:
-            os.unlink(f"/tmp/{name}")
+    workload = busy("subinterpreter")
+    done = run_tool("calls", "-p", str(workload.pid), "--inject", env={"PYDTRACE_INJECT_TIMEOUT": "2"})
+    if VIA == "gdb":
+        check_error(done, f"process {workload.pid}'s main thread runs a sub-interpreter's code",
+                    "nothing was run in it")
+    else:  # the main interpreter's code runs no more in the main thread: the script waits
+        check_blocked(done, workload.pid)
+        remove_left_scripts(cleanup, workload.pid)
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(workload.pid)
+    assert not probe_object_mapped(workload.pid)
+    assert workload.process.poll() is None
 
 
 # --- A gdb that cannot write the registers back: refused, the process untouched -----------------
@@ -1289,22 +877,9 @@ def stand_in_gdb(tmp_path_factory) -> str:
     return str(wrapper)
 
 
-#: The main thread blocks in accept(); each connection gets a line.
-ACCEPTS = READY.replace('print("READY", os.getpid(), flush=True)', '') + '''
-import socket
-server = socket.socket()
-server.bind(("127.0.0.1", 0))
-server.listen()
-print("READY", os.getpid(), server.getsockname()[1], flush=True)
-while True:
-    connection, _ = server.accept()
-    counts[0] += 1
-    connection.sendall(b"hello %d\\n" % counts[0])
-    connection.close()
-'''
-
-#: Where the stand-in is pointed: the main thread sleeping (time.sleep), blocked in accept, busy.
-BROKEN_GDB_SHAPES = {"sleep": None, "accept": ACCEPTS, "busy-threads": None}
+#: Where the stand-in is pointed (shapes of tests/workloads/busy.py): the main thread sleeping
+#: (time.sleep), blocked in accept, busy.
+BROKEN_GDB_SHAPES = ["accept", "busy-threads", "sleep"]
 
 
 def greeting(port: int) -> str:
@@ -1312,19 +887,16 @@ def greeting(port: int) -> str:
         return connection.makefile("r").readline().strip()
 
 
-def test_the_stand_in_breaks_a_sleeping_process_as_gdb_13_1_does(stand_in_gdb):
+def test_the_stand_in_breaks_a_sleeping_process_as_gdb_13_1_does(stand_in_gdb, busy):
     """What the refusal protects from: with the stand-in, calling a function in a process that
     sleeps in time.sleep (as --inject did) kills it with the kernel's restart code (Errno 514)."""
-    workload = Workload("sleep", sys.executable)
-    try:
-        done = subprocess.run([stand_in_gdb, "-batch", "-nx", "-p", str(workload.pid), "-ex",
-                               "print ((int (*)(void))getpid)()"], capture_output=True, text=True,
-                              timeout=STEP_TIMEOUT)
-        assert "Couldn't write extended state status: Bad address" in done.stderr, done.stderr
-        assert workload.process.wait(STEP_TIMEOUT) != 0
-        assert "514" in "\n".join(workload.stderr.rest()), workload.stderr.seen
-    finally:
-        workload.kill()
+    workload = busy("sleep")
+    done = subprocess.run([stand_in_gdb, "-batch", "-nx", "-p", str(workload.pid), "-ex",
+                           "print ((int (*)(void))getpid)()"], capture_output=True, text=True,
+                          timeout=STEP_TIMEOUT)
+    assert "Couldn't write extended state status: Bad address" in done.stderr, done.stderr
+    assert workload.process.wait(STEP_TIMEOUT) != 0
+    assert "514" in "\n".join(workload.stderr.rest()), workload.stderr.seen
 
 
 def gdb_way_python() -> str:
@@ -1349,50 +921,45 @@ def broken_gdbs(stand_in: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("shape", sorted(BROKEN_GDB_SHAPES))
-def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives_on(shape, stand_in_gdb):
+@pytest.mark.parametrize("shape", BROKEN_GDB_SHAPES)
+def test_a_gdb_that_cannot_write_registers_back_is_refused_and_the_process_lives_on(shape, stand_in_gdb, busy):
     for gdb in broken_gdbs(stand_in_gdb):
-        workload = Workload(shape, gdb_way_python(), body=BROKEN_GDB_SHAPES[shape])
-        try:
-            if shape == "accept":
-                assert greeting(workload.port) == "hello 1"
-            # Named with --gdb, or with PYDTRACE_GDB: the same refusal.
-            how = ["--gdb", gdb] if gdb == stand_in_gdb else []
-            done = run_tool("calls", "-p", str(workload.pid), "--inject", *how, env={"PYDTRACE_GDB": gdb})
-            check_error(done, f"cannot inject into process {workload.pid}: {gdb} (GNU gdb",
-                        "cannot write back the registers", "writing xmm0.v2_int64[0] failed",
-                        "Couldn't write extended state status: Bad address", "nothing was changed in it",
-                        "--gdb PATH or PYDTRACE_GDB=PATH", "sys.remote_exec")
-            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-            assert_nothing_left(workload.pid)
-            assert not probe_object_mapped(workload.pid)
-            # It runs on as before: sleeps as long as asked, answers, computes right.
-            if shape == "sleep":
-                before = len(workload.slept)
-                while len(workload.slept) < before + 2:
-                    workload.expect("SLEPT")
-                assert all(s >= 0.7 for s in workload.slept), workload.slept
-            elif shape == "accept":
-                assert greeting(workload.port) == "hello 2"
-            else:
-                first = workload.phase(traced=False)
-                time.sleep(0.5)  # the threads get the GIL meanwhile
-                again = workload.phase(traced=False)
-                assert all(after > before for after, before in zip(again["counts"], first["counts"])), (first, again)
-                assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
-            assert workload.process.poll() is None, workload.stderr.available()
-            assert workload.stderr.available() == [], workload.stderr.available()
-        finally:
-            workload.kill()
-
-
-def test_a_gdb_that_is_not_there():
-    require_tracer()
-    workload = Workload("sleep", gdb_way_python())
-    try:
-        done = run_tool("calls", "-p", str(workload.pid), "--inject", "--gdb", "/nonexistent/gdb")
-        check_error(done, "--gdb names /nonexistent/gdb, which is not an executable gdb")
+        workload = busy(shape, gdb_way_python())
+        if shape == "accept":
+            assert greeting(workload.port) == "hello 1"
+        # Named with --gdb, or with PYDTRACE_GDB: the same refusal.
+        how = ["--gdb", gdb] if gdb == stand_in_gdb else []
+        done = run_tool("calls", "-p", str(workload.pid), "--inject", *how, env={"PYDTRACE_GDB": gdb})
+        check_error(done, f"cannot inject into process {workload.pid}: {gdb} (GNU gdb",
+                    "cannot write back the registers", "writing xmm0.v2_int64[0] failed",
+                    "Couldn't write extended state status: Bad address", "nothing was changed in it",
+                    "--gdb PATH or PYDTRACE_GDB=PATH", "sys.remote_exec")
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert_nothing_left(workload.pid)
-    finally:
+        assert not probe_object_mapped(workload.pid)
+        # It runs on as before: sleeps as long as asked, answers, computes right.
+        if shape == "sleep":
+            before = len(workload.slept)
+            while len(workload.slept) < before + 2:
+                workload.line("SLEPT")
+            assert all(s >= 0.7 for s in workload.slept), workload.slept
+        elif shape == "accept":
+            assert greeting(workload.port) == "hello 2"
+        else:
+            first = workload.phase(traced=False)
+            time.sleep(0.5)  # the threads get the GIL meanwhile
+            again = workload.phase(traced=False)
+            assert all(after > before for after, before in zip(again["counts"], first["counts"])), (first, again)
+            assert not any(line.startswith("WRONG") for line in workload.stdout.seen)
+        assert workload.process.poll() is None, workload.stderr.available()
+        assert workload.stderr.available() == [], workload.stderr.available()
         workload.kill()
+
+
+def test_a_gdb_that_is_not_there(busy):
+    require_tracer()
+    workload = busy("sleep", gdb_way_python())
+    done = run_tool("calls", "-p", str(workload.pid), "--inject", "--gdb", "/nonexistent/gdb")
+    check_error(done, "--gdb names /nonexistent/gdb, which is not an executable gdb")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert_nothing_left(workload.pid)

@@ -23,12 +23,18 @@ workload module (a ``run(result)`` function), and a bpftrace program; then:
 No step waits on a sleep: each waits for the other side's line, with a
 timeout that only bounds a failure.
 
+Also here: :class:`BusyProcess`, a process in one of ``workloads/busy.py``'s shapes that does
+nothing to help a consumer (tests/test_attach.py, tests/test_inject.py); :class:`Speaker`, the
+one reader of a child process's tagged lines; and :class:`Cleanup` (conftest's ``cleanup``
+fixture), which ends what a test started, passed or failed.
+
 Tests that need bpftrace and root skip where either is missing, and fail
 instead under ``PYDTRACE_REQUIRE_TRACER=1`` (set in CI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +132,67 @@ class Lines:
         return lines
 
 
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This environment without PYDTRACE* (nothing armed or forced by the test's own settings) and
+    PYTHONPATH* (a process of another interpreter finds only its own modules), plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("PYDTRACE", "PYTHONPATH"))}, **extra}
+
+
+def end(process: subprocess.Popen) -> None:
+    """Kill ``process`` if it still runs, and reap it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+class Speaker:
+    """A child process that says what it does in tagged lines on stdout (``TAG {json}``, or
+    ``TAG words``), and is told words on stdin: the one reader of such lines for the tests'
+    drivers (:class:`Workload`, :class:`BusyProcess`, test_idle.py's, test_scope.py's)."""
+
+    #: What the process is called in a failure's message.
+    name = "the workload"
+
+    def spawn(self, argv: list[str], env: dict[str, str], stdin: bool = True) -> None:
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stdout = Lines(self.process.stdout, self.name)
+        self.stderr = Lines(self.process.stderr, f"{self.name}'s stderr")
+
+    def line(self, tag: str, timeout: float = STEP_TIMEOUT) -> str:
+        """The words after ``tag`` on the next line (not set aside), which must start with it; else,
+        or when none comes within ``timeout``, the process is killed and the test fails."""
+        deadline = time.monotonic() + timeout
+        try:
+            line = self.stdout.next(timeout)
+            while line is not None and self.set_aside(line, tag):
+                line = self.stdout.next(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self.kill()
+            raise
+        if line is None or not (line == tag or line.startswith(tag + " ")):
+            self.kill()
+            raise AssertionError(f"expected {tag} from {self.name}, got {line!r}; stderr: {self.stderr.rest(5)}")
+        return line[len(tag) + 1 :]
+
+    def set_aside(self, line: str, tag: str) -> bool:
+        """Whether ``line`` is one to keep aside while waiting for ``tag`` (none here)."""
+        return False
+
+    def expect(self, tag: str) -> Any:
+        """The JSON value after ``tag`` on the next line."""
+        return json.loads(self.line(tag))
+
+    def tell(self, word: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(word + "\n")
+        self.process.stdin.flush()
+
+    def kill(self) -> None:
+        if hasattr(self, "process"):
+            end(self.process)
+
+
 DRIVER = '''\
 import json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -184,7 +252,7 @@ if __name__ == "__main__":  # not when a multiprocessing child imports this file
 
 
 @dataclass
-class Workload:
+class Workload(Speaker):
     """A Python process running ``body`` (a module with ``run(result)``) once a consumer is live."""
 
     body: str
@@ -216,56 +284,28 @@ class Workload:
         driver.write_text(
             f"PROBES = {self.probes!r}\nTIMEOUT = {STEP_TIMEOUT!r}\nFORK_FIRST = {self.fork_first!r}\n" + DRIVER
         )
-        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **self.env}
-        self.process = subprocess.Popen(
-            [self.python, str(driver)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.stdout = Lines(self.process.stdout, "the workload")
-        self.stderr = Lines(self.process.stderr, "the workload's stderr")
-        loaded = self._expect("LOADED")
+        self.spawn([self.python, str(driver)], {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **self.env})
+        loaded = self.expect("LOADED")
         self.pid, self.library = loaded["pid"], loaded["library"]
         assert loaded["armed"], "importing dtrace did not arm the probes"
 
-    def _expect(self, tag: str) -> Any:
-        line = self.stdout.next()
-        if line is None or not line.startswith(tag + " "):
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"expected {tag} from the workload, got {line!r}; stderr: {self.stderr.available()}")
-        return json.loads(line[len(tag) + 1 :])
-
-    def _say(self, word: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(word + "\n")
-        self.process.stdin.flush()
-
     def go(self) -> None:
         """Let the workload run once its probes are live; returns when they are."""
-        self._say("go")
-        self.live = self._expect("LIVE")
+        self.tell("go")
+        self.live = self.expect("LIVE")
 
     def wait_result(self) -> dict[str, Any]:
-        self.result = self._expect("RESULT")
+        self.result = self.expect("RESULT")
         return self.result
 
     def finish(self) -> int:
         """After the tracer detached: the workload checks it is idle, and exits."""
-        self._say("detached")
-        self.idle = self._expect("IDLE")
+        self.tell("detached")
+        self.idle = self.expect("IDLE")
         self.process.stdin.close()
         code = self.process.wait(STEP_TIMEOUT)
         self.stderr_text = "\n".join(self.stderr.rest())
         return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def parse_json_line(line: str) -> Any:
@@ -551,3 +591,89 @@ def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Pa
     workload = Workload(body, probes, directory, env=env or {})
     tool = handshake(workload, lambda w: ToolRun(args, w.pid, stop_signal=stop_signal))
     return workload, tool
+
+
+# --- Busy processes (workloads/busy.py), and what ends them -----------------------------------
+
+#: The busy-process program. Run by path, not imported: it runs under the interpreter under test,
+#: which may have no pydtrace-rs and not this directory on its path (benches/attach_latency.py
+#: runs it so too).
+BUSY = Path(__file__).resolve().parent / "workloads" / "busy.py"
+
+
+class BusyProcess(Speaker):
+    """A Python process in one of ``workloads/busy.py``'s shapes, with that program's ``options``:
+    it runs without any handshake; its lines say what it did."""
+
+    def __init__(self, shape: str, python: str = sys.executable, *options: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.shape = shape
+        self.name = f"the {shape} workload"
+        self.slept: list[float] = []
+        self.client = None
+        self.spawn([python, str(BUSY), shape, *options], clean_environment(**(env or {})), stdin=False)
+        self.ready = self.expect("READY")
+        self.pid: int = self.ready["pid"]
+        self.port: int | None = self.ready.get("port")
+        self.library: str | None = self.ready.get("library")
+
+    def set_aside(self, line: str, tag: str) -> bool:
+        """The sleep shape's ``SLEPT`` lines go to :attr:`slept` (unless one is waited for)."""
+        if line.startswith("SLEPT "):
+            self.slept.append(float(line.split()[1]))
+            return tag != "SLEPT"
+        return False
+
+    def request(self, text: str) -> str:
+        """A line to the asyncio server, and its answer."""
+        if self.client is None:
+            import socket
+
+            self.client = socket.create_connection(("127.0.0.1", self.port), timeout=STEP_TIMEOUT)
+            self.reader = self.client.makefile("r")
+        self.client.sendall(text.encode() + b"\n")
+        return self.reader.readline().rstrip("\n")
+
+    def phase(self, traced: bool = True) -> dict:
+        """Run the marked phase (under a consumer, if ``traced``: it first waits for the probe its
+        ``--wait-for`` names) and return what the process reported."""
+        if self.shape == "asyncio-server":
+            line = self.request("phase" if traced else "status")
+            assert line.startswith("DONE "), line
+            return json.loads(line.split(" ", 1)[1])
+        self.process.send_signal(signal.SIGUSR1 if traced else signal.SIGUSR2)
+        return self.expect("DONE")
+
+    def kill(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        super().kill()
+
+
+def remove(path: str | Path) -> None:
+    """Remove a file if it is there."""
+    Path(path).unlink(missing_ok=True)
+
+
+class Cleanup(contextlib.ExitStack):
+    """What a test started or made, ended and removed when the test ends, passed or failed, the
+    last first: conftest.py's ``cleanup`` fixture."""
+
+    def popen(self, argv: list[str], **options: Any) -> subprocess.Popen:
+        """Start ``argv`` (with subprocess.Popen's ``options``): killed and reaped at the end."""
+        return self.process(subprocess.Popen(argv, **options))
+
+    def process(self, process: subprocess.Popen) -> subprocess.Popen:
+        """``process`` killed and reaped at the end."""
+        self.callback(end, process)
+        return process
+
+    def ends(self, thing: Any) -> Any:
+        """``thing`` (a :class:`Speaker`, :class:`ToolRun`, :class:`Bpftrace`: anything with
+        ``kill()``) killed at the end; register it before starting it."""
+        self.callback(thing.kill)
+        return thing
+
+    def file(self, path: str | Path) -> None:
+        """``path`` removed at the end, if it is there."""
+        self.callback(remove, path)
