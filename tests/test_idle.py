@@ -21,9 +21,6 @@ and for ``wait_for_consumer``; "the watcher polled N times" is read from
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -170,35 +167,17 @@ send("AFTER", idle_window())
 '''
 
 
-class IdleRun:
-    """The driver above, one step at a time."""
+class IdleRun(tracing.Speaker):
+    """The driver above, one step at a time (its lines read by tracing.Speaker)."""
+
+    name = "the idle driver"
 
     def __init__(self, directory: Path, probes: list[str]) -> None:
         script = directory / "idle_driver.py"
         script.write_text(f"PROBES = {probes!r}\nPOLLS = {POLLS!r}\n" + textwrap.dedent(DRIVER))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
-        env["IDLE_TIMEOUT"] = str(tracing.STEP_TIMEOUT)
-        self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.stdout = tracing.Lines(self.process.stdout, "the idle driver")
-        self.stderr = tracing.Lines(self.process.stderr, "the idle driver's stderr")
+        self.spawn([sys.executable, str(script)],
+                   tracing.clean_environment(IDLE_TIMEOUT=str(tracing.STEP_TIMEOUT)))
         self.ready = self.expect("READY")
-
-    def expect(self, tag: str) -> Any:
-        line = self.stdout.next()
-        if line is None or not line.startswith(tag + " "):
-            self.kill()
-            raise AssertionError(f"expected {tag}, got {line!r}; stderr: {self.stderr.rest(5)}")
-        return json.loads(line[len(tag) + 1 :])
-
-    def say(self, word: str) -> None:
-        self.process.stdin.write(word + "\n")
-        self.process.stdin.flush()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def assert_idle(window: dict[str, Any], *, tool_claimed: bool) -> None:
@@ -228,10 +207,10 @@ def attached_run(directory: Path, program: str, probes: list[str]) -> tuple[Idle
     try:
         before = run.expect("BEFORE")
         tracer.start()
-        run.say("go")
+        run.tell("go")
         live = run.expect("LIVE")
         maps = tracer.stop()
-        run.say("detached")
+        run.tell("detached")
         after = run.expect("AFTER")
         run.process.stdin.close()
         assert run.process.wait(tracing.STEP_TIMEOUT) == 0, run.stderr.rest()

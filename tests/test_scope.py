@@ -31,7 +31,8 @@ import dtrace
 from dtrace.tools import pyprocess
 from dtrace.tools import scope as tool_scope
 from dtrace.tools.tracers import ToolError
-from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
+from tracing import (STEP_TIMEOUT, Speaker, ToolRun, clean_environment, require_tracer, run_tool, trace,
+                     trace_with_tool)
 
 native = dtrace._native
 
@@ -216,33 +217,23 @@ for line in sys.stdin:
 '''
 
 
-class Scoped:
+class Scoped(Speaker):
     """A process with dtrace armed that runs ``work(n)`` and reports its scope when asked."""
+
+    name = "the scoped process"
 
     def __init__(self, directory: Path, env: dict[str, str] | None = None) -> None:
         (directory / "inscope.py").write_text(INSCOPE)
         script = directory / "scoped.py"
         script.write_text(DRIVER)
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
-        clean.update({"SCOPE_TIMEOUT": str(STEP_TIMEOUT), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
-        self.process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean)
-        self.stdout = Lines(self.process.stdout, "the scoped process")
-        self.stderr = Lines(self.process.stderr, "the scoped process's stderr")
+        self.spawn([sys.executable, str(script)], clean_environment(
+            SCOPE_TIMEOUT=str(STEP_TIMEOUT), PYTHONDONTWRITEBYTECODE="1", **(env or {})))
         self.ready = self.expect("READY")
         self.pid = self.ready["pid"]
         self.library = self.ready["library"]
 
-    def expect(self, tag: str) -> Any:
-        line = self.stdout.next()
-        if line is None or not line.startswith(tag + " "):
-            self.kill()
-            raise AssertionError(f"expected {tag}, got {line!r}; stderr: {self.stderr.rest(5)}")
-        return json.loads(line[len(tag) + 1:])
-
     def ask(self, command: str, tag: str) -> Any:
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
+        self.tell(command)
         return self.expect(tag)
 
     def scope(self) -> Any:
@@ -260,11 +251,6 @@ class Scoped:
             self.process.stdin.close()
             self.process.wait(STEP_TIMEOUT)
         return "\n".join(self.stderr.rest())
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture
