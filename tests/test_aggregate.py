@@ -16,7 +16,8 @@ import pytest
 
 import dtrace
 from dtrace.tools import aggregate, interpreter, runner
-from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool
+from tracing import (STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool,
+                     workload_body)
 
 #: Recursion, a generator, exceptions, methods, and four threads calling them at once.
 BODY = """
@@ -132,14 +133,8 @@ def test_flame_counted_in_the_process_equals_per_event(workload_dir):
     assert sum(int(calls) for (name, calls), n in frames[0].items() if name == "countdown" for _ in range(n)) == 800
 
 
-COUNTDOWN = """
-    def countdown(n):
-        return 0 if n == 0 else countdown(n - 1)
-
-    def run(result):
-        for _ in range(30):
-            countdown(9)
-"""
+#: 300 calls of countdown(), one of run() (tests/workloads/countdown.py).
+COUNTDOWN = workload_body("countdown")
 
 
 def countdowns(tool: ToolRun) -> int:

@@ -18,7 +18,8 @@ import pytest
 import dtrace
 from dtrace.tools import TOOLS, interpreter
 from dtrace.tools.flame import TIMES as FLAME_TIMES
-from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
+from tracing import (STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool,
+                     workload_body)
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -174,14 +175,8 @@ def test_calls_through_c_counts_a_recursive_function_exactly(workload_dir):
     assert done.stdout.splitlines()[0].split() == ["CALLS", "FUNCTION", "FILE"]
 
 
-COUNTDOWN = """
-    def countdown(n):
-        return 0 if n == 0 else countdown(n - 1)
-
-    def run(result):
-        for _ in range(30):
-            countdown(9)
-"""
+#: 300 calls of countdown(), one of run() (tests/workloads/countdown.py).
+COUNTDOWN = workload_body("countdown")
 
 
 @pytest.mark.parametrize("mode", MODES)

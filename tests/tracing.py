@@ -595,10 +595,17 @@ def trace_with_tool(body: str, args: list[str], probes: list[str], directory: Pa
 
 # --- Busy processes (workloads/busy.py), and what ends them -----------------------------------
 
+#: The programs and workload modules that tests (and benches/attach_latency.py) share.
+WORKLOADS = Path(__file__).resolve().parent / "workloads"
 #: The busy-process program. Run by path, not imported: it runs under the interpreter under test,
 #: which may have no pydtrace-rs and not this directory on its path (benches/attach_latency.py
 #: runs it so too).
-BUSY = Path(__file__).resolve().parent / "workloads" / "busy.py"
+BUSY = WORKLOADS / "busy.py"
+
+
+def workload_body(name: str) -> str:
+    """The text of the workload module ``workloads/NAME.py``, as a :class:`Workload`'s body."""
+    return (WORKLOADS / f"{name}.py").read_text()
 
 
 class BusyProcess(Speaker):
