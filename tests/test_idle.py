@@ -199,36 +199,31 @@ def assert_idle(window: dict[str, Any], *, tool_claimed: bool) -> None:
     assert gil == 0, f"the watcher took the GIL {gil} times in {polls} idle polls"
 
 
-def attached_run(directory: Path, program: str, probes: list[str]) -> tuple[IdleRun, dict, dict, dict, dict]:
+def attached_run(directory: Path, program: str, probes: list[str],
+                 cleanup: tracing.Cleanup) -> tuple[IdleRun, dict, dict, dict, dict]:
     """Idle, attach ``program``, let the workload run, detach, idle again."""
     tracing.require_tracer()
-    run = IdleRun(directory, probes)
-    tracer = tracing.Bpftrace(program, run.ready["pid"], run.ready["library"])
-    try:
-        before = run.expect("BEFORE")
-        tracer.start()
-        run.tell("go")
-        live = run.expect("LIVE")
-        maps = tracer.stop()
-        run.tell("detached")
-        after = run.expect("AFTER")
-        run.process.stdin.close()
-        assert run.process.wait(tracing.STEP_TIMEOUT) == 0, run.stderr.rest()
-    finally:
-        tracer.kill()
-        run.kill()
+    run = cleanup.ends(IdleRun(directory, probes))
+    tracer = cleanup.ends(tracing.Bpftrace(program, run.ready["pid"], run.ready["library"]))
+    before = run.expect("BEFORE")
+    tracer.start()
+    run.tell("go")
+    live = run.expect("LIVE")
+    maps = tracer.stop()
+    run.tell("detached")
+    after = run.expect("AFTER")
+    run.process.stdin.close()
+    assert run.process.wait(tracing.STEP_TIMEOUT) == 0, run.stderr.rest()
     return run, before, live, after, maps
 
 
-def test_nothing_is_hooked_before_any_consumer(workload_dir):
+def test_nothing_is_hooked_before_any_consumer(workload_dir, cleanup):
     """Needs no tracer: armed, never attached, nothing of ours in the interpreter."""
-    run = IdleRun(workload_dir, ["function-entry"])
-    try:
-        assert run.ready["armed"], "importing dtrace did not arm the probes"
-        assert run.ready["control_seen"] == 1, "the audit-hook detector did not see its control hook"
-        before = run.expect("BEFORE")
-    finally:
-        run.kill()
+    run = cleanup.ends(IdleRun(workload_dir, ["function-entry"]))
+    assert run.ready["armed"], "importing dtrace did not arm the probes"
+    assert run.ready["control_seen"] == 1, "the audit-hook detector did not see its control hook"
+    before = run.expect("BEFORE")
+    run.kill()
     assert_idle(before, tool_claimed=False)
     # Not even once: arming starts from what is hooked in (nothing), so the watcher never
     # needed the GIL before a consumer came.
@@ -242,9 +237,9 @@ usdt:{lib}:python:line { @line = count(); }
 """
 
 
-def test_idle_again_after_a_code_consumer_detaches(workload_dir):
+def test_idle_again_after_a_code_consumer_detaches(workload_dir, cleanup):
     _, before, live, after, maps = attached_run(
-        workload_dir, CODE_PROGRAM, ["function-entry", "function-return", "line"])
+        workload_dir, CODE_PROGRAM, ["function-entry", "function-return", "line"], cleanup)
     assert_idle(before, tool_claimed=False)
     assert set(live["enabled"]) >= {"function-entry", "function-return", "line"}, live
     assert live["tool"] is not None and live["events"][live["tool"]] != 0, live
@@ -260,8 +255,8 @@ usdt:{lib}:python:gc__done { @done = count(); }
 """
 
 
-def test_gc_probes_set_no_code_events(workload_dir):
-    _, before, live, after, maps = attached_run(workload_dir, GC_PROGRAM, ["gc-start", "gc-done"])
+def test_gc_probes_set_no_code_events(workload_dir, cleanup):
+    _, before, live, after, maps = attached_run(workload_dir, GC_PROGRAM, ["gc-start", "gc-done"], cleanup)
     assert_idle(before, tool_claimed=False)
     assert sorted(live["enabled"]) == ["gc-done", "gc-start"], live
     assert live["events"] == [0] * 6, f"only gc probes are attached, yet code events are set: {live}"
@@ -282,7 +277,7 @@ usdt:{lib}:python:instance__delete__start { @delete = count(); }
 """
 
 
-def test_idle_again_after_an_instance_consumer_detaches(workload_dir):
+def test_idle_again_after_an_instance_consumer_detaches(workload_dir, cleanup):
     """The positive control of the slot check: while instance-delete is enabled, Python classes
     have our deallocator and type.__init__ our hook; after the consumer leaves, none."""
     import dtrace
@@ -290,7 +285,7 @@ def test_idle_again_after_an_instance_consumer_detaches(workload_dir):
     if not {"instance-new-start", "instance-delete-start"} <= dtrace._native.ARMABLE_PROBES:
         pytest.skip("the instance probes are not armable in this build")
     _, before, live, after, maps = attached_run(
-        workload_dir, INSTANCE_PROGRAM, ["instance-new-start", "instance-delete-start"])
+        workload_dir, INSTANCE_PROGRAM, ["instance-new-start", "instance-delete-start"], cleanup)
     assert_idle(before, tool_claimed=False)
     assert live["slots"]["patched_deallocs"] > 0 and live["slots"]["type_init_ours"], live["slots"]
     assert maps.get("@new", 0) >= 200 and maps.get("@delete", 0) >= 200, maps
@@ -303,7 +298,7 @@ usdt:{lib}:python:cfunction__return { @return = count(); }
 """
 
 
-def test_idle_again_after_a_cfunction_consumer_detaches(workload_dir):
+def test_idle_again_after_a_cfunction_consumer_detaches(workload_dir, cleanup):
     """The C function probes switch on CALL (sys.monitoring keeps C_RETURN and C_RAISE with it)
     and nothing else; after the consumer leaves, no event, and their name cache is empty."""
     import dtrace
@@ -311,7 +306,7 @@ def test_idle_again_after_a_cfunction_consumer_detaches(workload_dir):
     if "cfunction-entry" not in dtrace._native.ARMABLE_PROBES:
         pytest.skip("the C function probes are not armable in this build")
     _, before, live, after, maps = attached_run(
-        workload_dir, CFUNCTION_PROGRAM, ["cfunction-entry", "cfunction-return"])
+        workload_dir, CFUNCTION_PROGRAM, ["cfunction-entry", "cfunction-return"], cleanup)
     assert_idle(before, tool_claimed=False)
     assert sorted(live["enabled"]) == ["cfunction-entry", "cfunction-return"], live
     call = 16  # sys.monitoring.events.CALL: get_events() shows C_RETURN and C_RAISE folded into it
@@ -331,26 +326,26 @@ usdt:{lib}:python:import__find__load__start { @start = count(); }
 """
 
 
-def test_idle_again_after_an_import_consumer_detaches(workload_dir):
+def test_idle_again_after_an_import_consumer_detaches(workload_dir, cleanup):
     import dtrace
 
     if "import-find-load-start" not in dtrace._native.ARMABLE_PROBES:
         pytest.skip("the import probes are not armable in this build")
-    _, before, live, after, maps = attached_run(workload_dir, IMPORT_PROGRAM, ["import-find-load-start"])
+    _, before, live, after, maps = attached_run(workload_dir, IMPORT_PROGRAM, ["import-find-load-start"], cleanup)
     assert_idle(before, tool_claimed=False)
     assert not live["find_and_load_original"], live
     assert maps.get("@start", 0) >= 2, maps
     assert_idle(after, tool_claimed=False)
 
 
-def test_an_audit_hook_is_added_only_for_an_audit_consumer(workload_dir):
+def test_an_audit_hook_is_added_only_for_an_audit_consumer(workload_dir, cleanup):
     """The positive side of the audit guard: the hook appears exactly when a consumer enables
     ``audit`` (once: it cannot be removed, docs/decisions.md, 4), and the detector sees it."""
     import dtrace
 
     if "audit" not in dtrace._native.ARMABLE_PROBES:
         pytest.skip("the audit probe is not armable in this build: nothing adds an audit hook")
-    _, before, live, after, maps = attached_run(workload_dir, AUDIT_PROGRAM, ["audit"])
+    _, before, live, after, maps = attached_run(workload_dir, AUDIT_PROGRAM, ["audit"], cleanup)
     assert_idle(before, tool_claimed=False)
     assert live["hooks_added"] == 1, f"enabling audit should add exactly one audit hook: {live}"
     assert maps.get("@audit", 0) > 0, maps

@@ -1,15 +1,16 @@
 """``-p PID --inject``: loading the probes into a Python process that never imported dtrace.
 
-Each workload here runs without pydtrace-rs loaded, in one of the shapes a user finds a process
-in (tests/workloads/busy.py): busy in Python with threads, blocked in C (``time.sleep`` in the main thread), the main thread
-waiting on a lock while threads run, an idle asyncio server. The test runs the real tool,
-``python -m dtrace calls -p PID --inject``, which injects ``import dtrace`` through gdb (3.12,
-3.13) or ``sys.remote_exec`` (3.14 and later: :data:`VIA`, checked for in the tool's messages) and traces; once its "Tracing ..." line is out, the workload is asked for a marked phase,
-which first waits until the probes are live in it (``dtrace.wait_for_consumer``, from the module
-the tool loaded) and then calls ``marked()`` a known number of times: the tool's count must be
-exact. The workload also reports what the injection must not have changed (its ``__main__``
-names, ``sys.path``, ``sys.last_exc``), and shows that it keeps running correctly after: sleeps
-last as long as asked, threads keep computing right, the server keeps answering.
+Each workload here runs without pydtrace-rs loaded, in one of the shapes a user finds a process in
+(tests/workloads/busy.py): busy in Python with threads, blocked in C (``time.sleep`` in the main
+thread), the main thread waiting on a lock while threads run, an idle asyncio server. The test
+runs the real tool, ``python -m dtrace calls -p PID --inject``, which injects ``import dtrace``
+through gdb (3.12, 3.13) or ``sys.remote_exec`` (3.14 and later: :data:`VIA`, checked for in the
+tool's messages) and traces; once its "Tracing ..." line is out, the workload is asked for a
+marked phase, which first waits until the probes are live in it (``dtrace.wait_for_consumer``,
+from the module the tool loaded) and then calls ``marked()`` a known number of times: the tool's
+count must be exact. The workload also reports what the injection must not have changed (its
+``__main__`` names, ``sys.path``, ``sys.last_exc``), and shows that it keeps running correctly
+after: sleeps last as long as asked, threads keep computing right, the server keeps answering.
 
 Then the failures: not Python, too old, free-threaded, ptrace refused, no terminal, a main thread
 that never reaches a safe point, a process that exits during the injection, a signal handler

@@ -396,9 +396,8 @@ class Bpftrace:
         return self.maps
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if hasattr(self, "process"):
+            end(self.process)
         self._release()
 
     def _release(self) -> None:
@@ -527,9 +526,8 @@ class ToolRun:
         self.code = self.process.wait(STEP_TIMEOUT)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if hasattr(self, "process"):
+            end(self.process)
 
 
 def children(pid: int) -> list[int]:
