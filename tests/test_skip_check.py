@@ -24,7 +24,8 @@ import pytest
 
 
 def test_allowed():
-    pytest.skip("the audit probe is not armable in this build: nothing adds an audit hook")
+    pytest.skip("the per-event tools on an interpreter that declares function__entry itself (bpftrace 0.17 "
+                "refuses their programs there)")
 
 
 def test_no_readelf():
@@ -59,7 +60,8 @@ def test_a_skip_off_the_allow_list_fails_under_require_tracer(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     summary = done.stdout.strip().splitlines()[-1]
     assert summary.startswith("1 failed, 1 passed, 1 skipped, 1 error"), done.stdout
-    assert "SKIPPED [1] test_skips.py:6: the audit probe is not armable in this build" in done.stdout, done.stdout
+    assert "SKIPPED [1] test_skips.py:6: the per-event tools on an interpreter that declares function__entry" \
+        in done.stdout, done.stdout
     for test, reason in (("test_no_readelf", "readelf (binutils) is not installed"),
                          ("test_no_gdb", "gdb is not installed")):
         assert f"test_skips.py::{test} skipped: {reason}; PYDTRACE_REQUIRE_TRACER=1 makes a skip that is not on " \
