@@ -16,8 +16,8 @@ import pytest
 
 import dtrace
 from dtrace.tools import aggregate, interpreter, runner
-from tracing import (STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool,
-                     workload_body)
+from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool
+from tracing import workload_body
 
 #: Recursion, a generator, exceptions, methods, and four threads calling them at once.
 BODY = """
@@ -201,7 +201,7 @@ def test_a_fork_while_counting_leaves_the_parents_count_exact(workload_dir):
     assert countdowns(tool) == 300  # the parent's: the child's (and what it inherited) are not
 
 
-def test_a_consumer_by_hand_gets_the_counts_without_asking(workload_dir):
+def test_a_consumer_by_hand_gets_the_counts_without_asking(workload_dir, cleanup):
     # The periodic flush (every second) reports what was gathered: the program ends by itself once
     # it has seen all 300 calls, without a flush request.
     require_tracer()
@@ -219,23 +219,19 @@ def test_a_consumer_by_hand_gets_the_counts_without_asking(workload_dir):
             @dropped = @dropped + arg1;
         }
     """
-    workload = Workload(COUNTDOWN, ["aggregate-calls"], workload_dir)
+    workload = cleanup.ends(Workload(COUNTDOWN, ["aggregate-calls"], workload_dir))
     workload.start()
-    tracer = Bpftrace(textwrap.dedent(program), workload.pid, workload.library)
-    try:
-        tracer.start()
-        workload.go()
-        workload.wait_result()
-        tracer.process.wait(aggregate.FLUSH_TIMEOUT)  # exit() within a flush period or so
-        maps = tracer.stop()
-        assert workload.finish() == 0, workload.stderr_text
-    finally:
-        tracer.kill()
-        workload.kill()
+    tracer = cleanup.ends(Bpftrace(textwrap.dedent(program), workload.pid, workload.library))
+    tracer.start()
+    workload.go()
+    workload.wait_result()
+    tracer.process.wait(aggregate.FLUSH_TIMEOUT)  # exit() within a flush period or so
+    maps = tracer.stop()
+    assert workload.finish() == 0, workload.stderr_text
     assert maps["@n"] == 300 and maps.get("@dropped", 0) == 0, maps
 
 
-def test_a_flush_request_while_nothing_aggregates_is_answered_empty(workload_dir):
+def test_a_flush_request_while_nothing_aggregates_is_answered_empty(workload_dir, cleanup):
     require_tracer()
     program = """
         usdt:{lib}:python:aggregate__flush
@@ -245,26 +241,21 @@ def test_a_flush_request_while_nothing_aggregates_is_answered_empty(workload_dir
             exit();
         }
     """ % os.getpid()
-    workload = Workload(COUNTDOWN, ["aggregate-flush"], workload_dir)
+    workload = cleanup.ends(Workload(COUNTDOWN, ["aggregate-flush"], workload_dir))
     workload.start()
-    tracer = Bpftrace(textwrap.dedent(program), workload.pid, workload.library)
-    try:
-        tracer.start()
-        workload.go()
-        workload.wait_result()
-        flusher = aggregate.Flusher(workload.pid, runner.probe_object(workload.pid))
-        try:
-            assert flusher.request()
-            tracer.process.wait(STEP_TIMEOUT)  # the answer came: the program exited
-            # The watcher took the request: its slot is free again.
-            assert os.pread(flusher.fd, 4 * aggregate.SLOTS, flusher.address) == bytes(4 * aggregate.SLOTS)
-        finally:
-            flusher.close()
-        tracer.stop()
-        assert workload.finish() == 0, workload.stderr_text
-    finally:
-        tracer.kill()
-        workload.kill()
+    tracer = cleanup.ends(Bpftrace(textwrap.dedent(program), workload.pid, workload.library))
+    tracer.start()
+    workload.go()
+    workload.wait_result()
+    flusher = aggregate.Flusher(workload.pid, runner.probe_object(workload.pid))
+    cleanup.callback(flusher.close)
+    assert flusher.request()
+    tracer.process.wait(STEP_TIMEOUT)  # the answer came: the program exited
+    # The watcher took the request: its slot is free again.
+    assert os.pread(flusher.fd, 4 * aggregate.SLOTS, flusher.address) == bytes(4 * aggregate.SLOTS)
+    flusher.close()
+    tracer.stop()
+    assert workload.finish() == 0, workload.stderr_text
     assert tracer.printed == [f"flush {os.getpid()} 0\n"]
     assert workload.idle["aggregate"] == [0, 0, 0], workload.idle
 

@@ -47,8 +47,8 @@ import pytest
 import dtrace
 from dtrace.tools import inject
 from dtrace.tools.tracers import ToolError
-from tracing import (REQUIRE_TRACER, STEP_TIMEOUT, BusyProcess, Cleanup, Lines, ToolRun, clean_environment, require,
-                     require_tracer, run_tool, tool_command)
+from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
+from tracing import BusyProcess, Cleanup, clean_environment
 
 #: How many calls of marked() the phase makes.
 MARKED_CALLS = 1500

@@ -570,28 +570,21 @@ os._exit(0)  # at once, the tool still reading
 """
 
 
-def test_where_on_a_process_that_exits_mid_trace_reports_and_ends(workload_dir):
+def test_where_on_a_process_that_exits_mid_trace_reports_and_ends(workload_dir, cleanup):
     """The process exits right after its calls: the tool ends by itself with what it read, every
     frame named (read at first sight) or marked, never a crash."""
     require_tracer()
     script = workload_dir / "exiting.py"
     script.write_text(textwrap.dedent(EXITING))
-    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True, env=PLAIN_ENV)
-    tool = None
-    try:
-        pid = int(process.stdout.readline())
-        tool = ToolRun(["where", "connect"], pid, stop_signal=None)
-        tool.start()
-        process.stdin.write("go\n")
-        process.stdin.flush()
-        assert process.wait(STEP_TIMEOUT) == 0
-        tool.stop()  # it ends with the process
-    finally:
-        if tool is not None:
-            tool.kill()
-        process.kill()
-        process.wait()
+    process = cleanup.popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=PLAIN_ENV)
+    pid = int(process.stdout.readline())
+    tool = cleanup.ends(ToolRun(["where", "connect"], pid, stop_signal=None))
+    tool.start()
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    assert process.wait(STEP_TIMEOUT) == 0
+    tool.stop()  # it ends with the process
     assert tool.code == 0, tool.stderr
     assert tool.stdout.startswith("connect(): 2 calls from 1 Python stacks"), tool.stdout
     (stack, count), = stacks_of(tool.stdout).items()

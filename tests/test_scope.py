@@ -31,8 +31,8 @@ import dtrace
 from dtrace.tools import pyprocess
 from dtrace.tools import scope as tool_scope
 from dtrace.tools.tracers import ToolError
-from tracing import (STEP_TIMEOUT, Speaker, ToolRun, clean_environment, require_tracer, run_tool, trace,
-                     trace_with_tool)
+from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
+from tracing import Speaker, clean_environment
 
 native = dtrace._native
 

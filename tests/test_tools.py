@@ -18,8 +18,8 @@ import pytest
 import dtrace
 from dtrace.tools import TOOLS, interpreter
 from dtrace.tools.flame import TIMES as FLAME_TIMES
-from tracing import (STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool,
-                     workload_body)
+from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
+from tracing import workload_body
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -535,27 +535,20 @@ sys.stdin.readline()
 """
 
 
-def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(workload_dir):
+def test_where_through_p_shows_the_frame_that_was_running_when_tracing_began(workload_dir, cleanup):
     """Code at module level, attached with -p: its <module> frame was entered long before tracing
     began; the line probe's file and function (arg0, arg3) show it, marked as such."""
     require_tracer()
     script = write(workload_dir, MODULE_LEVEL, "module_level.py")
-    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True)
-    tool = None
-    try:
-        pid = int(process.stdout.readline())
-        tool = ToolRun(["where", "connect", "--trace-calls"], pid)
-        tool.start()
-        process.stdin.write("go\n")
-        process.stdin.flush()
-        assert process.stdout.readline() == "done\n"
-        tool.stop()
-    finally:
-        if tool is not None:
-            tool.kill()
-        process.kill()
-        process.wait()
+    process = cleanup.popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    pid = int(process.stdout.readline())
+    tool = cleanup.ends(ToolRun(["where", "connect", "--trace-calls"], pid))
+    tool.start()
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    assert process.stdout.readline() == "done\n"
+    tool.stop()
     assert tool.code == 0, tool.stderr
     place = f"{script}:{line_of(script, '# connect at module level')}"
     assert tool.stdout.splitlines()[:3] == [
