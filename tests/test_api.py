@@ -179,10 +179,10 @@ def test_the_watcher_takes_no_gil_while_nothing_changes():
     result = run_python(
         """
         import time, dtrace
-        polls, taken, _ = dtrace._native.watcher_stats()
-        while dtrace._native.watcher_stats()[0] < polls + 5:  # five more reads of the semaphores
+        polls, taken, _ = dtrace._native._testing.watcher_stats()
+        while dtrace._native._testing.watcher_stats()[0] < polls + 5:  # five more reads of the semaphores
             time.sleep(0.01)
-        print(dtrace._native.watcher_stats()[1] - taken)
+        print(dtrace._native._testing.watcher_stats()[1] - taken)
         """
     )
     assert result.returncode == 0, result.stderr
@@ -212,8 +212,8 @@ def test_an_internal_error_switches_the_probe_off_and_warns_once():
         assert dtrace.wait_for_consumer("line", timeout=10)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            dtrace._native.report_internal_error("line", "test failure")
-            dtrace._native.report_internal_error("line", "test failure again")
+            dtrace._native._testing.report_internal_error("line", "test failure")
+            dtrace._native._testing.report_internal_error("line", "test failure again")
         print(len(caught), caught[0].category.__name__, caught[0].message)
         deadline = time.monotonic() + 10
         while "line" in dtrace.enabled_probes() and time.monotonic() < deadline:
@@ -230,7 +230,7 @@ def test_an_internal_error_under_warnings_as_errors_is_printed_not_raised():
     result = run_python(
         """
         import dtrace
-        dtrace._native.report_internal_error("gc-start", "test failure")
+        dtrace._native._testing.report_internal_error("gc-start", "test failure")
         print("still running")
         """,
         PYTHONWARNINGS="error",
