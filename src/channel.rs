@@ -57,12 +57,16 @@
 //! may name probes, a scope, or both; it is acknowledged once both are in
 //! force (the probes armed).
 //!
+//! A lease may also name a Unix socket, one `follow:PATH` line: while it
+//! is held, the processes this one starts report to that tool (`-p PID
+//! --children`, see `follow`). One lease at a time may: another is refused.
+//!
 //! This module reads the slots and writes the answers; it reads a lease's
-//! text with `grammar` and reaches down to `probes` and `faults` only. What
-//! a poll finds is a [`Proposal`] that the watcher hands, with the probes it
-//! wants armed, to a thread with the GIL, which puts the scope in force
-//! (`scope`), publishes it here ([`publish`]) and acknowledges the leases
-//! ([`acknowledge`]).
+//! text with `grammar`, tells `follow` which socket the leases name, and
+//! reaches down to `probes` and `faults` otherwise. What a poll finds is a
+//! [`Proposal`] that the watcher hands, with the probes it wants armed, to a
+//! thread with the GIL, which puts the scope in force (`scope`), publishes
+//! it here ([`publish`]) and acknowledges the leases ([`acknowledge`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -449,7 +453,10 @@ pub fn poll() -> Option<Proposal> {
         };
         // A refused scope is tracked too, so that the slot is freed if its
         // tool dies without clearing it.
-        let accepted = match text.and_then(|text| Lease::parse(&text)) {
+        let accepted = match text
+            .and_then(|text| Lease::parse(&text))
+            .and_then(|lease| one_follower(&watch, index, lease))
+        {
             Ok(accepted) => {
                 acks.push(ack);
                 changed = true;
@@ -457,7 +464,10 @@ pub fn poll() -> Option<Proposal> {
             }
             Err(err) => {
                 write_ack(&ack, STATUS_REFUSED, &format!("refused: {err}"));
-                warning = Some(format!("the scope from tool {pid}: {err}"));
+                if !matches!(err, ScopeError::Follow(_)) {
+                    // (Two tools that both follow children is the tools' business, not the program's.)
+                    warning = Some(format!("the scope from tool {pid}: {err}"));
+                }
                 None
             }
         };
@@ -479,6 +489,7 @@ pub fn poll() -> Option<Proposal> {
     LEASES.store(requests().any(|r| r.scope.is_some()), Ordering::Release);
     let probes = requests().fold(ProbeSet::EMPTY, |set, r| set.union(r.probes));
     LEASED_PROBES.store(probes.bits(), Ordering::Release);
+    crate::follow::want(requests().find_map(|r| r.follow.clone()));
     if changed || warning.is_some() || !acks.is_empty() {
         let change = changed.then(|| effective(&watch));
         return Some(Proposal {
@@ -532,6 +543,24 @@ fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, ScopeErro
     Some((text, hash))
 }
 
+/// `request`, unless it names a socket while another slot's lease does: the
+/// environment names one socket, so one tool at a time follows children.
+fn one_follower(watch: &Watch, index: usize, request: Lease) -> Result<Lease, ScopeError> {
+    if request.follow.is_none() {
+        return Ok(request);
+    }
+    let other = watch.slots.iter().enumerate().find_map(|(i, tracked)| {
+        let tracked = tracked.as_ref().filter(|_| i != index)?;
+        tracked.asked.as_ref()?.follow.as_ref().map(|_| tracked.pid)
+    });
+    match other {
+        Some(pid) => Err(ScopeError::Follow(format!(
+            "tool {pid} follows the children of this process already (one tool at a time)"
+        ))),
+        None => Ok(request),
+    }
+}
+
 /// A forked child does not inherit its parent's leases (the tools leased
 /// the parent): the slots are freed and the base scope comes back at the
 /// child's first poll: returns the change to hand over when the parent's
@@ -549,6 +578,7 @@ pub fn after_fork_child() -> Option<Proposal> {
     TRACKING.store(false, Ordering::Relaxed);
     LEASES.store(false, Ordering::Release);
     LEASED_PROBES.store(0, Ordering::Release);
+    crate::follow::after_fork_child();
     SEEN_DOORBELL.store(
         channel().doorbell.load(Ordering::Acquire),
         Ordering::Relaxed,

@@ -8,7 +8,8 @@
 //! `module:NAME`, `file:GLOB`, or without a prefix, a file glob if it holds
 //! `/`, `*`, `?`, `[`, `\` or `<`, otherwise a module name. A lease's text
 //! (written by a tool into the channel) is a scope plus `probe:NAME` entries
-//! naming the probes the tool asks for ([`Lease`]). docs/scope.md has the
+//! naming the probes the tool asks for and a `follow:PATH` entry naming the
+//! socket its children report to ([`Lease`]). docs/scope.md has the
 //! rules a user sees; which code a scope covers is [`Scope::covers`].
 //!
 //! Reaches down to `probes` only (probe names); `scope` and `channel` use it.
@@ -45,6 +46,8 @@ pub enum ScopeError {
     NotUtf8,
     /// A lease's `probe:NAME` names no probe of the provider.
     Probe(String),
+    /// A lease's `follow:PATH` is malformed, or another lease follows already.
+    Follow(String),
 }
 
 impl fmt::Display for ScopeError {
@@ -61,6 +64,7 @@ impl fmt::Display for ScopeError {
             }
             ScopeError::NotUtf8 => write!(f, "the scope is not UTF-8 text"),
             ScopeError::Probe(name) => write!(f, "provider python has no probe {name:?}"),
+            ScopeError::Follow(why) => write!(f, "follow: {why}"),
         }
     }
 }
@@ -188,36 +192,59 @@ fn check_module_name(name: &str) -> Result<(), ScopeError> {
     Ok(())
 }
 
-/// What a lease asks for: a scope (`None`: the lease sets none), probes, or both.
+/// What a lease asks for: a scope (`None`: the lease sets none), probes, the
+/// socket where this process's children report (`follow`), or several.
 #[derive(Debug)]
 pub struct Lease {
     pub scope: Option<Arc<Scope>>,
     pub probes: ProbeSet,
+    pub follow: Option<String>,
 }
 
 impl Lease {
-    /// Parses a lease's text: its `probe:NAME` entries, and the rest as a
-    /// scope; well formed, and asking for something.
+    /// Parses a lease's text: its `probe:NAME` entries, its `follow:PATH`
+    /// entry, and the rest as a scope; well formed, and asking for something.
     pub fn parse(text: &str) -> Result<Lease, ScopeError> {
-        let (probe_lines, scope_lines): (Vec<&str>, Vec<&str>) = text
-            .split([',', '\n'])
-            .map(str::trim)
-            .partition(|entry| entry.starts_with("probe:"));
-        let names: Vec<&str> = probe_lines
-            .iter()
-            .map(|e| e["probe:".len()..].trim())
-            .collect();
+        let mut names = Vec::new();
+        let mut follow = None;
+        let mut scope_lines = Vec::new();
+        for entry in text.split([',', '\n']).map(str::trim) {
+            if let Some(name) = entry.strip_prefix("probe:") {
+                names.push(name.trim());
+            } else if let Some(path) = entry.strip_prefix("follow:") {
+                follow = Some(follow_path(path.trim(), follow.is_some())?);
+            } else {
+                scope_lines.push(entry);
+            }
+        }
         let probes =
             ProbeSet::from_names(&names).map_err(|unknown| ScopeError::Probe(unknown.0))?;
         let scope = Scope::parse(&scope_lines.join("\n"))?;
-        if scope.is_empty() && probes.is_empty() {
+        if scope.is_empty() && probes.is_empty() && follow.is_none() {
             return Err(ScopeError::Empty);
         }
         Ok(Lease {
             scope: (!scope.is_empty()).then(|| Arc::new(scope)),
             probes,
+            follow,
         })
     }
+}
+
+/// A `follow:PATH` entry's socket path: absolute, without a NUL (it goes into
+/// the environment), and the lease's only one.
+fn follow_path(path: &str, again: bool) -> Result<String, ScopeError> {
+    if again {
+        return Err(ScopeError::Follow(
+            "a lease names one socket at most".into(),
+        ));
+    }
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(ScopeError::Follow(format!(
+            "{path:?} is not an absolute path"
+        )));
+    }
+    Ok(path.to_owned())
 }
 
 #[cfg(test)]
@@ -261,5 +288,14 @@ mod tests {
             Lease::parse("probe:nope,app").unwrap_err(),
             ScopeError::Probe("nope".into())
         );
+        let follow = Lease::parse("follow: /run/t.sock").unwrap();
+        assert_eq!(follow.follow.as_deref(), Some("/run/t.sock"));
+        assert!(follow.scope.is_none() && follow.probes.is_empty());
+        for bad in ["follow:t.sock", "follow:/a\nfollow:/b"] {
+            assert!(
+                matches!(Lease::parse(bad), Err(ScopeError::Follow(_))),
+                "{bad}"
+            );
+        }
     }
 }

@@ -45,8 +45,8 @@
 //! seen initialised, a refusal means finalization, and the thread ends.
 //!
 //! The top of the crate below `testing` and `lib`: reaches down to
-//! `channel`, `interpreter`, `arming`, `scope`, `grammar`, `names`,
-//! `aggregate`, `enablement`, `error`, `faults` and `probes`.
+//! `channel`, `follow`, `interpreter`, `arming`, `scope`, `grammar`,
+//! `names`, `aggregate`, `enablement`, `error`, `faults` and `probes`.
 
 use std::ffi::c_void;
 use std::os::raw::c_int;
@@ -383,11 +383,12 @@ fn watch(control: &Control, mut named: u8) {
             named = origin;
         }
         // A tool's scope or probe request (or the end of its lease): applied with the GIL too,
-        // also when a proposal of an earlier poll is still waiting.
+        // also when a proposal of an earlier poll is still waiting; and the environment a
+        // `follow:PATH` lease asks for.
         if let Some(proposal) = channel::poll() {
             propose(proposal);
         }
-        let scope_changed = PROPOSAL_WAITING.load(Ordering::Acquire);
+        let scope_changed = PROPOSAL_WAITING.load(Ordering::Acquire) || crate::follow::waiting();
         // A probe the interpreter declares too is left to it while a consumer
         // has the interpreter's own on (one event, one firing: `interpreter`),
         // unless a tool asked for ours through the channel.
@@ -558,6 +559,7 @@ fn apply_requested(py: Python<'_>) -> bool {
         faults::report_arming_error(py, &err.to_string());
     }
     aggregate::flush_pending(py);
+    crate::follow::apply(py); // -p --children: the environment, before the lease is acknowledged
     channel::acknowledge(&acks);
     let mut handoff = handoff();
     handoff.applied = handoff.applied.max(request);

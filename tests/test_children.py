@@ -3,6 +3,7 @@ exact counts per process; and what the tool says without it."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -128,10 +129,212 @@ def test_without_children_the_tool_says_how_many_ran_untraced(tmp_path):
                      done.stderr), done.stderr
 
 
-def test_children_with_p_is_a_usage_error():
-    done = run_tool("calls", "--children", "-p", "1")
-    assert done.returncode == 2, done.stderr
-    assert "--children follows the processes of a command" in done.stderr
+#: A running process (traced with -p --children) that starts, once the tool's probes are live, a
+#: multiprocessing pool by fork and one by spawn (10 calls of work() each) and a `python -c` (3 calls).
+RUNNING = """\
+import multiprocessing as mp, os, subprocess, sys
+
+def work(n):
+    return n * 2
+
+def run(result):
+    result["follow"] = [os.environ.get("PYDTRACE_FOLLOW"), os.environ.get("PYDTRACE")]
+    for method in ("fork", "spawn"):
+        with mp.get_context(method).Pool(2) as pool:
+            result[method] = sum(pool.map(work, range(10), chunksize=1))
+    subprocess.run([sys.executable, "-c", "import workload; [workload.work(i) for i in range(3)]"],
+                   cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+"""
+
+#: A process outside the traced tree that maps the same probe object and knows the tool's socket.
+OUTSIDER = """\
+import os, dtrace, workload
+for i in range(5):
+    workload.work(i)
+print(os.getpid(), sorted(dtrace.enabled_probes()))
+"""
+
+
+def trace_running(tmp_path: Path, args: list[str], env: dict[str, str] | None = None):
+    """``python -m dtrace ARGS --children -p PID`` on a process that runs RUNNING once the tool's probes
+    are live in it (the two-sided handshake), and, meanwhile, a process outside its tree that reports to the
+    same socket (OUTSIDER), and a second tool that asks to follow the same process's children. Returns the
+    workload (exited), the tool (stopped with SIGINT) and the outsider's PID."""
+    from tracing import ToolRun, Workload
+
+    require_tracer()
+    workload = Workload(RUNNING, ["function-entry"], tmp_path, env=env or {})
+    workload.start()
+    tool = ToolRun([*args, "--children"], workload.pid)
+    try:
+        tool.start()
+        workload.go()
+        result = workload.wait_result()
+        assert (result["fork"], result["spawn"]) == (90, 90)
+        socket_path, flag = result["follow"]
+        assert flag == "1" and socket_path and socket_path.endswith("/socket"), result
+        outsider = subprocess.run([sys.executable, "-c", OUTSIDER], cwd=tmp_path, capture_output=True, text=True,
+                                  env={**os.environ, "PYDTRACE": "1", "PYDTRACE_FOLLOW": socket_path}, timeout=60)
+        assert outsider.returncode == 0, outsider.stderr
+        outsider_pid, enabled = outsider.stdout.split(" ", 1)
+        assert enabled.strip() == "[]", outsider.stdout  # no tracer attached to it
+        # One tool at a time follows a process's children: the environment names one socket.
+        second = run_tool("calls", "--children", "-p", str(workload.pid))
+        assert second.returncode == 1, second.stderr
+        assert "follows the children of this process already" in second.stderr, second.stderr
+        tool.stop()
+        assert tool.code == 0, tool.stderr
+        assert workload.finish() == 0, workload.stderr_text
+        assert "Warning" not in workload.stderr_text, workload.stderr_text  # the refusal was the tool's only
+    finally:
+        tool.kill()
+        workload.kill()
+    return workload, tool, int(outsider_pid)
+
+
+def test_p_children_traces_what_a_running_process_starts_from_then_on(tmp_path):
+    """-p PID --children: the pools' workers (fork and spawn) and a subprocess, each traced from its first
+    line with exact counts; a process outside the tree that reports to the same socket is neither traced
+    nor given probes; a second tool cannot follow the same process's children; and the process's
+    environment is as it was once the tool has ended."""
+    workload, tool, outsider = trace_running(tmp_path, ["calls", "-n", "0"])
+    found = sections(tool.stdout)
+    process = [title for title in found if title.endswith(", the process")]
+    assert len(process) == 1 and process[0].startswith(f"PID {workload.pid} "), found.keys()
+    assert calls_of(found[process[0]], "work", "workload.py") == 0
+    pids = {int(title.split()[1]) for title in found if "a child process" in title}
+    assert outsider not in pids, found.keys()
+    assert len(pids) >= 5, found.keys()  # two workers per pool and the subprocess (and spawn's helpers)
+    assert sum(calls_of(found[title], "work", "workload.py") for title in found) == 23, tool.stdout
+    # Taken back: as the process had them before the tool came, in os.environ and in the C environment.
+    before = os.environ.get("PYDTRACE")
+    assert workload.idle["follow_environment"] == {"PYDTRACE": [before, before],
+                                                   "PYDTRACE_FOLLOW": [None, None]}, workload.idle
+
+
+def test_run_p_children_gives_each_new_process_a_tracer(tmp_path):
+    """run -p PID --children, on a process that had PYDTRACE_FOLLOW already (a -c command's child, say):
+    exact counts per process, and that value back once the tool has ended."""
+    earlier = str(tmp_path / "an-earlier-tool" / "socket")
+    program = 'usdt::python:function__entry /str(arg3) == "work"/ { @work[pid] = count(); }'
+    workload, tool, outsider = trace_running(tmp_path, ["run", "-e", program], env={"PYDTRACE_FOLLOW": earlier})
+    counts = {int(pid): int(n) for pid, n in re.findall(r"^@work\[(\d+)\]: (\d+)$", tool.stdout, re.M)}
+    assert sum(counts.values()) == 23 and workload.pid not in counts and outsider not in counts, tool.stdout
+    assert len(counts) >= 3, tool.stdout  # a worker of each pool at least, and the subprocess
+    before = os.environ.get("PYDTRACE")
+    assert workload.idle["follow_environment"] == {"PYDTRACE": [before, before],
+                                                   "PYDTRACE_FOLLOW": [earlier, earlier]}, workload.idle
+
+
+#: A process that says, once its environment names a tool's socket or no longer does (as asked on its
+#: stdin: "set" or "unset"), what its environment holds.
+WATCHED = """\
+import json, os, sys, time
+import dtrace
+
+print(os.getpid(), flush=True)
+for line in sys.stdin:
+    deadline = time.monotonic() + 60
+    while (os.environ.get("PYDTRACE_FOLLOW") is None) == (line.strip() == "set") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    print(json.dumps({name: [os.environ.get(name), dtrace._native.getenv(name)]
+                      for name in ("PYDTRACE", "PYDTRACE_FOLLOW")}), flush=True)
+"""
+
+
+def test_p_children_environment_comes_back_when_the_tool_is_killed(tmp_path):
+    """A tool killed with SIGKILL cannot give its lease back: the process notices that its holder has gone
+    and takes the variables back all the same, exactly as they were."""
+    import json
+    import signal
+
+    from tracing import Lines, ToolRun
+
+    require_tracer()
+    script = tmp_path / "watched.py"
+    script.write_text(WATCHED)
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYDTRACE": "yes"})
+    lines = Lines(process.stdout, "the process")
+    tool = ToolRun(["calls", "--children"], int(lines.next()), stop_signal=signal.SIGKILL)
+    try:
+        tool.start()
+        process.stdin.write("set\n")
+        process.stdin.flush()
+        during = json.loads(lines.next())
+        assert during["PYDTRACE"] == ["1", "1"], during
+        assert during["PYDTRACE_FOLLOW"][0] == during["PYDTRACE_FOLLOW"][1] is not None, during
+        tool.stop()
+        assert tool.code == -signal.SIGKILL
+        process.stdin.write("unset\n")
+        process.stdin.flush()
+        after = json.loads(lines.next())
+        assert after == {"PYDTRACE": ["yes", "yes"], "PYDTRACE_FOLLOW": [None, None]}, after
+    finally:
+        tool.kill()
+        process.kill()
+        process.wait()
+
+
+#: A process of another user whose child, started once the tool follows, calls work() 4 times.
+OTHER_USER = """\
+import json, os, subprocess, sys
+import dtrace
+
+print(os.getpid(), flush=True)
+sys.stdin.readline()
+path = os.environ["PYDTRACE_FOLLOW"]
+info = os.stat(path)
+subprocess.run([sys.executable, "-c", "work = lambda: None; [work() for _ in range(4)]"], check=True)
+print(json.dumps([info.st_uid, info.st_mode & 0o777, os.stat(os.path.dirname(path)).st_mode & 0o777]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_p_children_of_another_users_process():
+    """A tool run as root on another user's process: that user's children can report (the socket is
+    theirs, mode 0600, in the tool's directory, mode 0711), and are traced with exact counts."""
+    import json
+
+    from tracing import Lines, ToolRun
+
+    require_tracer()
+    nobody = 65534
+
+    def as_nobody() -> None:
+        os.setgid(nobody)
+        os.setuid(nobody)
+
+    try:
+        runnable = os.geteuid() == 0 and subprocess.run([sys.executable, "-c", "import dtrace"], cwd="/",
+                                                        preexec_fn=as_nobody, capture_output=True).returncode == 0
+    except PermissionError:
+        runnable = False
+    if not runnable:
+        pytest.skip("needs root, and an interpreter and dtrace that user nobody can run (a pyenv one under /root "
+                    "is not)")
+    # In one line (its command line heads its section), from no file (user nobody cannot read tmp_path).
+    process = subprocess.Popen([sys.executable, "-c", f"exec({OTHER_USER!r})"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, preexec_fn=as_nobody, cwd="/")
+    lines = Lines(process.stdout, "the process")
+    tool = ToolRun(["calls", "-n", "0", "--children"], int(lines.next()))
+    try:
+        tool.start()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert json.loads(lines.next()) == [nobody, 0o600, 0o711]
+        tool.stop()
+        assert tool.code == 0, tool.stderr
+        process.stdin.write("done\n")
+        process.stdin.flush()
+        assert process.wait(60) == 0
+    finally:
+        tool.kill()
+        process.kill()
+        process.wait()
+    found = sections(tool.stdout)
+    child = [text for title, text in found.items() if "a child process" in title]
+    assert len(child) == 1 and calls_of(child[0], "<lambda>", "<string>") == 4, tool.stdout
 
 
 def test_a_variable_in_c_gets_a_hint_about_env():

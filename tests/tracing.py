@@ -172,6 +172,9 @@ def main():
         "cfunction_cache": dtrace._native._testing.cfunction_cache_stats()[0],
         # (what is gathered, code objects with unreported counts, call-tree nodes)
         "aggregate": list(dtrace._native._testing.aggregate_stats()),
+        # What a tool's -p --children lease put into the environment and took back (os.environ, C).
+        "follow_environment": {name: [os.environ.get(name), dtrace._native.getenv(name)]
+                               for name in ("PYDTRACE", "PYDTRACE_FOLLOW")},
     })
 
 

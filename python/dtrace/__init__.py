@@ -165,12 +165,9 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
+    _native.set_follow_hook(_follow_children)
     if _native.getenv(_FOLLOW_VARIABLE):
-        from dtrace._startup import follow_tool
-
-        # Under a tool's --children: a process forked from this one reports to the tool before
-        # its own code runs (after the hook above has restarted its watcher).
-        _os.register_at_fork(after_in_child=follow_tool)
+        _watch_forks()
     if _native.getenv(_STARTUP_VARIABLE):
         from dtrace._startup import wait_for_tool
 
@@ -197,6 +194,56 @@ _STARTUP_VARIABLE = "PYDTRACE_STARTUP"
 #: Set by a tool for the command it starts: the path of the tool's socket where every Python
 #: process of the command's tree reports (dtrace/tools/children.py).
 _FOLLOW_VARIABLE = "PYDTRACE_FOLLOW"
+#: What the environment held before a tool's ``-p PID --children`` lease put its socket there:
+#: {variable: value, or None where it was not set}; None while no such lease is held.
+_follow_saved: dict[str, str | None] | None = None
+#: Whether the fork hook that reports forked children is registered (once per process).
+_forks_watched = False
+
+
+def _follow_children(path: str | None) -> None:
+    """A tool's ``-p PID --children`` lease came (``path``: its socket) or went (None): from
+    then on the processes this one starts report to it, as a ``-c`` command's do, through
+    ``PYDTRACE_FOLLOW`` and ``PYDTRACE=1`` in ``os.environ`` and the C environment (which
+    ``os.environ`` keeps in step); when it goes, both are as they were. Called by the watcher's
+    hand-off with the GIL (src/follow.rs): no import, no I/O."""
+    global _follow_saved
+    environ = _os.environ
+    if path is not None:
+        if _follow_saved is None:
+            _follow_saved = {name: environ.get(name) for name in ("PYDTRACE", _FOLLOW_VARIABLE)}
+        environ["PYDTRACE"] = "1"
+        environ[_FOLLOW_VARIABLE] = path
+        _watch_forks()
+    elif _follow_saved is not None:
+        for name, value in _follow_saved.items():
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
+        _follow_saved = None
+
+
+def _watch_forks() -> None:
+    """Registers (once) the fork hook that makes a forked child report to the tool that follows
+    this process's children, while one does."""
+    global _forks_watched
+    if not _forks_watched:
+        _forks_watched = True
+        # After the native hook registered at arming, which restarts the child's watcher.
+        _os.register_at_fork(after_in_child=_report_forked)
+
+
+def _report_forked() -> None:
+    """In a forked child: report to the tool that ``PYDTRACE_FOLLOW`` names, if any, before any
+    of the child's own code runs. What the child inherited stays in its environment (its own
+    children report too); a lease on the parent is not the child's to undo."""
+    global _follow_saved
+    _follow_saved = None
+    if _native.getenv(_FOLLOW_VARIABLE):
+        from dtrace._startup import follow_tool
+
+        follow_tool()
 
 
 

@@ -255,10 +255,15 @@ class Tool:
                 follower.close()
                 raise
             follower.start(target.pid)
-        elif not probes and pystack.uses_walk(program):
+        elif not probes and pystack.uses_walk(program) and not options.children:
             target = runner.attach_any(options.pid)  # the walk needs no probe: any Python process
         else:
             target = runner.attach(options.pid, options.inject, options.gdb)
+            if options.children:
+                # -p --children: the process's children report here once the lease names the socket.
+                follower = children.follow_running(
+                    target.pid,
+                    lambda child: self._follow(child, options, tracer, program, probes, scope_text, out))
         try:
             return self._run_target(options, tracer, program, probes, scope_text, target, follower, out)
         finally:
@@ -277,8 +282,10 @@ class Tool:
             if target.held:
                 target.stop()
             raise
-        # In force before the tracer attaches, so no out-of-scope event reaches it.
-        lease = scope.open_session(options, target, scope_text, asked)
+        # In force before the tracer attaches, so no out-of-scope event reaches it. With -p --children
+        # the lease also names the follower's socket (a -c command has it in its environment).
+        follow = follower.path if follower is not None and target.process is None else None
+        lease = scope.open_session(options, target, scope_text, asked, follow=follow)
         env = tracer.environment(self.strlen, options.max_keys or self.max_keys, self.streaming)
         aggregated = self.aggregated(options, tracer.dialect)
         arguments = self.aggregate_arguments(target) if aggregated else self.arguments(target)
@@ -459,7 +466,7 @@ class Tool:
             # The command's own section; its children's come as they end.
             for thread in list(self._children):
                 thread.join()
-            out.write(f"\n=== {described}, the command\n")
+            out.write(f"\n=== {described}, {'the command' if target.process is not None else 'the process'}\n")
         if not intervals or (any(maps.get(name) for name in self.maps) and not ended_by_duration):
             self.report(maps, options, out, "at exit" if intervals else None, session)
         self.finish(options, out, session)

@@ -26,6 +26,15 @@ which that process waits.
 
 The tool checks who reports: the connecting process's PID (``SO_PEERCRED``)
 must be the PID it reports, and a descendant of the command.
+
+With ``-p PID`` (:func:`follow_running`) the process runs already: the tool's
+lease on its scope channel names the socket (a ``follow:PATH`` line,
+dtrace/tools/scope.py), and while the lease is held the process has
+``PYDTRACE_FOLLOW`` and ``PYDTRACE=1`` in its environment and reports each
+child it forks (src/follow.rs); when the lease ends, its environment is as it
+was. Its children started before that are not followed. The socket is made
+connectable for the process's user where it is not the tool's (a tool run as
+root on another user's process), and for nobody else.
 """
 
 from __future__ import annotations
@@ -34,11 +43,13 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 from typing import Callable
 
 from dtrace.tools import runner
+from dtrace.tools.tracers import ToolError
 
 #: The variable that names the tool's socket in the traced command's environment.
 VARIABLE = "PYDTRACE_FOLLOW"
@@ -88,6 +99,20 @@ class Follower:
     def environment(self) -> dict[str, str]:
         """What the command's environment gets."""
         return {VARIABLE: self.path}
+
+    def admit(self, pid: int) -> None:
+        """Let the processes of ``pid``'s user connect, where that is not this tool's user (the
+        directory stays this user's and unlistable; the socket becomes that user's, mode 0600)."""
+        uid = os.stat(f"/proc/{pid}").st_uid
+        if uid == os.geteuid():
+            return
+        try:
+            os.chown(self.path, uid, -1)
+            os.chmod(self.path, 0o600)
+            os.chmod(self.directory, 0o711)
+        except OSError as error:
+            raise ToolError(f"cannot let process {pid}'s user (UID {uid}) report its children to "
+                            f"this tool: {error.strerror or error}") from None
 
     def start(self, root: int) -> None:
         """Accept reports from the descendants of process ``root`` from now on."""
@@ -147,3 +172,20 @@ class Follower:
     def untraced(self) -> list[int]:
         with self._lock:
             return [pid for pid, traced in self.reported if not traced]
+
+
+def follow_running(pid: int, on_child: Callable[[runner.Target], None]) -> Follower:
+    """``-p PID --children``: a socket where the processes that ``pid`` starts report, each handed to
+    ``on_child``; its path goes into the tool's lease (``follow:PATH``), which puts it into the
+    process's environment while the tool runs."""
+    if not sys.platform.startswith("linux"):
+        raise ToolError("-p --children needs Linux: the process is told through its scope channel "
+                        "(/proc/PID/mem); start the program with -c --children instead")
+    follower = Follower(True, on_child)
+    try:
+        follower.admit(pid)
+        follower.start(pid)
+    except BaseException:
+        follower.close()
+        raise
+    return follower

@@ -74,9 +74,9 @@ def parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argum
                             help=COMMON_HELP["command"] if tool.needs_target else COMMON_HELP["list-command"])
         if tool.needs_target:
             sub.add_argument("--children", action="store_true",
-                             help="with -c, also trace every Python process the command starts (fork, exec, "
-                                  "multiprocessing, subprocess), each from its first line, in a section of "
-                                  "its own (or with its PID first on each line)")
+                             help="also trace every Python process the command (-c) starts, or the process "
+                                  "(-p) starts from now on (fork, exec, multiprocessing, subprocess), each from "
+                                  "its first line, in a section of its own (or with its PID first on each line)")
         sub.add_argument("--inject", action="store_true",
                          help="with -p, on a Python process that has not loaded the probes: load them without "
                               "asking (runs `import dtrace` in it through gdb, or sys.remote_exec on 3.14+; "

@@ -97,7 +97,8 @@ class Options:
     inject: bool = False
     #: --gdb: the gdb that --inject runs on 3.12 and 3.13 (None: $PYDTRACE_GDB, else gdb on PATH).
     gdb: str | None = None
-    #: --children: trace the Python processes a -c command starts too (dtrace/tools/children.py).
+    #: --children: trace the Python processes a -c command (or a -p process, from now on) starts too
+    #: (dtrace/tools/children.py).
     children: bool = False
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()
@@ -148,9 +149,6 @@ class Options:
             raise UsageError(f"-p {options.pid} is not a process ID: give the PID of a running process")
         if needs_target and not options.script and options.pid is None and not argv:
             raise UsageError("give -p PID or -c COMMAND (or --script)")
-        if options.children and options.pid is not None:
-            raise UsageError("--children follows the processes of a command the tool starts (-c): a running "
-                             "process (-p) cannot be told to report its children; start it with -c")
         if options.startup_timeout <= 0:
             raise UsageError(f"--startup-timeout must be more than 0 seconds, not {options.startup_timeout:g}")
         if options.top < 0:

@@ -241,14 +241,15 @@ examples:
         _, needed = self.prepare(text, tracer.dialect, "/probe-object", marker, args.duration, depth)
         tracer.executable()
         tracer.check_privileges()
-        if not args.argv:
+        if not args.argv and not args.children:
             if not needed:  # only @PYSTACK@: any Python process, nothing injected
                 target = runner.attach_any(args.pid)
             else:
                 target = runner.attach(args.pid, args.inject, args.gdb)
             return self._trace(args, text, depth, tracer, marker, label, scope_text, target, out)
         # The command's Python processes report to the follower: each gets a tracer of its own with
-        # --children, and runs on untraced otherwise (dtrace/tools/children.py).
+        # --children, and runs on untraced otherwise (dtrace/tools/children.py). With -p --children,
+        # those the process starts from now on, told through the lease.
         self._traces: list[Trace] = []
         self._children: list[threading.Thread] = []
 
@@ -259,11 +260,17 @@ examples:
             self._children.append(thread)
             thread.start()
 
-        follower = children.Follower(args.children, follow)
+        if args.argv:
+            follower = children.Follower(args.children, follow)
+        else:
+            target = runner.attach(args.pid, args.inject, args.gdb)
+            follower = children.follow_running(target.pid, follow)
         try:
-            target = runner.start(args.argv, args.startup_timeout, follower.environment())
-            follower.start(target.pid)
-            code = self._trace(args, text, depth, tracer, marker, label, scope_text, target, out)
+            if args.argv:
+                target = runner.start(args.argv, args.startup_timeout, follower.environment())
+                follower.start(target.pid)
+            code = self._trace(args, text, depth, tracer, marker, label, scope_text, target, out,
+                               follow=None if args.argv else follower.path)
             for thread in list(self._children):
                 thread.join()
         finally:
@@ -273,9 +280,11 @@ examples:
                         "--children traces them too, each from its first line")
         return code
 
-    def _trace(self, args, text, depth, tracer, marker, label, scope_text, target, out, child: bool = False) -> int:
+    def _trace(self, args, text, depth, tracer, marker, label, scope_text, target, out, child: bool = False,
+               follow: str | None = None) -> int:
         """One process's trace: the program bound to its probe object (and, for @PYSTACK@, to its
-        frames' layout), its scope, its tracer."""
+        frames' layout), its scope, its tracer; ``follow``: the socket where the processes it starts
+        report (-p --children)."""
         resolver = None
         try:
             program, probes = self.prepare(text, tracer.dialect, target.library, marker, args.duration, depth)
@@ -289,7 +298,7 @@ examples:
                 target.stop()
             raise
         # In force before the tracer attaches, as for the other tools (base.Tool.run).
-        lease = scope.open_session(args, target, scope_text, asked, quiet=child)
+        lease = scope.open_session(args, target, scope_text, asked, quiet=child, follow=follow)
         try:
             trace = Trace(tracer, program, probes, target, marker, label, args, out)
             trace.resolver = resolver

@@ -428,10 +428,11 @@ class Lease:
 
 
 def open_session(args: argparse.Namespace, target: runner.Target, text: str | None,
-                 probes: Sequence[str] = (), quiet: bool = False) -> Lease | None:
+                 probes: Sequence[str] = (), quiet: bool = False, follow: str | None = None) -> Lease | None:
     """Set the session's scope in ``target`` (``text`` from :func:`requested`), ask it to fire
-    ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py), and
-    say what scope is in force.
+    ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py),
+    have the processes it starts report to the socket ``follow`` (``-p PID --children``:
+    dtrace/tools/children.py), and say what scope is in force.
 
     Without a scope of its own, the tool only says so when the process has one in force (best
     effort: nothing is said where the channel cannot be read). On failure a command started by
@@ -440,9 +441,9 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
     if text is None:
         if not quiet:
             _note_scope_in_force(target)
-        if not probes:
+        if not probes and follow is None:
             return None
-    text = "\n".join([text or ""] + [f"probe:{name}" for name in probes]).strip("\n")
+    text = lease_text(text, probes, follow)
     try:
         channel = Channel(target.pid, target.library)
         try:
@@ -461,11 +462,28 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
         published = channel.published()
     except (OSError, ToolError):
         return lease
+    if follow is not None and any(follow in entry for entry in published.entries):
+        # A pydtrace-rs older than the follow: line took it for a file glob.
+        lease.release()
+        raise ToolError(f"the pydtrace-rs in process {target.pid} is older than -p --children: upgrade it "
+                        "(and restart the process), or trace its children by starting it with -c")
     others = [pid for pid in published.tools if pid != os.getpid()]
     if others:
         runner.warn(f"tools {', '.join(map(str, others))} also set scopes in process {target.pid}: while they "
                     f"run, the scope is the union of all: {published.describe()}")
     return lease
+
+
+def lease_text(scope_text: str | None, probes: Sequence[str] = (), follow: str | None = None) -> str:
+    """A lease's text (src/channel.rs reads it): the scope's entries, a ``probe:NAME`` line per probe
+    to fire, and a ``follow:PATH`` line for the socket where the process's children report."""
+    lines = [scope_text or ""] + [f"probe:{name}" for name in probes]
+    if follow is not None:
+        if "," in follow or "\n" in follow or not follow.startswith("/"):
+            raise ToolError(f"the socket path {follow!r} cannot go into a lease (an absolute path without "
+                            "a comma or a newline): set TMPDIR to another directory")
+        lines.append(f"follow:{follow}")
+    return "\n".join(lines).strip("\n")
 
 
 def _read_published(pid: int, library: str | None) -> Published | None:
