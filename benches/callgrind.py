@@ -70,7 +70,7 @@ elif mode == "noop":
     from dtrace import _native
     sys.path.insert(0, {benches!r})
     import child
-    child.register_floor(_native.noop_callback(), w.probes)
+    child.register_floor(_native._testing.noop_callback(), w.probes)
 import ctypes
 measured = ctypes.pythonapi.PyObject_CallObject
 measured.restype = ctypes.py_object
@@ -181,7 +181,7 @@ def modules_imported_by_dtrace(python: str) -> list[str]:
 def watcher_cost(python: str) -> dict[str, Any]:
     """The idle watcher thread's instructions per poll (semaphore read and condvar wait)."""
     code = ("import dtrace, time; time.sleep(0.5); "
-            "print(*dtrace._native.watcher_stats())")
+            "print(*dtrace._native._testing.watcher_stats())")
     counts = _callgrind([python, "-c", code], _env(), [])
     # watcher_stats(): (polls, times the watcher took the GIL, changes handed off to the main thread)
     polls, gil, handed_off = (int(x) for x in str(counts["stdout"]).split()[-3:])

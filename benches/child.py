@@ -62,8 +62,8 @@ def state():
         "dtrace_imported": "dtrace" in sys.modules,
         "armed": bool(native and native.is_armed()),
         "enabled": sorted(native.enabled_probes()) if native else [],
-        "tool": native.monitoring_tool_id() if native else None,
-        "watcher": list(native.watcher_stats()) if native else None,
+        "tool": native._testing.monitoring_tool_id() if native else None,
+        "watcher": list(native._testing.watcher_stats()) if native else None,
         "events": monitoring_events(),
         "tools": [sys.monitoring.get_tool(tool) for tool in range(6)],
         "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
@@ -155,7 +155,7 @@ def main():
         from dtrace import _native
 
         if mode == "noop":
-            callback = _native.noop_callback()
+            callback = _native._testing.noop_callback()
         else:
             import operator
 

@@ -610,7 +610,7 @@ HOW_MEASURED = [
     "(`usdt:INTERPRETER:python:function__entry` with `-p`; the handshake's second side reads the "
     "interpreter's semaphore in the process's memory), with pydtrace attached and the C floor beside it "
     "in the same rounds.",
-    "- The dispatch floor is `dtrace._native.noop_callback()` (a native METH_FASTCALL function that does "
+    "- The dispatch floor is `dtrace._native._testing.noop_callback()` (a native METH_FASTCALL function that does "
     "nothing, the probe callbacks' calling convention) registered for exactly the events the probe "
     "uses, under the same tool id; for gc, appended to `gc.callbacks`.",
     "- Instruction counts: see the callgrind section.",

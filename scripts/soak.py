@@ -73,7 +73,7 @@ for line in sys.stdin:
         import gc
         gc.collect()
         print(json.dumps({"idle": not dtrace.enabled_probes(), "rss_kib": rss_kib(),
-                          "cache": dtrace._native.name_cache_entries()}), flush=True)
+                          "cache": dtrace._native._testing.name_cache_entries()}), flush=True)
 """
 
 PROGRAM = """

@@ -60,13 +60,20 @@
 //! A lease may also name a Unix socket, one `follow:PATH` line: while it
 //! is held, the processes this one starts report to that tool (`-p PID
 //! --children`, see `follow`). One lease at a time may: another is refused.
+//!
+//! This module reads the slots and writes the answers; it reads a lease's
+//! text with `grammar`, tells `follow` which socket the leases name, and
+//! reaches down to `probes` and `faults` otherwise. What a poll finds is a
+//! [`Proposal`] that the watcher hands, with the probes it wants armed, to a
+//! thread with the GIL, which puts the scope in force (`scope`), publishes
+//! it here ([`publish`]) and acknowledges the leases ([`acknowledge`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::faults;
+use crate::grammar::{Lease, Scope, ScopeError};
 use crate::probes::ProbeSet;
-use crate::scope::{self, Proposal, Scope};
 
 pub const SLOTS: usize = 4;
 pub const SLOT_TEXT: usize = 1024;
@@ -247,15 +254,7 @@ struct Tracked {
     holder: Holder,
     /// What the lease asks for; `None` when it was refused (kept so that the
     /// slot is freed when its holder dies without clearing it).
-    asked: Option<Request>,
-}
-
-/// An accepted lease's request: a scope (`None`: the lease sets none), probes,
-/// the socket where this process's children report (`follow`), or several.
-struct Request {
-    scope: Option<Arc<Scope>>,
-    probes: ProbeSet,
-    follow: Option<String>,
+    asked: Option<Lease>,
 }
 
 /// What the watcher knows about the slots.
@@ -309,7 +308,7 @@ fn write_ack(ack: &Ack, status: u32, message: &str) {
     slot.ack_request.store(ack.request, Ordering::Release);
 }
 
-/// Acknowledges leases whose change is in force now (with the GIL, from `scope::apply`).
+/// Acknowledges leases whose change is in force now (with the GIL, from the watcher's hand-off).
 pub fn acknowledge(acks: &[Ack]) {
     for ack in acks {
         write_ack(ack, STATUS_IN_FORCE, "");
@@ -343,17 +342,50 @@ pub fn publish(scope: Option<&Scope>, tools: &[u32], generation: u32) {
         .store(odd.wrapping_add(1), Ordering::Release);
 }
 
+/// The scope the leases make, for the process to put in force.
+pub enum Leased {
+    /// No lease sets a scope: the base scope (`PYDTRACE_SCOPE`) is back.
+    Base,
+    /// The union of the leases' scopes, and the tools whose leases make it.
+    Scope(Arc<Scope>, Vec<u32>),
+}
+
+/// What a poll found for the process to do with the GIL: the watcher hands
+/// it over with the probes it wants armed.
+#[derive(Default)]
+pub struct Proposal {
+    /// The scope to put in force, when it changes.
+    pub change: Option<Leased>,
+    /// Leases to acknowledge once the change is in force (and the probes armed).
+    pub acks: Vec<Ack>,
+    /// A malformed scope to warn about (once per process).
+    pub warning: Option<String>,
+}
+
+impl Proposal {
+    /// Adds a later proposal to one not applied yet: its change and warning
+    /// replace the earlier ones, its acknowledgements come after theirs.
+    pub fn merge(&mut self, later: Proposal) {
+        if later.change.is_some() {
+            self.change = later.change;
+        }
+        self.acks.extend(later.acks);
+        if later.warning.is_some() {
+            self.warning = later.warning;
+        }
+    }
+}
+
 /// One poll of the watcher thread, without the GIL: reads the doorbell, and
 /// when it rang, the slots; checks that the holders of tracked slots still
-/// run. When the scope in force must change (or a refusal be warned about),
-/// proposes it to `scope::apply` and returns true: the watcher then has it
-/// applied with the GIL. Costs two loads while no tool has rung and no slot
-/// is tracked.
-pub fn poll() -> bool {
+/// run. When the scope in force must change (or a lease be acknowledged, or
+/// a refusal be warned about), returns what to apply with the GIL. Costs two
+/// loads while no tool has rung and no slot is tracked.
+pub fn poll() -> Option<Proposal> {
     let bell = channel().doorbell.load(Ordering::Acquire);
     let rang = bell != SEEN_DOORBELL.load(Ordering::Relaxed);
     if !rang && !TRACKING.load(Ordering::Relaxed) {
-        return scope::proposal_waiting();
+        return None;
     }
     SEEN_DOORBELL.store(bell, Ordering::Relaxed);
     let mut watch = watch();
@@ -421,7 +453,10 @@ pub fn poll() -> bool {
         };
         // A refused scope is tracked too, so that the slot is freed if its
         // tool dies without clearing it.
-        let accepted = match parse_lease(text).and_then(|r| one_follower(&watch, index, r)) {
+        let accepted = match text
+            .and_then(|text| Lease::parse(&text))
+            .and_then(|lease| one_follower(&watch, index, lease))
+        {
             Ok(accepted) => {
                 acks.push(ack);
                 changed = true;
@@ -429,7 +464,7 @@ pub fn poll() -> bool {
             }
             Err(err) => {
                 write_ack(&ack, STATUS_REFUSED, &format!("refused: {err}"));
-                if !matches!(err, scope::ScopeError::Follow(_)) {
+                if !matches!(err, ScopeError::Follow(_)) {
                     // (Two tools that both follow children is the tools' business, not the program's.)
                     warning = Some(format!("the scope from tool {pid}: {err}"));
                 }
@@ -457,18 +492,17 @@ pub fn poll() -> bool {
     crate::follow::want(requests().find_map(|r| r.follow.clone()));
     if changed || warning.is_some() || !acks.is_empty() {
         let change = changed.then(|| effective(&watch));
-        scope::propose(Proposal {
+        return Some(Proposal {
             change,
             acks,
             warning,
         });
     }
-    drop(watch);
-    scope::proposal_waiting()
+    None
 }
 
 /// The scope the leases make (their union), or the base scope without any.
-fn effective(watch: &Watch) -> (Option<Arc<Scope>>, Vec<u32>) {
+fn effective(watch: &Watch) -> Leased {
     let mut union: Option<Scope> = None;
     let mut tools = Vec::new();
     for tracked in watch.slots.iter().flatten() {
@@ -481,18 +515,18 @@ fn effective(watch: &Watch) -> (Option<Arc<Scope>>, Vec<u32>) {
         }
     }
     match union {
-        Some(scope) => (Some(Arc::new(scope)), tools),
-        None => (scope::base(), Vec::new()),
+        Some(scope) => Leased::Scope(Arc::new(scope), tools),
+        None => Leased::Base,
     }
 }
 
 /// A slot's text and its hash, read consistently (the request number did
 /// not change meanwhile); `None` while a tool is writing it.
-fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, scope::ScopeError>, u64)> {
+fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, ScopeError>, u64)> {
     let len = slot.text_len.load(Ordering::Acquire) as usize;
     if len > SLOT_TEXT {
         return Some((
-            Err(scope::ScopeError::TooLong {
+            Err(ScopeError::TooLong {
                 len,
                 limit: SLOT_TEXT,
             }),
@@ -505,62 +539,13 @@ fn read_slot_text(slot: &Slot, request: u32) -> Option<(Result<String, scope::Sc
         return None;
     }
     let hash = fnv1a(&bytes);
-    let text = String::from_utf8(bytes).map_err(|_| scope::ScopeError::NotUtf8);
+    let text = String::from_utf8(bytes).map_err(|_| ScopeError::NotUtf8);
     Some((text, hash))
-}
-
-/// A lease's request: its `probe:NAME` lines, its `follow:PATH` line, and
-/// the rest as a scope; well formed, and asking for something.
-fn parse_lease(text: Result<String, scope::ScopeError>) -> Result<Request, scope::ScopeError> {
-    let text = text?;
-    let mut names = Vec::new();
-    let mut follow = None;
-    let mut scope_lines = Vec::new();
-    for entry in text.split([',', '\n']).map(str::trim) {
-        if let Some(name) = entry.strip_prefix("probe:") {
-            names.push(name.trim());
-        } else if let Some(path) = entry.strip_prefix("follow:") {
-            follow = Some(follow_path(path.trim(), follow.is_some())?);
-        } else {
-            scope_lines.push(entry);
-        }
-    }
-    let probes =
-        ProbeSet::from_names(&names).map_err(|unknown| scope::ScopeError::Probe(unknown.0))?;
-    let scope = Scope::parse(&scope_lines.join("\n"))?;
-    if scope.is_empty() && probes.is_empty() && follow.is_none() {
-        return Err(scope::ScopeError::Empty);
-    }
-    Ok(Request {
-        scope: (!scope.is_empty()).then(|| Arc::new(scope)),
-        probes,
-        follow,
-    })
-}
-
-/// A `follow:PATH` line's socket path: absolute, without a NUL (it goes into
-/// the environment), and the lease's only one.
-fn follow_path(path: &str, again: bool) -> Result<String, scope::ScopeError> {
-    if again {
-        return Err(scope::ScopeError::Follow(
-            "a lease names one socket at most".into(),
-        ));
-    }
-    if !path.starts_with('/') || path.contains('\0') {
-        return Err(scope::ScopeError::Follow(format!(
-            "{path:?} is not an absolute path"
-        )));
-    }
-    Ok(path.to_owned())
 }
 
 /// `request`, unless it names a socket while another slot's lease does: the
 /// environment names one socket, so one tool at a time follows children.
-fn one_follower(
-    watch: &Watch,
-    index: usize,
-    request: Request,
-) -> Result<Request, scope::ScopeError> {
+fn one_follower(watch: &Watch, index: usize, request: Lease) -> Result<Lease, ScopeError> {
     if request.follow.is_none() {
         return Ok(request);
     }
@@ -569,7 +554,7 @@ fn one_follower(
         tracked.asked.as_ref()?.follow.as_ref().map(|_| tracked.pid)
     });
     match other {
-        Some(pid) => Err(scope::ScopeError::Follow(format!(
+        Some(pid) => Err(ScopeError::Follow(format!(
             "tool {pid} follows the children of this process already (one tool at a time)"
         ))),
         None => Ok(request),
@@ -578,8 +563,10 @@ fn one_follower(
 
 /// A forked child does not inherit its parent's leases (the tools leased
 /// the parent): the slots are freed and the base scope comes back at the
-/// child's first poll. Called in the child, before its watcher starts.
-pub fn after_fork_child() {
+/// child's first poll: returns the change to hand over when the parent's
+/// leases set a scope or asked for probes. Called in the child, before its
+/// watcher starts.
+pub fn after_fork_child() -> Option<Proposal> {
     let mut watch = watch();
     let mut had_lease = false;
     for (index, tracked) in watch.slots.iter_mut().enumerate() {
@@ -596,12 +583,10 @@ pub fn after_fork_child() {
         channel().doorbell.load(Ordering::Acquire),
         Ordering::Relaxed,
     );
-    if had_lease {
-        scope::propose(Proposal {
-            change: Some((scope::base(), Vec::new())),
-            ..Proposal::default()
-        });
-    }
+    had_lease.then(|| Proposal {
+        change: Some(Leased::Base),
+        ..Proposal::default()
+    })
 }
 
 // --- the lease holder -----------------------------------------------------------

@@ -7,7 +7,7 @@
 //! exec when it imports dtrace at start-up, one forked in its
 //! `os.register_at_fork` hook (`dtrace/_startup.py`). A running process is
 //! told the same through the scope channel: a lease line `follow:PATH`
-//! (parsed with the rest of the lease, `channel::parse_lease`). While such a
+//! (parsed with the rest of the lease, `grammar::Lease`). While such a
 //! lease is held, the process has both variables in its environment, in
 //! `os.environ` and the C environment alike, so that `os.exec*`,
 //! `subprocess` and multiprocessing's spawn and forkserver pass them on, and
@@ -27,6 +27,9 @@
 //! One tool at a time follows a process's children: a second lease naming
 //! a socket while one does is refused (`channel`), since the environment
 //! can name one socket only.
+//!
+//! Reaches down to `faults` only; `channel` tells it which socket the leases
+//! name, `watcher` has it applied in the hand-off.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

@@ -13,7 +13,14 @@
 //! probe (and the channel's doorbell) every 20 ms.
 //!
 //! This module is the thin PyO3 layer over that; the public API is the
-//! Python package `dtrace`, which documents it.
+//! Python package `dtrace`, which documents it. The hooks of tests,
+//! benchmarks and diagnostics are in the submodule `_native._testing`
+//! (`testing`), built on first use.
+//!
+//! The modules, each reaching only down this list (docs/internals.md):
+//! `probes`, `faults`, `error`, `enablement`, `aggregate`, `names`,
+//! `grammar`, `scope`, `instances`, `cfunctions`, `callbacks`, `arming`,
+//! `interpreter`, `follow`, `channel`, `watcher`; then `testing` and this one.
 
 mod aggregate;
 mod arming;
@@ -24,11 +31,13 @@ mod enablement;
 mod error;
 mod faults;
 mod follow;
+mod grammar;
 mod instances;
 mod interpreter;
 mod names;
 mod probes;
 mod scope;
+mod testing;
 mod watcher;
 
 /// build.rs's code generation, compiled here only for its unit tests.
@@ -97,25 +106,13 @@ mod _native {
             arm,
             scope,
             parse_scope,
-            scope_covers,
-            scope_stats,
-            scope_channel_layout,
             set_origin,
             is_armed,
-            noop_callback,
-            watcher_stats,
-            report_internal_error,
-            name_cache_entries,
-            cfunction_cache_stats,
-            hooked_classes,
-            monitoring_tool_id,
             before_fork,
             after_fork_parent,
             set_follow_hook,
             after_fork_child,
             at_exit,
-            aggregate_flush,
-            aggregate_stats,
             getenv,
         );
         m.setattr("__all__", all)?;
@@ -145,7 +142,8 @@ mod _native {
 
     /// The module's `__getattr__` (PEP 562): builds each of `LAZY_CONSTANTS` on first use and
     /// keeps it in the module, since `import dtrace` needs none of them and building them at
-    /// import cost about 50 thousand instructions (BENCHMARKS.md).
+    /// import cost about 50 thousand instructions (BENCHMARKS.md). The submodule `_testing`
+    /// (`testing`) is built the same way.
     #[pyfunction]
     #[pyo3(pass_module, name = "__getattr__")]
     fn module_getattr<'py>(m: &Bound<'py, PyModule>, name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -158,6 +156,8 @@ mod _native {
                 .into_any(),
             "ARMABLE_PROBES" => frozenset(py, arming::ARMABLE)?.into_any(),
             "UNSUPPORTED_PROBES" => arming::unsupported().into_py_dict(py)?.into_any(),
+            // Not in `__all__`: the hooks of tests and benchmarks (`testing`).
+            "_testing" => testing::module(py, "dtrace._native._testing")?.into_any(),
             _ => {
                 return Err(PyAttributeError::new_err(format!(
                     "module 'dtrace._native' has no attribute '{name}'"
@@ -265,7 +265,7 @@ mod _native {
     fn arm(py: Python<'_>, force: Vec<String>, scope: Option<&str>) -> PyResult<()> {
         let forced = ProbeSet::from_names(&force)?;
         if let Some(text) = scope {
-            crate::scope::set_base(py, text);
+            watcher::set_base_scope(py, text);
         }
         if probes::backend_available() {
             watcher::start(forced)?;
@@ -285,32 +285,11 @@ mod _native {
     #[pyfunction]
     fn parse_scope(text: &str) -> PyResult<(Vec<String>, Vec<String>)> {
         let parsed =
-            crate::scope::Scope::parse(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            grammar::Scope::parse(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok((
             parsed.modules().to_vec(),
             parsed.files().map(str::to_owned).collect(),
         ))
-    }
-
-    /// Whether the scope `text` covers code run under module names
-    /// `modules` from file `filename` (for tests of the scope rule).
-    #[pyfunction]
-    fn scope_covers(text: &str, modules: Vec<String>, filename: &str) -> PyResult<bool> {
-        let parsed =
-            crate::scope::Scope::parse(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Ok(parsed.covers(&modules, filename))
-    }
-
-    /// (scope verdicts decided, `sys.monitoring.DISABLE`s returned) in this process.
-    #[pyfunction]
-    fn scope_stats() -> (u64, u64) {
-        crate::scope::stats()
-    }
-
-    /// The scope channel's layout (offsets and sizes), for tests of the tool side.
-    #[pyfunction]
-    fn scope_channel_layout() -> Vec<(&'static str, usize)> {
-        channel::layout()
     }
 
     /// Records how the module came into this process: `"gdb"` or
@@ -337,56 +316,6 @@ mod _native {
     #[pyfunction]
     fn is_armed() -> bool {
         watcher::is_running()
-    }
-
-    /// A native callback with the probes' calling convention that does
-    /// nothing: the dispatch floor benchmarks compare the probes with.
-    #[pyfunction]
-    fn noop_callback(py: Python<'_>) -> PyResult<Py<PyAny>> {
-        callbacks::callable(py, callbacks::Hook::Noop, None)
-    }
-
-    /// (times the watcher read the semaphores, times it took the GIL itself,
-    /// times the main thread applied a change for it in a pending call).
-    #[pyfunction]
-    fn watcher_stats() -> (u64, u64, u64) {
-        watcher::stats()
-    }
-
-    /// Reports an internal error of probe `name` as a callback would (for
-    /// tests): the probe is switched off with one RuntimeWarning.
-    #[pyfunction]
-    fn report_internal_error(name: &str, what: &str) -> PyResult<()> {
-        let set = ProbeSet::from_names(&[name])?;
-        for index in set.indices() {
-            faults::report_internal_error(index, what);
-        }
-        Ok(())
-    }
-
-    /// How many code objects carry a name-cache entry now.
-    #[pyfunction]
-    fn name_cache_entries() -> isize {
-        names::live_entries()
-    }
-
-    /// (entries in the C function probes' name cache now, names worked out
-    /// for it so far).
-    #[pyfunction]
-    fn cfunction_cache_stats() -> (isize, usize) {
-        cfunctions::cache_stats()
-    }
-
-    /// How many classes carry the instance-delete hook now.
-    #[pyfunction]
-    fn hooked_classes(py: Python<'_>) -> PyResult<usize> {
-        instances::patched_count(py)
-    }
-
-    /// The `sys.monitoring` tool id the probes hold, if any.
-    #[pyfunction]
-    fn monitoring_tool_id() -> Option<u8> {
-        arming::tool_id()
     }
 
     /// `os.register_at_fork(before=...)`.
@@ -424,26 +353,6 @@ mod _native {
         aggregate::at_exit(py);
     }
 
-    /// Reports what the aggregate probes gathered, now, as a flush that
-    /// `requester` asked for (for tests; tools ask through
-    /// `pydtrace_flush_requests`).
-    #[pyfunction]
-    #[pyo3(signature = (requester=0))]
-    fn aggregate_flush(py: Python<'_>, requester: u32) {
-        let _ = py;
-        // SAFETY: GIL held (`py`).
-        unsafe {
-            aggregate::flush(
-                0,
-                if requester == 0 {
-                    &[]
-                } else {
-                    std::slice::from_ref(&requester)
-                },
-            )
-        };
-    }
-
     /// The environment variable `name` as `os.environ.get(name)` gives it (decoded as
     /// `os.environ` decodes it), or None: read from the C environment, which `os.environ`
     /// keeps in step, without the KeyError that `os.environ.get` raises and catches for a
@@ -451,12 +360,5 @@ mod _native {
     #[pyfunction]
     fn getenv(name: &str) -> Option<std::ffi::OsString> {
         std::env::var_os(name)
-    }
-
-    /// (what is gathered: bits 1 calls, 2 times, 4 lines, 8 the tree; code
-    /// objects with unreported counts; call-tree nodes), for tests.
-    #[pyfunction]
-    fn aggregate_stats(py: Python<'_>) -> (u8, usize, usize) {
-        aggregate::stats(py)
     }
 }

@@ -16,8 +16,13 @@
 //! Offsets are mapped to lines through a table built from `co_lines()` on
 //! the first return or resume event of a code object: a binary search per
 //! event instead of a walk over the location table.
+//!
+//! An entry also holds what other modules keep per code object, as values
+//! they pass in: the scope verdict ([`Verdict`], decided by `scope`) and the
+//! aggregate counts (`aggregate::CodeCounts`). This module reaches down to
+//! `aggregate`, `error` and `faults`, never to `scope`.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::ffi::{c_void, CString};
 use std::os::raw::c_char;
 use std::ptr;
@@ -199,10 +204,42 @@ pub struct CodeNames {
     entry_line: i32,
     /// Built on the first event that needs an offset's line.
     lines: OnceCell<Option<LineTable>>,
-    /// Whether the code is in the scope in force (`scope`), and under which generation.
-    scope: crate::scope::Verdict,
+    /// Whether the code is in the scope in force, and under which generation (`scope` decides).
+    scope: Verdict,
     /// What the aggregate probes gathered for the code since their last flush.
     counts: crate::aggregate::CodeCounts,
+}
+
+/// A yes-or-no decided under a numbered generation, kept in a cache entry:
+/// whether the code object is in the scope in force. `scope` decides it and
+/// numbers the generations (a change of the scope makes a new one); this
+/// module only keeps it. Read and written with the GIL.
+pub struct Verdict {
+    generation: Cell<u32>,
+    allowed: Cell<bool>,
+}
+
+impl Verdict {
+    /// Not decided yet (generation 0, which `scope` never uses).
+    pub const fn new() -> Verdict {
+        Verdict {
+            generation: Cell::new(0),
+            allowed: Cell::new(true),
+        }
+    }
+
+    /// The verdict, if it was decided under `generation`.
+    #[inline(always)]
+    pub fn get(&self, generation: u32) -> Option<bool> {
+        (self.generation.get() == generation).then(|| self.allowed.get())
+    }
+
+    /// Records the verdict decided under `generation`.
+    #[inline(always)]
+    pub fn set(&self, generation: u32, allowed: bool) {
+        self.generation.set(generation);
+        self.allowed.set(allowed);
+    }
 }
 
 impl CodeNames {
@@ -232,7 +269,7 @@ impl CodeNames {
 
     /// The cached scope verdict (see `scope::allows_names`).
     #[inline(always)]
-    pub fn scope_verdict(&self) -> &crate::scope::Verdict {
+    pub fn scope_verdict(&self) -> &Verdict {
         &self.scope
     }
 
@@ -295,7 +332,7 @@ impl CodeNames {
                     first_line,
                     entry_line,
                     lines: OnceCell::new(),
-                    scope: crate::scope::Verdict::new(),
+                    scope: Verdict::new(),
                 })
             };
         for obj in [filename, name, qualname, first_line] {

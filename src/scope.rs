@@ -1,11 +1,14 @@
 //! Scoped tracing: code outside the scope fires no code probe, and after its
 //! first event costs nothing.
 //!
-//! A scope is a list of module names (each covering its submodules) and file
-//! path globs (`glob`). It comes from `PYDTRACE_SCOPE` at start (the *base*
-//! scope), or, for the length of a tool's session, from the tools' channel
-//! (`channel`): while tools hold leases, the scope in force is the union of
-//! their scopes; when the last one leaves, the base scope is back.
+//! A scope (its grammar: `grammar`) comes from `PYDTRACE_SCOPE` at start
+//! (the *base* scope), or, for the length of a tool's session, from the
+//! tools' channel (`channel`): while tools hold leases, the scope in force is
+//! the union of their scopes; when the last one leaves, the base scope is
+//! back. This module keeps the scope in force and decides, per code object,
+//! whether it is covered; it does not know where a scope came from: the
+//! watcher, which reads the channel, hands it the scope to put in force and
+//! publishes the result back into the channel.
 //!
 //! **Which code is in scope.** A code object is in scope when the module name
 //! of the frame that runs it is named by the scope (or is a submodule of a
@@ -18,10 +21,10 @@
 //! scope only through a glob.
 //!
 //! **What is cached.** The verdict is kept per code object in its name-cache
-//! entry ([`Verdict`], in `names::CodeNames`), with the scope generation it
-//! was decided under. Each change of the scope bumps [`GENERATION`], so every
-//! entry is decided again at its next event: one load and one compare per
-//! event otherwise.
+//! entry (`names::Verdict`, which holds it without knowing what it means),
+//! with the scope generation it was decided under. Each change of the scope
+//! bumps [`GENERATION`], so every entry is decided again at its next event:
+//! one load and one compare per event otherwise.
 //!
 //! **Costing nothing.** For code out of scope the callbacks return
 //! `sys.monitoring.DISABLE`, which takes the event out of that code location
@@ -35,201 +38,29 @@
 //! coverage.py's disabled lines call back once more, and it disables them
 //! again), only if anything was disabled since the last restart.
 //!
-//! Applying a change runs with the GIL, from the watcher's hand-off
-//! (`watcher::apply_with_gil`), and does no import or I/O: the scope was
-//! parsed, and the leases checked, by the watcher thread without the GIL.
+//! Putting a scope in force runs with the GIL, from the watcher's hand-off
+//! (`watcher`), and does no import or I/O: the scope was parsed, and the
+//! leases checked, by the watcher thread without the GIL.
+//!
+//! Reaches down to `grammar`, `names` and `faults`; `cfunctions`,
+//! `callbacks`, `arming` and `watcher` use it.
 
-mod glob;
-
-use std::cell::Cell;
 use std::ffi::CStr;
-use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-pub use glob::{Glob, GlobError};
-
-use crate::channel;
 use crate::faults::{self, lock};
+use crate::grammar::Scope;
 use crate::names::CodeNames;
-
-/// A scope: module names and file globs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Scope {
-    modules: Vec<String>,
-    globs: Vec<Glob>,
-}
-
-/// Why a scope's text cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ScopeError {
-    Glob(GlobError),
-    ModuleName {
-        name: String,
-        reason: String,
-    },
-    Empty,
-    TooLong {
-        len: usize,
-        limit: usize,
-    },
-    NotUtf8,
-    /// A lease's `probe:NAME` names no probe of the provider.
-    Probe(String),
-    /// A lease's `follow:PATH` is malformed, or another lease follows already.
-    Follow(String),
-}
-
-impl fmt::Display for ScopeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScopeError::Glob(err) => write!(f, "{err}"),
-            ScopeError::ModuleName { name, reason } => write!(
-                f,
-                "{name:?} is not a module name: {reason} (a file? give it as a file glob)"
-            ),
-            ScopeError::Empty => write!(f, "the scope names no module and no file"),
-            ScopeError::TooLong { len, limit } => {
-                write!(f, "the scope is {len} bytes long; at most {limit} fit")
-            }
-            ScopeError::NotUtf8 => write!(f, "the scope is not UTF-8 text"),
-            ScopeError::Probe(name) => write!(f, "provider python has no probe {name:?}"),
-            ScopeError::Follow(why) => write!(f, "follow: {why}"),
-        }
-    }
-}
-
-impl Scope {
-    /// Parses a scope: entries separated by commas or newlines, each
-    /// `module:NAME`, `file:GLOB`, or without a prefix: a file glob if it
-    /// holds `/`, `*`, `?`, `[`, `\` or `<`, otherwise a module name. Blank
-    /// entries are skipped; a text without entries gives an empty scope.
-    pub fn parse(text: &str) -> Result<Scope, ScopeError> {
-        let mut scope = Scope::default();
-        for entry in text
-            .split([',', '\n'])
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-        {
-            if let Some(name) = entry.strip_prefix("module:") {
-                scope.add_module(name.trim())?;
-            } else if let Some(glob) = entry.strip_prefix("file:") {
-                scope.add_glob(glob.trim())?;
-            } else if entry.contains(['/', '*', '?', '[', '\\', '<']) {
-                scope.add_glob(entry)?;
-            } else {
-                scope.add_module(entry)?;
-            }
-        }
-        Ok(scope)
-    }
-
-    fn add_module(&mut self, name: &str) -> Result<(), ScopeError> {
-        check_module_name(name)?;
-        if !self.modules.iter().any(|m| m == name) {
-            self.modules.push(name.to_owned());
-        }
-        Ok(())
-    }
-
-    fn add_glob(&mut self, text: &str) -> Result<(), ScopeError> {
-        let glob = Glob::new(text).map_err(ScopeError::Glob)?;
-        if !self.globs.iter().any(|g| g.as_str() == text) {
-            self.globs.push(glob);
-        }
-        Ok(())
-    }
-
-    /// Whether the scope names nothing (then it is no scope: everything fires).
-    pub fn is_empty(&self) -> bool {
-        self.modules.is_empty() && self.globs.is_empty()
-    }
-
-    /// The module names.
-    pub fn modules(&self) -> &[String] {
-        &self.modules
-    }
-
-    /// The file globs, as written.
-    pub fn files(&self) -> impl Iterator<Item = &str> {
-        self.globs.iter().map(Glob::as_str)
-    }
-
-    /// Everything of `self` and of `other`.
-    pub fn union(&self, other: &Scope) -> Scope {
-        let mut out = self.clone();
-        for module in &other.modules {
-            if !out.modules.contains(module) {
-                out.modules.push(module.clone());
-            }
-        }
-        for glob in &other.globs {
-            if !out.globs.iter().any(|g| g.as_str() == glob.as_str()) {
-                out.globs.push(glob.clone());
-            }
-        }
-        out
-    }
-
-    /// The scope as text, one prefixed entry per line (what [`Scope::parse`] reads back).
-    pub fn text(&self) -> String {
-        let modules = self.modules.iter().map(|m| format!("module:{m}"));
-        let files = self.files().map(|g| format!("file:{g}"));
-        modules.chain(files).collect::<Vec<_>>().join("\n")
-    }
-
-    /// Whether code whose frames run under module `name` is in scope.
-    fn covers_module(&self, name: &str) -> bool {
-        self.modules.iter().any(|m| {
-            name.strip_prefix(m.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
-        })
-    }
-
-    /// Whether a code object with these module names and filename is in scope.
-    pub fn covers(&self, modules: &[String], filename: &str) -> bool {
-        modules.iter().any(|m| self.covers_module(m))
-            || self.globs.iter().any(|g| g.matches(filename))
-    }
-}
-
-/// A dotted name whose parts are identifiers (Unicode letters, digits and
-/// `_`, not starting with a digit). Whether such a module exists is not
-/// asked: it may be imported later.
-fn check_module_name(name: &str) -> Result<(), ScopeError> {
-    let bad = |reason: &str| {
-        Err(ScopeError::ModuleName {
-            name: name.to_owned(),
-            reason: reason.to_owned(),
-        })
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    for part in name.split('.') {
-        let mut chars = part.chars();
-        match chars.next() {
-            None => return bad("it has an empty part between dots"),
-            Some(c) if !(c == '_' || c.is_alphabetic()) => {
-                return bad("each dotted part must start with a letter or '_'")
-            }
-            _ => {}
-        }
-        if !chars.all(|c| c == '_' || c.is_alphanumeric()) {
-            return bad("each dotted part may hold only letters, digits and '_'");
-        }
-    }
-    Ok(())
-}
 
 // --- the scope in force -----------------------------------------------------
 
 /// The scope generation: bumped at each change of the scope in force; the
 /// verdicts cached under an older one are decided again. Starts at 1, so a
-/// fresh [`Verdict`] (generation 0) is always decided.
+/// fresh `names::Verdict` (generation 0) is always decided.
 static GENERATION: AtomicU32 = AtomicU32::new(1);
 
 /// What is in force now. Changed and read with the GIL held.
@@ -290,19 +121,20 @@ pub fn base() -> Option<Arc<Scope>> {
 }
 
 /// Sets the base scope from `PYDTRACE_SCOPE` (with the GIL, when the probes
-/// are armed). A text that cannot be parsed leaves the scope as it is, with
-/// one warning.
-pub fn set_base(py: Python<'_>, text: &str) {
+/// are armed) and returns it, to be put in force unless leases are held (the
+/// watcher decides). A text that cannot be parsed leaves the scope as it is,
+/// with one warning, and returns `None`.
+pub fn set_base(py: Python<'_>, text: &str) -> Option<Option<Arc<Scope>>> {
     match Scope::parse(text) {
         Ok(scope) => {
             let scope = (!scope.is_empty()).then(|| Arc::new(scope));
             *lock(&BASE) = scope.clone();
-            // Leases, if any, stay in force; the watcher falls back to the new base when they end.
-            if !channel::leases_held() {
-                install(py, scope, Vec::new());
-            }
+            Some(scope)
         }
-        Err(err) => warn_malformed(py, &format!("PYDTRACE_SCOPE={text:?}: {err}")),
+        Err(err) => {
+            warn_malformed(py, &format!("PYDTRACE_SCOPE={text:?}: {err}"));
+            None
+        }
     }
 }
 
@@ -320,22 +152,24 @@ pub fn warn_malformed(py: Python<'_>, what: &str) {
     }
 }
 
-/// Puts `scope` in force, with the GIL, and publishes it in the channel. A
-/// change of the scope bumps the generation and, if anything was disabled
-/// since the last restart, restarts `sys.monitoring`'s events.
-fn install(py: Python<'_>, scope: Option<Arc<Scope>>, tools: Vec<u32>) {
+/// Puts `scope` in force (`None`: every code object fires), made by the
+/// leases of `tools`, with the GIL; returns the scope generation in force
+/// then (for the watcher to publish in the channel). A change of the scope
+/// bumps the generation and, if anything was disabled since the last
+/// restart, restarts `sys.monitoring`'s events.
+pub fn install(py: Python<'_>, scope: Option<Arc<Scope>>, tools: Vec<u32>) -> u32 {
     let changed = {
         let mut in_force = lock(&IN_FORCE);
         let changed = in_force.scope != scope;
-        in_force.scope = scope.clone();
-        in_force.tools = tools.clone();
+        in_force.scope = scope;
+        in_force.tools = tools;
         changed
     };
     if changed {
         GENERATION.fetch_add(1, Ordering::AcqRel);
         restart_if_disabled(py);
     }
-    channel::publish(scope.as_deref(), &tools, GENERATION.load(Ordering::Acquire));
+    GENERATION.load(Ordering::Acquire)
 }
 
 /// Restarts `sys.monitoring`'s events if a callback returned DISABLE since
@@ -377,88 +211,7 @@ pub fn in_force() -> Option<(Vec<String>, Vec<String>, Vec<u32>)> {
     ))
 }
 
-// --- a change from the watcher ----------------------------------------------
-
-/// A change the watcher worked out without the GIL, to apply with it.
-#[derive(Default)]
-pub struct Proposal {
-    /// The scope to put in force, and the tools whose leases made it.
-    pub change: Option<(Option<Arc<Scope>>, Vec<u32>)>,
-    /// Leases to acknowledge once the change is in force.
-    pub acks: Vec<channel::Ack>,
-    /// A malformed scope to warn about (once per process).
-    pub warning: Option<String>,
-}
-
-static PROPOSAL: Mutex<Option<Proposal>> = Mutex::new(None);
-/// Whether [`PROPOSAL`] holds one (read by every poll of the watcher, without a lock).
-static PROPOSAL_WAITING: AtomicBool = AtomicBool::new(false);
-
-/// Hands a change to the next [`apply`]; merges with one not applied yet.
-pub fn propose(proposal: Proposal) {
-    let mut waiting = lock(&PROPOSAL);
-    PROPOSAL_WAITING.store(true, Ordering::Release);
-    match waiting.as_mut() {
-        None => *waiting = Some(proposal),
-        Some(earlier) => {
-            if proposal.change.is_some() {
-                earlier.change = proposal.change;
-            }
-            earlier.acks.extend(proposal.acks);
-            if proposal.warning.is_some() {
-                earlier.warning = proposal.warning;
-            }
-        }
-    }
-}
-
-/// Whether a proposal waits for [`apply`].
-pub fn proposal_waiting() -> bool {
-    PROPOSAL_WAITING.load(Ordering::Acquire)
-}
-
-/// Applies the waiting proposal, if any; with the GIL (the watcher's hand-off).
-/// Returns the leases to acknowledge once the probes they ask for are armed
-/// too (the caller arms, then acknowledges): a tool that saw its
-/// acknowledgement starts its tracer knowing that no out-of-scope event will
-/// come and that the probes it asked for fire.
-#[must_use]
-pub fn apply(py: Python<'_>) -> Vec<channel::Ack> {
-    let proposal = {
-        let mut waiting = lock(&PROPOSAL);
-        PROPOSAL_WAITING.store(false, Ordering::Release);
-        waiting.take()
-    };
-    let Some(proposal) = proposal else {
-        return Vec::new();
-    };
-    if let Some(what) = &proposal.warning {
-        warn_malformed(py, what);
-    }
-    if let Some((scope, tools)) = proposal.change {
-        install(py, scope, tools);
-    }
-    proposal.acks
-}
-
 // --- the per-code-object verdict ---------------------------------------------
-
-/// Whether a code object is in scope, decided under a scope generation; kept
-/// in the code object's name-cache entry. Read and written with the GIL.
-pub struct Verdict {
-    generation: Cell<u32>,
-    allowed: Cell<bool>,
-}
-
-impl Verdict {
-    /// Not decided yet.
-    pub const fn new() -> Verdict {
-        Verdict {
-            generation: Cell::new(0),
-            allowed: Cell::new(true),
-        }
-    }
-}
 
 /// Whether the code object `code`, whose cached names are `names`, may fire
 /// the code probes: decided on its first event under each scope generation,
@@ -469,11 +222,10 @@ impl Verdict {
 #[inline(always)]
 pub unsafe fn allows_names(code: *mut ffi::PyObject, names: &CodeNames) -> bool {
     let generation = GENERATION.load(Ordering::Relaxed);
-    let verdict = names.scope_verdict();
-    if verdict.generation.get() == generation {
-        return verdict.allowed.get();
+    match names.scope_verdict().get(generation) {
+        Some(allowed) => allowed,
+        None => decide(code, names, generation),
     }
-    decide(code, names, generation)
 }
 
 /// A new reference to `sys.monitoring.DISABLE` (None if it could not be
@@ -509,9 +261,7 @@ unsafe fn decide(code: *mut ffi::PyObject, names: &CodeNames, generation: u32) -
             scope.covers(&module_names(code), &filename)
         }
     };
-    let verdict = names.scope_verdict();
-    verdict.generation.set(generation);
-    verdict.allowed.set(allowed);
+    names.scope_verdict().set(generation, allowed);
     allowed
 }
 

@@ -13,8 +13,12 @@
 //! within microseconds while it runs Python. Only when that has not happened
 //! within one poll (the main thread is blocked in C) does this thread take
 //! the GIL itself. Either way the GIL is taken once per change, and arming
-//! does no import or I/O under it. A change of the scope that a tool asks
-//! for through the channel (`channel`, `scope`) is handed over the same way.
+//! does no import or I/O under it. What a tool asks for through the channel
+//! (`channel`: a scope, probes, the end of its lease) travels in the same
+//! hand-off, with the probes to arm: the thread with the GIL puts the scope
+//! in force (`scope`), publishes it in the channel, arms, and then
+//! acknowledges the leases. This module is where the channel and the scope
+//! meet; neither knows the other.
 //!
 //! Two moments need the thread out of the way:
 //! - `os.fork()`: Python 3.12+ warns when a process with other OS threads
@@ -39,6 +43,10 @@
 //! taken up: so the thread attaches without PyO3's check while the
 //! interpreter has never been seen initialised and is not finalizing. Once
 //! seen initialised, a refusal means finalization, and the thread ends.
+//!
+//! The top of the crate below `testing` and `lib`: reaches down to
+//! `channel`, `follow`, `interpreter`, `arming`, `scope`, `grammar`,
+//! `names`, `aggregate`, `enablement`, `error`, `faults` and `probes`.
 
 use std::ffi::c_void;
 use std::os::raw::c_int;
@@ -52,10 +60,11 @@ use pyo3::prelude::*;
 
 use crate::aggregate;
 use crate::arming;
-use crate::channel;
+use crate::channel::{self, Leased, Proposal};
 use crate::enablement;
 use crate::error::Error;
 use crate::faults;
+use crate::grammar::Scope;
 use crate::interpreter;
 use crate::names::interpreter_finalizing;
 use crate::probes::ProbeSet;
@@ -243,7 +252,9 @@ pub fn before_fork(py: Python<'_>) {
 /// parent sees the parent's semaphores until its first probe hit, then the
 /// kernel drops them and the child goes idle).
 pub fn after_fork_child() -> Result<(), Error> {
-    channel::after_fork_child();
+    if let Some(proposal) = channel::after_fork_child() {
+        propose(proposal);
+    }
     if std::mem::take(&mut state().resume_after_fork) {
         start(forced())?;
     }
@@ -371,8 +382,13 @@ fn watch(control: &Control, mut named: u8) {
             name_thread(unsafe { libc::pthread_self() });
             named = origin;
         }
-        // A tool's scope or probe request (or the end of its lease): applied with the GIL too.
-        let scope_changed = channel::poll() || crate::follow::waiting();
+        // A tool's scope or probe request (or the end of its lease): applied with the GIL too,
+        // also when a proposal of an earlier poll is still waiting; and the environment a
+        // `follow:PATH` lease asks for.
+        if let Some(proposal) = channel::poll() {
+            propose(proposal);
+        }
+        let scope_changed = PROPOSAL_WAITING.load(Ordering::Acquire) || crate::follow::waiting();
         // A probe the interpreter declares too is left to it while a consumer
         // has the interpreter's own on (one event, one firing: `interpreter`),
         // unless a tool asked for ours through the channel.
@@ -404,10 +420,13 @@ fn watch(control: &Control, mut named: u8) {
     }
 }
 
-/// One change of the enabled set on its way to a thread with the GIL.
+/// One change of the enabled set, and what the channel asks for, on its way
+/// to a thread with the GIL.
 struct Handoff {
     /// The set to apply, the number of its request, and the last request applied.
     wanted: ProbeSet,
+    /// What the channel asks for, not applied yet (merged across polls).
+    proposal: Option<Proposal>,
     requested: u64,
     applied: u64,
     /// The process that asked: a pending call queued before a fork does not
@@ -417,6 +436,7 @@ struct Handoff {
 
 static HANDOFF: Mutex<Handoff> = Mutex::new(Handoff {
     wanted: ProbeSet::EMPTY,
+    proposal: None,
     requested: 0,
     applied: 0,
     pid: 0,
@@ -428,6 +448,20 @@ static PENDING_QUEUED: AtomicBool = AtomicBool::new(false);
 
 fn handoff() -> MutexGuard<'static, Handoff> {
     faults::lock(&HANDOFF)
+}
+
+/// Whether [`Handoff::proposal`] holds one (read by every poll, without a lock).
+static PROPOSAL_WAITING: AtomicBool = AtomicBool::new(false);
+
+/// Hands what the channel asks for to the next application with the GIL;
+/// merges it with one not applied yet.
+fn propose(proposal: Proposal) {
+    let mut handoff = handoff();
+    PROPOSAL_WAITING.store(true, Ordering::Release);
+    match handoff.proposal.as_mut() {
+        None => handoff.proposal = Some(proposal),
+        Some(earlier) => earlier.merge(proposal),
+    }
 }
 
 /// Whether the interpreter has been seen initialised (`Py_IsInitialized()`)
@@ -509,14 +543,18 @@ fn apply_requested(py: Python<'_>) -> bool {
     if arming::arming_here() {
         return false; // inside arming's own Python code: the outer call finishes first
     }
-    let (wanted, request) = {
-        let handoff = handoff();
+    let (wanted, request, proposal) = {
+        let mut handoff = handoff();
         if handoff.pid != std::process::id() || handoff.applied >= handoff.requested {
             return false;
         }
-        (handoff.wanted, handoff.requested)
+        PROPOSAL_WAITING.store(false, Ordering::Release);
+        (handoff.wanted, handoff.requested, handoff.proposal.take())
     };
-    let acks = scope::apply(py);
+    // The scope first, then the probes, then the acknowledgements: a tool that
+    // saw its acknowledgement starts its tracer knowing that no out-of-scope
+    // event will come and that the probes it asked for fire.
+    let acks = proposal.map_or_else(Vec::new, |proposal| apply_proposal(py, proposal));
     if let Err(err) = arming::apply(py, wanted) {
         faults::report_arming_error(py, &err.to_string());
     }
@@ -527,4 +565,37 @@ fn apply_requested(py: Python<'_>) -> bool {
     handoff.applied = handoff.applied.max(request);
     HANDOFF_DONE.notify_all();
     true
+}
+
+/// Applies what the channel asks for, with the GIL: warns about a malformed
+/// scope, puts the leases' scope (or the base scope) in force. Returns the
+/// leases to acknowledge once the probes they ask for are armed too.
+fn apply_proposal(py: Python<'_>, proposal: Proposal) -> Vec<channel::Ack> {
+    if let Some(what) = &proposal.warning {
+        scope::warn_malformed(py, what);
+    }
+    match proposal.change {
+        Some(Leased::Scope(leased, tools)) => put_in_force(py, Some(leased), tools),
+        Some(Leased::Base) => put_in_force(py, scope::base(), Vec::new()),
+        None => {}
+    }
+    proposal.acks
+}
+
+/// Puts `in_force` in force (made by the leases of `tools`) and publishes it
+/// in the channel, for the tools to read; with the GIL.
+fn put_in_force(py: Python<'_>, in_force: Option<Arc<Scope>>, tools: Vec<u32>) {
+    let generation = scope::install(py, in_force.clone(), tools.clone());
+    channel::publish(in_force.as_deref(), &tools, generation);
+}
+
+/// Sets the base scope from `PYDTRACE_SCOPE` (with the GIL, at `arm`): in
+/// force at once unless tools' leases are (the base comes back when they
+/// end). A malformed text is warned about once and changes nothing.
+pub fn set_base_scope(py: Python<'_>, text: &str) {
+    if let Some(base) = scope::set_base(py, text) {
+        if !channel::leases_held() {
+            put_in_force(py, base, Vec::new());
+        }
+    }
 }

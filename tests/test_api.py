@@ -59,6 +59,32 @@ def test_library_path_is_the_loaded_extension():
     assert path == dtrace._native.__file__
 
 
+def test_the_test_hooks_are_in_the_testing_submodule_built_on_first_use():
+    """The hooks of tests and benchmarks are in ``_native._testing``, not in the public module,
+    and ``_native.pyi`` documents exactly those; ``import dtrace`` does not build the submodule."""
+    import ast
+    from pathlib import Path
+
+    stub = ast.parse((Path(dtrace.__file__).parent / "_native.pyi").read_text())
+    testing_stub = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "_Testing")
+    stubbed = {n.name for n in testing_stub.body if isinstance(n, ast.FunctionDef)}
+    public = {n.name for n in stub.body if isinstance(n, ast.FunctionDef)}
+    done = run_python("""
+        import json, dtrace
+        built = "_testing" in vars(dtrace._native)
+        from dtrace._native import _testing
+        print(json.dumps([built, _testing.__name__, _testing.__all__, dtrace._native.__all__,
+                          dtrace._native._testing is _testing]))
+    """, PYDTRACE="0")
+    assert done.returncode == 0, done.stderr
+    built, name, hooks, native_all, same = json.loads(done.stdout)
+    assert (built, name, same) == (False, "dtrace._native._testing", True)
+    assert set(hooks) == stubbed and {"scope_stats", "watcher_stats", "noop_callback"} <= stubbed
+    assert not set(hooks) & set(native_all)
+    assert not set(hooks) & public
+    assert {n for n in native_all if n.islower() and not n.startswith("_")} == public
+
+
 def test_nothing_is_enabled_without_a_consumer():
     assert dtrace.enabled_probes() == frozenset()
     assert dtrace._native.consumer_probes() == frozenset()
@@ -179,10 +205,10 @@ def test_the_watcher_takes_no_gil_while_nothing_changes():
     result = run_python(
         """
         import time, dtrace
-        polls, taken, _ = dtrace._native.watcher_stats()
-        while dtrace._native.watcher_stats()[0] < polls + 5:  # five more reads of the semaphores
+        polls, taken, _ = dtrace._native._testing.watcher_stats()
+        while dtrace._native._testing.watcher_stats()[0] < polls + 5:  # five more reads of the semaphores
             time.sleep(0.01)
-        print(dtrace._native.watcher_stats()[1] - taken)
+        print(dtrace._native._testing.watcher_stats()[1] - taken)
         """
     )
     assert result.returncode == 0, result.stderr
@@ -212,8 +238,8 @@ def test_an_internal_error_switches_the_probe_off_and_warns_once():
         assert dtrace.wait_for_consumer("line", timeout=10)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            dtrace._native.report_internal_error("line", "test failure")
-            dtrace._native.report_internal_error("line", "test failure again")
+            dtrace._native._testing.report_internal_error("line", "test failure")
+            dtrace._native._testing.report_internal_error("line", "test failure again")
         print(len(caught), caught[0].category.__name__, caught[0].message)
         deadline = time.monotonic() + 10
         while "line" in dtrace.enabled_probes() and time.monotonic() < deadline:
@@ -230,7 +256,7 @@ def test_an_internal_error_under_warnings_as_errors_is_printed_not_raised():
     result = run_python(
         """
         import dtrace
-        dtrace._native.report_internal_error("gc-start", "test failure")
+        dtrace._native._testing.report_internal_error("gc-start", "test failure")
         print("still running")
         """,
         PYTHONWARNINGS="error",

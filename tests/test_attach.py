@@ -153,11 +153,11 @@ def test_watcher_stats_count_handoffs_to_the_main_thread():
     GIL: forced probes go through the same path as a consumer's."""
     code = textwrap.dedent('''
         import dtrace, json
-        polls, taken, handed = dtrace._native.watcher_stats()
+        polls, taken, handed = dtrace._native._testing.watcher_stats()
         x = 0
         while not dtrace.enabled_probes():
             x += 1  # busy in Python: the pending call runs here
-        print(json.dumps(dtrace._native.watcher_stats()))
+        print(json.dumps(dtrace._native._testing.watcher_stats()))
         ''')
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
     environment["PYDTRACE_FORCE"] = "gc-start"

@@ -445,7 +445,7 @@ def test_consumers_coming_and_going_switch_the_callbacks_with_exact_counts():
                 while dtrace.enabled_probes() and time.monotonic() < deadline:
                     time.sleep(0.005)
                 print(json.dumps({"idle": not dtrace.enabled_probes(),
-                                  "cache": dtrace._native.cfunction_cache_stats()[0]}), flush=True)
+                                  "cache": dtrace._native._testing.cfunction_cache_stats()[0]}), flush=True)
     """
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PYDTRACE")}
     process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
@@ -524,14 +524,14 @@ SCOPED_WORKLOAD = """
         pass
 
     def run(result):
-        before = dtrace._native.scope_stats()[1]
+        before = dtrace._native._testing.scope_stats()[1]
         for i in range(200):
             math.sqrt(i)  # out of scope
             Outside()
         inscope.work(150)
         for i in range(5):
             inscope.K()
-        result["disables"] = dtrace._native.scope_stats()[1] - before
+        result["disables"] = dtrace._native._testing.scope_stats()[1] - before
 """
 
 SCOPED_PROGRAM = """

@@ -247,14 +247,14 @@ def test_names_cache_keeps_no_code_object_alive(workload_dir):
 
         def run(result):
             gc.collect()
-            before = dtrace._native.name_cache_entries()
+            before = dtrace._native._testing.name_cache_entries()
             for i in range(3000):
                 namespace = {}
                 exec(compile(f"def fn_{i}():\\n    return {i}\\n", f"<gen-{i}>", "exec"), namespace)
                 namespace[f"fn_{i}"]()
                 del namespace
             gc.collect()
-            result["grown"] = dtrace._native.name_cache_entries() - before
+            result["grown"] = dtrace._native._testing.name_cache_entries() - before
     """
     program = 'usdt:{lib}:python:function__entry /strncmp(str(arg0), "<gen-", 5) == 0/ { @gen = count(); }'
     run = trace(body, program, ["function-entry"], workload_dir)
@@ -345,12 +345,12 @@ def test_attach_detach_churn_while_the_workload_runs():
                 deadline = time.monotonic() + 30
                 while dtrace.enabled_probes() and time.monotonic() < deadline:
                     time.sleep(0.005)
-                tool = dtrace._native.monitoring_tool_id()
+                tool = dtrace._native._testing.monitoring_tool_id()
                 print(json.dumps({"idle": not dtrace.enabled_probes(),
                                   "events": sys.monitoring.get_events(tool) if tool is not None else 0,
                                   "gc": [getattr(c, "__name__", "") for c in gc.callbacks]}), flush=True)
             elif command == "sabotage":  # another tool frees our id between two consumers
-                sys.monitoring.free_tool_id(dtrace._native.monitoring_tool_id())
+                sys.monitoring.free_tool_id(dtrace._native._testing.monitoring_tool_id())
                 print(json.dumps({"freed": sys.monitoring.get_tool(4) is None}), flush=True)
             elif command == "quit":
                 break

@@ -15,7 +15,7 @@ pydtrace adds later, at any moment, is seen.
 
 Nothing here waits on a timer: the workload waits for the tracer's BEGIN line
 and for ``wait_for_consumer``; "the watcher polled N times" is read from
-``dtrace._native.watcher_stats()``, and "probes off again" from
+``dtrace._native._testing.watcher_stats()``, and "probes off again" from
 ``dtrace.enabled_probes()``.
 """
 
@@ -100,22 +100,22 @@ def snapshot():
         "enabled": sorted(dtrace.enabled_probes()),
         "events": [sys.monitoring.get_events(tool) for tool in range(6)],
         "tools": [sys.monitoring.get_tool(tool) for tool in range(6)],
-        "tool": native.monitoring_tool_id(),
+        "tool": native._testing.monitoring_tool_id(),
         "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
         "hooks_added": len(added_hooks) - control_seen,
         "find_and_load_original": bootstrap._find_and_load is ORIGINAL_FIND_AND_LOAD,
         "slots": type_slots(),
-        "watcher": list(native.watcher_stats()),
-        "cfunction_cache": native.cfunction_cache_stats()[0],
+        "watcher": list(native._testing.watcher_stats()),
+        "cfunction_cache": native._testing.cfunction_cache_stats()[0],
     }
 
 def after_polls(count):
     """The state once the watcher has polled `count` more times (not a timed sleep: a wait
     for the watcher's own counter, bounded by TIMEOUT)."""
-    target = native.watcher_stats()[0] + count
+    target = native._testing.watcher_stats()[0] + count
     deadline = time.monotonic() + TIMEOUT
     tick = threading.Event()
-    while native.watcher_stats()[0] < target:
+    while native._testing.watcher_stats()[0] < target:
         if time.monotonic() > deadline:
             send("ERROR", {"why": "the watcher stopped polling", "state": snapshot()})
             sys.exit(3)

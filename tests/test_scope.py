@@ -89,21 +89,21 @@ def test_malformed_scopes_say_why(text, phrase):
     ("/x/*", "x/y", False),
 ])
 def test_file_globs(glob, path, covered):
-    assert native.scope_covers(f"file:{glob}", [], path) is covered
+    assert native._testing.scope_covers(f"file:{glob}", [], path) is covered
 
 
 def test_a_module_name_covers_its_submodules_only():
-    assert native.scope_covers("app", ["app"], "/x.py")
-    assert native.scope_covers("app", ["app.sub.deep"], "/x.py")
-    assert not native.scope_covers("app", ["application"], "/x.py")
-    assert not native.scope_covers("app.sub", ["app"], "/x.py")
+    assert native._testing.scope_covers("app", ["app"], "/x.py")
+    assert native._testing.scope_covers("app", ["app.sub.deep"], "/x.py")
+    assert not native._testing.scope_covers("app", ["application"], "/x.py")
+    assert not native._testing.scope_covers("app.sub", ["app"], "/x.py")
     # A script run as `python -m app.cli` is __main__ with __spec__.name "app.cli": both are asked.
-    assert native.scope_covers("app", ["app.cli", "__main__"], "/x.py")
-    assert native.scope_covers("__main__", ["__main__"], "/x.py")
+    assert native._testing.scope_covers("app", ["app.cli", "__main__"], "/x.py")
+    assert native._testing.scope_covers("__main__", ["__main__"], "/x.py")
 
 
 def test_the_tools_read_the_channel_the_module_writes():
-    layout = dict(native.scope_channel_layout())
+    layout = dict(native._testing.scope_channel_layout())
     assert layout.pop("size") == layout["slots"] + layout["slot_count"] * layout["slot_size"]
     assert layout == tool_scope.LAYOUT
     assert pyprocess.ElfFile(dtrace.library_path()).symbols.get(tool_scope.SYMBOL) is not None
@@ -208,9 +208,9 @@ for line in sys.stdin:
     elif command == "wait-live":  # until a consumer's aggregate-calls probe is live (bounded)
         send("LIVE", dtrace.wait_for_consumer("aggregate-calls", timeout=TIMEOUT))
     elif command == "work":
-        before = native.scope_stats()
+        before = native._testing.scope_stats()
         work(int(argument))
-        after = native.scope_stats()
+        after = native._testing.scope_stats()
         send("WORKED", {"decisions": after[0] - before[0], "disables": after[1] - before[1]})
     else:
         send("ERROR", command)

@@ -228,18 +228,18 @@ def main():
     while dtrace.enabled_probes() and time.monotonic() < deadline:
         time.sleep(0.005)
     import gc
-    tool = dtrace._native.monitoring_tool_id()
+    tool = dtrace._native._testing.monitoring_tool_id()
     send("IDLE", {
         "enabled": sorted(dtrace.enabled_probes()),
         "events": [sys.monitoring.get_events(i) for i in range(6)],
         "tool": tool,
         "gc_callbacks": [getattr(c, "__name__", repr(c)) for c in gc.callbacks],
         "find_and_load": type(sys.modules["_frozen_importlib"]._find_and_load).__name__,
-        "hooked_classes": dtrace._native.hooked_classes(),
+        "hooked_classes": dtrace._native._testing.hooked_classes(),
         "scope": dtrace._native.scope(),
-        "cfunction_cache": dtrace._native.cfunction_cache_stats()[0],
+        "cfunction_cache": dtrace._native._testing.cfunction_cache_stats()[0],
         # (what is gathered, code objects with unreported counts, call-tree nodes)
-        "aggregate": list(dtrace._native.aggregate_stats()),
+        "aggregate": list(dtrace._native._testing.aggregate_stats()),
         # What a tool's -p --children lease put into the environment and took back (os.environ, C).
         "follow_environment": {name: [os.environ.get(name), dtrace._native.getenv(name)]
                                for name in ("PYDTRACE", "PYDTRACE_FOLLOW")},

@@ -4,6 +4,7 @@ Use the :mod:`dtrace` package; this module is its implementation and may change.
 """
 
 from collections.abc import Callable
+from types import ModuleType
 
 __version__: str
 #: All probes, as DTrace spells them (``"function-entry"``), in the provider file's order.
@@ -57,44 +58,8 @@ def parse_scope(text: str) -> tuple[list[str], list[str]]:
     Entries are separated by commas or newlines: ``module:NAME``, ``file:GLOB``, or unprefixed (a
     file glob when it holds ``/ * ? [ \\ <``, else a module name). ValueError if malformed."""
 
-def scope_covers(text: str, modules: list[str], filename: str) -> bool:
-    """Whether scope ``text`` covers code run under the module names ``modules`` (``__name__``, and
-    ``__spec__.name`` for ``__main__``) from file ``filename`` (tests of the scope rule)."""
-
-def scope_stats() -> tuple[int, int]:
-    """(scope verdicts decided, ``sys.monitoring.DISABLE``s returned) in this process: code out of
-    scope calls back once per code location, then not again until the scope changes."""
-
-def scope_channel_layout() -> list[tuple[str, int]]:
-    """Offsets and sizes of the scope channel (the ``pydtrace_scope_channel`` symbol), for the tests
-    that check the tools' side (``dtrace.tools.scope``) against it."""
-
 def is_armed() -> bool:
     """Whether the watcher thread runs in this process."""
-
-def noop_callback() -> object:
-    """A new native callable with the probe callbacks' calling convention that does nothing:
-    the dispatch floor that benchmarks compare the probes with."""
-
-def watcher_stats() -> tuple[int, int, int]:
-    """(times the watcher thread read the semaphores, times it took the GIL itself, times the main
-    thread applied a change for it in a pending call) in this process."""
-
-def report_internal_error(name: str, what: str) -> None:
-    """Report an internal error of probe ``name`` as the callbacks do (for tests): the probe is
-    switched off, with one RuntimeWarning, until no consumer enables it and one does again."""
-
-def name_cache_entries() -> int:
-    """How many code objects carry a name-cache entry now (entries go with their code objects)."""
-
-def cfunction_cache_stats() -> tuple[int, int]:
-    """(entries in the C function probes' name cache now, names worked out for it so far)."""
-
-def hooked_classes() -> int:
-    """How many classes carry the instance-delete hook now (0 while no delete probe is live)."""
-
-def monitoring_tool_id() -> int | None:
-    """The ``sys.monitoring`` tool id the probes hold, if they have claimed one."""
 
 def set_origin(origin: str) -> None:
     """Record how the module came into this process: ``"gdb"`` or ``"remote_exec"`` when
@@ -121,3 +86,72 @@ def at_exit() -> None:
 
 def getenv(name: str) -> str | None:
     """The environment variable ``name`` as ``os.environ.get(name)`` gives it, read from the C environment."""
+
+
+class _Testing(ModuleType):
+    """``dtrace._native._testing``: the hooks of tests, benchmarks and diagnostics (counters and
+    switches of the native module), not part of the API.
+
+    Built on first use: reach it as ``from dtrace._native import _testing`` or as
+    ``dtrace._native._testing`` after ``import dtrace``. It is not in ``sys.modules``, so
+    ``import dtrace._native._testing`` does not work (``_native`` is not a package).
+    """
+
+    @staticmethod
+    def scope_covers(text: str, modules: list[str], filename: str) -> bool:
+        """Whether scope ``text`` covers code run under the module names ``modules`` (``__name__``, and
+        ``__spec__.name`` for ``__main__``) from file ``filename`` (tests of the scope rule)."""
+
+    @staticmethod
+    def scope_stats() -> tuple[int, int]:
+        """(scope verdicts decided, ``sys.monitoring.DISABLE``s returned) in this process: code out of
+        scope calls back once per code location, then not again until the scope changes."""
+
+    @staticmethod
+    def scope_channel_layout() -> list[tuple[str, int]]:
+        """Offsets and sizes of the scope channel (the ``pydtrace_scope_channel`` symbol), for the tests
+        that check the tools' side (``dtrace.tools.scope``) against it."""
+
+    @staticmethod
+    def noop_callback() -> object:
+        """A new native callable with the probe callbacks' calling convention that does nothing:
+        the dispatch floor that benchmarks compare the probes with."""
+
+    @staticmethod
+    def watcher_stats() -> tuple[int, int, int]:
+        """(times the watcher thread read the semaphores, times it took the GIL itself, times the main
+        thread applied a change for it in a pending call) in this process."""
+
+    @staticmethod
+    def report_internal_error(name: str, what: str) -> None:
+        """Report an internal error of probe ``name`` as the callbacks do (for tests): the probe is
+        switched off, with one RuntimeWarning, until no consumer enables it and one does again."""
+
+    @staticmethod
+    def name_cache_entries() -> int:
+        """How many code objects carry a name-cache entry now (entries go with their code objects)."""
+
+    @staticmethod
+    def cfunction_cache_stats() -> tuple[int, int]:
+        """(entries in the C function probes' name cache now, names worked out for it so far)."""
+
+    @staticmethod
+    def hooked_classes() -> int:
+        """How many classes carry the instance-delete hook now (0 while no delete probe is live)."""
+
+    @staticmethod
+    def monitoring_tool_id() -> int | None:
+        """The ``sys.monitoring`` tool id the probes hold, if they have claimed one."""
+
+    @staticmethod
+    def aggregate_flush(requester: int = 0) -> None:
+        """Report what the aggregate probes gathered, now, as a flush that process ``requester``
+        asked for (0: none); tools ask through ``pydtrace_flush_requests``."""
+
+    @staticmethod
+    def aggregate_stats() -> tuple[int, int, int]:
+        """(what is gathered: bits 1 calls, 2 times, 4 lines, 8 the call tree; code objects with
+        unreported counts; call-tree nodes)."""
+
+#: The hooks of tests, benchmarks and diagnostics (see :class:`_Testing`), built on first use.
+_testing: _Testing
