@@ -110,7 +110,6 @@ mod _native {
             is_armed,
             before_fork,
             after_fork_parent,
-            set_follow_hook,
             after_fork_child,
             at_exit,
             getenv,
@@ -328,14 +327,6 @@ mod _native {
     #[pyfunction]
     fn after_fork_parent(py: Python<'_>) -> PyResult<()> {
         watcher::after_fork_parent(py).map_err(PyErr::from)
-    }
-
-    /// Registers `hook(path or None)`, which makes the environment name the
-    /// socket of the tool that follows this process's children, or no longer
-    /// (`-p PID --children`: src/follow.rs); called in the watcher's hand-off.
-    #[pyfunction]
-    fn set_follow_hook(hook: Py<PyAny>) {
-        crate::follow::set_hook(hook);
     }
 
     /// `os.register_at_fork(after_in_child=...)`.

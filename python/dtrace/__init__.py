@@ -165,7 +165,6 @@ def _arm_from_environment() -> None:
         after_in_child=_native.after_fork_child,
     )
     atexit.register(_native.at_exit)
-    _native.set_follow_hook(_follow_children)
     if _native.getenv(_FOLLOW_VARIABLE):
         _watch_forks()
     if _native.getenv(_STARTUP_VARIABLE):
@@ -195,18 +194,20 @@ _STARTUP_VARIABLE = "PYDTRACE_STARTUP"
 #: process of the command's tree reports (dtrace/tools/children.py).
 _FOLLOW_VARIABLE = "PYDTRACE_FOLLOW"
 #: What the environment held before a tool's ``-p PID --children`` lease put its socket there:
-#: {variable: value, or None where it was not set}; None while no such lease is held.
-_follow_saved: dict[str, str | None] | None = None
+#: {variable: value, or None where it was not set}; None while no such lease is held. (Not
+#: annotated: a module-level annotation is evaluated at import, a cost every process pays.)
+_follow_saved = None
 #: Whether the fork hook that reports forked children is registered (once per process).
 _forks_watched = False
 
 
-def _follow_children(path: str | None) -> None:
-    """A tool's ``-p PID --children`` lease came (``path``: its socket) or went (None): from
-    then on the processes this one starts report to it, as a ``-c`` command's do, through
-    ``PYDTRACE_FOLLOW`` and ``PYDTRACE=1`` in ``os.environ`` and the C environment (which
-    ``os.environ`` keeps in step); when it goes, both are as they were. Called by the watcher's
-    hand-off with the GIL (src/follow.rs): no import, no I/O."""
+# (Comments, not docstrings, on these three: every `import dtrace` unmarshals a docstring.)
+# A tool's ``-p PID --children`` lease came (``path``: its socket) or went (None): from then on
+# the processes this one starts report to it, as a ``-c`` command's do, through
+# ``PYDTRACE_FOLLOW`` and ``PYDTRACE=1`` in ``os.environ`` and the C environment (which
+# ``os.environ`` keeps in step); when it goes, both are as they were. Called by the watcher's
+# hand-off with the GIL (src/follow.rs): no import, no I/O.
+def _follow_children(path):  # path: str | None (annotations are evaluated at import)
     global _follow_saved
     environ = _os.environ
     if path is not None:
@@ -224,9 +225,9 @@ def _follow_children(path: str | None) -> None:
         _follow_saved = None
 
 
+# Registers (once) the fork hook that makes a forked child report to the tool that follows this
+# process's children, while one does.
 def _watch_forks() -> None:
-    """Registers (once) the fork hook that makes a forked child report to the tool that follows
-    this process's children, while one does."""
     global _forks_watched
     if not _forks_watched:
         _forks_watched = True
@@ -234,10 +235,10 @@ def _watch_forks() -> None:
         _os.register_at_fork(after_in_child=_report_forked)
 
 
+# In a forked child: report to the tool that ``PYDTRACE_FOLLOW`` names, if any, before any of the
+# child's own code runs. What the child inherited stays in its environment (its own children
+# report too); a lease on the parent is not the child's to undo.
 def _report_forked() -> None:
-    """In a forked child: report to the tool that ``PYDTRACE_FOLLOW`` names, if any, before any
-    of the child's own code runs. What the child inherited stays in its environment (its own
-    children report too); a lease on the parent is not the child's to undo."""
     global _follow_saved
     _follow_saved = None
     if _native.getenv(_FOLLOW_VARIABLE):

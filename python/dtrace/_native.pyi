@@ -77,10 +77,6 @@ def after_fork_parent() -> None:
 def after_fork_child() -> None:
     """``os.register_at_fork(after_in_child=...)``: start it again."""
 
-def set_follow_hook(hook: Callable[[str | None], None]) -> None:
-    """Register ``hook(path or None)``: called in the watcher's hand-off when a tool's lease starts or
-    stops following this process's children (``-p PID --children``), to set or restore the environment."""
-
 def at_exit() -> None:
     """``atexit``: stop the watcher thread for good before the interpreter finalizes."""
 
