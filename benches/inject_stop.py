@@ -145,7 +145,7 @@ class Target:
 
 def attempt(shape: str) -> dict:
     from dtrace.tools import inject
-    from dtrace.tools.tracers import ToolError
+    from dtrace.tools.errors import ToolError
 
     target = Target(shape)
     try:

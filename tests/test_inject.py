@@ -46,7 +46,7 @@ import pytest
 
 import dtrace
 from dtrace.tools import inject
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
@@ -893,7 +893,7 @@ def test_without_ptrace_rights_the_message_explains_yama():
     try:
         code = ("import os, sys\n"
                 "from dtrace.tools import inject, pyprocess\n"
-                "from dtrace.tools.tracers import ToolError\n"
+                "from dtrace.tools.errors import ToolError\n"
                 f"process = pyprocess.identify({workload.pid})\n"
                 "os.seteuid(65534)\n"
                 "try:\n"

@@ -18,7 +18,7 @@ import pytest
 
 from dtrace.tools import pyprocess, pystack
 from dtrace.tools.flame import SAMPLES
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 from tracing import STEP_TIMEOUT, Lines, ToolRun, require_tracer, run_tool
 
 #: The environment of a process that must not load dtrace (no .pth arming, no tool handshake).

@@ -30,7 +30,7 @@ import pytest
 import dtrace
 from dtrace.tools import pyprocess
 from dtrace.tools import scope as tool_scope
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
 
 native = dtrace._native

@@ -63,7 +63,8 @@ def test_bpftrace_environment_names_both_releases_variables(monkeypatch):
 
 
 def test_a_tracer_path_from_the_option_or_the_environment(monkeypatch, tmp_path):
-    from dtrace.tools.tracers import ToolError, choose_tracer
+    from dtrace.tools.errors import ToolError
+    from dtrace.tools.tracers import choose_tracer
 
     monkeypatch.setenv("PYDTRACE_BPFTRACE", "/bin/true")
     assert choose_tracer("bpftrace").executable() == "/bin/true"

@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 
 from dtrace.tools import interpreter, scope
-from dtrace.tools.runner import Stopper
+from dtrace.tools.engine import Stopper
 from dtrace.tools.tracers import decode_json_line
 
 #: Seconds any one handshake step may take before the test fails.

@@ -33,7 +33,7 @@ import threading
 import time
 
 from dtrace.tools import pyprocess, runner
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 
 #: The exported array of flush requests in the probe object (src/aggregate.rs).
 SYMBOL = "pydtrace_flush_requests"
@@ -199,8 +199,7 @@ class Aggregation:
     def interrupt(self, signum: int) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: the last flush first; a second signal stops at once."""
         if self.final_at is None and not self.stopping:
-            self.session.signals.append(signum)
-            self.session.interrupted += 1
+            self.session.engine.noted(signum)
             self.finish()
         else:
             self.session.interrupt(signum)

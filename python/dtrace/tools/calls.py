@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dtrace.tools import report
-from dtrace.tools.base import Tool, cut_note
+from dtrace.tools.base import ScriptTool, cut_note
 
 
-class Calls(Tool):
+class Calls(ScriptTool):
     name = "calls"
     script = "calls"
     aggregate_script = "calls_aggregate"

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from dtrace.tools import pyprocess
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 
 #: Seconds to wait for the main thread of the target to reach a point where it runs code.
 SAFE_POINT_TIMEOUT = float(os.environ.get("PYDTRACE_INJECT_TIMEOUT", "10"))

@@ -39,7 +39,7 @@ import struct
 import sys
 
 from dtrace.tools import elfnotes, programs
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 
 #: The cast that gives an argument narrower than 64 bits its type back, by its size in the note;
 #: and a 64-bit one the type a USDT probe's argN has (int64, where a uprobe's is uint64: bpftrace

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dtrace.tools import report
-from dtrace.tools.base import Tool, cut_note
+from dtrace.tools.base import ScriptTool, cut_note
 
 
-class Lines(Tool):
+class Lines(ScriptTool):
     name = "lines"
     script = "lines"
     aggregate_script = "lines_aggregate"

@@ -6,8 +6,8 @@ import sys
 
 from dtrace import _native
 from dtrace.tools import elfnotes, interpreter, pyprocess, report, runner, scope, tracers
-from dtrace.tools.base import Tool
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.base import Command
+from dtrace.tools.errors import ToolError
 
 #: The arguments of each probe, from the provider's contract (provider/pydtrace.d, compiled in).
 ARGUMENTS = dict(zip((name.replace("-", "__") for name in _native.PROBE_NAMES), _native.PROBE_ARGUMENTS))
@@ -23,7 +23,7 @@ def unsupported(library: str | None) -> dict[str, str]:
     return dict(getattr(dtrace._native, "UNSUPPORTED_PROBES", {}))
 
 
-class List(Tool):
+class List(Command):
     name = "list"
     summary = "the probes of a process, which are enabled now, and the probe object's path"
     description = (

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dtrace.tools import report
-from dtrace.tools.base import Tool
+from dtrace.tools.base import ScriptTool
 
 
-class ObjDel(Tool):
+class ObjDel(ScriptTool):
     name = "objdel"
     script = "objdel"
     strlen = 64  # the program reads no strings

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 
 #: A libpython in /proc/PID/maps: libpython3.12.so.1.0, libpython3.13t.so, libpython3.12d.so...
 _LIBPYTHON = re.compile(r"(?:^|/)libpython(\d+)\.(\d+)([a-z]*)\.so(?:\.[\d.]+)?$")

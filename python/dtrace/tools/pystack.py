@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 
 from dtrace.tools import pyprocess
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
 
 #: Frames walked per stack unless the tool says otherwise; deeper stacks end in a "cut" marker.
 DEFAULT_DEPTH = 48

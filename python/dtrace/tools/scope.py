@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dtrace.tools import pyprocess, runner
-from dtrace.tools.options import UsageError
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import UsageError
+from dtrace.tools.errors import ToolError
 
 #: The channel's symbol in the probe object's dynamic symbol table.
 SYMBOL = "pydtrace_scope_channel"

@@ -15,9 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-
-class ToolError(Exception):
-    """A problem the user can act on: printed as ``pydtrace: MESSAGE``, exit code 1."""
+from dtrace.tools.errors import ToolError
 
 
 def decode_json_line(line: str) -> Any:

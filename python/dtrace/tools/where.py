@@ -6,8 +6,8 @@ import re
 from collections import Counter
 
 from dtrace.tools import pystack, report, runner
-from dtrace.tools.base import Tool, cut_note
-from dtrace.tools.options import UsageError
+from dtrace.tools.base import ScriptTool, cut_note
+from dtrace.tools.errors import UsageError
 
 #: The bundled scripts' native probe and how they name it.
 SCRIPT_PROBE = {"bt": "uprobe:libc:connect", "d": "pid$target::connect:entry"}
@@ -34,7 +34,7 @@ def native_probe(function: str, dialect: str) -> str:
     return f"uprobe:libc:{function}" if dialect == "bt" else f"pid$target::{function}:entry"
 
 
-class Where(Tool):
+class Where(ScriptTool):
     name = "where"
     script = "where"
     strlen = 200
