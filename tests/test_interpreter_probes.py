@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import TOOLS, elfnotes, interpreter, programs
+from dtrace.tools import SCRIPT_TOOLS, elfnotes, interpreter, programs
 from tracing import STEP_TIMEOUT, Bpftrace, Workload, handshake, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
@@ -92,7 +92,7 @@ def test_bound_scripts_pass_bpftrace_check():
     require_tracer()
     for script in sorted(SCRIPTS.glob("*.bt")):
         bound, _ = interpreter.bind(script.read_text(), LIBRARY, DECLARED_BY_315)
-        strlen = next(tool.strlen for tool in TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
+        strlen = next(tool.strlen for tool in SCRIPT_TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
         done = subprocess.run(["bpftrace", "-d", "-p", str(os.getpid()), "-e", bound, str(os.getpid())],
                               capture_output=True, text=True, env={**os.environ, "BPFTRACE_STRLEN": str(strlen)},
                               timeout=STEP_TIMEOUT)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import TOOLS, interpreter
+from dtrace.tools import SCRIPT_TOOLS, TOOLS, interpreter
 from dtrace.tools.flame import TIMES as FLAME_TIMES
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
 
@@ -85,7 +85,7 @@ def bpftrace_check(program: str, *arguments: str, strlen: int = 200) -> None:
 
 
 def tool_of(script: Path):
-    return next(tool for tool in TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
+    return next(tool for tool in SCRIPT_TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
 
 
 #: The probes a -p workload waits for: a tool's default (counted in the process) and --per-event.
@@ -101,9 +101,9 @@ def test_bundled_script_passes_bpftrace_check(script):
 
 
 def test_both_dialects_of_every_tool_are_bundled():
-    tools = {tool.script for tool in TOOLS.values() if tool.script}
+    tools = {tool.script for tool in SCRIPT_TOOLS.values() if tool.script}
     # The aggregating scripts are bpftrace's alone: the flush requests go through /proc/PID/mem.
-    aggregating = {tool.aggregate_script for tool in TOOLS.values() if tool.aggregate_script}
+    aggregating = {tool.aggregate_script for tool in SCRIPT_TOOLS.values() if tool.aggregate_script}
     assert {p.stem for p in SCRIPTS.glob("*.bt")} == tools | aggregating
     assert {p.stem for p in SCRIPTS.glob("*.d")} == tools
     for script in SCRIPTS.iterdir():

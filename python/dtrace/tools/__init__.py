@@ -18,6 +18,7 @@ Each tool is a bpftrace program (Linux) or D program (macOS, illumos) under
   probes an interpreter built ``--with-dtrace`` fires itself, added to a program.
 """
 
+from dtrace.tools.base import ScriptTool
 from dtrace.tools.calls import Calls
 from dtrace.tools.flame import Flame
 from dtrace.tools.flow import Flow
@@ -33,3 +34,5 @@ from dtrace.tools.where import Where
 #: (each run gets a fresh object of the tool's class).
 TOOLS = {tool.name: tool for tool in (List(), Calls(), Flow(), Lines(), GC(), ObjNew(), ObjDel(), Where(), Flame(),
                                       Run())}
+#: The tools that run a bundled script (all but list and run), by name.
+SCRIPT_TOOLS = {name: tool for name, tool in TOOLS.items() if isinstance(tool, ScriptTool)}
