@@ -41,7 +41,8 @@ sys.path.insert(0, str(BENCHES))
 
 import tracing  # noqa: E402  (tests/tracing.py: Bpftrace, the handshake, require_tracer)
 import workloads  # noqa: E402
-from dtrace.tools import elfnotes, interpreter  # noqa: E402
+from dtrace.tools.command import interpreter  # noqa: E402
+from dtrace.tools.proc import elfnotes  # noqa: E402
 
 STEP_TIMEOUT = tracing.STEP_TIMEOUT
 QUICK = os.environ.get("PYDTRACE_BENCH_QUICK") == "1"

@@ -13,9 +13,9 @@ import sys
 import pytest
 
 from dtrace.tools import TOOLS, cli
+from dtrace.tools.command.options import Options, own_python, split_command
 from dtrace.tools.errors import UsageError
 from dtrace.tools.flame import flame_output
-from dtrace.tools.options import Options, own_python, split_command
 from tracing import require_tracer, run_tool
 
 #: How the tools name this environment's Python in their examples and messages.

@@ -45,8 +45,8 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import inject
 from dtrace.tools.errors import ToolError
+from dtrace.tools.inject import loader as inject
 from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
@@ -892,7 +892,7 @@ def test_without_ptrace_rights_the_message_explains_yama():
     workload = Workload("busy-threads", sys.executable)
     try:
         code = ("import os, sys\n"
-                "from dtrace.tools import inject, pyprocess\n"
+                "from dtrace.tools.inject import loader as inject\nfrom dtrace.tools.proc import pyprocess\n"
                 "from dtrace.tools.errors import ToolError\n"
                 f"process = pyprocess.identify({workload.pid})\n"
                 "os.seteuid(65534)\n"

@@ -5,7 +5,7 @@ import__find__load__start/done and audit (3.13, 3.14), and from 3.15 function__e
 too (three arguments). The rule (src/interpreter.rs, docs/interpreter-probes.md): a probe both
 declare is fired by the interpreter while a consumer enables the interpreter's copy, and by
 pydtrace-rs otherwise (a consumer of ours alone, or a tool that asked for it through its lease,
-attached by address: python/dtrace/tools/interpreter.py).
+attached by address: python/dtrace/tools/command/interpreter.py).
 
 Run on every interpreter of the suite: the program binding is checked everywhere; the consumers
 (raw bpftrace by path, both copies and each alone; the tools; perf) run where this interpreter
@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import SCRIPT_TOOLS, elfnotes, interpreter, programs
+from dtrace.tools import SCRIPT_TOOLS
+from dtrace.tools.command import interpreter, programs
+from dtrace.tools.proc import elfnotes
 from tracing import STEP_TIMEOUT, Bpftrace, Workload, handshake, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"

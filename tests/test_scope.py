@@ -28,9 +28,8 @@ from typing import Any
 import pytest
 
 import dtrace
-from dtrace.tools import pyprocess
-from dtrace.tools import scope as tool_scope
 from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import pyprocess, scope as tool_scope, scope
 from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
 
 native = dtrace._native
@@ -286,7 +285,6 @@ def lease(pid: int, text: str) -> tool_scope.Lease:
 
 HOLDER = r'''
 import os, sys
-from dtrace.tools import scope
 held = scope.Lease(scope.Channel(int(sys.argv[1])), sys.argv[2])
 print("HELD", flush=True)
 if sys.argv[3] == "exit":
@@ -469,7 +467,7 @@ def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):
         tool_scope.Channel(process.pid)
     if os.geteuid() == 0:
         # Without ptrace access (another user's process): the effective user dropped after start-up.
-        code = ("import os, sys; from dtrace.tools import scope; os.seteuid(65534)\n"
+        code = ("import os, sys; from dtrace.tools.proc import scope; os.seteuid(65534)\n"
                 "try:\n    scope.Channel(int(sys.argv[1]), sys.argv[2])\n"
                 "except Exception as e:\n    print(e)")
         done = subprocess.run([sys.executable, "-c", code, str(process.pid), process.library],

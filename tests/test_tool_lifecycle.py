@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrace.tools import engine, runner
+from dtrace.tools.command import engine, runner
 from tracing import (STEP_TIMEOUT, Lines, ToolRun, Workload, require_tracer, run_tool, tool_command, tracer_of,
                      uprobe_events_of, wait_gone)
 

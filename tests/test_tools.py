@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import SCRIPT_TOOLS, TOOLS, interpreter
+from dtrace.tools import SCRIPT_TOOLS, TOOLS
+from dtrace.tools.command import interpreter
 from dtrace.tools.flame import TIMES as FLAME_TIMES
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
 
@@ -72,7 +73,7 @@ def bpftrace_check(program: str, *arguments: str, strlen: int = 200) -> None:
     """``bpftrace -d``: parse, check and compile against the probes of this process (which has
     loaded dtrace), without attaching or running anything. Where this interpreter declares some
     of the program's probes itself, the program is checked as the tools run it there (those
-    probes bound by address: dtrace/tools/interpreter.py)."""
+    probes bound by address: dtrace/tools/command/interpreter.py)."""
     require_tracer()
     program, _, _ = interpreter.adapt(program, [], os.getpid(), dtrace.library_path(), "bt")
     done = subprocess.run(
@@ -440,7 +441,7 @@ def test_objdel_through_p_counts_a_cascade_as_one(workload_dir):
 
 def test_objnew_and_objdel_report_formatting():
     """The report of each, from the maps bpftrace prints (JSON), without a tracer."""
-    from dtrace.tools.tracers import Bpftrace
+    from dtrace.tools.command.tracers import Bpftrace
 
     def maps(tool, *lines):
         result = {}

@@ -16,10 +16,11 @@ import os
 import signal
 import sys
 
-from dtrace.tools import TOOLS, scope
-from dtrace.tools.options import (EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive,
-                                  with_own_python)
+from dtrace.tools import TOOLS
 from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import scope
+from dtrace.tools.command.options import (EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive,
+                                  with_own_python)
 
 EPILOG = """\
 examples:

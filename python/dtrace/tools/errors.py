@@ -1,9 +1,12 @@
-"""The errors the tools end with: what the command line prints for each, and its exit status.
+"""The errors the tools end with (what the command line prints for each, and its exit status), and
+their warnings.
 
-Every layer of ``dtrace.tools`` raises these; this module imports nothing of the package.
+Every layer of ``dtrace.tools`` uses these; this module imports nothing of the package.
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class ToolError(Exception):
@@ -12,3 +15,8 @@ class ToolError(Exception):
 
 class UsageError(Exception):
     """A bad command line: printed after the tool's usage, exit status 2."""
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, as every tool prints one: ``pydtrace: MESSAGE``."""
+    print(f"pydtrace: {message}", file=sys.stderr, flush=True)

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from dtrace.tools import flamegraph, pystack, report, runner
-from dtrace.tools.base import ScriptTool, cut_note
-from dtrace.tools.errors import UsageError
+from dtrace.tools.command.base import ScriptTool, cut_note
+from dtrace.tools.errors import UsageError, warn
+from dtrace.tools.proc import pystack
+from dtrace.tools.render import flamegraph, report
 
 #: flame's output formats, and the file each writes when -o is not given (None: standard output).
 FLAME_FORMATS = {"svg": "flame.svg", "speedscope": "flame.speedscope.json", "folded": None}
@@ -232,7 +233,7 @@ examples:
                   TIMES)
         note = cut_note(self.names, self.strlen)
         if note:
-            runner.warn(note)
+            warn(note)
 
     def emit(self, root: flamegraph.Frame, args, out, folded_said: str, said: str,
              speedscope: Callable[[], str], svg: Callable[[], str], note: str) -> None:
@@ -254,7 +255,7 @@ examples:
             self.write(args.output, svg())
             out.write(f"wrote {args.output}: {said}; open it in a browser\n")
         if args.output is None:
-            runner.warn(note)
+            warn(note)
         else:
             out.write(note + "\n")
 

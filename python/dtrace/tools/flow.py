@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from dtrace.tools import report
-from dtrace.tools.base import ScriptTool
+from dtrace.tools.command.base import ScriptTool
+from dtrace.tools.render import report
 
 #: A line of flow.bt/flow.d: TIME(us) TID DEPTH -> FUNCTION [C] (FILE:LINE); [C] marks a C function
 #: (--native), whose FILE:LINE is the line that called it.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dtrace.tools import report
-from dtrace.tools.base import ScriptTool
+from dtrace.tools.command.base import ScriptTool
+from dtrace.tools.render import report
 
 
 class GC(ScriptTool):

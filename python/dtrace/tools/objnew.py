@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dtrace.tools import report
-from dtrace.tools.base import ScriptTool, cut_note
+from dtrace.tools.command.base import ScriptTool, cut_note
+from dtrace.tools.render import report
 
 
 class ObjNew(ScriptTool):

@@ -47,9 +47,11 @@ import sys
 import threading
 import time
 
-from dtrace.tools import children, engine, interpreter, programs, pystack, report, runner, scope, tracers
-from dtrace.tools.base import Command
-from dtrace.tools.errors import ToolError
+from dtrace.tools.command import children, engine, interpreter, programs, runner, tracers
+from dtrace.tools.command.base import Command
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pystack, scope
+from dtrace.tools.render import report
 
 #: The exit status for a program the tool refuses (no probe of provider python, and the like).
 BAD_PROGRAM = 2
@@ -239,7 +241,7 @@ examples:
                 target = runner.attach(args.pid, args.inject, args.gdb)
             return self._trace(args, text, depth, tracer, marker, label, scope_text, target, out)
         # The command's Python processes report to the follower: each gets a tracer of its own with
-        # --children, and runs on untraced otherwise (dtrace/tools/children.py).
+        # --children, and runs on untraced otherwise (dtrace/tools/command/children.py).
         self._traces: list[Trace] = []
         self._children: list[threading.Thread] = []
 
@@ -260,7 +262,7 @@ examples:
         finally:
             follower.close()
         if follower.untraced:
-            runner.warn(f"{len(follower.untraced)} Python child processes of the command ran untraced: "
+            warn(f"{len(follower.untraced)} Python child processes of the command ran untraced: "
                         "--children traces them too, each from its first line")
         return code
 
@@ -301,7 +303,7 @@ examples:
             self._trace(args, text, depth, tracer, marker, label, scope_text, target, out, child=True)
         except (ToolError, OSError) as error:
             target.abandon()
-            runner.warn(f"the child process {target.pid} is not traced: {error}")
+            warn(f"the child process {target.pid} is not traced: {error}")
 
 
 def _probe_names() -> list[str]:
@@ -318,7 +320,7 @@ def _is_python(probe: programs.UsdtProbe) -> bool:
     """Whether a usdt attach point names provider python (a provider-less one in the probe object)."""
     if probe.provider:
         return programs.names_matching(probe.provider, ["python"]) == ["python"]
-    return probe.path == "@TARGET@" or bool(runner._PROBE_OBJECT.search(probe.path))
+    return probe.path == "@TARGET@" or bool(procfs.PROBE_OBJECT.search(probe.path))
 
 
 class Trace:
@@ -374,9 +376,9 @@ class Trace:
             if self.interrupts:
                 return 130
             if state == "attached" and code == 0:
-                runner.warn(f"{self.label} ended in its BEGIN, before the trace began{ended}")
+                warn(f"{self.label} ended in its BEGIN, before the trace began{ended}")
                 return 0
-            runner.warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
+            warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
             return code or 1
         if self.target.process is not None:
             # As the other tools: a command that outlives the trace (-d, exit() in the program, a
@@ -386,7 +388,7 @@ class Trace:
             if not self.interrupts and (status := Command.command_status(self.target.process.returncode)):
                 return status
         if code:
-            runner.warn(f"{self.tracer.name} exited with status {code}")
+            warn(f"{self.tracer.name} exited with status {code}")
         return code
 
     # --- output

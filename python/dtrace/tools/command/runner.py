@@ -37,19 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dtrace.tools import pyprocess
-from dtrace.tools.engine import TracerProcess, die_with_parent
-from dtrace.tools.errors import ToolError
-from dtrace.tools.options import STARTUP_TIMEOUT, own_python
-from dtrace.tools.tracers import DTrace, Event, Tracer
+from dtrace.tools.command.engine import TracerProcess, die_with_parent
+from dtrace.tools.command.options import STARTUP_TIMEOUT, own_python
+from dtrace.tools.command.tracers import DTrace, Event, Tracer
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pyprocess
 
 #: Seconds a started command has to exit after SIGTERM before it gets SIGKILL.
 COMMAND_GRACE = 5.0
 
 # --- the target ------------------------------------------------------------------------------
 
-#: The probe object in /proc/PID/maps: dtrace/_native.cpython-312-x86_64-linux-gnu.so and the like.
-_PROBE_OBJECT = re.compile(r"(?:^|/)dtrace/_native[^/]*\.(?:so|dylib|pyd)$")
 _ARM_HINT = (
     "arm it with `import dtrace` in the program, or start it with PYDTRACE=1 in its environment "
     "(pydtrace-rs installed in its Python), or let the tool start it: -c \"COMMAND\""
@@ -105,81 +103,30 @@ class Target:
 
     def describe(self) -> str:
         """``PID 4711 (python app.py)``."""
-        try:
-            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
-                words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
-        except OSError:
-            words = []
-        command = " ".join(words)
+        command = " ".join(procfs.command_line(self.pid))
         if len(command) > 60:
             command = command[:57] + "..."
         return f"PID {self.pid} ({command})" if command else f"PID {self.pid}"
 
 
-def check_running(pid: int) -> None:
-    """Raise ToolError unless a process with this PID runs."""
-    if pid <= 0:
-        raise ToolError(f"{pid} is not a process ID")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        raise pyprocess.gone(pid) from None
-    except PermissionError:
-        pass  # it runs; whether we may trace it is the tracer's question
-
-
-def probe_object(pid: int) -> str | None:
-    """The path of the probe object mapped into process ``pid`` (Linux), or None if it has none.
-
-    Raises ToolError when the maps cannot be read, or when the object was
-    replaced on disk after the process loaded it.
-    """
-    for mapping in pyprocess.mappings(pid):
-        if _PROBE_OBJECT.search(mapping.path):
-            if mapping.deleted:
-                raise ToolError(
-                    f"process {pid} loaded {mapping.path}, which has since been deleted or replaced "
-                    "(pydtrace-rs reinstalled?): the tracer cannot read its probes; restart the process"
-                )
-            return mapping.path
-    return None
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
-
-
-def watcher_running(pid: int) -> bool | None:
-    """Whether the probes' watcher thread runs in ``pid`` (the probes are armed); None if unknown."""
-    if not os.path.isdir(f"/proc/{pid}/task"):
-        return None
-    return bool(pyprocess.watcher_names(pid))
-
-
 def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
     """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux). A Python
-    process that has not is offered the probes (dtrace/tools/inject.py): on a terminal the user
+    process that has not is offered the probes (dtrace/tools/inject/loader.py): on a terminal the user
     is asked; with ``inject`` they are loaded at once (through ``gdb``, on 3.12 and 3.13, when given)."""
-    check_running(pid)
+    procfs.check_running(pid)
     if not sys.platform.startswith("linux"):
         return Target(pid, None)  # DTrace reports a process without the provider itself
-    library = probe_object(pid)
+    library = procfs.probe_object(pid)
     if library is None:
-        from dtrace.tools import inject as injection
+        from dtrace.tools.inject import loader as injection
 
         not_loaded = (f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}; "
                       "or pass --inject to load it into the running process now")
         injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded, gdb)
-        library = probe_object(pid)
+        library = procfs.probe_object(pid)
         if library is None:
             raise ToolError(f"the probes were loaded into process {pid}, but its maps show no probe object")
-    if watcher_running(pid) is False:
+    if pyprocess.watcher_running(pid) is False:
         warn(
             f"process {pid} has loaded dtrace but its probes are not armed (PYDTRACE=0 in its "
             "environment?): they will not fire"
@@ -190,8 +137,8 @@ def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
 def attach_any(pid: int) -> Target:
     """The target of ``-p PID`` for a program that enables no probe of pydtrace-rs (a Python stack
     walk): any running process, whether or not it loaded dtrace; nothing is injected."""
-    check_running(pid)
-    library = probe_object(pid) if sys.platform.startswith("linux") else None
+    procfs.check_running(pid)
+    library = procfs.probe_object(pid) if sys.platform.startswith("linux") else None
     return Target(pid, library)
 
 
@@ -358,10 +305,6 @@ def _close_all(*fds: int) -> None:
 
 
 # --- one run ---------------------------------------------------------------------------------
-
-
-def warn(message: str) -> None:
-    print(f"pydtrace: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from dtrace.tools import pyprocess
 from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import procfs, pyprocess
 
 #: Seconds to wait for the main thread of the target to reach a point where it runs code.
 SAFE_POINT_TIMEOUT = float(os.environ.get("PYDTRACE_INJECT_TIMEOUT", "10"))
@@ -289,9 +289,7 @@ def check_privileges(process: pyprocess.PythonProcess) -> None:
 
 
 def _has_ptrace_capability() -> bool:
-    from dtrace.tools.tracers import _has_capabilities
-
-    return _has_capabilities(19)  # CAP_SYS_PTRACE
+    return procfs.has_capabilities(19)  # CAP_SYS_PTRACE
 
 
 # --- Consent ---------------------------------------------------------------------------------
@@ -336,14 +334,14 @@ def load_probes(pid: int, inject: bool, describe: str, not_loaded: str, gdb: str
     check_privileges(process)
     tracer = tracer_pid(pid)
     if tracer:
-        raise ToolError(f"process {pid} is already traced by process {tracer} ({pyprocess.command_name(tracer)}): "
+        raise ToolError(f"process {pid} is already traced by process {tracer} ({procfs.command_name(tracer)}): "
                         "a process can have only one ptrace tracer (a debugger, strace); detach it first")
     current = state(pid)
     if current in ("T", "t"):
         # gdb would let it run on: a process stopped by job control (or held by a debugger) stays as it is.
         raise ToolError(f"process {pid} is stopped (Ctrl-Z, SIGSTOP, or a debugger holds it): continue it first")
     if current in (None, "Z", "X"):
-        raise pyprocess.gone(pid)
+        raise procfs.gone(pid)
     offered = offered_package(process)
     report = with_remote_exec(process, offered) if how == "remote_exec" else with_gdb(process, offered, debugger)
     outcome(process, report, offered, how)
@@ -419,7 +417,7 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
             libc = pyprocess.ElfFile(process.libc.readable_path(process.pid))
         except (OSError, ValueError):
             libc = None
-    bias = pyprocess.load_bias(pyprocess.mappings(process.pid), process.libc.path, libc) if libc else None
+    bias = pyprocess.load_bias(procfs.mappings(process.pid), process.libc.path, libc) if libc else None
     for name in LIBC_FUNCTIONS:
         if libc is None or bias is None or name not in libc.symbols:
             missing.append(name)
@@ -511,7 +509,7 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None, gdb: str | N
     stopped_by = left.get("stopped_by")
     _check_not_left_stopped(pid, before, stopped_by)
     if stopped_by:
-        print(f"pydtrace: process {pid} was stopped by process {stopped_by} ({pyprocess.command_name(stopped_by)}, "
+        print(f"pydtrace: process {pid} was stopped by process {stopped_by} ({procfs.command_name(stopped_by)}, "
               "SIGSTOP) during the injection: it is left stopped, as it would have been without the tool",
               file=sys.stderr, flush=True)
     stays = "; ".join(left.get("left") or [])
@@ -652,7 +650,7 @@ def _run_gdb(argv: list[str], env: dict[str, str], abort_read: int, abort_write:
 
 def state(pid: int) -> str | None:
     """The process's state letter (R, S, T...), None when it is gone."""
-    fields = pyprocess.status(pid)
+    fields = procfs.status(pid)
     if fields is None or "State" not in fields:
         return None
     return fields["State"].split()[0]
@@ -660,7 +658,7 @@ def state(pid: int) -> str | None:
 
 def tracer_pid(pid: int) -> int:
     """The process that ptrace-traces ``pid`` (a debugger), 0 for none."""
-    fields = pyprocess.status(pid)
+    fields = procfs.status(pid)
     if fields is None or "TracerPid" not in fields:
         return 0
     try:
@@ -709,7 +707,7 @@ def with_remote_exec(process: pyprocess.PythonProcess, offered: str | None) -> d
         tmp = os.open(f"/proc/{pid}/root/tmp", os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
         if not _running(pid):
-            raise pyprocess.gone(pid) from None
+            raise procfs.gone(pid) from None
         raise ToolError(f"cannot reach the /tmp of process {pid}: {error}") from None
     sent = False
     try:
@@ -789,7 +787,7 @@ def _remote_exec(process: pyprocess.PythonProcess, script: str) -> None:
 
 
 def _owner(pid: int) -> tuple[int, int]:
-    fields = pyprocess.status(pid)
+    fields = procfs.status(pid)
     if fields is None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), f"/proc/{pid}/status")
     uid = int(fields["Uid"].split()[0]) if "Uid" in fields else 0

@@ -1,6 +1,6 @@
 """The tracer engine: the one way a tool starts, reads, stops and reaps a tracer process.
 
-Every tool's :class:`~dtrace.tools.runner.Session` (bpftrace's JSON read as events) and
+Every tool's :class:`~dtrace.tools.command.runner.Session` (bpftrace's JSON read as events) and
 ``run``'s pass-through of the user's program (raw output, as it comes) run their tracer
 through a :class:`TracerProcess`:
 
@@ -158,7 +158,7 @@ class TracerProcess:
     """One tracer process, from its start to its reaping (see the module doc).
 
     ``leaving(line, signalled)``: the tracer's own sign that it has left its event loop
-    (:meth:`dtrace.tools.tracers.Tracer.leaving`). ``raw``: the output as byte chunks as they
+    (:meth:`dtrace.tools.command.tracers.Tracer.leaving`). ``raw``: the output as byte chunks as they
     come, rather than as lines. ``on_stderr``: called with each line of its stderr (from the
     reader's thread) instead of keeping them in ``stderr_lines``.
     """

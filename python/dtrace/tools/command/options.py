@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 
 from dtrace.tools.errors import UsageError
-from dtrace.tools.pystack import DEFAULT_DEPTH
+from dtrace.tools.proc.pystack import DEFAULT_DEPTH
 
 #: Exit status of a usage error (argparse's convention) and of a failure the user can act on.
 EXIT_USAGE = 2
@@ -90,7 +90,7 @@ class Options:
     inject: bool = False
     #: --gdb: the gdb that --inject runs on 3.12 and 3.13 (None: $PYDTRACE_GDB, else gdb on PATH).
     gdb: str | None = None
-    #: --children: trace the Python processes a -c command starts too (dtrace/tools/children.py).
+    #: --children: trace the Python processes a -c command starts too (dtrace/tools/command/children.py).
     children: bool = False
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()

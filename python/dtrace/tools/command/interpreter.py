@@ -38,8 +38,9 @@ import re
 import struct
 import sys
 
-from dtrace.tools import elfnotes, programs
+from dtrace.tools.command import programs
 from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import elfnotes, procfs
 
 #: The cast that gives an argument narrower than 64 bits its type back, by its size in the note;
 #: and a 64-bit one the type a USDT probe's argN has (int64, where a uprobe's is uint64: bpftrace
@@ -57,14 +58,10 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
         return {}
     candidates = []
     try:
-        candidates.append(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
-    except OSError:
+        candidates.append(procfs.executable(pid).removesuffix(" (deleted)"))
+    except ToolError:
         pass
-    try:
-        candidates += [path for path in elfnotes.mapped_objects(pid)
-                       if os.path.basename(path).startswith("libpython")]
-    except OSError:
-        pass
+    candidates += [path for path in procfs.mapped_objects(pid) if os.path.basename(path).startswith("libpython")]
     found: dict[str, str] = {}
     for path in candidates:
         if path == library:

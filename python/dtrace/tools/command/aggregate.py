@@ -32,8 +32,9 @@ import struct
 import threading
 import time
 
-from dtrace.tools import pyprocess, runner
-from dtrace.tools.errors import ToolError
+from dtrace.tools.command import runner
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pyprocess
 
 #: The exported array of flush requests in the probe object (src/aggregate.rs).
 SYMBOL = "pydtrace_flush_requests"
@@ -121,7 +122,7 @@ class Aggregation:
         self.flusher = Flusher(self.target.pid, self.target.library)
         if self.target.process is None:
             if not self.flusher.request():
-                raise pyprocess.gone(self.target.pid)
+                raise procfs.gone(self.target.pid)
             deadline = time.monotonic() + FLUSH_TIMEOUT
             try:
                 for event in self.session.events(timeout=FLUSH_TIMEOUT):
@@ -142,7 +143,7 @@ class Aggregation:
             now = time.monotonic()
             if self.final_at is not None:
                 if now - self.final_at > FLUSH_TIMEOUT:
-                    runner.warn(f"process {self.target.pid} did not flush within {FLUSH_TIMEOUT:g} s: what it "
+                    warn(f"process {self.target.pid} did not flush within {FLUSH_TIMEOUT:g} s: what it "
                                 "gathered since its last flush (at most a second) is missing")
                     self.complete = True  # said once, here
                     self._stop()
@@ -163,7 +164,7 @@ class Aggregation:
             if not self.flusher.request():
                 self._done.set()  # the process has gone: the tracer ends by itself
         except ToolError as err:
-            runner.warn(str(err))
+            warn(str(err))
 
     def finish(self) -> None:
         """Ask for the last flush; the tracer is stopped at its end."""
@@ -187,7 +188,7 @@ class Aggregation:
         """Say so when the trace ended without a last flush: the process died without its exit
         flush (a signal, ``os._exit``), or did not answer the tool's."""
         if not self.complete:
-            runner.warn(f"process {self.target.pid} ended without its last flush (killed by a signal, "
+            warn(f"process {self.target.pid} ended without its last flush (killed by a signal, "
                         "os._exit?): what it counted since its previous flush (at most a second) is missing")
 
     def _stop(self) -> None:

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from dtrace.tools import aggregate, children, engine, interpreter, pystack, report, runner, scope, tracers
-from dtrace.tools.errors import ToolError
-from dtrace.tools.options import Options
+from dtrace.tools.command import aggregate, children, engine, interpreter, runner, tracers
+from dtrace.tools.command.options import Options
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pystack, scope
+from dtrace.tools.render import report
 
 
 #: The bundled scripts, installed with the package.
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def script_text(name: str, dialect: str) -> str:
@@ -92,7 +94,7 @@ class Command:
             return probes
         missing = [p for p in probes if p not in _native.ARMABLE_PROBES]
         if missing:
-            runner.warn(
+            warn(
                 f"this build of pydtrace-rs does not fire {', '.join(missing)} yet: "
                 "the output will have no such events"
             )
@@ -102,7 +104,7 @@ class Command:
     def stop_command(target: runner.Target) -> int:
         """The trace ended (-d, a stop signal, the tracer) while the command it started runs: the
         command is stopped with it (SIGTERM, then SIGKILL after COMMAND_GRACE seconds)."""
-        runner.warn(f"the trace has ended: stopping the command (PID {target.pid}) with SIGTERM")
+        warn(f"the trace has ended: stopping the command (PID {target.pid}) with SIGTERM")
         target.stop()
         return 0
 
@@ -117,9 +119,9 @@ class Command:
                 name = signal.Signals(-status).name
             except ValueError:
                 name = f"signal {-status}"
-            runner.warn(f"the command was killed by {name}")
+            warn(f"the command was killed by {name}")
             return 128 - status
-        runner.warn(f"the command exited with status {status}")
+        warn(f"the command exited with status {status}")
         return status
 
 
@@ -130,7 +132,7 @@ class ScriptTool(Command):
     #: Script files: scripts/SCRIPT.bt and scripts/SCRIPT.d.
     script = ""
     #: The bpftrace script on the aggregate probes (scripts/NAME.bt), run unless --per-event:
-    #: the process counts inside itself and reports at each flush (tools/aggregate.py).
+    #: the process counts inside itself and reports at each flush (tools/command/aggregate.py).
     aggregate_script = ""
     #: The run's flushes, while it aggregates.
     aggregation: aggregate.Aggregation | None = None
@@ -180,7 +182,7 @@ class ScriptTool(Command):
         interval = getattr(args, "interval", None)
         if aggregated:
             # The tool times -d and -i itself: it asks for a flush, and the end of the flush prints
-            # the interval's maps (tools/aggregate.py).
+            # the interval's maps (tools/command/aggregate.py).
             if interval:
                 text = text.replace("\t// interval\n", self._interval_body(text) + "\n", 1)
             return text
@@ -302,7 +304,7 @@ class ScriptTool(Command):
         follower = None
         if options.argv:
             # Every Python process of the command's tree reports to the follower: traced with
-            # --children, counted otherwise (dtrace/tools/children.py).
+            # --children, counted otherwise (dtrace/tools/command/children.py).
             follower = children.Follower(
                 options.children,
                 lambda child: self._follow(child, options, tracer, program, probes, scope_text, out))
@@ -326,7 +328,7 @@ class ScriptTool(Command):
         """The run once the target is known: the root process's tracer, then what its
         children's tracers report."""
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
-        # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
+        # attached by address, and asked for through the lease (dtrace/tools/command/interpreter.py).
         try:
             program = self.bind(program, target.pid)
             program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
@@ -421,7 +423,7 @@ class ScriptTool(Command):
             if gathered.maps or not self.intervals or not getattr(options, "interval", None):
                 tool.report(gathered.maps, options, buffer, None, session)
             tool.finish(options, buffer, session)
-            ended = "ended" if not runner.alive(target.pid) else "still running"
+            ended = "ended" if not procfs.alive(target.pid) else "still running"
             if not self.streaming:
                 self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
             tool.warn_incomplete(session, options, f"PID {target.pid}: ")
@@ -433,11 +435,11 @@ class ScriptTool(Command):
                           f"PID {target.pid}: ")
         except (ToolError, OSError, TimeoutError) as error:
             target.abandon()
-            if not runner.alive(target.pid):
+            if not procfs.alive(target.pid):
                 # Its parent ended it (a pool's terminate()) while it waited: it ran none of its code.
                 self._section(out, f"{described}, a child process (ended before its tracer attached)", "")
             else:
-                runner.warn(f"the child process {described} is not traced: {error}")
+                warn(f"the child process {described} is not traced: {error}")
         finally:
             if tool is not None and tool.aggregation is not None:
                 tool.aggregation.close()
@@ -462,7 +464,7 @@ class ScriptTool(Command):
         follower.close()
         untraced = follower.untraced
         if untraced:
-            runner.warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
+            warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
                         f"{', '.join(map(str, untraced[:8]))}{', ...' if len(untraced) > 8 else ''}): "
                         "--children traces them too, each from its first line")
 
@@ -560,23 +562,23 @@ class ScriptTool(Command):
     def warn_incomplete(self, session: runner.Session, args: Options, who: str = "") -> None:
         """Never a silently wrong table: say what the tracer lost (``who``: the process, for a child)."""
         if session.killed:
-            runner.warn(
+            warn(
                 f"{session.tracer.name} did not stop after two SIGINTs and was killed: "
                 "what it gathered last is lost"
             )
         if session.lost:
-            runner.warn(
+            warn(
                 f"{who}{session.lost} events were lost (the tracer's output buffer overflowed): "
                 "the output above is incomplete"
             )
         if session.map_full:
             limit = args.max_keys or self.max_keys
-            runner.warn(
+            warn(
                 f"{session.map_full} map updates failed because a map was full "
                 f"({limit} keys): the counts above are incomplete; raise the limit with --max-keys"
             )
         for error, count in session.helper_errors.items():
-            runner.warn(f"{count} tracer helper errors: {error}")
+            warn(f"{count} tracer helper errors: {error}")
         errors = session.errors()
         if errors:
             print(errors, file=sys.stderr)
@@ -606,7 +608,7 @@ class Gathered:
 def warn_dropped(dropped: int, prefix: str = "") -> None:
     """Say that an aggregating process reached a bound, if it did."""
     if dropped:
-        runner.warn(f"{prefix}{dropped} calls or lines were not gathered: the process reached a bound of its "
+        warn(f"{prefix}{dropped} calls or lines were not gathered: the process reached a bound of its "
                     "aggregation (the call tree's nodes, a code object's lines; docs/probes.md)")
 
 
@@ -666,7 +668,7 @@ def cost_note(by_file: dict[str, int], seconds: float, lost: int, options: Optio
         lines.append(f"Within the scope, most events came from: {where}: narrow it further.")
     lines.append("For where time goes, sample instead of tracing every call (flame --sample, or perf, "
                  "py-spy): the cost does not grow with the calls.")
-    runner.warn(" ".join(lines))
+    warn(" ".join(lines))
 
 
 class Prefixed(io.TextIOBase):

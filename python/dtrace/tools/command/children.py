@@ -38,7 +38,7 @@ import tempfile
 import threading
 from typing import Callable
 
-from dtrace.tools import runner
+from dtrace.tools.command import runner
 
 #: The variable that names the tool's socket in the traced command's environment.
 VARIABLE = "PYDTRACE_FOLLOW"
