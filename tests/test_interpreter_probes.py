@@ -26,7 +26,7 @@ import pytest
 import dtrace
 from dtrace.tools import SCRIPT_TOOLS
 from dtrace.tools.command import interpreter, programs
-from dtrace.tools.proc import elfnotes
+from dtrace.tools.proc import elf
 from tracing import STEP_TIMEOUT, Bpftrace, Workload, handshake, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
@@ -56,7 +56,7 @@ def needs_own_probes(*names: str):
 def test_probes_both_declare_are_bound_by_address_the_others_by_path(script):
     text = script.read_text()
     bound, by_address = interpreter.bind(text, LIBRARY, DECLARED_BY_315)
-    sites = {p.location: p.name for p in elfnotes.read(LIBRARY).probes if p.provider == "python"}
+    sites = {p.location: p.name for p in elf.read(LIBRARY).probes if p.provider == "python"}
     used = set()
     for clause in programs.clauses(bound):
         for point in clause.attach_points:

@@ -29,7 +29,8 @@ import pytest
 
 import dtrace
 from dtrace.tools.errors import ToolError
-from dtrace.tools.proc import pyprocess, scope as tool_scope, scope
+from dtrace.tools.proc import scope as tool_scope
+from dtrace.tools.proc.elf import ElfFile
 from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
 
 native = dtrace._native
@@ -104,7 +105,7 @@ def test_the_tools_read_the_channel_the_module_writes():
     layout = dict(native.scope_channel_layout())
     assert layout.pop("size") == layout["slots"] + layout["slot_count"] * layout["slot_size"]
     assert layout == tool_scope.LAYOUT
-    assert pyprocess.ElfFile(dtrace.library_path()).symbols.get(tool_scope.SYMBOL) is not None
+    assert ElfFile(dtrace.library_path()).symbols.get(tool_scope.SYMBOL) is not None
 
 
 # --- a scoped process, driven line by line ----------------------------------------------------

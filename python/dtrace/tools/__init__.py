@@ -12,8 +12,8 @@ only the layers below it (each subpackage's docstring says which):
   process: start, read, stop, reap), ``runner`` (the target, a tool's session), ``base``
   (``Command`` and ``ScriptTool``), ``programs``, ``interpreter``, ``aggregate``, ``children``.
 - ``inject/``: loading pydtrace-rs into a running process (``loader``; ``gdb_inject``, run in gdb).
-- ``proc/``: what is read from another process: ``procfs`` (``/proc/PID/*``), ``elfnotes`` (its
-  ELF objects), ``pyprocess`` (its interpreter), ``pystack`` (its Python stacks), ``scope`` (the
+- ``proc/``: what is read from another process: ``procfs`` (``/proc/PID/*``), ``elf`` (its ELF
+  objects), ``pyprocess`` (its interpreter), ``pystack`` (its Python stacks), ``scope`` (the
   scope channel's lease).
 - ``render/``: output: ``report`` (tables, histograms), ``flamegraph`` (SVG, speedscope, folded).
 - ``errors``: ``ToolError`` and ``UsageError`` (what the command line prints, and its exit

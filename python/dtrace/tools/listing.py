@@ -8,7 +8,7 @@ from dtrace import _native
 from dtrace.tools.command import interpreter, runner, tracers
 from dtrace.tools.command.base import Command
 from dtrace.tools.errors import ToolError
-from dtrace.tools.proc import elfnotes, procfs, pyprocess, scope
+from dtrace.tools.proc import elf, procfs, pyprocess, scope
 from dtrace.tools.render import report
 
 #: The arguments of each probe, from the provider's contract (provider/pydtrace.d, compiled in).
@@ -82,16 +82,16 @@ examples:
     def show(self, pid: int | None, library: str | None, out) -> None:
         if library is None:
             raise ToolError(f"process {pid} reported no probe object")
-        ours = elfnotes.read(library)
+        ours = elf.read(library)
         if ours is None:
             raise ToolError(f"{library} has no SDT probes")
         declared = interpreter.declared(pid, library) if pid is not None else {}
-        enabled = elfnotes.semaphores(pid, ours) if pid is not None else None
+        enabled = elf.semaphores(pid, ours) if pid is not None else None
         # The interpreter's own semaphores, for the probes it declares too.
         theirs: dict[str, int] | None = {}
         for path in sorted(set(declared.values())):
-            obj = elfnotes.read(path)
-            values = elfnotes.semaphores(pid, obj) if obj is not None else None
+            obj = elf.read(path)
+            values = elf.semaphores(pid, obj) if obj is not None else None
             if values is None:
                 theirs = None
                 break

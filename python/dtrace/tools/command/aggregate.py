@@ -34,7 +34,7 @@ import time
 
 from dtrace.tools.command import runner
 from dtrace.tools.errors import ToolError, warn
-from dtrace.tools.proc import procfs, pyprocess
+from dtrace.tools.proc import elf, procfs
 
 #: The exported array of flush requests in the probe object (src/aggregate.rs).
 SYMBOL = "pydtrace_flush_requests"
@@ -56,7 +56,7 @@ class Flusher:
 
     def __init__(self, pid: int, library: str | None) -> None:
         self.pid = pid
-        address = pyprocess.symbol_address(pid, library, SYMBOL) if library else None
+        address = elf.symbol_address(pid, library, SYMBOL) if library else None
         if address is None:
             raise ToolError(f"the pydtrace-rs in process {pid} cannot be asked for a flush (its probe object "
                             f"has no {SYMBOL}: older than aggregation in the process); trace with --per-event")

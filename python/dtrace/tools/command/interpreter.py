@@ -40,7 +40,7 @@ import sys
 
 from dtrace.tools.command import programs
 from dtrace.tools.errors import ToolError
-from dtrace.tools.proc import elfnotes, procfs
+from dtrace.tools.proc import elf, procfs
 
 #: The cast that gives an argument narrower than 64 bits its type back, by its size in the note;
 #: and a 64-bit one the type a USDT probe's argN has (int64, where a uprobe's is uint64: bpftrace
@@ -69,7 +69,7 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
         if not os.access(path, os.R_OK) and os.path.exists(f"/proc/{pid}/root{path}"):
             path = f"/proc/{pid}/root{path}"  # another mount namespace (a container)
         try:
-            obj = elfnotes.read(path)
+            obj = elf.read(path)
         except (ValueError, IndexError, struct.error) as error:
             raise ToolError(f"cannot read the SDT notes of {path}, process {pid}'s interpreter ({error}): "
                             "cannot tell which probes it fires itself") from None
@@ -79,12 +79,12 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
     return found
 
 
-def sites(library: str) -> dict[str, list[elfnotes.Probe]]:
+def sites(library: str) -> dict[str, list[elf.Probe]]:
     """The probe object's probes of provider python, by name, each with its sites."""
-    obj = elfnotes.read(library)
+    obj = elf.read(library)
     if obj is None:
         raise ToolError(f"cannot read the SDT notes of the probe object {library}")
-    found: dict[str, list[elfnotes.Probe]] = {}
+    found: dict[str, list[elf.Probe]] = {}
     for probe in obj.probes:
         if probe.provider == "python":
             found.setdefault(probe.name, []).append(probe)

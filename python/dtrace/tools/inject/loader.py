@@ -31,6 +31,7 @@ from pathlib import Path
 
 from dtrace.tools.errors import ToolError
 from dtrace.tools.proc import procfs, pyprocess
+from dtrace.tools.proc.elf import ElfFile, load_bias
 
 #: Seconds to wait for the main thread of the target to reach a point where it runs code.
 SAFE_POINT_TIMEOUT = float(os.environ.get("PYDTRACE_INJECT_TIMEOUT", "10"))
@@ -414,10 +415,10 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
     libc = None
     if process.libc is not None:
         try:
-            libc = pyprocess.ElfFile(process.libc.readable_path(process.pid))
+            libc = ElfFile(process.libc.readable_path(process.pid))
         except (OSError, ValueError):
             libc = None
-    bias = pyprocess.load_bias(procfs.mappings(process.pid), process.libc.path, libc) if libc else None
+    bias = load_bias(procfs.mappings(process.pid), process.libc.path, libc) if libc else None
     for name in LIBC_FUNCTIONS:
         if libc is None or bias is None or name not in libc.symbols:
             missing.append(name)

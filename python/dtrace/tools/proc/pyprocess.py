@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dtrace.tools.errors import ToolError
 from dtrace.tools.proc import procfs
+from dtrace.tools.proc.elf import ElfFile, load_bias
 from dtrace.tools.proc.procfs import Mapping
 
 #: A libpython in /proc/PID/maps: libpython3.12.so.1.0, libpython3.13t.so, libpython3.12d.so...
@@ -33,71 +34,6 @@ _EXECUTABLE = re.compile(r"(?:^|/)python(\d+)\.(\d+)([a-z]*)$")
 _FREE_THREADED_SYMBOLS = ("_Py_DecRefShared", "_Py_MergeZeroLocalRefcount")
 #: The oldest interpreter pydtrace-rs supports.
 OLDEST = (3, 12)
-
-
-class ElfFile:
-    """The dynamic symbols of an ELF object and a way to read its initialized data (64-bit,
-    either byte order): what is needed to find a function or read a constant."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        with open(path, "rb") as f:
-            ident = f.read(64)
-            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2:
-                raise ValueError("not a 64-bit ELF object")
-            end = "<" if ident[5] == 1 else ">"
-            self.byte_order = end
-            e_phoff, e_shoff = struct.unpack_from(end + "QQ", ident, 0x20)
-            e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(end + "HHHHH", ident, 0x36)
-            f.seek(e_phoff)
-            headers = f.read(e_phentsize * e_phnum)
-            self.loads = []  # (vaddr, offset, filesz) of each PT_LOAD
-            for i in range(e_phnum):
-                p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(end + "IIQQQQ", headers, i * e_phentsize)
-                if p_type == 1:
-                    self.loads.append((p_vaddr, p_offset, p_filesz))
-            f.seek(e_shoff)
-            table = f.read(e_shentsize * e_shnum)
-            sections = [struct.unpack_from(end + "IIQQQQIIQQ", table, i * e_shentsize) for i in range(e_shnum)]
-            self.symbols: dict[str, tuple[int, int]] = {}
-            for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
-                if kind != 11 or not entsize:  # SHT_DYNSYM
-                    continue
-                f.seek(offset)
-                data = f.read(size)
-                strings_header = sections[link]
-                f.seek(strings_header[4])
-                strings = f.read(strings_header[5])
-                for i in range(size // entsize):
-                    st_name, st_info, _other, st_shndx, st_value, st_size = struct.unpack_from(
-                        end + "IBBHQQ", data, i * entsize)
-                    if st_shndx == 0 or not st_name:  # undefined here
-                        continue
-                    name = strings[st_name : strings.index(b"\0", st_name)].decode(errors="replace")
-                    self.symbols[name] = (st_value, st_size)
-
-    def read(self, vaddr: int, size: int) -> bytes | None:
-        """``size`` bytes of the file's image at link-time address ``vaddr`` (from a PT_LOAD)."""
-        for start, offset, filesz in self.loads:
-            if start <= vaddr and vaddr + size <= start + filesz:
-                with open(self.path, "rb") as f:
-                    f.seek(offset + vaddr - start)
-                    return f.read(size)
-        return None
-
-    def unsigned(self, name: str) -> int | None:
-        """The value of the constant ``name`` (an unsigned integer of its symbol's size)."""
-        if name not in self.symbols:
-            return None
-        vaddr, size = self.symbols[name]
-        data = self.read(vaddr, size)
-        if data is None or size not in (4, 8):
-            return None
-        return struct.unpack(self.byte_order + ("I" if size == 4 else "Q"), data)[0]
-
-
-def version_text(version: tuple[int, ...]) -> str:
-    return ".".join(str(part) for part in version)
 
 
 @dataclass
@@ -131,31 +67,6 @@ class PythonProcess:
         if self.elf is None or self.bias is None or name not in self.elf.symbols:
             return None
         return self.bias + self.elf.symbols[name][0]
-
-
-def load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
-    """Where ``path`` is loaded: its first mapping's start minus its first segment's address."""
-    if not elf.loads:
-        return None
-    vaddr, offset, _ = elf.loads[0]
-    for mapping in maps:
-        if mapping.path == path and mapping.offset == offset - offset % 4096:
-            return mapping.start - (vaddr - vaddr % 4096)
-    return None
-
-
-def symbol_address(pid: int, library: str, name: str) -> int | None:
-    """Where process ``pid`` has the dynamic symbol ``name`` of ``library`` (an object it loaded and
-    that was not replaced since); None when the object has no such symbol or is not mapped."""
-    try:
-        elf = ElfFile(library)
-    except (OSError, ValueError, IndexError, struct.error):  # unreadable, or no 64-bit ELF object
-        return None
-    symbol = elf.symbols.get(name)
-    if symbol is None:
-        return None
-    bias = load_bias([m for m in procfs.mappings(pid) if not m.deleted], library, elf)
-    return None if bias is None else bias + symbol[0]
 
 
 def identify(pid: int) -> PythonProcess:

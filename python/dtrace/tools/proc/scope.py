@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dtrace.tools.errors import ToolError, UsageError, warn
-from dtrace.tools.proc import procfs, pyprocess
+from dtrace.tools.proc import procfs
+from dtrace.tools.proc.elf import ElfFile, load_bias
 
 if TYPE_CHECKING:  # annotations only: the target is the command layer's, above this one
     from dtrace.tools.command.runner import Target
@@ -217,7 +218,7 @@ class Channel:
         if library is None:
             raise ToolError(f"process {pid} has not loaded the dtrace module (pydtrace-rs)")
         try:
-            elf = pyprocess.ElfFile(library)
+            elf = ElfFile(library)
         except (OSError, ValueError, IndexError, struct.error):  # unreadable, or no 64-bit ELF object
             elf = None
         symbol = elf.symbols.get(SYMBOL) if elf is not None else None
@@ -229,7 +230,7 @@ class Channel:
             maps = [m for m in procfs.mappings(pid) if not m.deleted]
         except (OSError, ToolError):
             maps = []
-        bias = pyprocess.load_bias(maps, library, elf)
+        bias = load_bias(maps, library, elf)
         if bias is None:
             raise ToolError(f"cannot find where process {pid} mapped {library} (in /proc/{pid}/maps)")
         return bias + symbol[0]
