@@ -177,7 +177,7 @@ def figures(values: list[float]) -> str:
 
 
 def run(attempts: int, shapes: list[str]) -> None:
-    from dtrace.tools.inject import loader as inject
+    from dtrace.tools.inject import gdb as inject_gdb
 
     import sysconfig
 
@@ -185,8 +185,8 @@ def run(attempts: int, shapes: list[str]) -> None:
     way = "gdb" if sys.version_info < (3, 14) else "sys.remote_exec"
     gdb = ""
     if way == "gdb":
-        path = inject.gdb_path()
-        gdb = f" ({inject.gdb_version(path)})"
+        path = inject_gdb.gdb_path()
+        gdb = f" ({inject_gdb.gdb_version(path)})"
     print(f"CPython {sys.version.split()[0]} ({sys.executable}), through {way}{gdb}, {attempts} attempts per shape",
           file=sys.stderr, flush=True)
     for shape in shapes:

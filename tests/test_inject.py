@@ -46,7 +46,9 @@ import pytest
 
 import dtrace
 from dtrace.tools.errors import ToolError
+from dtrace.tools.inject import gdb as inject_gdb
 from dtrace.tools.inject import loader as inject
+from dtrace.tools.inject import payload, ptrace
 from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
 
 #: How many calls of marked() the phase makes.
@@ -94,7 +96,7 @@ def require_gdb() -> str:
     PYDTRACE_REQUIRE_TRACER=1."""
     require_tracer()
     try:
-        gdb = inject.gdb_path()
+        gdb = inject_gdb.gdb_path()
         problem = register_problem(gdb)
         reason = (None if problem is None else
                   f"{gdb} cannot write registers back on this machine ({problem}): set PYDTRACE_GDB to a gdb "
@@ -892,12 +894,12 @@ def test_without_ptrace_rights_the_message_explains_yama():
     workload = Workload("busy-threads", sys.executable)
     try:
         code = ("import os, sys\n"
-                "from dtrace.tools.inject import loader as inject\nfrom dtrace.tools.proc import pyprocess\n"
+                "from dtrace.tools.inject import ptrace\nfrom dtrace.tools.proc import pyprocess\n"
                 "from dtrace.tools.errors import ToolError\n"
                 f"process = pyprocess.identify({workload.pid})\n"
                 "os.seteuid(65534)\n"
                 "try:\n"
-                "    inject.check_privileges(process)\n"
+                "    ptrace.check_privileges(process)\n"
                 "except ToolError as error:\n"
                 "    print(error)\n")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP_TIMEOUT)
@@ -905,7 +907,7 @@ def test_without_ptrace_rights_the_message_explains_yama():
         assert f"cannot inject into process {workload.pid}: Permission denied" in done.stdout, done.stdout
         for phrase in ("CAP_SYS_PTRACE", "ptrace_scope", "0 (classic)", "1 (restricted)", "2 (admin-only)",
                        "3 (no attach)"):
-            assert phrase in done.stdout or phrase in inject.ptrace_explanation(workload.pid), phrase
+            assert phrase in done.stdout or phrase in ptrace.ptrace_explanation(workload.pid), phrase
         assert "ptrace" in done.stdout
     finally:
         workload.kill()
@@ -957,13 +959,13 @@ def test_list_says_how_the_probes_got_there(how):
 
 def test_the_documentation_shows_the_code_run_in_the_target():
     text = (ROOT / "docs" / "injection.md").read_text()
-    assert inject.CODE in text
-    compile(inject.code("gdb", "/somewhere/dtrace"), "<injected>", "exec")
+    assert payload.CODE in text
+    compile(payload.code("gdb", "/somewhere/dtrace"), "<injected>", "exec")
 
 
 def test_the_gdb_script_is_shipped_beside_the_tool():
-    assert inject.GDB_SCRIPT.is_file()
-    compile(inject.GDB_SCRIPT.read_text(), str(inject.GDB_SCRIPT), "exec")
+    assert inject_gdb.GDB_SCRIPT.is_file()
+    compile(inject_gdb.GDB_SCRIPT.read_text(), str(inject_gdb.GDB_SCRIPT), "exec")
 
 
 # --- Asked on a terminal; Ctrl-C while waiting; a forked child says where its probes came from -----
@@ -1343,7 +1345,7 @@ def broken_gdbs(stand_in: str) -> list[str]:
     with AMX)."""
     found = [stand_in]
     system = shutil.which("gdb")
-    if system is not None and os.path.realpath(system) != os.path.realpath(inject.gdb_path()) \
+    if system is not None and os.path.realpath(system) != os.path.realpath(inject_gdb.gdb_path()) \
             and register_problem(system) is not None:
         found.append(system)
     return found

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import dtrace
+from dtrace.tools.command import runner
 from dtrace.tools.errors import ToolError
 from dtrace.tools.proc import scope as tool_scope
 from dtrace.tools.proc.elf import ElfFile
@@ -286,6 +287,7 @@ def lease(pid: int, text: str) -> tool_scope.Lease:
 
 HOLDER = r'''
 import os, sys
+from dtrace.tools.proc import scope
 held = scope.Lease(scope.Channel(int(sys.argv[1])), sys.argv[2])
 print("HELD", flush=True)
 if sys.argv[3] == "exit":
@@ -480,7 +482,7 @@ def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):
 def test_a_process_with_its_probes_disarmed_cannot_take_a_scope(scoped):
     process = scoped(PYDTRACE="0")
     assert not process.ready["armed"]
-    target = tool_scope.runner.Target(process.pid, process.library)
+    target = runner.Target(process.pid, process.library)
     with pytest.raises(ToolError, match="not armed .* cannot take a scope"):
         tool_scope.open_session(None, target, "module:x")
 

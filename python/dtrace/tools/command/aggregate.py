@@ -6,7 +6,7 @@ builds the call tree) inside itself, with no event per call or line, and reports
 through those probes at each flush (``src/aggregate.rs``, docs/probes.md). The process flushes every
 second by itself and at exit; a tool asks for a flush by writing its PID into a free slot of the
 exported array ``pydtrace_flush_requests`` through ``/proc/PID/mem`` (under the exclusive ``flock`` on
-that file that the scope channel's tools hold too, ``scope.py``). The watcher thread sees the request
+that file that the scope channel's tools hold too, ``proc/scope.py``). The watcher thread sees the request
 within a poll (20 ms), has the flush run with the GIL, and ends it with ``aggregate__flush(PID, 0)``,
 on which the tool's program prints ``pydtrace: flushed``. A request while nothing is gathered is
 answered at once with an empty flush.

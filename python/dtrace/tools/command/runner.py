@@ -5,7 +5,7 @@ The steps, for ``python -m dtrace TOOL``:
 1. The tracer is chosen (bpftrace on Linux, dtrace on macOS and illumos) and
    checked: installed, and run with enough privileges.
 2. The target: ``-p PID`` checks that the process runs and has loaded the
-   probe object (``dtrace/_native*.so``), else offers to load it (``inject.py``);
+   probe object (``dtrace/_native*.so``), else offers to load it (``inject/loader.py``);
    ``-c COMMAND`` starts the command with ``PYDTRACE=1`` and
    ``PYDTRACE_STARTUP=WFD,RFD`` (two pipes): its first
    interpreter reports ``PID LIBRARY`` and waits (see ``dtrace._startup``).

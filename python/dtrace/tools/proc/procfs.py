@@ -160,6 +160,25 @@ def has_capabilities(*bits: int) -> bool:
     return all(effective >> bit & 1 for bit in bits)
 
 
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, T...), None when it is gone."""
+    fields = status(pid)
+    if fields is None or "State" not in fields:
+        return None
+    return fields["State"].split()[0]
+
+
+def tracer_pid(pid: int) -> int:
+    """The process that ptrace-traces ``pid`` (a debugger), 0 for none."""
+    fields = status(pid)
+    if fields is None or "TracerPid" not in fields:
+        return 0
+    try:
+        return int(fields["TracerPid"].split()[0])
+    except ValueError:
+        return 0
+
+
 # --- what it runs ------------------------------------------------------------------------------
 
 

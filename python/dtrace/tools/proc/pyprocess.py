@@ -15,7 +15,6 @@ owner, or root); thread names need none.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -34,6 +33,10 @@ _EXECUTABLE = re.compile(r"(?:^|/)python(\d+)\.(\d+)([a-z]*)$")
 _FREE_THREADED_SYMBOLS = ("_Py_DecRefShared", "_Py_MergeZeroLocalRefcount")
 #: The oldest interpreter pydtrace-rs supports.
 OLDEST = (3, 12)
+
+
+def version_text(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
 
 
 @dataclass
