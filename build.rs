@@ -108,7 +108,11 @@ fn main() {
     match backend {
         Backend::Stapsdt => {
             let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-            write("fire.rs", stapsdt_probes(probes, &arch));
+            let version = pyo3_build_config::get().version();
+            write(
+                "fire.rs",
+                stapsdt_probes(probes, &arch, (version.major, version.minor)),
+            );
         }
         Backend::Usdt => {
             build_usdt(&out_dir);

@@ -1,8 +1,8 @@
 """The sections of BENCHMARKS.md that one script each writes, found by their markers.
 
 benches/report.py rewrites the page from its own results; the sections measured apart
-(interpreters built --with-dtrace, scoped tracing, C function probes, attach latency, Python
-stacks) sit between markers, and each script replaces only its own. This module is the one
+(interpreters built --with-dtrace, scoped tracing, C function probes, the counting tools, attach
+latency, Python stacks) sit between markers, and each script replaces only its own. This module is the one
 place that finds, keeps and replaces them.
 """
 
@@ -19,9 +19,11 @@ SCOPE = ("<!-- scope:begin -->", "<!-- scope:end -->")  # benches/scope.py
 CFUNCTION = ("<!-- cfunction:begin -->", "<!-- cfunction:end -->")  # measured apart, written by hand
 ATTACH_LATENCY = ("<!-- attach-latency: written by benches/attach_latency.py -->", "<!-- /attach-latency -->")
 PYSTACK = ("<!-- pystack:begin -->", "<!-- pystack:end -->")  # benches/pystack_cost.py's output, written by hand
+#: benches/tool_overhead.py --markdown's table, with its reading written by hand.
+COUNTING_TOOLS = ("<!-- counting-tools:begin -->", "<!-- counting-tools:end -->")
 
 #: Every owned section, in the order report.py keeps them.
-OWNED = (WITH_DTRACE, SCOPE, CFUNCTION, ATTACH_LATENCY, PYSTACK)
+OWNED = (WITH_DTRACE, SCOPE, CFUNCTION, COUNTING_TOOLS, ATTACH_LATENCY, PYSTACK)
 
 
 def kept(output: Path, markers: tuple[str, str]) -> list[str]:

@@ -215,9 +215,37 @@ fn sized_register(arch: &str, register: &str, bytes: u32) -> String {
     }
 }
 
+/// The probes that a CPython built `--with-dtrace` fires itself from some version on, with the
+/// number of this provider's arguments that its own declaration has: 3.15 brought back
+/// `function__entry` and `function__return` with (filename, funcname, lineno), no `qualname`.
+///
+/// bcc merges the sites of one probe name in all the objects of a process into one probe, and
+/// generates the reads of every site's arguments from the argument list of the site it sorts
+/// first. Where that is one of ours, with one argument more than the interpreter's, it reads past
+/// the end of the interpreter's list: an assertion that kills `ucalls`, or a garbage argument.
+/// So in a build for such a version the note of these probes declares CPython's arguments only.
+/// The firing function still holds the others in their registers at the site, where a uprobe
+/// reads them: the tools attach to these probes by address there
+/// (docs/interpreter-probes.md).
+pub const FIRED_BY_CPYTHON: [(&str, (u8, u8), usize); 2] = [
+    ("function__entry", (3, 15), 3),
+    ("function__return", (3, 15), 3),
+];
+
+/// How many of `probe`'s arguments its note declares in a build for CPython `python`: all but
+/// where [`FIRED_BY_CPYTHON`] says the interpreter declares fewer.
+pub fn note_arguments(probe: &Probe, python: (u8, u8)) -> usize {
+    FIRED_BY_CPYTHON
+        .iter()
+        .find(|(name, since, _)| *name == probe.name && python >= *since)
+        .map_or(probe.types.len(), |&(_, _, count)| {
+            count.min(probe.types.len())
+        })
+}
+
 /// Rust source for the Linux probes: the semaphore array and one firing
-/// function per probe.
-pub fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
+/// function per probe; each note declares [`note_arguments`] of its arguments.
+pub fn stapsdt_probes(probes: &[Probe], arch: &str, python: (u8, u8)) -> String {
     let mut out = format!(
         "{GENERATED}// SystemTap SDT probes: see src/probes/stapsdt.rs for the layout.\n\n"
     );
@@ -251,6 +279,7 @@ pub fn stapsdt_probes(probes: &[Probe], arch: &str) -> String {
         let arg_spec: Vec<String> = probe
             .types
             .iter()
+            .take(note_arguments(probe, python))
             .enumerate()
             .map(|(i, ty)| {
                 let (bytes, signed) = sdt_size(ty);
@@ -478,7 +507,7 @@ mod tests {
 
     #[test]
     fn sdt_notes_spell_cpythons_names_sizes_and_x86_64_registers() {
-        let code = stapsdt_probes(&probes(PROVIDER), "x86_64");
+        let code = stapsdt_probes(&probes(PROVIDER), "x86_64", (3, 14));
         // The generated source holds the assembly as Rust string literals, quotes escaped.
         assert!(code.contains(r#".asciz \"function__entry\""#));
         // Each argument in the calling convention's register for it (uprobe's argN).
@@ -489,6 +518,17 @@ mod tests {
         assert!(code.contains(r#".8byte {semaphores} + 0""#));
         assert!(code.contains(r#".8byte {semaphores} + 4""#));
         assert!(code.contains("pub fn audit(arg0: *const ::std::os::raw::c_char, arg1: usize)"));
+    }
+
+    #[test]
+    fn from_3_15_the_probes_cpython_fires_declare_its_arguments_only() {
+        let code = stapsdt_probes(&probes(PROVIDER), "x86_64", (3, 15));
+        // function__entry's note: CPython's three; its firing function still takes qualname in rcx.
+        assert!(code.contains(r#".asciz \"8@%rdi 8@%rsi -4@%edx\""#));
+        assert!(!code.contains(r#"8@%rcx\""#));
+        assert!(code.contains(r#"in("rcx") arg3,"#));
+        // A probe CPython does not fire keeps all of its arguments.
+        assert!(code.contains(r#".asciz \"-8@%rdi\""#));
     }
 
     #[test]
@@ -505,7 +545,7 @@ mod tests {
 
     #[test]
     fn aarch64_arguments_name_its_registers() {
-        let code = stapsdt_probes(&probes(PROVIDER), "aarch64");
+        let code = stapsdt_probes(&probes(PROVIDER), "aarch64", (3, 14));
         // bcc and libbpf parse only x registers there; -4@ reads the low half.
         assert!(code.contains(r#".asciz \"8@x0 8@x1 -4@x2 8@x3\""#));
         assert!(!code.contains("att_syntax"));

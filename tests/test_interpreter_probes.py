@@ -16,6 +16,7 @@ as on pyenv's builds, which declare none).
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -82,6 +83,9 @@ def test_an_argument_narrower_than_64_bits_is_cast_back_to_its_type():
     assert interpreter.casts("8@%rdi 8@%rsi -4@%edx 8@%rcx") == {
         "arg0": "int64", "arg1": "int64", "arg2": "int32", "arg3": "int64"}
     assert interpreter.casts("-8@%rdi 2@%si -1@%dl") == {"arg0": "int64", "arg1": "uint16", "arg2": "int8"}
+    # An argument the note leaves out (qualname, from 3.15 on) is cast as its 64-bit USDT self.
+    assert interpreter.casts("8@%rdi 8@%rsi -4@%edx", ["char *filename", "char *funcname", "int lineno",
+                                                        "char *qualname"])["arg3"] == "int64"
 
 
 def test_a_clause_mixing_argument_layouts_is_refused():
@@ -124,6 +128,31 @@ def test_the_module_and_the_tools_read_the_same_notes():
     assert unreadable is None
     assert {os.path.realpath(path) for _, path in names} <= {os.path.realpath(p) for p in
                                                               interpreter.declared(os.getpid(), LIBRARY).values()}
+
+
+def test_a_note_without_qualname_is_bound_by_address_on_any_interpreter(monkeypatch):
+    # From 3.15 on, function__entry/return's notes have CPython's three arguments: a tool binds
+    # them by address even where the interpreter declares none (a build without --with-dtrace).
+    from_315 = sys.version_info >= (3, 15)
+    assert interpreter.short(LIBRARY) == ({"function__entry", "function__return"} if from_315 else set())
+    monkeypatch.setattr(interpreter, "declared", lambda pid, library: {})
+    program = "usdt::python:function__entry { @[str(arg3)] = count(); }"
+    bound, _, asked = interpreter.adapt(program, [], os.getpid(), LIBRARY, "bt")
+    assert asked == (["function-entry"] if from_315 else [])
+    assert (f"uprobe:{LIBRARY}:0x" in bound and "str(((int64)arg3))" in bound) == from_315, bound
+
+
+@pytest.mark.skipif(not OWN, reason=f"{sys.executable} declares no probe of provider python itself")
+def test_probes_both_declare_have_as_many_arguments_in_both_notes():
+    # bcc merges the sites of one name in all objects of a process and reads every site's arguments
+    # by the list of the one it sorts first: a longer list of ours read past the end of the
+    # interpreter's (ucalls died on an assertion, at random, on 3.15).
+    ours = interpreter.sites(LIBRARY)
+    for name in OWN:
+        theirs = [p for p in elfnotes.read(OWN_OBJECT[name.replace("__", "-")]).probes
+                  if p.provider == "python" and p.name == name]
+        counts = {len(site.arguments.split()) for site in theirs + ours[name]}
+        assert len(counts) == 1, (name, [site.arguments for site in theirs + ours[name]])
 
 
 def test_an_interpreter_without_probes_of_its_own_changes_nothing():
@@ -194,9 +223,14 @@ def test_a_consumer_of_our_function_probes_gets_qualified_names_and_balance(work
     # The interpreter's copies (3.15) have no arg3 and count a generator's resume as an entry
     # but not every suspension as a return; ours balance.
     require_tracer()
+    # From 3.15 our notes of these two declare CPython's three arguments (bcc needs the two
+    # objects' lists alike: build/codegen.rs); qualname is in arg3's register, which a hand-written
+    # script reads as reg() (docs/interpreter-probes.md).
+    assert {"function__entry", "function__return"} <= interpreter.short(LIBRARY)
+    qualname = 'str(reg("cx"))' if platform.machine() == "x86_64" else 'str(reg("x3"))'
     consumer = handshake(Workload(CALLS_BODY, ["function-entry", "function-return"], workload_dir), system_wide(
-        "usdt:{lib}:python:function__entry /pid == {pid}/ { @entries[str(arg3)] = count(); }\n"
-        "usdt:{lib}:python:function__return /pid == {pid}/ { @returns[str(arg3)] = count(); }"))
+        f"usdt:{{lib}}:python:function__entry /pid == {{pid}}/ {{ @entries[{qualname}] = count(); }}\n"
+        f"usdt:{{lib}}:python:function__return /pid == {{pid}}/ {{ @returns[{qualname}] = count(); }}"))
     assert consumer.maps["@entries"]["fib"] == consumer.maps["@returns"]["fib"] == 1973
     assert consumer.maps["@entries"]["twice"] == consumer.maps["@returns"]["twice"] == 300
 

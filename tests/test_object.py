@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,18 @@ def test_semaphores_are_aligned_and_every_note_has_a_base():
         assert int(note["base"], 16) != 0, note
 
 
+#: From 3.15 on, CPython fires these itself with its three arguments, and our notes declare those
+#: only (bcc reads all sites of a name by one argument list: build/codegen.rs, FIRED_BY_CPYTHON).
+CPYTHONS_OWN_FROM_315 = {"function__entry": 3, "function__return": 3}
+
+
 def test_arguments_have_cpythons_layout():
     for note in probe_notes():
         sizes = [arg.split("@")[0] for arg in note["arguments"].split()]
-        assert sizes == EXPECTED_ARGUMENT_SIZES[note["name"]], note
+        expected = EXPECTED_ARGUMENT_SIZES[note["name"]]
+        if sys.version_info >= (3, 15) and note["name"] in CPYTHONS_OWN_FROM_315:
+            expected = expected[:CPYTHONS_OWN_FROM_315[note["name"]]]
+        assert sizes == expected, note
 
 
 def test_perf_and_systemtap_find_each_probe_site():

@@ -190,6 +190,8 @@ def work(n):
     inscope.calls_back(outside, 3)
 
 
+if os.environ.get("PYDTRACE_FORCE"):  # the watcher arms forced probes at its first poll: wait for it
+    dtrace.wait_for_consumer(*os.environ["PYDTRACE_FORCE"].split(","), timeout=TIMEOUT)
 send("READY", {"pid": os.getpid(), "library": dtrace.library_path(), "scope": scope_now(),
                "armed": native.is_armed()})
 tick = threading.Event()

@@ -221,6 +221,7 @@ def test_wheel_tags_metadata_and_object_agree(wheel, so):
     assert single["License-Expression"] == "MIT OR Apache-2.0"
     classifiers = {v for k, v in fields if k == "Classifier"}
     for wanted in ("Programming Language :: Python :: 3.12", "Programming Language :: Python :: 3.13",
+                   "Programming Language :: Python :: 3.14", "Programming Language :: Python :: 3.15",
                    "Programming Language :: Python :: Implementation :: CPython",
                    "Operating System :: POSIX :: Linux", "Operating System :: MacOS"):
         assert wanted in classifiers, f"classifier {wanted!r} missing"

@@ -24,6 +24,12 @@ semaphores), so every event reaches the tool once, with the qualified name
 and balanced entries and returns. The other probes stay USDT probes, bound
 to the probe object's path.
 
+In a build for 3.15 on, the notes of ``function__entry`` and ``function__return``
+declare CPython's three arguments, not ``qualname`` (bcc merges the two objects'
+sites and reads them all by one argument list: build/codegen.rs). A tool then
+attaches to them by address on every 3.15 interpreter, with or without
+``--with-dtrace``, and ``arg3`` reads qualname from its register.
+
 Which probes the interpreter declares is read from the SDT notes of the
 objects mapped in the process (its executable, a libpython), never from one
 build's symbols (docs/interpreter-probes.md). Linux (bpftrace) only: on the
@@ -91,21 +97,48 @@ def sites(library: str) -> dict[str, list[elf.Probe]]:
     return found
 
 
-def casts(arguments: str) -> dict[str, str]:
+def provider_arguments() -> dict[str, list[str]]:
+    """Each probe's argument declarations in the provider file (``["char *filename", ...]``),
+    by bpftrace's spelling of its name."""
+    from dtrace import _native
+
+    return {name.replace("-", "__"): [argument.strip() for argument in arguments.split(",")]
+            for name, arguments in zip(_native.PROBE_NAMES, _native.PROBE_ARGUMENTS)}
+
+
+def short(library: str) -> set[str]:
+    """The probes whose notes in the probe object declare fewer arguments than the provider
+    file: in a build for CPython 3.15 on, function__entry and function__return declare
+    CPython's three (filename, funcname, lineno) and not qualname, because bcc reads every
+    site of a name by one site's argument list (build/codegen.rs, FIRED_BY_CPYTHON). The
+    firing function still holds qualname in its register at the site."""
+    declared_here = provider_arguments()
+    return {name for name, found in sites(library).items()
+            if any(len(site.arguments.split()) < len(declared_here.get(name, [])) for site in found)}
+
+
+def casts(arguments: str, declared_as: list[str] | None = None) -> dict[str, str]:
     """``{"arg2": "int32"}`` for each argument of a note's argument string: its type, as a USDT
-    probe would give it (see CASTS)."""
+    probe would give it (see CASTS). ``declared_as``, the probe's arguments in the provider
+    file, adds those the note leaves out: a pointer (qualname) as the int64 a USDT probe's
+    64-bit argument is."""
     out = {}
-    for index, spec in enumerate(arguments.split()):
+    specs = arguments.split()
+    for index, spec in enumerate(specs):
         size = spec.split("@", 1)[0]
         if size in CASTS:
             out[f"arg{index}"] = CASTS[size]
+    for index, declaration in enumerate(declared_as or []):
+        if index >= len(specs) and "*" in declaration:
+            out[f"arg{index}"] = CASTS["-8"]
     return out
 
 
 def bind(program: str, library: str, colliding: set[str], usdt_path: str | None = None,
          pid: int | None = None) -> tuple[str, list[str]]:
     """The bpftrace ``program`` with its python probes bound to ``library``: those in
-    ``colliding`` (declared by the interpreter too) as uprobes at their sites, the others as
+    ``colliding`` (declared by the interpreter too, or with arguments beyond their notes) as
+    uprobes at their sites, the others as
     USDT probes of that object, named ``usdt_path`` (default: ``library``). Returns the program
     and the probes attached by address (which the process must be asked to fire: no semaphore
     is raised for them).
@@ -115,6 +148,7 @@ def bind(program: str, library: str, colliding: set[str], usdt_path: str | None 
     so that another process whose probes are armed (by a tool of its own) is not counted."""
     usdt_path = usdt_path or library
     ours = sites(library)
+    declared_here = provider_arguments()
     edits: list[tuple[int, int, str]] = []
     by_address: set[str] = set()
     masked = programs.mask(program)
@@ -139,7 +173,7 @@ def bind(program: str, library: str, colliding: set[str], usdt_path: str | None 
                 rebound = True
                 for site in ours[name]:
                     points.append(f"uprobe:{library}:{site.location:#x}")
-                    wanted = casts(site.arguments)
+                    wanted = casts(site.arguments, declared_here.get(name))
                     if clause_casts is not None and clause_casts != wanted:
                         raise ToolError(f"{program[clause.start:clause.brace].strip()}: probes with different "
                                         "argument types in one clause cannot be attached by address on this "
@@ -169,12 +203,15 @@ def adapt(program: str, probes: list[str], pid: int, library: str | None,
     """A tool's ``program`` for process ``pid``: where its interpreter declares probes of the
     program too, those bound by address (see the module's doc). Returns the program, the probes a
     started command waits for (``probes``, unchanged), and the probes the tool must ask the
-    process for (DTrace's spelling), none on an interpreter that declares none of them."""
+    process for (DTrace's spelling), none where no probe of the program is bound by address."""
     if dialect != "bt" or not library:
         return program, probes, []
     interpreter = declared(pid, library)
     used = {name.replace("__", "-") for name in re.findall(r"python:([\w*?\[\]-]+)", programs.mask(program))}
-    colliding = {name for name in interpreter
+    # Also by address: a probe whose note declares fewer arguments than the provider (in a build
+    # for 3.15 on, function__entry's note has CPython's three; see short()), on any interpreter,
+    # so that a program's arg3 (qualname) reads the register the site holds it in.
+    colliding = {name for name in set(interpreter) | short(library)
                  if any(programs.names_matching(pattern.replace("-", "__"), [name]) for pattern in used)}
     if not colliding:
         return program, probes, []
