@@ -65,7 +65,7 @@ def scope_stats() -> tuple[int, int]:
 
 def scope_channel_layout() -> list[tuple[str, int]]:
     """Offsets and sizes of the scope channel (the ``pydtrace_scope_channel`` symbol), for the tests
-    that check the tools' side (``dtrace.tools.scope``) against it."""
+    that check the tools' side (``dtrace.tools.proc.scope``) against it."""
 
 def is_armed() -> bool:
     """Whether the watcher thread runs in this process."""
