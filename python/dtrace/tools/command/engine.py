@@ -34,13 +34,12 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import IO, Callable, Iterator, Sequence
 
 # The engine's constants: one set, for the tools and for run (run kept a copy that had drifted:
 # RESEND_AFTER 3.0 and no kill timer).
 
-#: Seconds the tracer may take to attach every probe (its BEGIN line). bpftrace 0.17 attaches
-#: the uprobes of a probe one site at a time: a few hundred sites take seconds on a busy machine.
+#: Seconds the tracer may take to attach every probe (its BEGIN line).
 ATTACH_TIMEOUT = 60.0
 #: After a stop request, the tracer gets SIGINT once its output has been quiet this many
 #: seconds (one poll of the reader's queue: long enough to see a burst still coming) ...
@@ -48,10 +47,12 @@ DRAIN_QUIET = 0.05
 #: ... or this many seconds have passed (a program that prints without pause still stops).
 DRAIN_LIMIT = 1.0
 #: Seconds a tracer has, after SIGINT, to exit or to begin leaving before it is sent SIGINT again
-#: (bpftrace 0.17 misses one now and then). One second: a bpftrace that got the signal leaves its
-#: event loop within one poll of its buffers (100 ms) and then prints its blank lines (the sign
-#: :meth:`Tracer.leaving` reads); run's 3 s only made a missed Ctrl-C wait longer. Once it has
-#: begun to leave, it is never sent another (that would cut its maps short), so a short wait is safe.
+#: (bpftrace 0.17 misses one now and then). One second, the value the tools have run with (and
+#: tests/test_tool_lifecycle.py ends real bpftraces every way with): a bpftrace that got the
+#: signal leaves its event loop at once and prints its blank lines (the sign
+#: :meth:`Tracer.leaving` reads) well within it; run's 3 s only made a missed Ctrl-C wait longer.
+#: One that has begun to leave is never sent another (that would cut its maps short), so the
+#: short wait risks nothing.
 RESEND_AFTER = 1.0
 #: ... and, after the second SIGINT, seconds to do so before it is killed (run had no such
 #: timer: a tracer that missed both SIGINTs kept the tool waiting until a third Ctrl-C).
@@ -342,7 +343,7 @@ class TracerProcess:
                 stream.close()
 
 
-def _text(stream: io.RawIOBase) -> io.TextIOWrapper:
+def _text(stream: IO[bytes]) -> io.TextIOWrapper:
     """A pipe's lines as text: UTF-8, what does not decode replaced, newlines as Popen's text mode."""
     return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
 
