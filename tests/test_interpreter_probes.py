@@ -149,7 +149,7 @@ def test_probes_both_declare_have_as_many_arguments_in_both_notes():
     # interpreter's (ucalls died on an assertion, at random, on 3.15).
     ours = interpreter.sites(LIBRARY)
     for name in OWN:
-        theirs = [p for p in elfnotes.read(OWN_OBJECT[name.replace("__", "-")]).probes
+        theirs = [p for p in elf.read(OWN_OBJECT[name.replace("__", "-")]).probes
                   if p.provider == "python" and p.name == name]
         counts = {len(site.arguments.split()) for site in theirs + ours[name]}
         assert len(counts) == 1, (name, [site.arguments for site in theirs + ours[name]])
