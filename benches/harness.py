@@ -41,7 +41,8 @@ sys.path.insert(0, str(BENCHES))
 
 import tracing  # noqa: E402  (tests/tracing.py: Bpftrace, the handshake, require_tracer)
 import workloads  # noqa: E402
-from dtrace.tools import elfnotes, interpreter  # noqa: E402
+from dtrace.tools.command import interpreter  # noqa: E402
+from dtrace.tools.proc import elf  # noqa: E402
 
 STEP_TIMEOUT = tracing.STEP_TIMEOUT
 QUICK = os.environ.get("PYDTRACE_BENCH_QUICK") == "1"
@@ -259,12 +260,12 @@ def wait_for_interpreter_consumer(pid: int, path: str, probes: tuple[str, ...]) 
     once the interpreter's semaphore of each of ``probes`` is raised in process ``pid`` (bpftrace
     0.17 raises them after its BEGIN), read from the process's memory at the notes' addresses.
     A process without ``dtrace`` has no ``wait_for_consumer``."""
-    obj = elfnotes.read(path)
+    obj = elf.read(path)
     assert obj is not None, f"{path} has no SDT notes"
     names = [probe.replace("-", "__") for probe in probes]
     deadline = time.monotonic() + STEP_TIMEOUT
     while True:
-        counters = elfnotes.semaphores(pid, obj) or {}
+        counters = elf.semaphores(pid, obj) or {}
         if all(counters.get(name) for name in names):
             return
         if time.monotonic() > deadline:

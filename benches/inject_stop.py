@@ -4,7 +4,7 @@
     python3 benches/inject_stop.py --all      # every .venv-3.1x of the checkout, one after the other
 
 Runs with the interpreter that runs it (its pydtrace-rs is the one injected, through gdb on 3.12
-and 3.13, sys.remote_exec on 3.14 and later: dtrace/tools/inject.py) against fresh targets of
+and 3.13, sys.remote_exec on 3.14 and later: dtrace/tools/inject/loader.py) against fresh targets of
 that interpreter, one per attempt, in three shapes: the main thread busy in Python, sleeping in
 ``time.sleep``, blocked in C in ``accept``. Each target runs a ticker thread that wakes every
 millisecond and keeps the longest gap it saw between two wakes: a stop of the process (gdb's
@@ -144,8 +144,8 @@ class Target:
 
 
 def attempt(shape: str) -> dict:
-    from dtrace.tools import inject
-    from dtrace.tools.tracers import ToolError
+    from dtrace.tools.inject import loader as inject
+    from dtrace.tools.errors import ToolError
 
     target = Target(shape)
     try:
@@ -177,7 +177,7 @@ def figures(values: list[float]) -> str:
 
 
 def run(attempts: int, shapes: list[str]) -> None:
-    from dtrace.tools import inject
+    from dtrace.tools.inject import gdb as inject_gdb
 
     import sysconfig
 
@@ -185,8 +185,8 @@ def run(attempts: int, shapes: list[str]) -> None:
     way = "gdb" if sys.version_info < (3, 14) else "sys.remote_exec"
     gdb = ""
     if way == "gdb":
-        path = inject.gdb_path()
-        gdb = f" ({inject.gdb_version(path)})"
+        path = inject_gdb.gdb_path()
+        gdb = f" ({inject_gdb.gdb_version(path)})"
     print(f"CPython {sys.version.split()[0]} ({sys.executable}), through {way}{gdb}, {attempts} attempts per shape",
           file=sys.stderr, flush=True)
     for shape in shapes:

@@ -10,7 +10,7 @@
 //! the whole argument).
 //!
 //! Layout (version 1, native byte order, every field naturally aligned; the
-//! tool side is `python/dtrace/tools/scope.py`):
+//! tool side is `python/dtrace/tools/proc/scope.py`):
 //!
 //! | offset | field | written by |
 //! |---|---|---|
@@ -164,7 +164,7 @@ pub static pydtrace_scope_channel: Channel = Channel {
     slots: [const { Slot::new() }; SLOTS],
 };
 
-// The layout the tools read (python/dtrace/tools/scope.py) and docs/scope.md describe.
+// The layout the tools read (python/dtrace/tools/proc/scope.py) and docs/scope.md describe.
 const _: () = {
     use std::mem::{offset_of, size_of};
     assert!(offset_of!(Channel, version) == 16);

@@ -15,7 +15,8 @@ import textwrap
 import pytest
 
 import dtrace
-from dtrace.tools import aggregate, interpreter, runner
+from dtrace.tools.command import aggregate, interpreter
+from dtrace.tools.proc import procfs
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, handshake, require_tracer, run_tool
 from tracing import workload_body
 
@@ -247,7 +248,7 @@ def test_a_flush_request_while_nothing_aggregates_is_answered_empty(workload_dir
     tracer.start()
     workload.go()
     workload.wait_result()
-    flusher = aggregate.Flusher(workload.pid, runner.probe_object(workload.pid))
+    flusher = aggregate.Flusher(workload.pid, procfs.probe_object(workload.pid))
     cleanup.callback(flusher.close)
     assert flusher.request()
     tracer.process.wait(STEP_TIMEOUT)  # the answer came: the program exited

@@ -5,7 +5,7 @@
 names another. Each tool runs twice on the same workload, with ``-p`` and the usual two-sided
 handshake (tests/tracing.py), once under each bpftrace (``--tracer-path``), and the parts of the
 reports that do not measure time must be equal. What differs between the two releases, and what
-the tools do about it (python/dtrace/tools/tracers.py): 0.27 erases spaces from map keys in its
+the tools do about it (python/dtrace/tools/command/tracers.py): 0.27 erases spaces from map keys in its
 JSON (``<frozen importlib._bootstrap>``), reads ``BPFTRACE_MAX_STRLEN`` and
 ``BPFTRACE_MAX_MAP_KEYS`` instead of 0.17's names, sends its output through one ring buffer for
 all CPUs, reports reads of absent map keys as helper errors under ``-k``, and does not end when

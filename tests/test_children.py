@@ -412,7 +412,7 @@ def test_help_examples_name_this_environments_python(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     done = run_tool("calls", "--help", cwd=tmp_path)
     assert done.returncode == 0
-    from dtrace.tools.options import own_python
+    from dtrace.tools.command.options import own_python
 
     python = own_python()
     assert f'-c "{python} app.py"' in done.stdout, done.stdout

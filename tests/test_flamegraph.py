@@ -11,8 +11,8 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from dtrace.tools import flamegraph
-from dtrace.tools.flamegraph import Frame
+from dtrace.tools.render import flamegraph
+from dtrace.tools.render.flamegraph import Frame
 
 SVG = "{http://www.w3.org/2000/svg}"
 

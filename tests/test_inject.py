@@ -45,8 +45,10 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import inject
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
+from dtrace.tools.inject import gdb as inject_gdb
+from dtrace.tools.inject import loader as inject
+from dtrace.tools.inject import payload, ptrace
 from tracing import REQUIRE_TRACER, STEP_TIMEOUT, ToolRun, Lines, require, require_tracer, run_tool, tool_command
 from tracing import BusyProcess, Cleanup, clean_environment
 
@@ -92,7 +94,7 @@ def require_gdb() -> str:
     PYDTRACE_REQUIRE_TRACER=1."""
     require_tracer()
     try:
-        gdb = inject.gdb_path()
+        gdb = inject_gdb.gdb_path()
         problem = register_problem(gdb)
         reason = (None if problem is None else
                   f"{gdb} cannot write registers back on this machine ({problem}): set PYDTRACE_GDB to a gdb "
@@ -581,12 +583,12 @@ def test_without_ptrace_rights_the_message_explains_yama(busy):
     require_gdb()
     workload = busy("busy-threads")
     code = ("import os, sys\n"
-            "from dtrace.tools import inject, pyprocess\n"
-            "from dtrace.tools.tracers import ToolError\n"
+            "from dtrace.tools.inject import ptrace\nfrom dtrace.tools.proc import pyprocess\n"
+            "from dtrace.tools.errors import ToolError\n"
             f"process = pyprocess.identify({workload.pid})\n"
             "os.seteuid(65534)\n"
             "try:\n"
-            "    inject.check_privileges(process)\n"
+            "    ptrace.check_privileges(process)\n"
             "except ToolError as error:\n"
             "    print(error)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=STEP_TIMEOUT)
@@ -594,7 +596,7 @@ def test_without_ptrace_rights_the_message_explains_yama(busy):
     assert f"cannot inject into process {workload.pid}: Permission denied" in done.stdout, done.stdout
     for phrase in ("CAP_SYS_PTRACE", "ptrace_scope", "0 (classic)", "1 (restricted)", "2 (admin-only)",
                    "3 (no attach)"):
-        assert phrase in done.stdout or phrase in inject.ptrace_explanation(workload.pid), phrase
+        assert phrase in done.stdout or phrase in ptrace.ptrace_explanation(workload.pid), phrase
     assert "ptrace" in done.stdout
 
 
@@ -637,13 +639,13 @@ def test_list_says_how_the_probes_got_there(how, cleanup):
 
 def test_the_documentation_shows_the_code_run_in_the_target():
     text = (ROOT / "docs" / "injection.md").read_text()
-    assert inject.CODE in text
-    compile(inject.code("gdb", "/somewhere/dtrace"), "<injected>", "exec")
+    assert payload.CODE in text
+    compile(payload.code("gdb", "/somewhere/dtrace"), "<injected>", "exec")
 
 
 def test_the_gdb_script_is_shipped_beside_the_tool():
-    assert inject.GDB_SCRIPT.is_file()
-    compile(inject.GDB_SCRIPT.read_text(), str(inject.GDB_SCRIPT), "exec")
+    assert inject_gdb.GDB_SCRIPT.is_file()
+    compile(inject_gdb.GDB_SCRIPT.read_text(), str(inject_gdb.GDB_SCRIPT), "exec")
 
 
 # --- Asked on a terminal; Ctrl-C while waiting; a forked child says where its probes came from -----
@@ -916,7 +918,7 @@ def broken_gdbs(stand_in: str) -> list[str]:
     with AMX)."""
     found = [stand_in]
     system = shutil.which("gdb")
-    if system is not None and os.path.realpath(system) != os.path.realpath(inject.gdb_path()) \
+    if system is not None and os.path.realpath(system) != os.path.realpath(inject_gdb.gdb_path()) \
             and register_problem(system) is not None:
         found.append(system)
     return found

@@ -5,7 +5,7 @@ import__find__load__start/done and audit (3.13, 3.14), and from 3.15 function__e
 too (three arguments). The rule (src/interpreter.rs, docs/interpreter-probes.md): a probe both
 declare is fired by the interpreter while a consumer enables the interpreter's copy, and by
 pydtrace-rs otherwise (a consumer of ours alone, or a tool that asked for it through its lease,
-attached by address: python/dtrace/tools/interpreter.py).
+attached by address: python/dtrace/tools/command/interpreter.py).
 
 Run on every interpreter of the suite: the program binding is checked everywhere; the consumers
 (raw bpftrace by path, both copies and each alone; the tools; perf) run where this interpreter
@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import TOOLS, elfnotes, interpreter, programs
+from dtrace.tools import SCRIPT_TOOLS
+from dtrace.tools.command import interpreter, programs
+from dtrace.tools.proc import elf
 from tracing import STEP_TIMEOUT, Bpftrace, Workload, handshake, require_tracer, run_tool, trace_with_tool
 
 SCRIPTS = Path(dtrace.__file__).parent / "scripts"
@@ -55,7 +57,7 @@ def needs_own_probes(*names: str):
 def test_probes_both_declare_are_bound_by_address_the_others_by_path(script):
     text = script.read_text()
     bound, by_address = interpreter.bind(text, LIBRARY, DECLARED_BY_315)
-    sites = {p.location: p.name for p in elfnotes.read(LIBRARY).probes if p.provider == "python"}
+    sites = {p.location: p.name for p in elf.read(LIBRARY).probes if p.provider == "python"}
     used = set()
     for clause in programs.clauses(bound):
         for point in clause.attach_points:
@@ -96,7 +98,7 @@ def test_bound_scripts_pass_bpftrace_check():
     require_tracer()
     for script in sorted(SCRIPTS.glob("*.bt")):
         bound, _ = interpreter.bind(script.read_text(), LIBRARY, DECLARED_BY_315)
-        strlen = next(tool.strlen for tool in TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
+        strlen = next(tool.strlen for tool in SCRIPT_TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
         done = subprocess.run(["bpftrace", "-d", "-p", str(os.getpid()), "-e", bound, str(os.getpid())],
                               capture_output=True, text=True, env={**os.environ, "BPFTRACE_STRLEN": str(strlen)},
                               timeout=STEP_TIMEOUT)
@@ -147,7 +149,7 @@ def test_probes_both_declare_have_as_many_arguments_in_both_notes():
     # interpreter's (ucalls died on an assertion, at random, on 3.15).
     ours = interpreter.sites(LIBRARY)
     for name in OWN:
-        theirs = [p for p in elfnotes.read(OWN_OBJECT[name.replace("__", "-")]).probes
+        theirs = [p for p in elf.read(OWN_OBJECT[name.replace("__", "-")]).probes
                   if p.provider == "python" and p.name == name]
         counts = {len(site.arguments.split()) for site in theirs + ours[name]}
         assert len(counts) == 1, (name, [site.arguments for site in theirs + ours[name]])

@@ -1,4 +1,4 @@
-"""The Python stack read from the interpreter's frames (dtrace/tools/pystack.py): its layout read
+"""The Python stack read from the interpreter's frames (dtrace/tools/proc/pystack.py): its layout read
 and checked against live processes, its line tables against CPython's own answer, and the tools
 that use it (where, flame --sample, run's @PYSTACK@) under a real bpftrace with exact stacks, on
 processes that never imported dtrace."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dtrace.tools import pyprocess, pystack
+from dtrace.tools.errors import ToolError
 from dtrace.tools.flame import SAMPLES
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.proc import procfs, pyprocess, pystack
 from tracing import STEP_TIMEOUT, Lines, ToolRun, require_tracer, run_tool
 
 #: The environment of a process that must not load dtrace (no .pth arming, no tool handshake).
@@ -161,7 +161,7 @@ def sleeper(tmp_path):
     assert process.stdout.readline() == "ready\n"
     # Asleep in time.sleep (its write may return before the call is made).
     deadline = time.monotonic() + STEP_TIMEOUT
-    while not (pyprocess.status(process.pid) or {}).get("State", "").startswith("S") and time.monotonic() < deadline:
+    while not (procfs.status(process.pid) or {}).get("State", "").startswith("S") and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.05)
     yield process, script

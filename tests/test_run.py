@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import programs
+from dtrace.tools.command import programs
 from dtrace.tools.run import Run
 from tracing import STEP_TIMEOUT, Lines, require_tracer, run_tool, trace_with_tool
 

@@ -28,9 +28,10 @@ from typing import Any
 import pytest
 
 import dtrace
-from dtrace.tools import pyprocess
-from dtrace.tools import scope as tool_scope
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import runner
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import scope as tool_scope
+from dtrace.tools.proc.elf import ElfFile
 from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
 from tracing import Speaker, clean_environment
 
@@ -106,7 +107,7 @@ def test_the_tools_read_the_channel_the_module_writes():
     layout = dict(native._testing.scope_channel_layout())
     assert layout.pop("size") == layout["slots"] + layout["slot_count"] * layout["slot_size"]
     assert layout == tool_scope.LAYOUT
-    assert pyprocess.ElfFile(dtrace.library_path()).symbols.get(tool_scope.SYMBOL) is not None
+    assert ElfFile(dtrace.library_path()).symbols.get(tool_scope.SYMBOL) is not None
 
 
 # --- a scoped process, driven line by line ----------------------------------------------------
@@ -274,7 +275,7 @@ def lease(pid: int, text: str) -> tool_scope.Lease:
 
 HOLDER = r'''
 import os, sys
-from dtrace.tools import scope
+from dtrace.tools.proc import scope
 held = scope.Lease(scope.Channel(int(sys.argv[1])), sys.argv[2])
 print("HELD", flush=True)
 if sys.argv[3] == "exit":
@@ -457,7 +458,7 @@ def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):
         tool_scope.Channel(process.pid)
     if os.geteuid() == 0:
         # Without ptrace access (another user's process): the effective user dropped after start-up.
-        code = ("import os, sys; from dtrace.tools import scope; os.seteuid(65534)\n"
+        code = ("import os, sys; from dtrace.tools.proc import scope; os.seteuid(65534)\n"
                 "try:\n    scope.Channel(int(sys.argv[1]), sys.argv[2])\n"
                 "except Exception as e:\n    print(e)")
         done = subprocess.run([sys.executable, "-c", code, str(process.pid), process.library],
@@ -469,7 +470,7 @@ def test_an_unreadable_channel_is_a_clear_error(scoped, workload_dir):
 def test_a_process_with_its_probes_disarmed_cannot_take_a_scope(scoped):
     process = scoped(PYDTRACE="0")
     assert not process.ready["armed"]
-    target = tool_scope.runner.Target(process.pid, process.library)
+    target = runner.Target(process.pid, process.library)
     with pytest.raises(ToolError, match="not armed .* cannot take a scope"):
         tool_scope.open_session(None, target, "module:x")
 

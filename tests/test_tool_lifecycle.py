@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrace.tools import runner
+from dtrace.tools.command import engine, runner
 from tracing import (STEP_TIMEOUT, Lines, ToolRun, Workload, require_tracer, run_tool, tool_command, tracer_of,
                      uprobe_events_of, wait_gone)
 
@@ -250,8 +250,8 @@ def fake_tracer(directory: Path, ignore: int, mode: str = "quick-exit") -> tuple
 @pytest.fixture
 def quick_stops(monkeypatch):
     """Shorter bounds than a real bpftrace gets, so the tests run quickly."""
-    monkeypatch.setattr(runner, "RESEND_AFTER", 0.3)
-    monkeypatch.setattr(runner, "KILL_AFTER", 0.5)
+    monkeypatch.setattr(engine, "RESEND_AFTER", 0.3)
+    monkeypatch.setattr(engine, "KILL_AFTER", 0.5)
 
 
 def start_fake(argv: list[str]) -> tuple[subprocess.Popen, Lines]:
@@ -269,7 +269,7 @@ def start_fake(argv: list[str]) -> tuple[subprocess.Popen, Lines]:
 def test_the_stopper_resends_sigint_and_only_then_kills(tmp_path, quick_stops, ignore, sent, code):
     argv, log = fake_tracer(tmp_path, ignore)
     process, lines = start_fake(argv)
-    stopper = runner.Stopper(process, lambda: any(not line.strip() for line in lines.available()))
+    stopper = engine.Stopper(process, lambda: any(not line.strip() for line in lines.available()))
     assert stopper.wait() == code
     assert stopper.sent == sent
     assert stopper.killed == (code == -signal.SIGKILL)
@@ -280,7 +280,7 @@ def test_the_stopper_sends_nothing_more_while_the_tracer_leaves(tmp_path, quick_
     maps: the stopper waits (EXIT_LIMIT), here longer than RESEND_AFTER and KILL_AFTER."""
     argv, log = fake_tracer(tmp_path, 0, "slow-exit")
     process, lines = start_fake(argv)
-    stopper = runner.Stopper(process, lambda: any(not line.strip() for line in lines.available()))
+    stopper = engine.Stopper(process, lambda: any(not line.strip() for line in lines.available()))
     assert stopper.wait() == 0
     assert stopper.sent == [signal.SIGINT]
     assert log.read_text() == "SIGINT\n"

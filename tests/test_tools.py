@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from dtrace.tools import TOOLS, interpreter
+from dtrace.tools import SCRIPT_TOOLS, TOOLS
+from dtrace.tools.command import interpreter
 from dtrace.tools.flame import TIMES as FLAME_TIMES
 from tracing import STEP_TIMEOUT, Bpftrace, ToolRun, Workload, require, require_tracer, run_tool, trace_with_tool
 from tracing import workload_body
@@ -73,7 +74,7 @@ def bpftrace_check(program: str, *arguments: str, strlen: int = 200) -> None:
     """``bpftrace -d``: parse, check and compile against the probes of this process (which has
     loaded dtrace), without attaching or running anything. Where this interpreter declares some
     of the program's probes itself, the program is checked as the tools run it there (those
-    probes bound by address: dtrace/tools/interpreter.py)."""
+    probes bound by address: dtrace/tools/command/interpreter.py)."""
     require_tracer()
     program, _, _ = interpreter.adapt(program, [], os.getpid(), dtrace.library_path(), "bt")
     done = subprocess.run(
@@ -86,7 +87,7 @@ def bpftrace_check(program: str, *arguments: str, strlen: int = 200) -> None:
 
 
 def tool_of(script: Path):
-    return next(tool for tool in TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
+    return next(tool for tool in SCRIPT_TOOLS.values() if script.stem in (tool.script, tool.aggregate_script))
 
 
 #: The probes a -p workload waits for: a tool's default (counted in the process) and --per-event.
@@ -102,9 +103,9 @@ def test_bundled_script_passes_bpftrace_check(script):
 
 
 def test_both_dialects_of_every_tool_are_bundled():
-    tools = {tool.script for tool in TOOLS.values() if tool.script}
+    tools = {tool.script for tool in SCRIPT_TOOLS.values() if tool.script}
     # The aggregating scripts are bpftrace's alone: the flush requests go through /proc/PID/mem.
-    aggregating = {tool.aggregate_script for tool in TOOLS.values() if tool.aggregate_script}
+    aggregating = {tool.aggregate_script for tool in SCRIPT_TOOLS.values() if tool.aggregate_script}
     assert {p.stem for p in SCRIPTS.glob("*.bt")} == tools | aggregating
     assert {p.stem for p in SCRIPTS.glob("*.d")} == tools
     for script in SCRIPTS.iterdir():
@@ -435,7 +436,7 @@ def test_objdel_through_p_counts_a_cascade_as_one(workload_dir):
 
 def test_objnew_and_objdel_report_formatting():
     """The report of each, from the maps bpftrace prints (JSON), without a tracer."""
-    from dtrace.tools.tracers import Bpftrace
+    from dtrace.tools.command.tracers import Bpftrace
 
     def maps(tool, *lines):
         result = {}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dtrace.tools.tracers import Bpftrace, DTrace, Event, decode_json_line
+from dtrace.tools.command.tracers import Bpftrace, DTrace, Event, decode_json_line
 
 KEYS = {"@calls": 2, "@instances": 0, "@pause_us": 1, "@deletion_ns": 0, "@stats": 0}
 HISTS = frozenset({"@pause_us", "@deletion_ns"})
@@ -63,7 +63,8 @@ def test_bpftrace_environment_names_both_releases_variables(monkeypatch):
 
 
 def test_a_tracer_path_from_the_option_or_the_environment(monkeypatch, tmp_path):
-    from dtrace.tools.tracers import ToolError, choose_tracer
+    from dtrace.tools.errors import ToolError
+    from dtrace.tools.command.tracers import choose_tracer
 
     monkeypatch.setenv("PYDTRACE_BPFTRACE", "/bin/true")
     assert choose_tracer("bpftrace").executable() == "/bin/true"

@@ -12,7 +12,7 @@ workload module (a ``run(result)`` function), and a bpftrace program; then:
    distribution's build ``--with-dtrace``), bpftrace 0.17's ``-p`` cannot
    attach those by name: the program is bound as the tools bind it there,
    those probes by address, asked for through a lease on the process's
-   channel (dtrace/tools/interpreter.py); test_interpreter_probes.py tests
+   channel (dtrace/tools/command/interpreter.py); test_interpreter_probes.py tests
    the forms a user can write by hand.
 3. The workload is told to go; it waits in ``dtrace.wait_for_consumer`` until
    the probes are live, runs ``run(result)`` and reports ``result``.
@@ -51,9 +51,10 @@ from typing import Any
 
 import pytest
 
-from dtrace.tools import interpreter, scope
-from dtrace.tools.runner import Stopper
-from dtrace.tools.tracers import decode_json_line
+from dtrace.tools.command import interpreter
+from dtrace.tools.command.engine import Stopper
+from dtrace.tools.command.tracers import decode_json_line
+from dtrace.tools.proc import scope
 
 #: Seconds any one handshake step may take before the test fails.
 STEP_TIMEOUT = 60.0
@@ -310,7 +311,7 @@ class Workload(Speaker):
 
 def parse_json_line(line: str) -> Any:
     """One line of ``bpftrace -f json`` output, decoded as the tools decode it (bpftrace 0.17's
-    escaped bytes put back: see :func:`dtrace.tools.tracers.decode_json_line`)."""
+    escaped bytes put back: see :func:`dtrace.tools.command.tracers.decode_json_line`)."""
     return decode_json_line(line)
 
 

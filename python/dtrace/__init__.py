@@ -191,7 +191,7 @@ def _arm_from_environment() -> None:
 #: file descriptors of a pipe to the tool and a pipe from it, ``"WFD,RFD"``.
 _STARTUP_VARIABLE = "PYDTRACE_STARTUP"
 #: Set by a tool for the command it starts: the path of the tool's socket where every Python
-#: process of the command's tree reports (dtrace/tools/children.py).
+#: process of the command's tree reports (dtrace/tools/command/children.py).
 _FOLLOW_VARIABLE = "PYDTRACE_FOLLOW"
 #: What the environment held before a tool's ``-p PID --children`` lease put its socket there:
 #: {variable: value, or None where it was not set}; None while no such lease is held. (Not

@@ -106,7 +106,7 @@ class _Testing(ModuleType):
     @staticmethod
     def scope_channel_layout() -> list[tuple[str, int]]:
         """Offsets and sizes of the scope channel (the ``pydtrace_scope_channel`` symbol), for the tests
-        that check the tools' side (``dtrace.tools.scope``) against it."""
+        that check the tools' side (``dtrace.tools.proc.scope``) against it."""
 
     @staticmethod
     def noop_callback() -> object:

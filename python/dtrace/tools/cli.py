@@ -16,10 +16,11 @@ import os
 import signal
 import sys
 
-from dtrace.tools import TOOLS, scope
-from dtrace.tools.options import (EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive,
+from dtrace.tools import TOOLS
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import scope
+from dtrace.tools.command.options import (EXIT_FAILURE, EXIT_USAGE, STARTUP_TIMEOUT, Options, UsageError, positive,
                                   with_own_python)
-from dtrace.tools.tracers import ToolError
 
 EPILOG = """\
 examples:
@@ -115,9 +116,16 @@ def parse(argv: list[str] | None, prog: str) -> tuple[Options, argparse.Argument
         sub.error(f"{namespace.tool} does not take {' '.join(extras)} ({prog} {namespace.tool} --help lists "
                   "its options)")
     try:
-        return Options.from_args(namespace, needs_target=TOOLS[namespace.tool].needs_target), sub
+        return options_of(namespace), sub
     except UsageError as error:
         sub.error(str(error))
+
+
+def options_of(namespace: argparse.Namespace) -> Options:
+    """The options of a parsed command line, checked by the shared rules and then by its tool's own
+    (UsageError for what cannot work)."""
+    tool = TOOLS[namespace.tool]
+    return tool.check_options(Options.from_args(namespace, needs_target=tool.needs_target))
 
 
 class Stopped(BaseException):

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
-from dtrace.tools import flamegraph, pystack, report, runner
-from dtrace.tools.base import Tool, cut_note
-from dtrace.tools.options import FLAME_FORMATS, UsageError
+from dtrace.tools.command.base import ScriptTool, cut_note
+from dtrace.tools.errors import UsageError, warn
+from dtrace.tools.proc import pystack
+from dtrace.tools.render import flamegraph, report
+
+#: flame's output formats, and the file each writes when -o is not given (None: standard output).
+FLAME_FORMATS = {"svg": "flame.svg", "speedscope": "flame.speedscope.json", "folded": None}
 
 #: What the times are, said with every report.
 TIMES = (
@@ -24,7 +30,7 @@ SAMPLES = (
 )
 
 
-class Flame(Tool):
+class Flame(ScriptTool):
     name = "flame"
     script = "flame"
     aggregate_script = "flame_aggregate"
@@ -79,6 +85,13 @@ examples:
                                  "process (bpftrace)")
         parser.add_argument("--depth", type=int, default=pystack.DEFAULT_DEPTH, metavar="N",
                             help="with --sample: frames read per stack (default: %(default)s)")
+
+    def check_options(self, options):
+        """The format and the file to write, settled; the file checked before tracing starts."""
+        fmt, output = flame_output(options.output, options.format, options.folded)
+        if output is not None and not options.script:
+            check_writable(output)
+        return replace(options, output=output, format=fmt)
 
     def aggregated(self, args, dialect):
         # Samples are read from the frames: nothing to count in the process.
@@ -220,7 +233,7 @@ examples:
                   TIMES)
         note = cut_note(self.names, self.strlen)
         if note:
-            runner.warn(note)
+            warn(note)
 
     def emit(self, root: flamegraph.Frame, args, out, folded_said: str, said: str,
              speedscope: Callable[[], str], svg: Callable[[], str], note: str) -> None:
@@ -242,7 +255,7 @@ examples:
             self.write(args.output, svg())
             out.write(f"wrote {args.output}: {said}; open it in a browser\n")
         if args.output is None:
-            runner.warn(note)
+            warn(note)
         else:
             out.write(note + "\n")
 
@@ -275,3 +288,40 @@ def merge_alike(root: flamegraph.Frame) -> None:
                 same.children.extend(child.children)
         frame.children = list(merged.values())
         todo.extend(frame.children)
+
+
+def flame_output(output: str | None, chosen: str | None, folded: bool) -> tuple[str, str | None]:
+    """flame's format and output file: --format, --folded, or the suffix of -o (.json: speedscope,
+    .folded: folded stacks, anything else: SVG); without -o, the format's default file."""
+    if folded and chosen not in (None, "folded"):
+        raise UsageError(f"--folded and --format {chosen} disagree: give one of them")
+    fmt = "folded" if folded else chosen
+    suffix = Path(output).suffix.lower() if output else ""
+    by_suffix = {".svg": "svg", ".json": "speedscope", ".folded": "folded"}
+    if suffix and suffix not in by_suffix and fmt is None:
+        raise UsageError(f"-o {output}: flame writes SVG (.svg), speedscope JSON (.json) or folded stacks "
+                         f"(.folded), not {suffix[1:].upper()}; name the file for one of them, or give --format "
+                         "(a browser can save the SVG as an image)")
+    if fmt is None:
+        name = (output or "").lower()
+        fmt = "speedscope" if name.endswith(".json") else "folded" if name.endswith(".folded") else "svg"
+    return fmt, output if output is not None else FLAME_FORMATS[fmt]
+
+
+def check_writable(path: str) -> None:
+    """UsageError unless a file can be written at ``path`` (checked before tracing starts, so
+    that no trace is lost to a typo)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"-o {path} is a directory: give a file name, e.g. -o {target / 'flame.svg'}")
+    directory = target.parent
+    if not directory.is_dir():
+        raise UsageError(f"-o {path}: there is no directory {directory}: create it, or write elsewhere")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as error:
+        raise UsageError(f"-o {path}: cannot write it ({error.strerror}): write elsewhere") from None
+    if not existed:
+        target.unlink()

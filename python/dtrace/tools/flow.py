@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 
-from dtrace.tools import report
-from dtrace.tools.base import Tool
+from dtrace.tools.command.base import ScriptTool
+from dtrace.tools.render import report
 
 #: A line of flow.bt/flow.d: TIME(us) TID DEPTH -> FUNCTION [C] (FILE:LINE); [C] marks a C function
 #: (--native), whose FILE:LINE is the line that called it.
 EVENT = re.compile(r"^\s*(\d+)\s+(\d+)\s+(-?\d+)\s+(->|<-) (\S+)( \[C\])? \((.*):(-?\d+)\)$")
 
 
-class Flow(Tool):
+class Flow(ScriptTool):
     name = "flow"
     script = "flow"
     strlen = 128

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dtrace.tools import report
-from dtrace.tools.base import Tool
+from dtrace.tools.command.base import ScriptTool
+from dtrace.tools.render import report
 
 
-class GC(Tool):
+class GC(ScriptTool):
     name = "gc"
     script = "gc"
     strlen = 64  # the program reads no strings

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dtrace.tools import report
-from dtrace.tools.base import Tool, cut_note
+from dtrace.tools.command.base import ScriptTool, cut_note
+from dtrace.tools.render import report
 
 
-class Lines(Tool):
+class Lines(ScriptTool):
     name = "lines"
     script = "lines"
     aggregate_script = "lines_aggregate"

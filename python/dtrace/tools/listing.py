@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 from dtrace import _native
-from dtrace.tools import elfnotes, interpreter, pyprocess, report, runner, scope, tracers
-from dtrace.tools.base import Tool
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import interpreter, runner, tracers
+from dtrace.tools.command.base import Command
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import elf, procfs, pyprocess, scope
+from dtrace.tools.render import report
 
 #: The arguments of each probe, from the provider's contract (provider/pydtrace.d, compiled in).
 ARGUMENTS = dict(zip((name.replace("-", "__") for name in _native.PROBE_NAMES), _native.PROBE_ARGUMENTS))
@@ -23,7 +25,7 @@ def unsupported(library: str | None) -> dict[str, str]:
     return dict(getattr(dtrace._native, "UNSUPPORTED_PROBES", {}))
 
 
-class List(Tool):
+class List(Command):
     name = "list"
     summary = "the probes of a process, which are enabled now, and the probe object's path"
     description = (
@@ -62,8 +64,8 @@ examples:
             out.flush()
             return self.command_status(target.process.wait())
         if args.pid is not None:
-            runner.check_running(args.pid)
-            if runner.probe_object(args.pid) is None:  # a Python process without the probes
+            procfs.check_running(args.pid)
+            if procfs.probe_object(args.pid) is None:  # a Python process without the probes
                 out.write(f"{runner.Target(args.pid, None).describe()}\n")
                 out.write("".join(f"{line}\n" for line in pyprocess.summary(args.pid, None)))
                 return 0
@@ -80,16 +82,16 @@ examples:
     def show(self, pid: int | None, library: str | None, out) -> None:
         if library is None:
             raise ToolError(f"process {pid} reported no probe object")
-        ours = elfnotes.read(library)
+        ours = elf.read(library)
         if ours is None:
             raise ToolError(f"{library} has no SDT probes")
         declared = interpreter.declared(pid, library) if pid is not None else {}
-        enabled = elfnotes.semaphores(pid, ours) if pid is not None else None
+        enabled = elf.semaphores(pid, ours) if pid is not None else None
         # The interpreter's own semaphores, for the probes it declares too.
         theirs: dict[str, int] | None = {}
         for path in sorted(set(declared.values())):
-            obj = elfnotes.read(path)
-            values = elfnotes.semaphores(pid, obj) if obj is not None else None
+            obj = elf.read(path)
+            values = elf.semaphores(pid, obj) if obj is not None else None
             if values is None:
                 theirs = None
                 break
@@ -98,7 +100,7 @@ examples:
         if pid is not None:
             out.write(f"{runner.Target(pid, library).describe()}\n")
             out.write("".join(f"{line}\n" for line in pyprocess.summary(pid, library)))
-            armed = runner.watcher_running(pid)
+            armed = pyprocess.watcher_running(pid)
             out.write("probes armed: " + {True: "yes (its watcher thread runs)",
                                           False: "no (PYDTRACE=0?): nothing fires",
                                           None: "unknown"}[armed] + "\n")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dtrace.tools import report
-from dtrace.tools.base import Tool, cut_note
+from dtrace.tools.command.base import ScriptTool, cut_note
+from dtrace.tools.render import report
 
 
-class ObjNew(Tool):
+class ObjNew(ScriptTool):
     name = "objnew"
     script = "objnew"
     summary = "instances created per class and file (calls of Python classes from Python code)"

@@ -43,37 +43,30 @@ import queue
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
 
-from dtrace.tools import children, interpreter, programs, pystack, report, runner, scope, tracers
-from dtrace.tools.base import Tool
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import children, engine, interpreter, programs, runner, tracers
+from dtrace.tools.command.base import Command
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pystack, scope
+from dtrace.tools.render import report
 
 #: The exit status for a program the tool refuses (no probe of provider python, and the like).
 BAD_PROGRAM = 2
-#: Seconds after a SIGINT to the tracer, with its output quiet, before it is sent another
-#: (bpftrace 0.17 misses one now and then).
-RESEND_AFTER = 3.0
 #: Seconds of quiet after the first line of BEGIN, without its last, after which BEGIN is taken
 #: to have returned early (a `return` in it), and the command is let run.
 BEGIN_QUIET = 1.0
 #: The Python stack, in a clause of the user's program (bpftrace).
 PYSTACK = "@PYSTACK@"
-#: bpftrace's own line before its probes are attached.
-#: bpftrace's line once it attaches: 0.17's on stdout, "Attached N probes" (0.27) on stderr.
-_ATTACHING = re.compile(r"^Attach(?:ing \d+ probes?\.\.\.|ed \d+ probes?)$")
-#: bpftrace's stderr lines that say nothing to the user.
-_NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions")
 
 
 class ProgramError(Exception):
     """A program the tool will not run: printed as ``pydtrace: MESSAGE``, exit status 2."""
 
 
-class Run(Tool):
+class Run(Command):
     name = "run"
     summary = "run your own bpftrace program (D script on DTrace platforms); -c traces from the first line"
     description = (
@@ -248,7 +241,7 @@ examples:
                 target = runner.attach(args.pid, args.inject, args.gdb)
             return self._trace(args, text, depth, tracer, marker, label, scope_text, target, out)
         # The command's Python processes report to the follower: each gets a tracer of its own with
-        # --children, and runs on untraced otherwise (dtrace/tools/children.py). With -p --children,
+        # --children, and runs on untraced otherwise (dtrace/tools/command/children.py). With -p --children,
         # those the process starts from now on, told through the lease.
         self._traces: list[Trace] = []
         self._children: list[threading.Thread] = []
@@ -276,7 +269,7 @@ examples:
         finally:
             follower.close()
         if follower.untraced:
-            runner.warn(f"{len(follower.untraced)} Python child processes of the command ran untraced: "
+            warn(f"{len(follower.untraced)} Python child processes of the command ran untraced: "
                         "--children traces them too, each from its first line")
         return code
 
@@ -297,7 +290,7 @@ examples:
             if target.held:
                 target.stop()
             raise
-        # In force before the tracer attaches, as for the other tools (base.Tool.run).
+        # In force before the tracer attaches, as for the other tools (base.ScriptTool.run).
         lease = scope.open_session(args, target, scope_text, asked, quiet=child, follow=follow)
         try:
             trace = Trace(tracer, program, probes, target, marker, label, args, out)
@@ -319,7 +312,7 @@ examples:
             self._trace(args, text, depth, tracer, marker, label, scope_text, target, out, child=True)
         except (ToolError, OSError) as error:
             target.abandon()
-            runner.warn(f"the child process {target.pid} is not traced: {error}")
+            warn(f"the child process {target.pid} is not traced: {error}")
 
 
 def _probe_names() -> list[str]:
@@ -336,23 +329,25 @@ def _is_python(probe: programs.UsdtProbe) -> bool:
     """Whether a usdt attach point names provider python (a provider-less one in the probe object)."""
     if probe.provider:
         return programs.names_matching(probe.provider, ["python"]) == ["python"]
-    return probe.path == "@TARGET@" or bool(runner._PROBE_OBJECT.search(probe.path))
+    return probe.path == "@TARGET@" or bool(procfs.PROBE_OBJECT.search(probe.path))
 
 
 class Trace:
     """One run of the tracer on the user's program: output passed through, the handshake,
-    Ctrl-C, the end."""
+    Ctrl-C, the end. The tracer process is the engine's (started, stopped and reaped as for
+    every tool), its output read raw."""
 
     def __init__(self, tracer, program, probes, target, marker, label, args, out) -> None:
         self.tracer, self.program, self.probes, self.target = tracer, program, probes, target
         self.label, self.args, self.out = label, args, out
         self.attached_line = f"{marker}-attached\n".encode()
         self.begun_line = f"{marker}-begun\n".encode()
-        self.chunks: queue.Queue[bytes | None] = queue.Queue()
         self.interrupts = 0
-        self.interrupt_at: float | None = None
-        self.sigint_sent_at: float | None = None
-        self.last_output = time.monotonic()
+        # The program's output is text, not bpftrace's JSON: a blank line is a sign that bpftrace
+        # is leaving only once it was sent SIGINT (before, it is the program's own).
+        self.engine = engine.TracerProcess(self.argv(), self.environment(),
+                                           lambda line, signalled: signalled and tracer.leaving(line, signalled),
+                                           raw=True, on_stderr=self._stderr)
         #: With @PYSTACK@: the process's code objects, and the stacks' nodes (node -> (parent, value)).
         self.resolver: pystack.Resolver | None = None
         self.nodes: dict[int, tuple[int, int]] = {}
@@ -371,36 +366,16 @@ class Trace:
         return env
 
     def run(self) -> int:
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        self.process = None
         try:
-            self.process = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=self.environment(), start_new_session=True,  # Ctrl-C reaches it through interrupt()
-                preexec_fn=runner.die_with_parent(signal.SIGKILL),  # nothing outlives the tool
-            )
-            threads = [threading.Thread(target=self._read_stdout, daemon=True),
-                       threading.Thread(target=self._read_stderr, daemon=True)]
-            for thread in threads:
-                thread.start()
-            if threading.current_thread() is threading.main_thread():  # a child's trace: the command's handles them
-                for sig in previous:
-                    signal.signal(sig, lambda *_: self.interrupt())
-            state = self._pass_output()
-            code = self.process.wait()
-            for thread in threads:
-                thread.join(5)
+            self.engine.start()
+            with engine.stop_signals(self.interrupt):  # a child's trace: the command's handler reaches it
+                state = self._pass_output()
+                code = self.engine.wait()
         except BaseException:
-            if self.process is not None and self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+            self.engine.kill()
             if self.target.held:
                 self.target.stop()
             raise
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
         self.out.flush()
         if state != "begun":
             ended = ""
@@ -410,35 +385,27 @@ class Trace:
             if self.interrupts:
                 return 130
             if state == "attached" and code == 0:
-                runner.warn(f"{self.label} ended in its BEGIN, before the trace began{ended}")
+                warn(f"{self.label} ended in its BEGIN, before the trace began{ended}")
                 return 0
-            runner.warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
+            warn(f"{self.tracer.name} did not run {self.label} (exit status {code}){ended}")
             return code or 1
         if self.target.process is not None:
             # As the other tools: a command that outlives the trace (-d, exit() in the program, a
             # stop signal) is stopped with it; one that ended by itself gives its status.
             if self.target.process.poll() is None:
-                return Tool.stop_command(self.target)
-            if not self.interrupts and (status := Tool.command_status(self.target.process.returncode)):
+                return Command.stop_command(self.target)
+            if not self.interrupts and (status := Command.command_status(self.target.process.returncode)):
                 return status
         if code:
-            runner.warn(f"{self.tracer.name} exited with status {code}")
+            warn(f"{self.tracer.name} exited with status {code}")
         return code
 
     # --- output
 
-    def _read_stdout(self) -> None:
-        stream = self.process.stdout
-        while chunk := os.read(stream.fileno(), 65536):
-            self.last_output = time.monotonic()
-            self.chunks.put(chunk)
-        self.chunks.put(None)
-
-    def _read_stderr(self) -> None:
-        for raw in self.process.stderr:
-            line = raw.decode(errors="replace")
-            if any(noise in line for noise in _NOISE) or not line.strip() or _ATTACHING.match(line.strip()):
-                continue
+    @staticmethod
+    def _stderr(line: str) -> None:
+        """The tracer's stderr goes through as it comes, but for its noise (the engine's NOISE)."""
+        if not engine.is_noise(line):
             sys.stderr.write(line)
             sys.stderr.flush()
 
@@ -461,17 +428,16 @@ class Trace:
         markers = (self.attached_line, self.begun_line)
         pending = b""  # output held back: until BEGIN is done, or a line that may be a marker
         state = ""
-        deadline = time.monotonic() + runner.ATTACH_TIMEOUT
+        deadline = time.monotonic() + engine.ATTACH_TIMEOUT
         while True:
-            self._forward_interrupt()
             try:
-                chunk = self.chunks.get(timeout=runner.DRAIN_QUIET)
+                chunk = self.engine.read()
             except queue.Empty:
-                if state == "attached" and time.monotonic() - self.last_output > BEGIN_QUIET:
+                if state == "attached" and time.monotonic() - self.engine.last_output > BEGIN_QUIET:
                     state = self._begun(pending)  # BEGIN returned early, without its last line
                     pending = b""
                 elif not state and time.monotonic() > deadline:
-                    raise ToolError(f"{self.tracer.name} did not attach within {runner.ATTACH_TIMEOUT:g} s")
+                    raise ToolError(f"{self.tracer.name} did not attach within {engine.ATTACH_TIMEOUT:g} s")
                 continue
             if chunk is None:
                 self._write(self._stacks(self._clean(pending, markers)))
@@ -535,36 +501,19 @@ class Trace:
     def _clean(data: bytes, markers: tuple[bytes, ...]) -> bytes:
         """``data`` without the markers' lines and bpftrace's "Attaching N probes..." line."""
         return b"".join(line for line in data.splitlines(keepends=True)
-                        if line not in markers and not _ATTACHING.match(line.decode(errors="replace").rstrip("\n")))
+                        if line not in markers and not engine.ATTACHING.match(line.decode(errors="replace").rstrip("\n")))
 
     # --- Ctrl-C
 
-    def interrupt(self) -> None:
-        """Ctrl-C (from a signal handler): the tracer gets SIGINT once its output has been quiet
-        for a moment (bpftrace stops reading its buffers at SIGINT); a second Ctrl-C sends it at
-        once, a third kills the tracer."""
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP (from a signal handler): the engine stops the tracer (SIGINT
+        once its output has been quiet: bpftrace stops reading its buffers at SIGINT); each
+        further signal hurries it (SIGINT at once, then SIGKILL). The tracers of the command's
+        children (--children) are stopped too."""
         self.interrupts += 1
-        for other in list(self.others):  # the tracers of the command's children (--children)
-            other.interrupt()
-        if self.interrupts == 1:
-            self.interrupt_at = time.monotonic()
-        else:
-            self._signal(signal.SIGINT if self.interrupts == 2 else signal.SIGKILL)
-
-    def _forward_interrupt(self) -> None:
-        now = time.monotonic()
-        if self.interrupt_at is not None and (now - self.last_output >= runner.DRAIN_QUIET
-                                              or now - self.interrupt_at >= runner.DRAIN_LIMIT):
-            self._signal(signal.SIGINT)
-        elif (self.sigint_sent_at is not None and now - self.sigint_sent_at >= RESEND_AFTER
-              and now - self.last_output >= RESEND_AFTER):
-            self._signal(signal.SIGINT)  # missed: bpftrace 0.17 ignores one SIGINT now and then
-
-    def _signal(self, sig: int) -> None:
-        self.interrupt_at = None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.sigint_sent_at = time.monotonic() if sig == signal.SIGINT else None
+        for other in list(self.others):
+            other.interrupt(signum)
+        self.engine.interrupt(signum)
 
 
 def _line_at(data: bytes, line: bytes) -> int:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from dtrace.tools import pystack, report, runner
-from dtrace.tools.base import Tool, cut_note
-from dtrace.tools.options import UsageError
+from dtrace.tools.command.base import ScriptTool, cut_note
+from dtrace.tools.errors import UsageError
+from dtrace.tools.proc import procfs, pystack
+from dtrace.tools.render import report
 
 #: The bundled scripts' native probe and how they name it.
 SCRIPT_PROBE = {"bt": "uprobe:libc:connect", "d": "pid$target::connect:entry"}
@@ -34,7 +35,7 @@ def native_probe(function: str, dialect: str) -> str:
     return f"uprobe:libc:{function}" if dialect == "bt" else f"pid$target::{function}:entry"
 
 
-class Where(Tool):
+class Where(ScriptTool):
     name = "where"
     script = "where"
     strlen = 200
@@ -111,7 +112,7 @@ examples:
         if not probe.startswith(SILENT_TYPES):
             return
         if options.pid is not None:
-            runner.check_running(options.pid)  # before asking about its libraries
+            procfs.check_running(options.pid)  # before asking about its libraries
         listed = tracer.list_probes(probe, options.pid)
         if listed is not None and not listed:
             where = f"process {options.pid}" if options.pid is not None else "this system"

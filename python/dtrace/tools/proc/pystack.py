@@ -43,8 +43,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from dtrace.tools import pyprocess
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import procfs, pyprocess
 
 #: Frames walked per stack unless the tool says otherwise; deeper stacks end in a "cut" marker.
 DEFAULT_DEPTH = 48
@@ -181,7 +181,7 @@ class Memory:
         try:
             self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         except (FileNotFoundError, ProcessLookupError):
-            raise pyprocess.gone(pid) from None
+            raise procfs.gone(pid) from None
         except PermissionError:
             raise ToolError(f"Permission denied reading the memory of process {pid}: run as root (sudo)") from None
 
@@ -359,10 +359,9 @@ def check_layout(process: pyprocess.PythonProcess, memory: Memory, layout: Layou
     one of the process's threads, with at least one frame, every frame's code a code object whose
     names are strings (the interpreter's own frames aside)."""
     pid = process.pid
-    try:
-        tasks = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-    except OSError:
-        raise pyprocess.gone(pid) from None
+    tasks = set(procfs.threads(pid) or ())
+    if not tasks:
+        raise procfs.gone(pid)
     where = f"{process.describe()}, offsets from {layout.source}"
     found = threads(memory, layout)
     ours = [(tid, state) for tid, state in found if tid in tasks]

@@ -44,8 +44,9 @@ import re
 import struct
 import sys
 
-from dtrace.tools import elfnotes, programs
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import programs
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import elf, procfs
 
 #: The cast that gives an argument narrower than 64 bits its type back, by its size in the note;
 #: and a 64-bit one the type a USDT probe's argN has (int64, where a uprobe's is uint64: bpftrace
@@ -63,14 +64,10 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
         return {}
     candidates = []
     try:
-        candidates.append(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
-    except OSError:
+        candidates.append(procfs.executable(pid).removesuffix(" (deleted)"))
+    except ToolError:
         pass
-    try:
-        candidates += [path for path in elfnotes.mapped_objects(pid)
-                       if os.path.basename(path).startswith("libpython")]
-    except OSError:
-        pass
+    candidates += [path for path in procfs.mapped_objects(pid) if os.path.basename(path).startswith("libpython")]
     found: dict[str, str] = {}
     for path in candidates:
         if path == library:
@@ -78,7 +75,7 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
         if not os.access(path, os.R_OK) and os.path.exists(f"/proc/{pid}/root{path}"):
             path = f"/proc/{pid}/root{path}"  # another mount namespace (a container)
         try:
-            obj = elfnotes.read(path)
+            obj = elf.read(path)
         except (ValueError, IndexError, struct.error) as error:
             raise ToolError(f"cannot read the SDT notes of {path}, process {pid}'s interpreter ({error}): "
                             "cannot tell which probes it fires itself") from None
@@ -88,12 +85,12 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
     return found
 
 
-def sites(library: str) -> dict[str, list[elfnotes.Probe]]:
+def sites(library: str) -> dict[str, list[elf.Probe]]:
     """The probe object's probes of provider python, by name, each with its sites."""
-    obj = elfnotes.read(library)
+    obj = elf.read(library)
     if obj is None:
         raise ToolError(f"cannot read the SDT notes of the probe object {library}")
-    found: dict[str, list[elfnotes.Probe]] = {}
+    found: dict[str, list[elf.Probe]] = {}
     for probe in obj.probes:
         if probe.provider == "python":
             found.setdefault(probe.name, []).append(probe)

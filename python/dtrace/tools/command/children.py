@@ -48,8 +48,8 @@ import tempfile
 import threading
 from typing import Callable
 
-from dtrace.tools import runner
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import runner
+from dtrace.tools.errors import ToolError
 
 #: The variable that names the tool's socket in the traced command's environment.
 VARIABLE = "PYDTRACE_FOLLOW"

@@ -1,4 +1,7 @@
-"""What every tool shares: its script, the options that vary it, and the run from start to report."""
+"""The bases of the commands: :class:`Command` (every ``python -m dtrace NAME``: its help, options and
+run) and :class:`ScriptTool` (a tool that runs a bundled script: its variants, the run from start to
+report, the end of a ``-c`` command and its exit status). ``list`` and ``run`` are Commands; the
+others are ScriptTools."""
 
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from dtrace.tools import aggregate, children, interpreter, pystack, report, runner, scope, tracers
-from dtrace.tools.options import Options
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import aggregate, children, engine, interpreter, runner, tracers
+from dtrace.tools.command.options import Options
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pystack, scope
+from dtrace.tools.render import report
 
 
 #: The bundled scripts, installed with the package.
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def script_text(name: str, dialect: str) -> str:
@@ -46,24 +51,93 @@ def keep_sections(text: str, keep: set[str]) -> str:
     return re.sub(r"\n{3,}", "\n\n", "".join(out))
 
 
-class Tool:
-    """One tool: ``python -m dtrace NAME``. Subclasses set the class attributes and report."""
+class Command:
+    """One command: ``python -m dtrace NAME``. Subclasses set the class attributes and run."""
 
     name = ""
     summary = ""  # one line, for the tool list
     description = ""  # the help's first paragraph
     examples = ""  # the help's epilog
+    #: BPFTRACE_MAP_KEYS_MAX, unless --max-keys.
+    max_keys = 16384
+    #: Whether -i/--interval makes sense for this command.
+    intervals = True
+    #: Whether the command needs a target (-p or -c) to run.
+    needs_target = True
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The command's own options."""
+
+    def check_options(self, options: Options) -> Options:
+        """At parse time, before anything starts: the command's own options checked (UsageError)
+        and settled."""
+        return options
+
+    def run(self, options: Options, out: TextIO = sys.stdout) -> int:
+        """One run. Returns the exit status."""
+        raise NotImplementedError
+
+    def bind(self, program: str, pid: int) -> str:
+        """The program for process ``pid``: a Python stack walk (pystack) gets the process's
+        checked layout in place of its ``PY_...`` names (ToolError when it has none)."""
+        if not pystack.uses_walk(program):
+            return program
+        self.layout = pystack.layout_of(pid)
+        return pystack.bind(program, self.layout)
+
+    def fired(self, probes: list[str]) -> list[str]:
+        """The probes of ``probes`` that this build of pydtrace-rs fires; warns about the others
+        (a command started by -c then need not wait for them)."""
+        try:
+            from dtrace import _native
+        except ImportError:
+            return probes
+        missing = [p for p in probes if p not in _native.ARMABLE_PROBES]
+        if missing:
+            warn(
+                f"this build of pydtrace-rs does not fire {', '.join(missing)} yet: "
+                "the output will have no such events"
+            )
+        return [p for p in probes if p in _native.ARMABLE_PROBES]
+
+    @staticmethod
+    def stop_command(target: runner.Target) -> int:
+        """The trace ended (-d, a stop signal, the tracer) while the command it started runs: the
+        command is stopped with it (SIGTERM, then SIGKILL after COMMAND_GRACE seconds)."""
+        warn(f"the trace has ended: stopping the command (PID {target.pid}) with SIGTERM")
+        target.stop()
+        return 0
+
+    @staticmethod
+    def command_status(status: int) -> int:
+        """The tool's exit status for a command that ended by itself: 0, its status, or 128 + N
+        when signal N killed it; said on stderr when it failed."""
+        if status == 0:
+            return 0
+        if status < 0:
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:
+                name = f"signal {-status}"
+            warn(f"the command was killed by {name}")
+            return 128 - status
+        warn(f"the command exited with status {status}")
+        return status
+
+
+class ScriptTool(Command):
+    """A tool that runs a bundled script (``scripts/NAME.bt``, ``.d``) and reports what it printed.
+    Subclasses set the class attributes and report."""
+
     #: Script files: scripts/SCRIPT.bt and scripts/SCRIPT.d.
     script = ""
     #: The bpftrace script on the aggregate probes (scripts/NAME.bt), run unless --per-event:
-    #: the process counts inside itself and reports at each flush (tools/aggregate.py).
+    #: the process counts inside itself and reports at each flush (tools/command/aggregate.py).
     aggregate_script = ""
     #: The run's flushes, while it aggregates.
     aggregation: aggregate.Aggregation | None = None
     #: BPFTRACE_STRLEN: the most the script's strings fit on bpftrace 0.17's 512-byte stack.
     strlen = 160
-    #: BPFTRACE_MAP_KEYS_MAX, unless --max-keys.
-    max_keys = 16384
     #: Whether every event passes through the tracer's output (a bigger buffer then).
     streaming = False
     #: Maps the report reads: name -> the types of its key's parts ("s" string, "d" number;
@@ -72,18 +146,11 @@ class Tool:
     maps: dict[str, str] = {}
     #: Which of them are histograms.
     hists: frozenset[str] = frozenset()
-    #: Whether -i/--interval makes sense for this tool.
-    intervals = True
-    #: Whether the tool needs a target (-p or -c) to run.
-    needs_target = True
     #: The maps whose counts are events of the function and line probes, keyed by file first
     #: (calls' @calls, lines' @lines): the cost note's numbers (see cost_note).
     event_maps: tuple[str, ...] = ()
 
     # --- the command line
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """The tool's own options."""
 
     def sections(self, args: Options) -> set[str]:
         """The optional script sections these options keep."""
@@ -115,7 +182,7 @@ class Tool:
         interval = getattr(args, "interval", None)
         if aggregated:
             # The tool times -d and -i itself: it asks for a flush, and the end of the flush prints
-            # the interval's maps (tools/aggregate.py).
+            # the interval's maps (tools/command/aggregate.py).
             if interval:
                 text = text.replace("\t// interval\n", self._interval_body(text) + "\n", 1)
             return text
@@ -212,14 +279,6 @@ class Tool:
     def finish(self, args: Options, out: TextIO, session: runner.Session) -> None:
         """Called after the last report."""
 
-    def bind(self, program: str, pid: int) -> str:
-        """The program for process ``pid``: a Python stack walk (pystack) gets the process's
-        checked layout in place of its ``PY_...`` names (ToolError when it has none)."""
-        if not pystack.uses_walk(program):
-            return program
-        self.layout = pystack.layout_of(pid)
-        return pystack.bind(program, self.layout)
-
     def check(self, options: Options, tracer: tracers.Tracer) -> None:
         """Before anything starts: UsageError for options that cannot work here (e.g. a function
         that resolves to no probe)."""
@@ -245,7 +304,7 @@ class Tool:
         follower = None
         if options.argv:
             # Every Python process of the command's tree reports to the follower: traced with
-            # --children, counted otherwise (dtrace/tools/children.py).
+            # --children, counted otherwise (dtrace/tools/command/children.py).
             follower = children.Follower(
                 options.children,
                 lambda child: self._follow(child, options, tracer, program, probes, scope_text, out))
@@ -274,7 +333,7 @@ class Tool:
         """The run once the target is known: the root process's tracer, then what its
         children's tracers report."""
         # An interpreter that declares some of these probes itself (--with-dtrace): ours are
-        # attached by address, and asked for through the lease (dtrace/tools/interpreter.py).
+        # attached by address, and asked for through the lease (dtrace/tools/command/interpreter.py).
         try:
             program = self.bind(program, target.pid)
             program, probes, asked = interpreter.adapt(program, probes, target.pid, target.library, tracer.dialect)
@@ -293,28 +352,20 @@ class Tool:
         self.aggregation = (aggregate.Aggregation(session, target, options.interval, self.ticks(options),
                                                   options.duration) if aggregated else None)
         interrupt = self.aggregation.interrupt if self.aggregation else session.interrupt
-        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        previous = {sig: signal.getsignal(sig) for sig in stops}
         try:
             session.start()
-            for sig in stops:
-                signal.signal(sig, lambda signum, frame: self._interrupt_all(interrupt, signum))
-            code = self._collect(options, target, session, probes, self._sink(options, target, out))
-            self._end_children(session, follower, out)
+            with engine.stop_signals(lambda signum: self._interrupt_all(interrupt, signum)):
+                code = self._collect(options, target, session, probes, self._sink(options, target, out))
+                self._end_children(session, follower, out)
             return code
         except BaseException:
             for child in self._child_sessions:
-                if child.process.poll() is None:
-                    child.process.kill()
-            if getattr(session, "process", None) is not None and session.process.poll() is None:
-                session.process.kill()  # nothing more is read: the kernel detaches its probes
-                session.wait()
+                child.kill()
+            session.kill()  # nothing more is read: the kernel detaches its probes
             if target.process is not None:
                 target.stop()  # a command started for the trace does not outlive it
             raise
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if self.aggregation is not None:
                 self.aggregation.close()
             if lease is not None:
@@ -360,7 +411,7 @@ class Tool:
             self._child_sessions.append(session)
             self._child_interrupts.append(tool.aggregation.interrupt if tool.aggregation else session.interrupt)
             early, ready = [], None
-            for event in session.events(timeout=runner.ATTACH_TIMEOUT):
+            for event in session.events(timeout=engine.ATTACH_TIMEOUT):
                 if event.kind == "printf" and event.data.startswith("Tracing "):
                     ready = event
                     break
@@ -379,7 +430,7 @@ class Tool:
             if gathered.maps or not self.intervals or not getattr(options, "interval", None):
                 tool.report(gathered.maps, options, buffer, None, session)
             tool.finish(options, buffer, session)
-            ended = "ended" if not runner.alive(target.pid) else "still running"
+            ended = "ended" if not procfs.alive(target.pid) else "still running"
             if not self.streaming:
                 self._section(out, f"{described}, a child process ({ended})", buffer.getvalue())
             tool.warn_incomplete(session, options, f"PID {target.pid}: ")
@@ -391,11 +442,11 @@ class Tool:
                           f"PID {target.pid}: ")
         except (ToolError, OSError, TimeoutError) as error:
             target.abandon()
-            if not runner.alive(target.pid):
+            if not procfs.alive(target.pid):
                 # Its parent ended it (a pool's terminate()) while it waited: it ran none of its code.
                 self._section(out, f"{described}, a child process (ended before its tracer attached)", "")
             else:
-                runner.warn(f"the child process {described} is not traced: {error}")
+                warn(f"the child process {described} is not traced: {error}")
         finally:
             if tool is not None and tool.aggregation is not None:
                 tool.aggregation.close()
@@ -420,7 +471,7 @@ class Tool:
         follower.close()
         untraced = follower.untraced
         if untraced:
-            runner.warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
+            warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
                         f"{', '.join(map(str, untraced[:8]))}{', ...' if len(untraced) > 8 else ''}): "
                         "--children traces them too, each from its first line")
 
@@ -429,13 +480,13 @@ class Tool:
         # output may come first: keep it for after.
         early, ready = [], None
         try:
-            for event in session.events(timeout=runner.ATTACH_TIMEOUT):
+            for event in session.events(timeout=engine.ATTACH_TIMEOUT):
                 if event.kind == "printf" and event.data.startswith("Tracing "):
                     ready = event
                     break
                 early.append(event)
         except TimeoutError:
-            raise ToolError(f"{session.tracer.name} did not attach within {runner.ATTACH_TIMEOUT:g} s") from None
+            raise ToolError(f"{session.tracer.name} did not attach within {engine.ATTACH_TIMEOUT:g} s") from None
         if ready is None:
             code = session.stop()
             if target.process is not None:
@@ -515,65 +566,26 @@ class Tool:
         gathered.seconds = last - began  # until the last event: not the tracer's drain after a stop
         return gathered
 
-    @staticmethod
-    def stop_command(target: runner.Target) -> int:
-        """The trace ended (-d, a stop signal, the tracer) while the command it started runs: the
-        command is stopped with it (SIGTERM, then SIGKILL after COMMAND_GRACE seconds)."""
-        runner.warn(f"the trace has ended: stopping the command (PID {target.pid}) with SIGTERM")
-        target.stop()
-        return 0
-
-    @staticmethod
-    def command_status(status: int) -> int:
-        """The tool's exit status for a command that ended by itself: 0, its status, or 128 + N
-        when signal N killed it; said on stderr when it failed."""
-        if status == 0:
-            return 0
-        if status < 0:
-            try:
-                name = signal.Signals(-status).name
-            except ValueError:
-                name = f"signal {-status}"
-            runner.warn(f"the command was killed by {name}")
-            return 128 - status
-        runner.warn(f"the command exited with status {status}")
-        return status
-
-    def fired(self, probes: list[str]) -> list[str]:
-        """The probes of ``probes`` that this build of pydtrace-rs fires; warns about the others
-        (a command started by -c then need not wait for them)."""
-        try:
-            from dtrace import _native
-        except ImportError:
-            return probes
-        missing = [p for p in probes if p not in _native.ARMABLE_PROBES]
-        if missing:
-            runner.warn(
-                f"this build of pydtrace-rs does not fire {', '.join(missing)} yet: "
-                "the output will have no such events"
-            )
-        return [p for p in probes if p in _native.ARMABLE_PROBES]
-
     def warn_incomplete(self, session: runner.Session, args: Options, who: str = "") -> None:
         """Never a silently wrong table: say what the tracer lost (``who``: the process, for a child)."""
         if session.killed:
-            runner.warn(
+            warn(
                 f"{session.tracer.name} did not stop after two SIGINTs and was killed: "
                 "what it gathered last is lost"
             )
         if session.lost:
-            runner.warn(
+            warn(
                 f"{who}{session.lost} events were lost (the tracer's output buffer overflowed): "
                 "the output above is incomplete"
             )
         if session.map_full:
             limit = args.max_keys or self.max_keys
-            runner.warn(
+            warn(
                 f"{session.map_full} map updates failed because a map was full "
                 f"({limit} keys): the counts above are incomplete; raise the limit with --max-keys"
             )
         for error, count in session.helper_errors.items():
-            runner.warn(f"{count} tracer helper errors: {error}")
+            warn(f"{count} tracer helper errors: {error}")
         errors = session.errors()
         if errors:
             print(errors, file=sys.stderr)
@@ -589,7 +601,7 @@ def cut_note(names: list[str], strlen: int) -> str | None:
 
 @dataclass
 class Gathered:
-    """What :meth:`Tool._gather` read from one process's tracer."""
+    """What :meth:`ScriptTool._gather` read from one process's tracer."""
 
     maps: dict[str, dict] = field(default_factory=dict)
     intervals: int = 0
@@ -603,7 +615,7 @@ class Gathered:
 def warn_dropped(dropped: int, prefix: str = "") -> None:
     """Say that an aggregating process reached a bound, if it did."""
     if dropped:
-        runner.warn(f"{prefix}{dropped} calls or lines were not gathered: the process reached a bound of its "
+        warn(f"{prefix}{dropped} calls or lines were not gathered: the process reached a bound of its "
                     "aggregation (the call tree's nodes, a code object's lines; docs/probes.md)")
 
 
@@ -663,7 +675,7 @@ def cost_note(by_file: dict[str, int], seconds: float, lost: int, options: Optio
         lines.append(f"Within the scope, most events came from: {where}: narrow it further.")
     lines.append("For where time goes, sample instead of tracing every call (flame --sample, or perf, "
                  "py-spy): the cost does not grow with the calls.")
-    runner.warn(" ".join(lines))
+    warn(" ".join(lines))
 
 
 class Prefixed(io.TextIOBase):

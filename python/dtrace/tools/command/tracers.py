@@ -15,9 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-
-class ToolError(Exception):
-    """A problem the user can act on: printed as ``pydtrace: MESSAGE``, exit code 1."""
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import procfs
 
 
 def decode_json_line(line: str) -> Any:
@@ -109,19 +108,6 @@ class Tracer:
         return signalled
 
 
-def _has_capabilities(*bits: int) -> bool:
-    """Whether this process has all the effective capabilities ``bits`` (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    effective = int(line.split()[1], 16)
-                    return all(effective >> bit & 1 for bit in bits)
-    except OSError:
-        pass
-    return False
-
-
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
 #: bpftrace 0.17's JSON writes a byte >= 0x80 as \uffffffXX (a sign-extended char).
@@ -138,7 +124,7 @@ class Bpftrace(Tracer):
     )
 
     def check_privileges(self) -> None:
-        if os.geteuid() == 0 or _has_capabilities(CAP_SYS_ADMIN) or _has_capabilities(CAP_BPF, CAP_PERFMON):
+        if os.geteuid() == 0 or procfs.has_capabilities(CAP_SYS_ADMIN) or procfs.has_capabilities(CAP_BPF, CAP_PERFMON):
             return
         super().check_privileges()
 

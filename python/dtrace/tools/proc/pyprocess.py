@@ -15,13 +15,15 @@ owner, or root); thread names need none.
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import procfs
+from dtrace.tools.proc.elf import ElfFile, load_bias
+from dtrace.tools.proc.procfs import Mapping
 
 #: A libpython in /proc/PID/maps: libpython3.12.so.1.0, libpython3.13t.so, libpython3.12d.so...
 _LIBPYTHON = re.compile(r"(?:^|/)libpython(\d+)\.(\d+)([a-z]*)\.so(?:\.[\d.]+)?$")
@@ -31,110 +33,6 @@ _EXECUTABLE = re.compile(r"(?:^|/)python(\d+)\.(\d+)([a-z]*)$")
 _FREE_THREADED_SYMBOLS = ("_Py_DecRefShared", "_Py_MergeZeroLocalRefcount")
 #: The oldest interpreter pydtrace-rs supports.
 OLDEST = (3, 12)
-
-
-class ElfFile:
-    """The dynamic symbols of an ELF object and a way to read its initialized data (64-bit,
-    either byte order): what is needed to find a function or read a constant."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        with open(path, "rb") as f:
-            ident = f.read(64)
-            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2:
-                raise ValueError("not a 64-bit ELF object")
-            end = "<" if ident[5] == 1 else ">"
-            self.byte_order = end
-            e_phoff, e_shoff = struct.unpack_from(end + "QQ", ident, 0x20)
-            e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(end + "HHHHH", ident, 0x36)
-            f.seek(e_phoff)
-            headers = f.read(e_phentsize * e_phnum)
-            self.loads = []  # (vaddr, offset, filesz) of each PT_LOAD
-            for i in range(e_phnum):
-                p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(end + "IIQQQQ", headers, i * e_phentsize)
-                if p_type == 1:
-                    self.loads.append((p_vaddr, p_offset, p_filesz))
-            f.seek(e_shoff)
-            table = f.read(e_shentsize * e_shnum)
-            sections = [struct.unpack_from(end + "IIQQQQIIQQ", table, i * e_shentsize) for i in range(e_shnum)]
-            self.symbols: dict[str, tuple[int, int]] = {}
-            for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
-                if kind != 11 or not entsize:  # SHT_DYNSYM
-                    continue
-                f.seek(offset)
-                data = f.read(size)
-                strings_header = sections[link]
-                f.seek(strings_header[4])
-                strings = f.read(strings_header[5])
-                for i in range(size // entsize):
-                    st_name, st_info, _other, st_shndx, st_value, st_size = struct.unpack_from(
-                        end + "IBBHQQ", data, i * entsize)
-                    if st_shndx == 0 or not st_name:  # undefined here
-                        continue
-                    name = strings[st_name : strings.index(b"\0", st_name)].decode(errors="replace")
-                    self.symbols[name] = (st_value, st_size)
-
-    def read(self, vaddr: int, size: int) -> bytes | None:
-        """``size`` bytes of the file's image at link-time address ``vaddr`` (from a PT_LOAD)."""
-        for start, offset, filesz in self.loads:
-            if start <= vaddr and vaddr + size <= start + filesz:
-                with open(self.path, "rb") as f:
-                    f.seek(offset + vaddr - start)
-                    return f.read(size)
-        return None
-
-    def unsigned(self, name: str) -> int | None:
-        """The value of the constant ``name`` (an unsigned integer of its symbol's size)."""
-        if name not in self.symbols:
-            return None
-        vaddr, size = self.symbols[name]
-        data = self.read(vaddr, size)
-        if data is None or size not in (4, 8):
-            return None
-        return struct.unpack(self.byte_order + ("I" if size == 4 else "Q"), data)[0]
-
-
-@dataclass
-class Mapping:
-    start: int
-    end: int
-    offset: int
-    #: The file's path, without the " (deleted)" the kernel adds when it was removed or replaced.
-    path: str
-    deleted: bool = False
-
-    def readable_path(self, pid: int) -> str:
-        """A path that opens the mapped file, even one deleted or replaced since (root only)."""
-        return f"/proc/{pid}/map_files/{self.start:x}-{self.end:x}" if self.deleted else self.path
-
-
-def gone(pid: int) -> ToolError:
-    """The error for a PID that no process has (any more)."""
-    return ToolError(f"no process with PID {pid} is running")
-
-
-def mappings(pid: int) -> list[Mapping]:
-    """The file mappings of process ``pid``; ToolError if it is gone or its maps are not ours to read."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise gone(pid) from None
-    except PermissionError:
-        hint = ("another user's process, or another container's?" if os.geteuid() == 0
-                else "run as root (sudo) or as the process's owner")
-        raise ToolError(f"Permission denied reading /proc/{pid}/maps: {hint}") from None
-    found = []
-    for line in lines:
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith("/"):
-            start, end = (int(address, 16) for address in parts[0].split("-"))
-            path = parts[5]
-            deleted = path.endswith(" (deleted)")
-            if deleted:
-                path = path[: -len(" (deleted)")]
-            found.append(Mapping(start, end, int(parts[2], 16), path, deleted))
-    return found
 
 
 def version_text(version: tuple[int, ...]) -> str:
@@ -174,70 +72,10 @@ class PythonProcess:
         return self.bias + self.elf.symbols[name][0]
 
 
-def load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
-    """Where ``path`` is loaded: its first mapping's start minus its first segment's address."""
-    if not elf.loads:
-        return None
-    vaddr, offset, _ = elf.loads[0]
-    for mapping in maps:
-        if mapping.path == path and mapping.offset == offset - offset % 4096:
-            return mapping.start - (vaddr - vaddr % 4096)
-    return None
-
-
-def symbol_address(pid: int, library: str, name: str) -> int | None:
-    """Where process ``pid`` has the dynamic symbol ``name`` of ``library`` (an object it loaded and
-    that was not replaced since); None when the object has no such symbol or is not mapped."""
-    try:
-        elf = ElfFile(library)
-    except (OSError, ValueError, IndexError, struct.error):  # unreadable, or no 64-bit ELF object
-        return None
-    symbol = elf.symbols.get(name)
-    if symbol is None:
-        return None
-    bias = load_bias([m for m in mappings(pid) if not m.deleted], library, elf)
-    return None if bias is None else bias + symbol[0]
-
-
-def _executable(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except FileNotFoundError:
-        raise gone(pid) from None
-    except PermissionError:
-        raise ToolError(f"Permission denied reading /proc/{pid}/exe: run as root (sudo) or as the process's owner") from None
-    except OSError as error:  # a kernel thread has no executable
-        raise ToolError(f"process {pid} is not a Python interpreter (it has no executable: {error.strerror})") from None
-
-
-def status(pid: int) -> dict[str, str] | None:
-    """The fields of ``/proc/PID/status`` (``"State": "S (sleeping)"``); None when it cannot be
-    read (the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/status", errors="replace") as f:  # Name: is any bytes the process chose
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    fields = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name] = value.strip()
-    return fields
-
-
-def command_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
 def identify(pid: int) -> PythonProcess:
     """The Python interpreter process ``pid`` runs; ToolError when it runs none (that can be found)."""
-    maps = mappings(pid)
-    executable = _executable(pid)
+    maps = procfs.mappings(pid)
+    executable = procfs.executable(pid)
     exe_path = executable[: -len(" (deleted)")] if executable.endswith(" (deleted)") else executable
     # (the path, a path that opens it: a deleted file's mapping still does)
     candidates = [(m.path, m.readable_path(pid)) for m in maps if _LIBPYTHON.search(m.path) and m.offset == 0]
@@ -266,7 +104,7 @@ def identify(pid: int) -> PythonProcess:
         libc = next((m for m in maps if m.offset == 0 and re.search(
             r"/libc\.so\.6$|/libc\.musl[^/]*\.so|/ld-musl[^/]*\.so", m.path)), None)
         return PythonProcess(pid, path, version, free_threaded, executable, elf, load_bias(maps, path, elf), libc)
-    raise ToolError(f"process {pid} ({command_name(pid)}, {executable}) is not a Python interpreter: "
+    raise ToolError(f"process {pid} ({procfs.command_name(pid)}, {executable}) is not a Python interpreter: "
                     "neither its executable nor a libpython in its maps has CPython's symbols")
 
 
@@ -294,35 +132,14 @@ WATCHER_NAMES = {
 
 def watcher_names(pid: int) -> list[str]:
     """The names of the probes' watcher threads in ``pid`` (one, or none when the probes are not armed)."""
-    names = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return names
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name.startswith("pydtrace-watch"):
-            names.append(name)
-    return names
+    return [name for name in procfs.thread_names(pid) if name.startswith("pydtrace-watch")]
 
 
-def start_environment(pid: int) -> dict[str, str] | None:
-    """The environment process ``pid`` started with (changes it made since do not show); None if unreadable."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            data = f.read()
-    except OSError:
+def watcher_running(pid: int) -> bool | None:
+    """Whether the probes' watcher thread runs in ``pid`` (the probes are armed); None if unknown."""
+    if procfs.threads(pid) is None:
         return None
-    environment = {}
-    for entry in data.split(b"\0"):
-        name, sep, value = entry.partition(b"=")
-        if sep:
-            environment[name.decode(errors="replace")] = value.decode(errors="replace")
-    return environment
+    return bool(watcher_names(pid))
 
 
 def origin(pid: int) -> str:
@@ -333,7 +150,7 @@ def origin(pid: int) -> str:
         return "injected by python -m dtrace --inject, through gdb"
     if how == "remote_exec":
         return "injected by python -m dtrace --inject, through sys.remote_exec"
-    environment = start_environment(pid)
+    environment = procfs.start_environment(pid)
     if environment is None:
         return "imported (how: unknown, its environment is not readable here)"
     if environment.get("PYDTRACE_STARTUP"):

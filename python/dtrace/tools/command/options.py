@@ -16,9 +16,10 @@ import re
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass, fields, replace
+
+from dtrace.tools.errors import UsageError
+from dtrace.tools.proc.pystack import DEFAULT_DEPTH
 
 #: Exit status of a usage error (argparse's convention) and of a failure the user can act on.
 EXIT_USAGE = 2
@@ -26,10 +27,6 @@ EXIT_FAILURE = 1
 
 #: Seconds a started command may take to load dtrace and report, by default.
 STARTUP_TIMEOUT = 30.0
-
-#: flame's output formats, and the file each writes when -o is not given (None: standard output).
-FLAME_FORMATS = {"svg": "flame.svg", "speedscope": "flame.speedscope.json", "folded": None}
-
 
 def own_python() -> str:
     """How to name this environment's own Python in an example: ``python3`` when that is it on
@@ -67,17 +64,13 @@ def with_own_python(examples: str) -> str:
     return "\n".join(out) + ("\n" if examples.endswith("\n") else "")
 
 
-class UsageError(Exception):
-    """A bad command line: printed after the tool's usage, exit status 2."""
-
-
 @dataclass(frozen=True)
 class Options:
     """Everything one run of a tool was asked to do, typed.
 
     Fields every tool has come first; then the options some tools take (their
-    defaults are the tool's, from its parser). Options a tool adds that have no
-    field here are kept in ``extra`` and read as attributes too.
+    defaults are the tool's, from its parser). Every option of every tool has its
+    field here: a tool's parser that adds another is refused by :meth:`from_args`.
     """
 
     tool: str
@@ -98,7 +91,7 @@ class Options:
     #: --gdb: the gdb that --inject runs on 3.12 and 3.13 (None: $PYDTRACE_GDB, else gdb on PATH).
     gdb: str | None = None
     #: --children: trace the Python processes a -c command (or a -p process, from now on) starts too
-    #: (dtrace/tools/children.py).
+    #: (dtrace/tools/command/children.py).
     children: bool = False
     #: --module and --file: the session's scope (docs/scope.md), as given.
     scope_modules: tuple[str, ...] = ()
@@ -114,17 +107,19 @@ class Options:
     # where
     function: str | None = None
     no_lines: bool = False
-    # flame: the file to write (None: standard output) and its format
+    trace_calls: bool = False
+    # flame, where, run: the frames a Python stack walk reads
+    depth: int = DEFAULT_DEPTH
+    # flame: --sample's rate (None: timed from the entry and return events)
+    sample: int | None = None
+    # flame: the file to write (None: standard output) and its format, settled by flame's
+    # check_options from --format, --folded and -o's suffix
     output: str | None = None
-    format: str = "svg"
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not fields: a tool's own options.
-        extra = self.__dict__.get("extra", {})
-        if name in extra:
-            return extra[name]
-        raise AttributeError(f"{type(self).__name__!s} has no option {name!r}")
+    format: str | None = None
+    folded: bool = False
+    # run: the program, as a file or as text (-e)
+    program_file: str | None = None
+    program_text: str | None = None
 
     @property
     def target_given(self) -> bool:
@@ -134,13 +129,14 @@ class Options:
     def from_args(cls, namespace: argparse.Namespace, needs_target: bool = True) -> Options:
         """The options of a parsed command line; UsageError for what cannot work."""
         values = dict(vars(namespace))
-        names = {f.name for f in fields(cls)} - {"extra", "argv", "format"}
-        known = {name: values.pop(name) for name in list(values) if name in names}
+        names = {f.name for f in fields(cls)} - {"argv"}
+        unknown = sorted(set(values) - names)
+        if unknown:  # a tool's parser added an option without its field: a bug, not a usage error
+            raise TypeError(f"Options has no field for {', '.join(unknown)}: add one")
         for name in ("scope_modules", "scope_files"):
-            known[name] = tuple(known.get(name) or ())
-        folded = values.pop("folded", False)
-        chosen_format = values.pop("format", None)
-        options = cls(**known, extra=values)
+            if name in values:
+                values[name] = tuple(values[name] or ())
+        options = cls(**values)
 
         argv: tuple[str, ...] = ()
         if options.command is not None:
@@ -153,13 +149,7 @@ class Options:
             raise UsageError(f"--startup-timeout must be more than 0 seconds, not {options.startup_timeout:g}")
         if options.top < 0:
             raise UsageError(f"-n must be 0 (show all) or more, not {options.top}")
-
-        output, fmt = options.output, "svg"
-        if options.tool == "flame":
-            fmt, output = flame_output(options.output, chosen_format, folded)
-            if output is not None and not options.script:
-                check_writable(output)
-        return replace(options, argv=argv, output=output, format=fmt)
+        return replace(options, argv=argv)
 
 
 def split_command(command: str) -> tuple[str, ...]:
@@ -174,43 +164,6 @@ def split_command(command: str) -> tuple[str, ...]:
     if not argv:
         raise UsageError(f"-c needs a command, e.g. -c \"{own_python()} app.py\"")
     return tuple(argv)
-
-
-def flame_output(output: str | None, chosen: str | None, folded: bool) -> tuple[str, str | None]:
-    """flame's format and output file: --format, --folded, or the suffix of -o (.json: speedscope,
-    .folded: folded stacks, anything else: SVG); without -o, the format's default file."""
-    if folded and chosen not in (None, "folded"):
-        raise UsageError(f"--folded and --format {chosen} disagree: give one of them")
-    fmt = "folded" if folded else chosen
-    suffix = Path(output).suffix.lower() if output else ""
-    by_suffix = {".svg": "svg", ".json": "speedscope", ".folded": "folded"}
-    if suffix and suffix not in by_suffix and fmt is None:
-        raise UsageError(f"-o {output}: flame writes SVG (.svg), speedscope JSON (.json) or folded stacks "
-                         f"(.folded), not {suffix[1:].upper()}; name the file for one of them, or give --format "
-                         "(a browser can save the SVG as an image)")
-    if fmt is None:
-        name = (output or "").lower()
-        fmt = "speedscope" if name.endswith(".json") else "folded" if name.endswith(".folded") else "svg"
-    return fmt, output if output is not None else FLAME_FORMATS[fmt]
-
-
-def check_writable(path: str) -> None:
-    """UsageError unless a file can be written at ``path`` (checked before tracing starts, so
-    that no trace is lost to a typo)."""
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"-o {path} is a directory: give a file name, e.g. -o {target / 'flame.svg'}")
-    directory = target.parent
-    if not directory.is_dir():
-        raise UsageError(f"-o {path}: there is no directory {directory}: create it, or write elsewhere")
-    existed = target.exists()
-    try:
-        with open(target, "a"):
-            pass
-    except OSError as error:
-        raise UsageError(f"-o {path}: cannot write it ({error.strerror}): write elsewhere") from None
-    if not existed:
-        target.unlink()
 
 
 def positive(text: str) -> int:

@@ -5,7 +5,7 @@ The steps, for ``python -m dtrace TOOL``:
 1. The tracer is chosen (bpftrace on Linux, dtrace on macOS and illumos) and
    checked: installed, and run with enough privileges.
 2. The target: ``-p PID`` checks that the process runs and has loaded the
-   probe object (``dtrace/_native*.so``), else offers to load it (``inject.py``);
+   probe object (``dtrace/_native*.so``), else offers to load it (``inject/loader.py``);
    ``-c COMMAND`` starts the command with ``PYDTRACE=1`` and
    ``PYDTRACE_STARTUP=WFD,RFD`` (two pipes): its first
    interpreter reports ``PID LIBRARY`` and waits (see ``dtrace._startup``).
@@ -14,22 +14,17 @@ The steps, for ``python -m dtrace TOOL``:
 4. For ``-c``, the command is then told ``go PROBES``: it waits until those
    probes are live in it and runs, traced from its first line.
 5. The tracer's output is read until it exits: at Ctrl-C, SIGTERM or SIGHUP
-   (forwarded to it as SIGINT, see :class:`Stopper`), at the end of
+   (forwarded to it as SIGINT, see ``engine.py``), at the end of
    ``--duration``, or when the process exits.
 
-The tracer dies with the tool: it is started with ``PR_SET_PDEATHSIG`` set to
-SIGKILL, so that even a tool killed with SIGKILL leaves no consumer attached
-(the kernel then detaches its uprobes and lowers the probes' semaphores as it
-closes the tracer's perf events; SIGINT would let bpftrace detach by itself,
-but bpftrace 0.17 misses a SIGINT now and then, and a dead tool cannot send a
-second). A command started by ``-c`` gets SIGTERM when the tool dies.
+The tracer process itself (started to die with the tool, read, stopped, reaped) is the
+engine's (``engine.py``). A command started by ``-c`` gets SIGTERM when the tool dies.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import select
 import shlex
@@ -37,122 +32,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-from dtrace.tools import pyprocess
-from dtrace.tools.options import STARTUP_TIMEOUT, own_python
-from dtrace.tools.tracers import DTrace, Event, ToolError, Tracer
+from dtrace.tools.command.engine import TracerProcess, die_with_parent
+from dtrace.tools.command.options import STARTUP_TIMEOUT, own_python
+from dtrace.tools.command.tracers import DTrace, Event, Tracer
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import procfs, pyprocess
 
-#: Seconds the tracer may take to attach every probe (its BEGIN line).
-ATTACH_TIMEOUT = 60.0
-#: After Ctrl-C, the tracer is stopped once its output has been quiet this many seconds...
-DRAIN_QUIET = 0.05
-#: ... or this many seconds have passed.
-DRAIN_LIMIT = 1.0
-#: Seconds a tracer has, after SIGINT, to exit or to begin leaving before it is sent SIGINT
-#: again (bpftrace 0.17 misses one now and then) ...
-RESEND_AFTER = 1.0
-#: ... and then to do so before it is killed.
-KILL_AFTER = 5.0
-#: Seconds a tracer that has begun leaving has to print its maps and exit before it is killed.
-EXIT_LIMIT = 60.0
 #: Seconds a started command has to exit after SIGTERM before it gets SIGKILL.
 COMMAND_GRACE = 5.0
 
-
-# --- processes that die with the tool -------------------------------------------------------
-
-
-def die_with_parent(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that has the child sent ``sig`` when the tool dies, however it dies
-    (Linux's PR_SET_PDEATHSIG; nothing elsewhere). Call it, and start the child, from the
-    main thread: the signal follows the death of the thread that started the child."""
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the tool died before the request took effect
-            os.kill(os.getpid(), sig)
-
-    return preexec
-
-
-class Stopper:
-    """Stops a tracer, surviving one that misses a SIGINT.
-
-    SIGINT first: the tracer detaches, prints what it gathered and exits. If it
-    has neither exited nor begun to leave (``leaving()``: for bpftrace, the blank
-    lines it prints once it left its event loop) within RESEND_AFTER seconds,
-    SIGINT again; if still not, SIGKILL after KILL_AFTER more. (A second SIGINT
-    after bpftrace began to leave would kill it while it prints its maps: hence
-    the wait for the sign.) One that has begun to leave gets EXIT_LIMIT seconds.
-
-    :meth:`step` does what is due without blocking; :meth:`wait` steps until the
-    tracer has exited.
-    """
-
-    def __init__(self, process: subprocess.Popen, leaving: Callable[[], bool] = lambda: False) -> None:
-        self.process = process
-        self.leaving = leaving
-        self.sent: list[int] = []
-        self._sent_at = 0.0
-        self._leaving_since: float | None = None
-
-    @property
-    def killed(self) -> bool:
-        return signal.SIGKILL in self.sent
-
-    def step(self, hurry: bool = False) -> None:
-        """Send what is due now; ``hurry``: the next signal at once (a user's repeated Ctrl-C)."""
-        if self.process.poll() is not None:
-            return
-        now = time.monotonic()
-        if self._leaving_since is None and self.sent and self.leaving():
-            self._leaving_since = now
-        if not self.sent:
-            self._send(signal.SIGINT, now)
-        elif self.killed:
-            return
-        elif self._leaving_since is not None:
-            if now - self._leaving_since >= EXIT_LIMIT or hurry:
-                self._send(signal.SIGKILL, now)
-        elif len(self.sent) == 1 and (hurry or now - self._sent_at >= RESEND_AFTER):
-            self._send(signal.SIGINT, now)
-        elif len(self.sent) >= 2 and (hurry or now - self._sent_at >= KILL_AFTER):
-            self._send(signal.SIGKILL, now)
-
-    def _send(self, sig: int, now: float) -> None:
-        try:
-            self.process.send_signal(sig)
-        except ProcessLookupError:
-            pass
-        self.sent.append(sig)
-        self._sent_at = now
-
-    def wait(self) -> int:
-        """Stop the tracer; its exit status."""
-        while True:
-            self.step()
-            try:
-                return self.process.wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                continue
-
-
 # --- the target ------------------------------------------------------------------------------
 
-#: The probe object in /proc/PID/maps: dtrace/_native.cpython-312-x86_64-linux-gnu.so and the like.
-_PROBE_OBJECT = re.compile(r"(?:^|/)dtrace/_native[^/]*\.(?:so|dylib|pyd)$")
 _ARM_HINT = (
     "arm it with `import dtrace` in the program, or start it with PYDTRACE=1 in its environment "
     "(pydtrace-rs installed in its Python), or let the tool start it: -c \"COMMAND\""
@@ -208,81 +103,30 @@ class Target:
 
     def describe(self) -> str:
         """``PID 4711 (python app.py)``."""
-        try:
-            with open(f"/proc/{self.pid}/cmdline", "rb") as f:
-                words = [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
-        except OSError:
-            words = []
-        command = " ".join(words)
+        command = " ".join(procfs.command_line(self.pid))
         if len(command) > 60:
             command = command[:57] + "..."
         return f"PID {self.pid} ({command})" if command else f"PID {self.pid}"
 
 
-def check_running(pid: int) -> None:
-    """Raise ToolError unless a process with this PID runs."""
-    if pid <= 0:
-        raise ToolError(f"{pid} is not a process ID")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        raise pyprocess.gone(pid) from None
-    except PermissionError:
-        pass  # it runs; whether we may trace it is the tracer's question
-
-
-def probe_object(pid: int) -> str | None:
-    """The path of the probe object mapped into process ``pid`` (Linux), or None if it has none.
-
-    Raises ToolError when the maps cannot be read, or when the object was
-    replaced on disk after the process loaded it.
-    """
-    for mapping in pyprocess.mappings(pid):
-        if _PROBE_OBJECT.search(mapping.path):
-            if mapping.deleted:
-                raise ToolError(
-                    f"process {pid} loaded {mapping.path}, which has since been deleted or replaced "
-                    "(pydtrace-rs reinstalled?): the tracer cannot read its probes; restart the process"
-                )
-            return mapping.path
-    return None
-
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
-
-
-def watcher_running(pid: int) -> bool | None:
-    """Whether the probes' watcher thread runs in ``pid`` (the probes are armed); None if unknown."""
-    if not os.path.isdir(f"/proc/{pid}/task"):
-        return None
-    return bool(pyprocess.watcher_names(pid))
-
-
 def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
     """The target of ``-p PID``: it must run and have loaded dtrace (checked on Linux). A Python
-    process that has not is offered the probes (dtrace/tools/inject.py): on a terminal the user
+    process that has not is offered the probes (dtrace/tools/inject/loader.py): on a terminal the user
     is asked; with ``inject`` they are loaded at once (through ``gdb``, on 3.12 and 3.13, when given)."""
-    check_running(pid)
+    procfs.check_running(pid)
     if not sys.platform.startswith("linux"):
         return Target(pid, None)  # DTrace reports a process without the provider itself
-    library = probe_object(pid)
+    library = procfs.probe_object(pid)
     if library is None:
-        from dtrace.tools import inject as injection
+        from dtrace.tools.inject import loader as injection
 
         not_loaded = (f"process {pid} has not loaded the dtrace module (pydtrace-rs): {_ARM_HINT}; "
                       "or pass --inject to load it into the running process now")
         injection.load_probes(pid, inject, Target(pid, None).describe(), not_loaded, gdb)
-        library = probe_object(pid)
+        library = procfs.probe_object(pid)
         if library is None:
             raise ToolError(f"the probes were loaded into process {pid}, but its maps show no probe object")
-    if watcher_running(pid) is False:
+    if pyprocess.watcher_running(pid) is False:
         warn(
             f"process {pid} has loaded dtrace but its probes are not armed (PYDTRACE=0 in its "
             "environment?): they will not fire"
@@ -293,8 +137,8 @@ def attach(pid: int, inject: bool = False, gdb: str | None = None) -> Target:
 def attach_any(pid: int) -> Target:
     """The target of ``-p PID`` for a program that enables no probe of pydtrace-rs (a Python stack
     walk): any running process, whether or not it loaded dtrace; nothing is injected."""
-    check_running(pid)
-    library = probe_object(pid) if sys.platform.startswith("linux") else None
+    procfs.check_running(pid)
+    library = procfs.probe_object(pid) if sys.platform.startswith("linux") else None
     return Target(pid, library)
 
 
@@ -463,17 +307,10 @@ def _close_all(*fds: int) -> None:
 # --- one run ---------------------------------------------------------------------------------
 
 
-def warn(message: str) -> None:
-    print(f"pydtrace: {message}", file=sys.stderr, flush=True)
-
-
-#: Lines of bpftrace's stderr that say nothing to the user.
-_NOISE = ("couldn't set RLIMIT_MEMLOCK", "available_filter_functions", "Attaching ")
-
-
 @dataclass
 class Session:
-    """A running tracer: its output as events, read by a thread, and its exit."""
+    """A running tool's tracer: its output read as events (the engine's :class:`TracerProcess`
+    runs the process), and what the events said went wrong."""
 
     tracer: Tracer
     program: str
@@ -485,112 +322,42 @@ class Session:
     lost: int = 0
     map_full: int = 0
     helper_errors: dict[str, int] = field(default_factory=dict)
-    stderr_lines: list[str] = field(default_factory=list)
-    interrupted: int = 0
-    #: The stop signals the tool received while tracing, in order.
-    signals: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.tracer.argv(self.program, self.target.pid, self.arguments),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            env=self.env,
-            start_new_session=True,  # Ctrl-C reaches it once, through interrupt()
-            preexec_fn=die_with_parent(signal.SIGKILL),  # see the module doc
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._last_line = time.monotonic()
-        self._stop_requested_at: float | None = None
-        self._leaving = False
-        self.stopper: Stopper | None = None
-        self._threads = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self.engine = TracerProcess(self.tracer.argv(self.program, self.target.pid, self.arguments), self.env,
+                                    self.tracer.leaving)
+        self.engine.start()
 
-    def _read_stdout(self) -> None:
-        for line in self.process.stdout:
-            line = line.rstrip("\n")
-            self._last_line = time.monotonic()
-            if self.tracer.leaving(line, signalled=self.stopper is not None):
-                self._leaving = True
-            self._lines.put(line)
-        self._lines.put(None)
+    @property
+    def process(self):
+        """The tracer's process (None before :meth:`start`)."""
+        engine = getattr(self, "engine", None)
+        return engine.process if engine is not None else None
 
-    def _read_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
+    @property
+    def signals(self) -> list[int]:
+        """The stop signals the tool received while tracing, in order."""
+        return self.engine.signals
 
     def interrupt(self, signum: int = signal.SIGINT) -> None:
         """Ctrl-C, SIGTERM or SIGHUP to the tool (from a signal handler): stop the tracer, which
-        prints what it gathered. It is sent SIGINT once its output has been quiet for a moment
-        (see events()): bpftrace stops reading its buffers at SIGINT, so what the program
-        printed just before would be lost; then the :class:`Stopper` sees it through. Each
-        further signal hurries it: the next step at once (SIGINT again, then SIGKILL)."""
-        self.interrupted += 1
-        self.signals.append(signum)
-        if self._stop_requested_at is None:
-            self._stop_requested_at = time.monotonic()
-        elif self.stopper is None:
-            self._begin_stop()
-        else:
-            self.stopper.step(hurry=True)
+        prints what it gathered (see :meth:`TracerProcess.interrupt`)."""
+        self.engine.interrupt(signum)
 
     def request_stop(self) -> None:
         """Stop the tracer once its output has been quiet for a moment, as after Ctrl-C, without a
         signal to the tool (the end of an aggregating tool's last flush)."""
-        if self._stop_requested_at is None:
-            self._stop_requested_at = time.monotonic()
+        self.engine.request_stop()
 
     @property
     def stop_requested(self) -> bool:
         """Whether a stop was asked for: a stop signal to the tool (also one an aggregating tool
         answers with a last flush first), or the end of its last flush."""
-        return self._stop_requested_at is not None or bool(self.signals)
-
-    def _begin_stop(self) -> None:
-        if self.stopper is None:
-            self.stopper = Stopper(self.process, lambda: self._leaving)
-        self.stopper.step()
-
-    def _advance_stop(self) -> None:
-        """The stop's next step, when one is due: the first SIGINT once the output is quiet or
-        DRAIN_LIMIT has passed, then the Stopper's."""
-        if self.target.process is not None:
-            # A started command that has exited is reaped at once: bpftrace 0.17 ends when its
-            # -p process becomes a zombie, later releases (0.27) only once it is reaped.
-            self.target.process.poll()
-        if self.stopper is not None:
-            self.stopper.step()
-            return
-        requested, now = self._stop_requested_at, time.monotonic()
-        if requested is not None and (now - self._last_line >= DRAIN_QUIET or now - requested >= DRAIN_LIMIT):
-            self._begin_stop()
+        return self.engine.stop_requested
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """The tracer's events up to its exit; TimeoutError if a line takes longer than ``timeout``."""
-        waited = 0.0
-        while True:
-            self._advance_stop()
-            try:
-                line = self._lines.get(timeout=DRAIN_QUIET)
-            except queue.Empty:
-                waited += DRAIN_QUIET
-                if timeout is not None and waited >= timeout:
-                    raise TimeoutError from None
-                continue
-            waited = 0.0
-            if line is None:
-                if isinstance(self.tracer, DTrace):
-                    yield from self.tracer.finish()
-                return
+        for line in self.engine.lines(timeout, before=self._reap_command):
             for event in self.tracer.events(line, self.keys, self.hists):
                 if event.kind == "lost":
                     self.lost += event.data
@@ -601,35 +368,36 @@ class Session:
                     self.helper_errors[event.data] = self.helper_errors.get(event.data, 0) + 1
                 else:
                     yield event
+        if isinstance(self.tracer, DTrace):
+            yield from self.tracer.finish()
+
+    def _reap_command(self) -> None:
+        # A started command that has exited is reaped at once: bpftrace 0.17 ends when its -p
+        # process becomes a zombie, later releases (0.27) only once it is reaped.
+        if self.target.process is not None:
+            self.target.process.poll()
 
     def wait(self) -> int:
         """The tracer's exit status, once it exits (stopping it first if a stop was requested)."""
-        if self.stop_requested:
-            self._begin_stop()
-            code = self.stopper.wait()
-        else:
-            code = self.process.wait()
-        for thread in self._threads:
-            thread.join(5)
-        for stream in (self.process.stdout, self.process.stderr):
-            if not any(thread.is_alive() for thread in self._threads):
-                stream.close()
-        return code
+        return self.engine.wait()
 
     def stop(self) -> int:
         """Stop the tracer now (SIGINT, again if missed, then SIGKILL) and wait for it."""
-        if self._stop_requested_at is None:
-            self._stop_requested_at = time.monotonic()
-        return self.wait()
+        return self.engine.stop()
+
+    def kill(self) -> None:
+        """On an error: the tracer killed and reaped."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.kill()
 
     @property
     def killed(self) -> bool:
         """Whether the tracer had to be killed (its last output is lost)."""
-        return self.stopper is not None and self.stopper.killed
+        return self.engine.killed
 
     def errors(self) -> str:
         """The tracer's stderr, without its harmless noise."""
-        return "\n".join(line for line in self.stderr_lines if line.strip() and not any(n in line for n in _NOISE))
+        return self.engine.errors()
 
     def failure(self, what: str) -> ToolError:
         """A ToolError for a tracer that failed, with its own words and a hint where one fits."""

@@ -6,7 +6,7 @@ builds the call tree) inside itself, with no event per call or line, and reports
 through those probes at each flush (``src/aggregate.rs``, docs/probes.md). The process flushes every
 second by itself and at exit; a tool asks for a flush by writing its PID into a free slot of the
 exported array ``pydtrace_flush_requests`` through ``/proc/PID/mem`` (under the exclusive ``flock`` on
-that file that the scope channel's tools hold too, ``scope.py``). The watcher thread sees the request
+that file that the scope channel's tools hold too, ``proc/scope.py``). The watcher thread sees the request
 within a poll (20 ms), has the flush run with the GIL, and ends it with ``aggregate__flush(PID, 0)``,
 on which the tool's program prints ``pydtrace: flushed``. A request while nothing is gathered is
 answered at once with an empty flush.
@@ -32,8 +32,9 @@ import struct
 import threading
 import time
 
-from dtrace.tools import pyprocess, runner
-from dtrace.tools.tracers import ToolError
+from dtrace.tools.command import runner
+from dtrace.tools.errors import ToolError, warn
+from dtrace.tools.proc import elf, procfs
 
 #: The exported array of flush requests in the probe object (src/aggregate.rs).
 SYMBOL = "pydtrace_flush_requests"
@@ -55,7 +56,7 @@ class Flusher:
 
     def __init__(self, pid: int, library: str | None) -> None:
         self.pid = pid
-        address = pyprocess.symbol_address(pid, library, SYMBOL) if library else None
+        address = elf.symbol_address(pid, library, SYMBOL) if library else None
         if address is None:
             raise ToolError(f"the pydtrace-rs in process {pid} cannot be asked for a flush (its probe object "
                             f"has no {SYMBOL}: older than aggregation in the process); trace with --per-event")
@@ -121,7 +122,7 @@ class Aggregation:
         self.flusher = Flusher(self.target.pid, self.target.library)
         if self.target.process is None:
             if not self.flusher.request():
-                raise pyprocess.gone(self.target.pid)
+                raise procfs.gone(self.target.pid)
             deadline = time.monotonic() + FLUSH_TIMEOUT
             try:
                 for event in self.session.events(timeout=FLUSH_TIMEOUT):
@@ -142,7 +143,7 @@ class Aggregation:
             now = time.monotonic()
             if self.final_at is not None:
                 if now - self.final_at > FLUSH_TIMEOUT:
-                    runner.warn(f"process {self.target.pid} did not flush within {FLUSH_TIMEOUT:g} s: what it "
+                    warn(f"process {self.target.pid} did not flush within {FLUSH_TIMEOUT:g} s: what it "
                                 "gathered since its last flush (at most a second) is missing")
                     self.complete = True  # said once, here
                     self._stop()
@@ -163,7 +164,7 @@ class Aggregation:
             if not self.flusher.request():
                 self._done.set()  # the process has gone: the tracer ends by itself
         except ToolError as err:
-            runner.warn(str(err))
+            warn(str(err))
 
     def finish(self) -> None:
         """Ask for the last flush; the tracer is stopped at its end."""
@@ -187,7 +188,7 @@ class Aggregation:
         """Say so when the trace ended without a last flush: the process died without its exit
         flush (a signal, ``os._exit``), or did not answer the tool's."""
         if not self.complete:
-            runner.warn(f"process {self.target.pid} ended without its last flush (killed by a signal, "
+            warn(f"process {self.target.pid} ended without its last flush (killed by a signal, "
                         "os._exit?): what it counted since its previous flush (at most a second) is missing")
 
     def _stop(self) -> None:
@@ -199,8 +200,7 @@ class Aggregation:
     def interrupt(self, signum: int) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: the last flush first; a second signal stops at once."""
         if self.final_at is None and not self.stopping:
-            self.session.signals.append(signum)
-            self.session.interrupted += 1
+            self.session.engine.noted(signum)
             self.finish()
         else:
             self.session.interrupt(signum)

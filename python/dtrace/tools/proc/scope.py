@@ -34,9 +34,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dtrace.tools import pyprocess, runner
-from dtrace.tools.options import UsageError
-from dtrace.tools.tracers import ToolError
+from typing import TYPE_CHECKING
+
+from dtrace.tools.errors import ToolError, UsageError, warn
+from dtrace.tools.proc import procfs
+from dtrace.tools.proc.elf import ElfFile, load_bias
+
+if TYPE_CHECKING:  # annotations only: the target is the command layer's, above this one
+    from dtrace.tools.command.runner import Target
 
 #: The channel's symbol in the probe object's dynamic symbol table.
 SYMBOL = "pydtrace_scope_channel"
@@ -150,13 +155,6 @@ def _parse_error(entry: str) -> str | None:
 # --- the channel in a process --------------------------------------------------------------
 
 
-def _start_time(pid: int | str) -> int:
-    """When a process started, in clock ticks after boot (field 22 of /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(")") + 1 :].split()[19])
-
-
 def fnv1a(data: bytes) -> int:
     value = 0xCBF29CE484222325
     for byte in data:
@@ -187,7 +185,7 @@ class Channel:
         try:
             self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise pyprocess.gone(pid) from None
+            raise procfs.gone(pid) from None
         except PermissionError:
             raise ToolError(
                 f"cannot open /proc/{pid}/mem to set the scope: permission denied. The scope channel needs "
@@ -216,11 +214,11 @@ class Channel:
     def _locate(self, library: str | None) -> int:
         """The channel's address in the process: the symbol's value plus the object's load bias."""
         pid = self.pid
-        library = library or runner.probe_object(pid)
+        library = library or procfs.probe_object(pid)
         if library is None:
             raise ToolError(f"process {pid} has not loaded the dtrace module (pydtrace-rs)")
         try:
-            elf = pyprocess.ElfFile(library)
+            elf = ElfFile(library)
         except (OSError, ValueError, IndexError, struct.error):  # unreadable, or no 64-bit ELF object
             elf = None
         symbol = elf.symbols.get(SYMBOL) if elf is not None else None
@@ -229,10 +227,10 @@ class Channel:
                             "older than --module/--file; upgrade it, or trace without a scope")
         try:
             # The mapping of the file the process loaded: not one deleted or replaced since.
-            maps = [m for m in pyprocess.mappings(pid) if not m.deleted]
+            maps = [m for m in procfs.mappings(pid) if not m.deleted]
         except (OSError, ToolError):
             maps = []
-        bias = pyprocess.load_bias(maps, library, elf)
+        bias = load_bias(maps, library, elf)
         if bias is None:
             raise ToolError(f"cannot find where process {pid} mapped {library} (in /proc/{pid}/maps)")
         return bias + symbol[0]
@@ -303,7 +301,7 @@ class Channel:
 
 def _runs(pid: int, start: int) -> bool:
     try:
-        return _start_time(pid) == start
+        return procfs.start_time(pid) == start
     except (OSError, ValueError, IndexError):
         return False
 
@@ -328,7 +326,7 @@ class Lease:
         if not same_namespace:
             raise ToolError(f"process {channel.pid} runs in another PID namespace (a container?): it cannot see "
                             "this tool to hold its lease; run the tool in the process's namespace")
-        start = _start_time("self")
+        start = procfs.start_time("self")
         channel.lock(timeout)
         try:
             holders = []
@@ -388,7 +386,7 @@ class Lease:
                     "are its probes armed, "
                     "and does it run Python (a thread that holds the GIL in C code for long delays it)?")
             if now - rung > RING_AGAIN:
-                runner.check_running(channel.pid)
+                procfs.check_running(channel.pid)
                 channel.ring()
                 rung = now
             time.sleep(ACK_POLL)
@@ -418,7 +416,7 @@ class Lease:
                 self._wait(0, timeout)
         except (OSError, ToolError) as error:
             if os.path.exists(f"/proc/{self.channel.pid}"):
-                runner.warn(f"the scope of process {self.channel.pid} may not have gone back: {error}")
+                warn(f"the scope of process {self.channel.pid} may not have gone back: {error}")
         finally:
             self.index = None
             self.channel.close()
@@ -427,12 +425,12 @@ class Lease:
 # --- what a tool calls ---------------------------------------------------------------------
 
 
-def open_session(args: argparse.Namespace, target: runner.Target, text: str | None,
+def open_session(args: argparse.Namespace, target: Target, text: str | None,
                  probes: Sequence[str] = (), quiet: bool = False, follow: str | None = None) -> Lease | None:
     """Set the session's scope in ``target`` (``text`` from :func:`requested`), ask it to fire
-    ``probes`` (attached by address, which raises no semaphore: dtrace/tools/interpreter.py),
+    ``probes`` (attached by address, which raises no semaphore: dtrace/tools/command/interpreter.py),
     have the processes it starts report to the socket ``follow`` (``-p PID --children``:
-    dtrace/tools/children.py), and say what scope is in force.
+    dtrace/tools/command/children.py), and say what scope is in force.
 
     Without a scope of its own, the tool only says so when the process has one in force (best
     effort: nothing is said where the channel cannot be read). On failure a command started by
@@ -469,8 +467,8 @@ def open_session(args: argparse.Namespace, target: runner.Target, text: str | No
                         "(and restart the process), or trace its children by starting it with -c")
     others = [pid for pid in published.tools if pid != os.getpid()]
     if others:
-        runner.warn(f"tools {', '.join(map(str, others))} also set scopes in process {target.pid}: while they "
-                    f"run, the scope is the union of all: {published.describe()}")
+        warn(f"tools {', '.join(map(str, others))} also set scopes in process {target.pid}: while they "
+             f"run, the scope is the union of all: {published.describe()}")
     return lease
 
 
@@ -500,14 +498,14 @@ def _read_published(pid: int, library: str | None) -> Published | None:
         channel.close()
 
 
-def _note_scope_in_force(target: runner.Target) -> None:
+def _note_scope_in_force(target: Target) -> None:
     if not sys.platform.startswith("linux") or not target.pid:
         return
     published = _read_published(target.pid, target.library)
     if published is not None and published.entries:
         source = (f"by tools {', '.join(map(str, published.tools))}" if published.tools
                   else "by PYDTRACE_SCOPE in its environment")
-        runner.warn(f"process {target.pid} has a scope set {source}: only {published.describe()} fire the "
+        warn(f"process {target.pid} has a scope set {source}: only {published.describe()} fire the "
                     "function and line probes")
 
 
