@@ -62,6 +62,17 @@ def test_symbol_address_is_where_the_process_has_the_symbol():
     assert elf.symbol_address(os.getpid(), LIBRARY, "no_such_symbol") is None
 
 
+def test_a_path_through_a_symlink_finds_the_object_the_maps_name_resolved(tmp_path):
+    # A venv reached through a link (`.venv -> .venv-3.12`): the process reports its probe object by
+    # the linked path, the maps name it by the resolved one. The flush requests were not found.
+    link = tmp_path / "linked"
+    link.symlink_to(os.path.dirname(LIBRARY))
+    through_link = str(link / os.path.basename(LIBRARY))
+    expected = elf.symbol_address(os.getpid(), LIBRARY, "pydtrace_flush_requests")
+    assert expected is not None
+    assert elf.symbol_address(os.getpid(), through_link, "pydtrace_flush_requests") == expected
+
+
 @needs_linux
 def test_the_probe_objects_probes_and_semaphores_in_this_process():
     obj = elf.read(LIBRARY)

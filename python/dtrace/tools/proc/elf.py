@@ -13,6 +13,7 @@ and read a constant from the file (``Py_Version``).
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 
@@ -155,12 +156,16 @@ def load_bias(maps: list[Mapping], path: str, elf: ElfFile) -> int | None:
     """Where ``path`` is loaded: the start of the mapping of its first segment minus that
     segment's address, both rounded down to the page, as the kernel maps a segment: from the page
     that holds its first byte (so a segment that does not start on a page boundary shows in the
-    maps at its offset rounded down; tests/test_tools.py checks one)."""
+    maps at its offset rounded down; tests/test_tools.py checks one). ``path`` may lead through
+    symlinks."""
     if not elf.loads:
         return None
     vaddr, offset = elf.first_load
+    # The maps name the object by the path the kernel resolved: a path through a symlink (a venv
+    # reached through a link, as `.venv -> .venv-3.12`) is matched by where it leads.
+    paths = {path, os.path.realpath(path)}
     for mapping in maps:
-        if mapping.path == path and mapping.offset == offset - offset % mmap.PAGESIZE:
+        if mapping.path in paths and mapping.offset == offset - offset % mmap.PAGESIZE:
             return mapping.start - (vaddr - vaddr % mmap.PAGESIZE)
     return None
 
