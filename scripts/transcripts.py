@@ -14,8 +14,10 @@ calls.bt``) and its output are kept as written.
 The commands run in a scratch directory that holds ``.venv`` (a link to VENV) and ``examples``
 (a link to the checkout's), so paths print as the pages show them. ``-p 1473`` is the process the
 pages describe (docs/tools/README.md): ``PYDTRACE=1 .venv/bin/python examples/fetch.py 100000``,
-started for the run; its real PID is written back as 1473, and a tool attached to it without
-``-d`` is sent SIGTERM after three seconds, as the pages say. Paths of the standard library are
+started for the run; ``-p 23857`` the same program started without ``PYDTRACE`` (the pages of the
+tools that read any process's frames: where, flame --sample, run with @PYSTACK@). Their real PIDs
+are written back as 1473 and 23857, and a tool attached to either without ``-d`` is sent SIGTERM
+after three seconds, as the pages say. Paths of the standard library are
 shortened to ``.../lib/pythonX.Y/``, the venv's to ``.venv``.
 """
 
@@ -33,6 +35,8 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DOCUMENTED_PID = "1473"
+#: The same program started without PYDTRACE: no probes, frames read from outside.
+UNPREPARED_PID = "23857"
 TARGET = ".venv/bin/python examples/fetch.py 100000"
 TOOL = re.compile(r"^\.venv/bin/python -m dtrace\b")
 #: Seconds a tool attached by -p without -d runs before SIGTERM (docs/tools/README.md says three).
@@ -45,13 +49,16 @@ def base_prefix(python: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def run(command: str, work: Path, pid: str, short: list[tuple[str, str]]) -> tuple[str, int]:
-    """The output (stdout and stderr as a terminal shows them) and status of one command."""
-    real = command.replace(f"-p {DOCUMENTED_PID}", f"-p {pid}")
+def run(command: str, work: Path, pids: dict[str, str], short: list[tuple[str, str]]) -> tuple[str, int]:
+    """The output (stdout and stderr as a terminal shows them) and status of one command; ``pids``
+    maps each documented PID to the real one."""
+    real = command
+    for documented, pid in pids.items():
+        real = re.sub(rf"\b{documented}\b", pid, real)
     process = subprocess.Popen(["bash", "-c", real], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
-        if f"-p {DOCUMENTED_PID}" in command and " -d " not in command:
+        if any(f"-p {documented}" in command for documented in pids) and " -d " not in command:
             try:
                 out, _ = process.communicate(timeout=ATTACHED_FOR)
             except subprocess.TimeoutExpired:
@@ -63,7 +70,8 @@ def run(command: str, work: Path, pid: str, short: list[tuple[str, str]]) -> tup
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    out = re.sub(rf"\b{pid}\b", DOCUMENTED_PID, out)
+    for documented, pid in pids.items():
+        out = re.sub(rf"\b{pid}\b", documented, out)
     for long, brief in short:
         out = out.replace(long + "/", brief + "/")
     return out, process.returncode
@@ -102,7 +110,7 @@ def elide(output: str, written: list[str]) -> str:
     return "".join(kept + ["...\n"] + new[max(end, position):])
 
 
-def regenerate(page: Path, work: Path, pid: str, short: list[tuple[str, str]]) -> bool:
+def regenerate(page: Path, work: Path, pids: dict[str, str], short: list[tuple[str, str]]) -> bool:
     """Rewrite the transcripts of one page; returns whether it changed."""
     text = page.read_text()
     out, inside, status = [], False, 0
@@ -129,7 +137,7 @@ def regenerate(page: Path, work: Path, pid: str, short: list[tuple[str, str]]) -
             out.append(f"{status}\n")
         elif TOOL.match(command):
             print(f"{page.name}: {command}", file=sys.stderr)
-            output, status = run(command, work, pid, short)
+            output, status = run(command, work, pids, short)
             output = output if output.endswith("\n") or not output else output + "\n"
             out.append(elide(output, lines[i + 1:end]))
         else:
@@ -157,6 +165,8 @@ def main(argv: list[str]) -> int:
     (work / "examples").symlink_to(CHECKOUT / "examples")
     env = {**os.environ, "PYDTRACE": "1"}
     target = subprocess.Popen(TARGET.split(), cwd=work, env=env, stdout=subprocess.DEVNULL)
+    unprepared_env = {name: value for name, value in os.environ.items() if not name.startswith("PYDTRACE")}
+    unprepared = subprocess.Popen(TARGET.split(), cwd=work, env=unprepared_env, stdout=subprocess.DEVNULL)
     try:
         # The tools check that the process has loaded the probe object: wait for its import of dtrace.
         deadline = time.monotonic() + 30
@@ -164,12 +174,14 @@ def main(argv: list[str]) -> int:
             if time.monotonic() > deadline or target.poll() is not None:
                 raise SystemExit(f"{TARGET} did not load dtrace")
             time.sleep(0.05)
+        pids = {DOCUMENTED_PID: str(target.pid), UNPREPARED_PID: str(unprepared.pid)}
         for page in pages:
-            changed = regenerate(page, work, str(target.pid), short)
+            changed = regenerate(page, work, pids, short)
             print(f"{page.relative_to(CHECKOUT)}: {'rewritten' if changed else 'unchanged'}", file=sys.stderr)
     finally:
-        target.terminate()
-        target.wait()
+        for process in (target, unprepared):
+            process.terminate()
+            process.wait()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
