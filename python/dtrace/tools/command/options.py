@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 
 from dtrace.tools.errors import UsageError
 from dtrace.tools.proc.pystack import DEFAULT_DEPTH
+from dtrace.tools.render import report
 
 #: Exit status of a usage error (argparse's convention) and of a failure the user can act on.
 EXIT_USAGE = 2
@@ -27,6 +28,7 @@ EXIT_FAILURE = 1
 
 #: Seconds a started command may take to load dtrace and report, by default.
 STARTUP_TIMEOUT = 30.0
+
 
 def own_python() -> str:
     """How to name this environment's own Python in an example: ``python3`` when that is it on
@@ -37,11 +39,7 @@ def own_python() -> str:
         found = shutil.which(name)
         if found and os.path.realpath(found) == os.path.realpath(exe) and os.path.dirname(found) == os.path.dirname(exe):
             return name
-    try:
-        relative = os.path.relpath(exe)
-    except ValueError:
-        return exe
-    return exe if relative.startswith("..") else relative
+    return report.path(exe)
 
 
 def with_own_python(examples: str) -> str:
