@@ -50,19 +50,10 @@ from typing import Callable
 
 from dtrace.tools.command import runner
 from dtrace.tools.errors import ToolError
+from dtrace.tools.proc import procfs
 
 #: The variable that names the tool's socket in the traced command's environment.
 VARIABLE = "PYDTRACE_FOLLOW"
-
-
-def parent_of(pid: int) -> int | None:
-    """The parent PID of ``pid`` (field 4 of /proc/PID/stat), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(")") + 1:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def descends_from(pid: int, ancestor: int) -> bool:
@@ -72,7 +63,7 @@ def descends_from(pid: int, ancestor: int) -> bool:
     while pid and pid > 1 and seen < 4096:
         if pid == ancestor:
             return True
-        pid = parent_of(pid) or 0
+        pid = procfs.parent(pid) or 0
         seen += 1
     return False
 

@@ -109,6 +109,14 @@ def stat(pid: int | str) -> list[str]:
     return text[text.rindex(")") + 1:].split()
 
 
+def parent(pid: int) -> int | None:
+    """The parent PID of ``pid`` (field 4 of /proc/PID/stat), or None once it is gone."""
+    try:
+        return int(stat(pid)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def start_time(pid: int | str) -> int:
     """When a process started, in clock ticks after boot (field 22 of /proc/PID/stat); OSError
     when it is gone."""
