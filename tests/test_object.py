@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import dtrace
+from tracing import noted_arguments
 
 PROVIDER_FILE = Path(__file__).resolve().parent.parent / "provider" / "pydtrace.d"
 
@@ -85,18 +86,11 @@ def test_semaphores_are_aligned_and_every_note_has_a_base():
         assert int(note["base"], 16) != 0, note
 
 
-#: From 3.15 on, CPython fires these itself with its three arguments, and our notes declare those
-#: only (bcc reads all sites of a name by one argument list: build/codegen.rs, FIRED_BY_CPYTHON).
-CPYTHONS_OWN_FROM_315 = {"function__entry": 3, "function__return": 3}
-
-
 def test_arguments_have_cpythons_layout():
     for note in probe_notes():
         sizes = [arg.split("@")[0] for arg in note["arguments"].split()]
         expected = EXPECTED_ARGUMENT_SIZES[note["name"]]
-        if sys.version_info >= (3, 15) and note["name"] in CPYTHONS_OWN_FROM_315:
-            expected = expected[:CPYTHONS_OWN_FROM_315[note["name"]]]
-        assert sizes == expected, note
+        assert sizes == expected[:noted_arguments(note["name"], len(expected), sys.version_info[:2])], note
 
 
 def test_perf_and_systemtap_find_each_probe_site():

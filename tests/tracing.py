@@ -59,6 +59,19 @@ from dtrace.tools.proc import scope
 #: Seconds any one handshake step may take before the test fails.
 STEP_TIMEOUT = 60.0
 
+#: From 3.15 on, CPython built --with-dtrace fires these itself with three arguments, and our
+#: notes of them declare those three only (bcc reads all sites of a name by one argument list:
+#: build/codegen.rs, FIRED_BY_CPYTHON); the firing function still passes qualname.
+CPYTHONS_OWN_FROM_315 = {"function__entry": 3, "function__return": 3}
+
+
+def noted_arguments(name: str, count: int, python: tuple[int, int]) -> int:
+    """How many of probe ``name``'s ``count`` arguments its note declares in a build for
+    CPython ``python``."""
+    if python >= (3, 15) and name in CPYTHONS_OWN_FROM_315:
+        return min(count, CPYTHONS_OWN_FROM_315[name])
+    return count
+
 REQUIRE_TRACER = os.environ.get("PYDTRACE_REQUIRE_TRACER") == "1"
 
 
