@@ -527,8 +527,18 @@ mod tests {
         assert!(code.contains(r#".asciz \"8@%rdi 8@%rsi -4@%edx\""#));
         assert!(!code.contains(r#"8@%rcx\""#));
         assert!(code.contains(r#"in("rcx") arg3,"#));
-        // A probe CPython does not fire keeps all of its arguments.
+        // A probe CPython does not fire keeps all of its arguments, four as well.
         assert!(code.contains(r#".asciz \"-8@%rdi\""#));
+        let line = &probes("provider python { probe line(char *, char *, int32_t, char *); };")[0];
+        assert_eq!(note_arguments(line, (3, 15)), 4);
+        let entry = &probes(PROVIDER)[0];
+        assert_eq!(
+            (
+                note_arguments(entry, (3, 14)),
+                note_arguments(entry, (3, 15))
+            ),
+            (4, 3)
+        );
     }
 
     #[test]

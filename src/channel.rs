@@ -550,7 +550,10 @@ fn one_follower(watch: &Watch, index: usize, request: Lease) -> Result<Lease, Sc
         return Ok(request);
     }
     let other = watch.slots.iter().enumerate().find_map(|(i, tracked)| {
-        let tracked = tracked.as_ref().filter(|_| i != index)?;
+        // A follower that died since the last poll is not one: its slot is freed in this poll.
+        let tracked = tracked
+            .as_ref()
+            .filter(|tracked| i != index && tracked.holder.runs())?;
         tracked.asked.as_ref()?.follow.as_ref().map(|_| tracked.pid)
     });
     match other {
