@@ -177,6 +177,14 @@ def test_an_option_the_tool_does_not_take_prints_that_tools_usage():
                 f"flow does not take -i 1 ({PROG} flow --help lists its options)")
 
 
+def test_children_with_a_stack_read_from_the_frames_is_a_usage_error():
+    # A child's tracer runs the parent's program, and a frame walk is bound to one process's layout.
+    check_usage(run_tool("where", "connect", "--children", "-c", "true"), "where",
+                "--children reads no child's frames: give it with --trace-calls")
+    check_usage(run_tool("flame", "--sample", "--children", "-c", "true"), "flame",
+                "--children reads no child's frames: without --sample, flame traces the children")
+
+
 def test_an_empty_or_unsplittable_command_is_a_usage_error():
     check_usage(run_tool("calls", "-c", ""), "calls", f'-c needs a command, e.g. -c "{PY} app.py"')
     check_usage(run_tool("calls", "-c", 'python3 "app.py'), "calls",

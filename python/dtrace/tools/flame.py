@@ -111,6 +111,9 @@ examples:
             raise UsageError(f"--depth {args.depth}: give 1 to {pystack.MAX_DEPTH}")
         if getattr(args, "scope_modules", None) or getattr(args, "scope_files", None):
             raise UsageError("--module and --file scope the entry/return events, not --sample's frames")
+        if getattr(args, "children", False):
+            # Each child would need the walk bound to its own frame layout (command/base.py, _trace_child).
+            raise UsageError("--children reads no child's frames: without --sample, flame traces the children")
         text = pystack.stack_program(f"profile:hz:{args.sample}",
                                      f"samples of the Python stacks at {args.sample} Hz", args.depth)
         return text + (self._duration_clause(args.duration, dialect) if args.duration else "")

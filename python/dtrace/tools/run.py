@@ -38,6 +38,7 @@ the tool says on stderr when the trace has begun ("Tracing ...").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -268,9 +269,8 @@ examples:
                 thread.join()
         finally:
             follower.close()
-        if follower.untraced:
-            warn(f"{len(follower.untraced)} Python child processes of the command ran untraced: "
-                        "--children traces them too, each from its first line")
+        if (note := follower.untraced_note()) is not None:
+            warn(note)
         return code
 
     def _trace(self, args, text, depth, tracer, marker, label, scope_text, target, out, child: bool = False,
@@ -366,16 +366,20 @@ class Trace:
         return env
 
     def run(self) -> int:
-        try:
-            self.engine.start()
-            with engine.stop_signals(self.interrupt):  # a child's trace: the command's handler reaches it
+        # The stop signals reach the trace until the cleanup below is done, as in ScriptTool.run:
+        # a Ctrl-C while the tracer is killed and the command stopped hurries that, not cuts it short.
+        with contextlib.ExitStack() as handlers:
+            try:
+                self.engine.start()
+                # (In a child's trace, a thread of its own, the command's handler reaches it.)
+                handlers.enter_context(engine.stop_signals(self.interrupt))
                 state = self._pass_output()
                 code = self.engine.wait()
-        except BaseException:
-            self.engine.kill()
-            if self.target.held:
-                self.target.stop()
-            raise
+            except BaseException:
+                self.engine.kill()
+                if self.target.held:
+                    self.target.stop()
+                raise
         self.out.flush()
         if state != "begun":
             ended = ""

@@ -93,6 +93,10 @@ examples:
         if getattr(args, "scope_modules", None) or getattr(args, "scope_files", None):
             raise UsageError("--module and --file scope the entry/return events: give them with --trace-calls "
                              "(the frames are read whole)")
+        if getattr(args, "children", False):
+            # Each child would need the walk bound to its own frame layout; a child's tracer
+            # runs the parent's program (command/base.py, _trace_child).
+            raise UsageError("--children reads no child's frames: give it with --trace-calls")
         self.what = args.function if ":" in args.function else f"{args.function}()"
         text = pystack.stack_program(native_probe(args.function, dialect), f"the Python stacks that call {self.what}",
                                      args.depth)

@@ -11,7 +11,8 @@
 - ``programs``: reading bpftrace programs; ``interpreter``: the probes an interpreter built
   ``--with-dtrace`` fires itself, and the program rewritten to attach to ours by address.
 - ``aggregate``: asking a process for flushes while it counts inside itself.
-- ``children``: following the Python processes a ``-c`` command starts (``--children``).
+- ``children``: following the Python processes a ``-c`` command starts, or a ``-p`` process
+  starts from now on (``--children``).
 
 May import: ``dtrace.tools.errors``, ``proc``, ``inject`` and ``render``; never the tools above it
 (``dtrace.tools``' own modules) nor ``cli``.

@@ -6,6 +6,7 @@ others are ScriptTools."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import os
@@ -352,24 +353,27 @@ class ScriptTool(Command):
         self.aggregation = (aggregate.Aggregation(session, target, options.interval, self.ticks(options),
                                                   options.duration) if aggregated else None)
         interrupt = self.aggregation.interrupt if self.aggregation else session.interrupt
-        try:
-            session.start()
-            with engine.stop_signals(lambda signum: self._interrupt_all(interrupt, signum)):
+        # The stop signals reach the trace until the cleanup below is done: a Ctrl-C while the
+        # tracers are killed and the command stopped hurries that, it does not cut it short.
+        with contextlib.ExitStack() as handlers:
+            try:
+                session.start()
+                handlers.enter_context(engine.stop_signals(lambda signum: self._interrupt_all(interrupt, signum)))
                 code = self._collect(options, target, session, probes, self._sink(options, target, out))
                 self._end_children(session, follower, out)
-            return code
-        except BaseException:
-            for child in self._child_sessions:
-                child.kill()
-            session.kill()  # nothing more is read: the kernel detaches its probes
-            if target.process is not None:
-                target.stop()  # a command started for the trace does not outlive it
-            raise
-        finally:
-            if self.aggregation is not None:
-                self.aggregation.close()
-            if lease is not None:
-                lease.release()  # the scope goes back to what it was
+                return code
+            except BaseException:
+                for child in self._child_sessions:
+                    child.kill()
+                session.kill()  # nothing more is read: the kernel detaches its probes
+                if target.process is not None:
+                    target.stop()  # a command started for the trace does not outlive it
+                raise
+            finally:
+                if self.aggregation is not None:
+                    self.aggregation.close()
+                if lease is not None:
+                    lease.release()  # the scope goes back to what it was
 
     # --- --children: a tracer per process of the command's tree
 
@@ -469,11 +473,8 @@ class ScriptTool(Command):
         for thread in list(self._children):
             thread.join()
         follower.close()
-        untraced = follower.untraced
-        if untraced:
-            warn(f"{len(untraced)} Python child processes of the command ran untraced (PIDs "
-                        f"{', '.join(map(str, untraced[:8]))}{', ...' if len(untraced) > 8 else ''}): "
-                        "--children traces them too, each from its first line")
+        if (note := follower.untraced_note()) is not None:
+            warn(note)
 
     def _collect(self, options, target, session, probes, out) -> int:
         # The program's BEGIN prints "Tracing ..." once every probe is attached. Another CPU's

@@ -29,7 +29,7 @@ must be the PID it reports, and a descendant of the command.
 
 With ``-p PID`` (:func:`follow_running`) the process runs already: the tool's
 lease on its scope channel names the socket (a ``follow:PATH`` line,
-dtrace/tools/scope.py), and while the lease is held the process has
+dtrace/tools/proc/scope.py), and while the lease is held the process has
 ``PYDTRACE_FOLLOW`` and ``PYDTRACE=1`` in its environment and reports each
 child it forks (src/follow.rs); when the lease ends, its environment is as it
 was. Its children started before that are not followed. The socket is made
@@ -94,7 +94,10 @@ class Follower:
     def admit(self, pid: int) -> None:
         """Let the processes of ``pid``'s user connect, where that is not this tool's user (the
         directory stays this user's and unlistable; the socket becomes that user's, mode 0600)."""
-        uid = os.stat(f"/proc/{pid}").st_uid
+        try:
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            raise procfs.gone(pid) from None
         if uid == os.geteuid():
             return
         try:
@@ -163,6 +166,17 @@ class Follower:
     def untraced(self) -> list[int]:
         with self._lock:
             return [pid for pid, traced in self.reported if not traced]
+
+    def untraced_note(self) -> str | None:
+        """What the tool says of the processes that ran untraced, if any: without --children, that
+        it traces them; with it, those are the ones that reported after the trace had ended."""
+        untraced = self.untraced
+        if not untraced:
+            return None
+        pids = f"{', '.join(map(str, untraced[:8]))}{', ...' if len(untraced) > 8 else ''}"
+        why = ("they started after the trace ended" if self.follow
+               else "--children traces them too, each from its first line")
+        return f"{len(untraced)} Python child processes of the command ran untraced (PIDs {pids}): {why}"
 
 
 def follow_running(pid: int, on_child: Callable[[runner.Target], None]) -> Follower:

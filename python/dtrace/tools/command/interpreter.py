@@ -72,8 +72,7 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
     for path in candidates:
         if path == library:
             continue
-        if not os.access(path, os.R_OK) and os.path.exists(f"/proc/{pid}/root{path}"):
-            path = f"/proc/{pid}/root{path}"  # another mount namespace (a container)
+        path = readable(pid, path)
         try:
             obj = elf.read(path)
         except (ValueError, IndexError, struct.error) as error:
@@ -83,6 +82,14 @@ def declared(pid: int, library: str | None) -> dict[str, str]:
             if probe.provider == "python":
                 found.setdefault(probe.name, path)
     return found
+
+
+def readable(pid: int, path: str) -> str:
+    """``path`` of process ``pid``'s view as this process can read it: through
+    ``/proc/PID/root`` where the process is in another mount namespace (a container)."""
+    if not os.access(path, os.R_OK) and os.path.exists(f"/proc/{pid}/root{path}"):
+        return f"/proc/{pid}/root{path}"
+    return path
 
 
 def sites(library: str) -> dict[str, list[elf.Probe]]:
@@ -211,7 +218,7 @@ def adapt(program: str, probes: list[str], pid: int, library: str | None,
     # Also by address: a probe whose note declares fewer arguments than the provider (in a build
     # for 3.15 on, function__entry's note has CPython's three; see short()), on any interpreter,
     # so that a program's arg3 (qualname) reads the register the site holds it in.
-    colliding = {name for name in set(interpreter) | short(library)
+    colliding = {name for name in set(interpreter) | short(readable(pid, library))
                  if any(programs.names_matching(pattern.replace("-", "__"), [name]) for pattern in used)}
     if not colliding:
         return program, probes, []

@@ -3,7 +3,8 @@
 :meth:`Options.from_args` turns argparse's namespace into :class:`Options` and
 checks everything that can be checked before anything starts: a command that
 splits into nothing or does not split (``-c ""``, an unclosed quote), a target
-that is missing, an output file that cannot be written. What it finds wrong is
+that is missing, and what a tool checks of its own (``check_options``: flame's output
+file, say). What it finds wrong is
 a :class:`UsageError`: the command line prints the tool's usage and the one
 line, and exits with status 2, argparse's convention for usage errors.
 """

@@ -329,12 +329,6 @@ class Session:
         self.engine.start()
 
     @property
-    def process(self):
-        """The tracer's process (None before :meth:`start`)."""
-        engine = getattr(self, "engine", None)
-        return engine.process if engine is not None else None
-
-    @property
     def signals(self) -> list[int]:
         """The stop signals the tool received while tracing, in order."""
         return self.engine.signals

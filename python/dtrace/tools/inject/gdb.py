@@ -10,6 +10,7 @@ import os
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def functions(process: pyprocess.PythonProcess) -> dict[str, int]:
     if process.libc is not None:
         try:
             libc = ElfFile(process.libc.readable_path(process.pid))
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError, struct.error):  # unreadable, or cut short
             libc = None
     bias = load_bias(procfs.mappings(process.pid), process.libc.path, libc) if libc else None
     for name in LIBC_FUNCTIONS:
@@ -168,8 +169,6 @@ def with_gdb(process: pyprocess.PythonProcess, offered: str | None, gdb: str | N
     errors = "\n".join(line for line in lines if not line.startswith("PYDTRACE-INJECT ")).strip()
     crash = ""
     if returncode < 0:  # gdb itself died (an internal error aborts it, or someone killed it)
-        import signal
-
         crash = f"gdb died of {signal.Signals(-returncode).name}"
         detail = next((line for line in errors.splitlines() if "internal-error" in line), "")
         print(f"pydtrace: {crash} while attached to process {pid} {detail}".rstrip(), file=sys.stderr, flush=True)
@@ -304,7 +303,5 @@ def _check_not_left_stopped(pid: int, before: str | None, stopped_by: int | None
     else stopped it meanwhile: ``stopped_by``)."""
     after = procfs.state(pid)
     if after == "T" and before != "T" and not stopped_by:
-        import signal
-
         os.kill(pid, signal.SIGCONT)
         print(f"pydtrace: process {pid} was left stopped by gdb; it was continued (SIGCONT)", file=sys.stderr)

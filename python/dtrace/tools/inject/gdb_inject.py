@@ -1,6 +1,6 @@
 """Load pydtrace-rs into a running CPython 3.12 or 3.13: the gdb side of ``--inject``.
 
-Not imported by the package: ``python -m dtrace`` (dtrace/tools/inject/loader.py) runs it inside gdb,
+Not imported by the package: ``python -m dtrace`` (dtrace/tools/inject/gdb.py) runs it inside gdb,
 with gdb's own Python, and reads the ``PYDTRACE-INJECT {json}`` lines it prints. Its parameters
 come in the environment variable PYDTRACE_INJECT (JSON):
 

@@ -153,7 +153,7 @@ def run():
     return text, handed
 
 
-# Filled in by the injector (dtrace/tools/inject/loader.py: code()) with the run's values; as
+# Filled in by the injector (dtrace/tools/inject/payload.py: code()) with the run's values; as
 # they stand here, the module can be imported (by the tests) without running anything.
 ORIGIN = None
 OFFERED = None

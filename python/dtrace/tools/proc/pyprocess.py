@@ -87,7 +87,7 @@ def identify(pid: int) -> PythonProcess:
         seen.add(path)
         try:
             elf = ElfFile(readable)
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError, IndexError, struct.error):
             continue
         if "Py_Initialize" not in elf.symbols and "Py_Version" not in elf.symbols:
             continue

@@ -34,14 +34,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dtrace.tools.errors import ToolError, UsageError, warn
 from dtrace.tools.proc import procfs
 from dtrace.tools.proc.elf import ElfFile, load_bias
 
-if TYPE_CHECKING:  # annotations only: the target is the command layer's, above this one
-    from dtrace.tools.command.runner import Target
+
+class Target(Protocol):
+    """What a session needs of the process it leases (the command layer's ``runner.Target``,
+    above this one, is one)."""
+
+    pid: int
+    library: str | None
+
+    @property
+    def held(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
 
 #: The channel's symbol in the probe object's dynamic symbol table.
 SYMBOL = "pydtrace_scope_channel"
