@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import dtrace
-from tracing import STEP_TIMEOUT, Workload, require
+from tracing import STEP_TIMEOUT, Workload, handshake, require
 
 EVENT = "sdt_python:function__entry"
 CALLS = 1234
@@ -128,29 +128,23 @@ def test_perf_probe_record_report_script_count_exactly(workload_dir):
             result["calls"] = sum(target() for _ in range({CALLS}))
     """
     workload = Workload(body, ["function-entry"], workload_dir)
-    recorder = PerfRecord(0, workload_dir)
-    try:
-        workload.start()
-        library = workload.library
-        recorder.pid = workload.pid
+
+    def recorder_for(workload: Workload) -> PerfRecord:
         # A leftover event of an earlier run that was killed would make `perf probe -a` fail.
         perf("probe", "-q", "-d", "sdt_python:*", check=False)
         # The README's recipe. `--update`, because `--add` keeps an older entry: the same build
         # under another path (another venv, another checkout) or an older build at this path,
         # and `perf probe -a` then fails. test_perf_recipe_survives_a_second_install checks that.
-        perf("buildid-cache", "--update", library)
-        added = perf("probe", "-x", library, "-a", EVENT)
+        perf("buildid-cache", "--update", workload.library)
+        added = perf("probe", "-x", workload.library, "-a", EVENT)
         assert EVENT in added.stderr + added.stdout, added
         assert perf_events_defined(), "perf probe -a defined no event"
-        recorder.start()
-        workload.go()  # returns once function-entry is live in the workload
-        workload.wait_result()
-        recorder.stop()
-        code = workload.finish()  # the probes went idle again once perf had stopped
-        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
+        return PerfRecord(workload.pid, workload_dir)
+
+    try:
+        # The workload goes once function-entry is live in it, and went idle again once perf stopped.
+        recorder = handshake(workload, recorder_for)
     finally:
-        recorder.kill()
-        workload.kill()
         perf("probe", "-q", "-d", "sdt_python:*", check=False)
     # The cleanup leaves no event behind: perf probe events are system-wide until removed.
     assert perf_events_defined() == []
@@ -230,13 +224,11 @@ def test_perf_records_each_collection_once_from_either_copy(workload_dir, copies
     Ours alone: the interpreter's semaphore stays down, and pydtrace-rs fires each one."""
     require_perf()
     workload = Workload(GC_BODY, ["gc-start"], workload_dir)
-    recorder = PerfRecord(0, workload_dir, event=f"{GC_EVENT}*")
-    try:
-        workload.start()
-        recorder.pid = workload.pid
+    defined: list[str] = []
+
+    def recorder_for(workload: Workload) -> PerfRecord:
         perf("probe", "-q", "-d", "sdt_python:*", check=False)
         objects = [workload.library] + ([OWN_GC_OBJECT] if copies == "both" else [])
-        defined = []
         for path in objects:
             perf("buildid-cache", "--update", path)
             # -f: perf refuses a second event of one name unless forced, and then adds a suffix.
@@ -245,15 +237,11 @@ def test_perf_records_each_collection_once_from_either_copy(workload_dir, copies
             assert names, added
             defined.append(names[0])
         assert len(set(defined)) == len(objects), defined  # the second is gc__start_1
-        recorder.start()
-        workload.go()
-        workload.wait_result()
-        recorder.stop()
-        code = workload.finish()
-        assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
+        return PerfRecord(workload.pid, workload_dir, event=f"{GC_EVENT}*")
+
+    try:
+        recorder = handshake(workload, recorder_for)
     finally:
-        recorder.kill()
-        workload.kill()
         perf("probe", "-q", "-d", "sdt_python:*", check=False)
     assert perf_events_defined() == []
     script = perf("script", "-i", str(recorder.data)).stdout

@@ -32,7 +32,7 @@ from dtrace.tools.command import runner
 from dtrace.tools.errors import ToolError
 from dtrace.tools.proc import scope as tool_scope
 from dtrace.tools.proc.elf import ElfFile
-from tracing import STEP_TIMEOUT, ToolRun, Lines, require_tracer, run_tool, trace, trace_with_tool
+from tracing import STEP_TIMEOUT, ToolRun, require_tracer, run_tool, trace, trace_with_tool
 from tracing import Speaker, clean_environment
 
 native = dtrace._native
@@ -580,21 +580,26 @@ def test_tool_file_glob_through_c_counts_exactly(workload_dir):
     assert counts == {**EXPECTED, "<module>": 1, "K": 1}, done.stdout
 
 
-def test_run_takes_the_scope_too(workload_dir):
-    """``run --module``: the user's own program sees only the scope's events, as the tools do."""
-    require_tracer()
+def run_scoped_to_inscope(workload_dir: Path, program: str) -> tuple[dict[str, int], str]:
+    """``run -e PROGRAM --module inscope -c`` on the workload, from its first line: the counts of
+    the program's one map by key, and its output."""
     (workload_dir / "inscope.py").write_text(INSCOPE)
     script = workload_dir / "main.py"
     script.write_text(textwrap.dedent(WORKLOAD).replace("range(N)", f"range({N})") + "\nrun({})\n")
-    program = 'usdt:*:python:function__entry { @[str(arg3)] = count(); }'
     done = run_tool("run", "-e", program, "--module", "inscope", "-c", f"{sys.executable} {script}",
                     cwd=workload_dir)
     assert done.returncode == 0, done.stderr
     counts = {line.split("[", 1)[1].split("]")[0]: int(line.rsplit(":", 1)[1])
               for line in done.stdout.splitlines() if line.startswith("@[")}
-    # Traced from its first line: the import of inscope runs its module body and class body too.
-    assert counts == {**EXPECTED, "<module>": 1, "K": 1}, done.stdout
+    return counts, done.stdout
 
+
+def test_run_takes_the_scope_too(workload_dir):
+    """``run --module``: the user's own program sees only the scope's events, as the tools do."""
+    require_tracer()
+    counts, stdout = run_scoped_to_inscope(workload_dir, 'usdt:*:python:function__entry { @[str(arg3)] = count(); }')
+    # Traced from its first line: the import of inscope runs its module body and class body too.
+    assert counts == {**EXPECTED, "<module>": 1, "K": 1}, stdout
 
 
 def test_a_command_takes_the_scope_while_its_interpreter_starts(workload_dir):
@@ -602,18 +607,10 @@ def test_a_command_takes_the_scope_while_its_interpreter_starts(workload_dir):
     is initialised (3.15 reports Py_IsInitialized() 0 there), and its watcher takes the scope
     up all the same. The line probe, which no interpreter declares itself, counts exactly."""
     require_tracer()
-    (workload_dir / "inscope.py").write_text(INSCOPE)
-    script = workload_dir / "main.py"
-    script.write_text(textwrap.dedent(WORKLOAD).replace("range(N)", f"range({N})") + "\nrun({})\n")
     leaf_return = INSCOPE.splitlines().index("    return x  # leaf-return") + 1
-    program = 'usdt:*:python:line { @[str(arg1), arg2] = count(); }'
-    done = run_tool("run", "-e", program, "--module", "inscope", "-c", f"{sys.executable} {script}",
-                    cwd=workload_dir)
-    assert done.returncode == 0, done.stderr
-    counts = {line.split("[", 1)[1].split("]")[0]: int(line.rsplit(":", 1)[1])
-              for line in done.stdout.splitlines() if line.startswith("@[")}
-    assert counts[f"leaf, {leaf_return}"] == N, done.stdout
-    assert not [key for key in counts if key.split(",")[0] in ("outside", "run")], done.stdout
+    counts, stdout = run_scoped_to_inscope(workload_dir, 'usdt:*:python:line { @[str(arg1), arg2] = count(); }')
+    assert counts[f"leaf, {leaf_return}"] == N, stdout
+    assert not [key for key in counts if key.split(",")[0] in ("outside", "run")], stdout
 
 
 def tool_children(pid: int) -> list[int]:

@@ -455,8 +455,9 @@ def handshake(workload: Workload, consumer_for) -> Any:
     that ``consumer_for(workload)`` makes (it returns once its BEGIN ran), let the workload run
     once its probes are live, detach, and check that the workload went idle and exited cleanly."""
     workload.start()
-    consumer = consumer_for(workload)
+    consumer = None
     try:
+        consumer = consumer_for(workload)  # (its set-up may fail: the workload is ended all the same)
         consumer.start()
         workload.go()
         workload.wait_result()
@@ -464,7 +465,8 @@ def handshake(workload: Workload, consumer_for) -> Any:
         code = workload.finish()
         assert code == 0, f"the workload exited with {code}: {workload.stderr_text}"
     finally:
-        consumer.kill()
+        if consumer is not None:
+            consumer.kill()
         workload.kill()
     return consumer
 

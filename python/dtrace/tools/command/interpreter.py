@@ -113,14 +113,15 @@ def provider_arguments() -> dict[str, list[str]]:
             for name, arguments in zip(_native.PROBE_NAMES, _native.PROBE_ARGUMENTS)}
 
 
-def short(library: str) -> set[str]:
+def short(library: str, ours: dict[str, list[elf.Probe]] | None = None) -> set[str]:
     """The probes whose notes in the probe object declare fewer arguments than the provider
     file: in a build for CPython 3.15 on, function__entry and function__return declare
     CPython's three (filename, funcname, lineno) and not qualname, because bcc reads every
     site of a name by one site's argument list (build/codegen.rs, FIRED_BY_CPYTHON). The
-    firing function still holds qualname in its register at the site."""
+    firing function still holds qualname in its register at the site. ``ours``: the object's
+    probes as :func:`sites` read them, when the caller has them already."""
     declared_here = provider_arguments()
-    return {name for name, found in sites(library).items()
+    return {name for name, found in (ours if ours is not None else sites(library)).items()
             if any(len(site.arguments.split()) < len(declared_here.get(name, [])) for site in found)}
 
 
@@ -142,19 +143,19 @@ def casts(arguments: str, declared_as: list[str] | None = None) -> dict[str, str
 
 
 def bind(program: str, library: str, colliding: set[str], usdt_path: str | None = None,
-         pid: int | None = None) -> tuple[str, list[str]]:
+         pid: int | None = None, ours: dict[str, list[elf.Probe]] | None = None) -> tuple[str, list[str]]:
     """The bpftrace ``program`` with its python probes bound to ``library``: those in
     ``colliding`` (declared by the interpreter too, or with arguments beyond their notes) as
-    uprobes at their sites, the others as
-    USDT probes of that object, named ``usdt_path`` (default: ``library``). Returns the program
-    and the probes attached by address (which the process must be asked to fire: no semaphore
-    is raised for them).
+    uprobes at their sites, the others as USDT probes of that object, named ``usdt_path``
+    (default: ``library``). ``ours``: the object's probes, when the caller read them already.
+    Returns the program and the probes attached by address (which the process must be asked to
+    fire: no semaphore is raised for them).
 
     bpftrace 0.17 attaches a uprobe by address to the file, for every process that maps it,
     whatever ``-p`` says: a clause bound so gets the predicate ``pid == PID`` (with ``pid``),
     so that another process whose probes are armed (by a tool of its own) is not counted."""
     usdt_path = usdt_path or library
-    ours = sites(library)
+    ours = ours if ours is not None else sites(library)
     declared_here = provider_arguments()
     edits: list[tuple[int, int, str]] = []
     by_address: set[str] = set()
@@ -218,12 +219,13 @@ def adapt(program: str, probes: list[str], pid: int, library: str | None,
     # Also by address: a probe whose note declares fewer arguments than the provider (in a build
     # for 3.15 on, function__entry's note has CPython's three; see short()), on any interpreter,
     # so that a program's arg3 (qualname) reads the register the site holds it in.
-    colliding = {name for name in set(interpreter) | short(readable(pid, library))
+    ours = sites(readable(pid, library))  # read once, for short() and bind()
+    colliding = {name for name in set(interpreter) | short(library, ours)
                  if any(programs.names_matching(pattern.replace("-", "__"), [name]) for pattern in used)}
     if not colliding:
         return program, probes, []
     # The other probes by the object's path as the process sees it: bpftrace 0.17 turns a path
     # under -p into this itself, while later releases (0.27) attach a plain path twice, at the
     # path and at /proc/PID/root/PATH, and each event of those probes would count twice.
-    bound, by_address = bind(program, library, colliding, f"/proc/{pid}/root{library}", pid)
+    bound, by_address = bind(program, library, colliding, f"/proc/{pid}/root{library}", pid, ours)
     return bound, probes, [name.replace("__", "-") for name in by_address]
